@@ -1,0 +1,344 @@
+"""Sources -> manifests: the fixed list of shards and samples every later stage addresses.
+
+A source is an ImageFolder directory (one sub-folder per class) or WebDataset tar shards (a
+directory of ``.tar`` files, a glob, or a brace pattern). Indexing it once gives a ``Manifest``:
+
+- ``shards``: one row per shard (a tar file, or a virtual shard of an ImageFolder),
+- ``samples``: key, label, shard, position (and where its bytes live),
+- ``class_names`` and a ``fingerprint`` that changes when any file list, key or label changes.
+
+An ImageFolder is cut into fixed-size virtual shards after one seeded shuffle, so every shard
+mixes classes (a shard is the unit of work and of streaming; a shard of one class would feed a
+batch of one class). The manifest is a parquet table with the rest in its schema metadata, so a
+label store can carry it inside and ``train`` can tell a foreign source from the right one.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from braceexpand import braceexpand
+from PIL import Image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+LABEL_EXT = ".cls"
+MANIFEST_VERSION = 1
+
+
+class SourceError(ValueError):
+    """Bad input: the message is one line naming the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    label: int
+    shard: int
+    position: int
+    data: bytes
+
+
+@dataclass
+class Manifest:
+    kind: str                 # "imagefolder" or "wds"
+    root: str                 # directory the relative paths start from
+    shards: list[str]         # tar file names (wds) or virtual shard names (imagefolder)
+    class_names: list[str]
+    samples: pa.Table         # key, label, shard, position, path, offset, size
+    shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
+    seed: int = 0             # imagefolder: the shuffle seed
+
+    # ---- derived views ------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples.num_rows
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        counts = np.bincount(self.samples.column("shard").to_numpy(), minlength=len(self.shards))
+        return tuple(int(c) for c in counts)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over what identifies the data: kind, shard names, keys, labels, positions, classes.
+
+        Paths on disk (root) are left out on purpose: the same shards copied elsewhere are the
+        same source.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps([self.kind, self.shards, self.class_names, self.shard_size, self.seed]).encode())
+        for col in ("key", "label", "shard", "position", "path"):
+            arr = self.samples.column(col).combine_chunks()
+            for buf in arr.buffers():
+                if buf is not None:
+                    h.update(buf)
+        return h.hexdigest()
+
+    def shard_table(self, shard: int) -> pa.Table:
+        start = self._shard_starts()[shard]
+        return self.samples.slice(start, self.shard_sizes[shard])
+
+    def _shard_starts(self) -> np.ndarray:
+        # Samples are stored sorted by (shard, position): a shard is a contiguous slice.
+        return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+
+    def labels(self, shard: int) -> np.ndarray:
+        return self.shard_table(shard).column("label").to_numpy()
+
+    def keys(self, shard: int) -> list[str]:
+        return self.shard_table(shard).column("key").to_pylist()
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        meta = {
+            "version": MANIFEST_VERSION, "kind": self.kind, "root": self.root, "shards": self.shards,
+            "class_names": self.class_names, "shard_size": self.shard_size, "seed": self.seed,
+            "fingerprint": self.fingerprint,
+        }
+        table = self.samples.replace_schema_metadata({b"deit_lockstep": json.dumps(meta).encode()})
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        return sink.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        table = pq.read_table(io.BytesIO(data))
+        meta = json.loads(table.schema.metadata[b"deit_lockstep"])
+        return cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
+                   class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
+                   shard_size=meta["shard_size"], seed=meta["seed"])
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.to_bytes())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> Manifest:
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read())
+
+    # ---- reading samples ----------------------------------------------------------------
+    def read_sample(self, shard: int, position: int) -> Sample:
+        """One sample by (shard, position): a file read, or one seek into its tar."""
+        row = self.shard_table(shard).slice(position, 1).to_pylist()[0]
+        if self.kind == "imagefolder":
+            data = _read_file(os.path.join(self.root, row["path"]))
+        else:
+            with open(os.path.join(self.root, self.shards[shard]), "rb") as f:
+                f.seek(row["offset"])
+                data = f.read(row["size"])
+        return Sample(row["key"], row["label"], shard, position, data)
+
+    def iter_shard(self, shard: int) -> Iterator[Sample]:
+        """A whole shard in position order; a tar is read once, front to back, no seeks."""
+        rows = self.shard_table(shard).to_pylist()
+        if self.kind == "imagefolder":
+            for r in rows:
+                yield Sample(r["key"], r["label"], shard, r["position"], _read_file(os.path.join(self.root, r["path"])))
+            return
+        by_member = {r["path"]: r for r in rows}
+        with tarfile.open(os.path.join(self.root, self.shards[shard]), mode="r|*") as tar:
+            for member in tar:
+                r = by_member.get(member.name)
+                if r is not None:
+                    yield Sample(r["key"], r["label"], shard, r["position"], tar.extractfile(member).read())
+
+    def read_shard(self, shard: int) -> list[Sample]:
+        return list(self.iter_shard(shard))
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""  # an unreadable file is an undecodable image: its views get flagged, the run goes on
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image, fully loaded. Raises ``OSError``/``ValueError`` on a bad image."""
+    if not data:
+        raise ValueError("empty image file")
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+# ---- indexing ---------------------------------------------------------------------------
+_SCHEMA = pa.schema([
+    ("key", pa.string()), ("label", pa.int32()), ("shard", pa.int32()), ("position", pa.int32()),
+    ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+])
+
+
+def index_source(src: str, *, shard_size: int = 1024, seed: int = 0) -> Manifest:
+    """Index an ImageFolder directory or WebDataset shards into a manifest (see module doc)."""
+    if os.path.isdir(src) and not _tar_files_in(src):
+        return _index_imagefolder(src, shard_size=shard_size, seed=seed)
+    return _index_wds(src)
+
+
+def _tar_files_in(directory: str) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".tar"))
+
+
+def _index_imagefolder(root: str, *, shard_size: int, seed: int) -> Manifest:
+    if shard_size < 1:
+        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{root}: no class folders found; an ImageFolder source needs one sub-folder per class")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, name)):
+            dirnames.sort()
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTS):
+                    paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+                    labels.append(label)
+    if not paths:
+        raise SourceError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
+    # One seeded shuffle, then fixed-size virtual shards: every shard mixes classes.
+    order = np.random.Generator(np.random.Philox(key=[seed, 0x5eed])).permutation(len(paths))
+    n = len(paths)
+    idx = np.arange(n)
+    table = pa.table({
+        "key": [os.path.splitext(paths[i])[0] for i in order],
+        "label": pa.array(np.asarray(labels, dtype=np.int32)[order]),
+        "shard": pa.array((idx // shard_size).astype(np.int32)),
+        "position": pa.array((idx % shard_size).astype(np.int32)),
+        "path": [paths[i] for i in order],
+        "offset": pa.array(np.zeros(n, dtype=np.int64)),
+        "size": pa.array(np.zeros(n, dtype=np.int64)),
+    }, schema=_SCHEMA)
+    num_shards = (n + shard_size - 1) // shard_size
+    shards = [f"virtual-{i:06d}" for i in range(num_shards)]
+    return Manifest("imagefolder", os.path.abspath(root), shards, classes, table, shard_size, seed)
+
+
+def expand_wds(src: str) -> list[str]:
+    """A directory of .tar files, a glob, or a brace pattern -> sorted list of tar paths."""
+    if os.path.isdir(src):
+        return [os.path.join(src, f) for f in _tar_files_in(src)]
+    if any(c in src for c in "{}"):
+        return [p for p in braceexpand(src)]
+    if any(c in src for c in "*?["):
+        return sorted(glob.glob(src))
+    return [src]
+
+
+def _index_wds(src: str) -> Manifest:
+    files = expand_wds(src)
+    if not files:
+        raise SourceError(f"{src}: no such directory or shards; pass an ImageFolder directory or .tar shards "
+                          "(a directory, a glob or a brace pattern)")
+    for f in files:
+        if not os.path.isfile(f):
+            raise SourceError(f"{f}: no such file; check the path or pattern given to --data")
+    root = os.path.dirname(os.path.abspath(files[0]))
+    if any(os.path.dirname(os.path.abspath(f)) != root for f in files):
+        raise SourceError(f"{src}: shards must sit in one directory")
+    cols = {name: [] for name in _SCHEMA.names}
+    for shard, path in enumerate(files):
+        for pos, (key, member, offset, size, label) in enumerate(_index_tar(path)):
+            for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size)):
+                cols[name].append(v)
+    if not cols["key"]:
+        raise SourceError(f"{src}: the shards hold no images ({', '.join(IMAGE_EXTS)})")
+    table = pa.table(cols, schema=_SCHEMA)
+    num_classes = int(max(cols["label"])) + 1
+    return Manifest("wds", root, [os.path.basename(f) for f in files], _wds_class_names(root, num_classes), table)
+
+
+def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
+    """(key, image member, data offset, size, label) per sample, in tar order; one pass, no extraction."""
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, int] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                # WebDataset's convention: the key is the path up to the first dot of the basename.
+                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+                ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+                if key not in images and key not in labels:
+                    order.append(key)
+                if ext in IMAGE_EXTS:
+                    images[key] = m
+                elif ext == LABEL_EXT:
+                    text = tar.extractfile(m).read().decode().strip()
+                    try:
+                        labels[key] = int(text)
+                    except ValueError:
+                        raise SourceError(f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
+    except tarfile.ReadError as e:
+        raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
+    out = []
+    for key in order:
+        if key not in images:
+            continue
+        if key not in labels:
+            raise SourceError(f"{path}: sample {key!r} has no .cls label; every WebDataset sample needs KEY.cls")
+        m = images[key]
+        out.append((key, m.name, m.offset_data, m.size, labels[key]))
+    return out
+
+
+def _wds_class_names(root: str, num_classes: int) -> list[str]:
+    """Class names from ``classes.txt`` (one per line) beside the shards, else "0".."C-1"."""
+    path = os.path.join(root, "classes.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) < num_classes:
+            raise SourceError(f"{path}: lists {len(names)} classes but the shards use label {num_classes - 1}")
+        return names
+    return [str(i) for i in range(num_classes)]
+
+
+def check_same_classes(train: Manifest, val: Manifest, *, val_src: str) -> None:
+    if train.class_names != val.class_names:
+        only_train = sorted(set(train.class_names) - set(val.class_names))[:3]
+        only_val = sorted(set(val.class_names) - set(train.class_names))[:3]
+        raise SourceError(f"{val_src}: its classes differ from the training source's "
+                          f"(only in train: {only_train}, only in val: {only_val}); use the same class folders")
+
+
+def write_wds_shards(samples: list[tuple[str, bytes, str, int]], out_dir: str, *, per_shard: int,
+                     prefix: str = "shard", class_names: list[str] | None = None) -> list[str]:
+    """Write (key, image bytes, image ext, label) samples as WebDataset tars; used by the demo and tests."""
+    import webdataset as wds
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for start in range(0, len(samples), per_shard):
+        path = os.path.join(out_dir, f"{prefix}-{start // per_shard:06d}.tar")
+        tmp = path + ".tmp"
+        with wds.TarWriter(tmp) as sink:
+            for key, data, ext, label in samples[start:start + per_shard]:
+                sink.write({"__key__": key, ext: data, "cls": str(label).encode()})
+        os.replace(tmp, path)
+        paths.append(path)
+    if class_names is not None:
+        with open(os.path.join(out_dir, "classes.txt"), "w") as f:
+            f.write("\n".join(class_names) + "\n")
+    return paths

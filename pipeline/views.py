@@ -1,0 +1,357 @@
+"""The view contract: which sample every slot holds, how it is augmented, and the exact tensor.
+
+Both stages import this module and nothing else to agree on what the student sees:
+``precompute`` renders each view and stores the teacher's answer at ``(view, shard, slot)``;
+``train`` renders the same view again and reads the answer back.
+
+A view is a pure function of ``(seed, recipe, view, shard, slot)`` (and the decoded image):
+
+- ``slot_order``: within shard ``j``, view ``v`` visits the shard's samples in a seeded
+  permutation; slot ``s`` holds the sample at position ``slot_order(...)[s]``.
+- slots ``(2m, 2m+1)`` are mixing partners. They share one ``MixParams`` (mode, lambda, box):
+  slot ``2m`` is ``A`` with ``B`` mixed in, slot ``2m+1`` is ``B`` with ``A`` mixed in (timm's
+  Mixup with each pair as a batch of two). Mixing therefore never depends on batch size,
+  worker count or GPU count. An odd last slot is left unmixed.
+- every slot's crop, flip, RandAugment ops and magnitudes, and erasing boxes are drawn by
+  ``slot_params`` from a counter-based generator (numpy's Philox) keyed by the numbers above;
+  the erasing noise comes from a seed drawn there too. Nothing here touches ``random``,
+  ``numpy.random``'s global state or torch's global generator.
+
+The image operations are timm's and torchvision's own (RandomResizedCrop via
+``F.resized_crop``, timm's RandAugment op functions, timm's erasing and mixing semantics);
+only the *draws* are ours, so that they can be replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+from timm.data.auto_augment import posterize, rand_augment_transform
+from timm.data.transforms import str_to_interp_mode, str_to_pil_interp
+
+from .recipes import Recipe
+
+# Independent streams of the counter-based generator: one purpose each, so adding a draw to
+# one purpose never shifts the numbers of another.
+STREAM_SLOT, STREAM_MIX, STREAM_ORDER, STREAM_EPOCH = 1, 2, 3, 4
+_U64 = (1 << 64) - 1
+
+
+def generator(seed: int, stream: int, *counter: int) -> np.random.Generator:
+    """A Philox generator keyed by (seed, stream) and positioned by up to three counter words.
+
+    Word 0 of Philox's 256-bit counter is left for the draws themselves, so two keys never
+    walk into each other's numbers however many draws one of them makes.
+    """
+    words = [0, *counter, *([0] * (3 - len(counter)))]
+    return np.random.Generator(np.random.Philox(counter=[w & _U64 for w in words], key=[seed & _U64, stream]))
+
+
+def slot_order(seed: int, view: int, shard: int, n: int) -> np.ndarray:
+    """Slot -> position within the shard for one view (a seeded permutation of ``n`` samples)."""
+    return generator(seed, STREAM_ORDER, view, shard).permutation(n)
+
+
+def epoch_shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
+    """The order in which training visits shards in one epoch."""
+    return generator(seed, STREAM_EPOCH, epoch).permutation(num_shards)
+
+
+def partner(slot: int, n: int) -> int | None:
+    """The mixing partner of a slot: (2m, 2m+1) pair up; an odd last slot has none."""
+    other = slot ^ 1
+    return other if other < n else None
+
+
+# ---- parameters: dataclasses a person can print ----------------------------------------
+@dataclass(frozen=True)
+class Crop:
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One RandAugment op that fired. ``sign`` replaces the coin flip timm's level functions make."""
+    name: str
+    magnitude: float
+    sign: int = 1
+
+
+@dataclass(frozen=True)
+class Erase:
+    top: int
+    left: int
+    height: int
+    width: int
+    noise_seed: int  # per-pixel N(0, 1) noise is drawn from a generator keyed by this
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    crop: Crop
+    flip: bool
+    ops: tuple[Op, ...] = ()
+    erase: tuple[Erase, ...] = ()
+
+
+@dataclass(frozen=True)
+class MixParams:
+    mode: str = "none"  # "none", "mixup" or "cutmix"
+    lam: float = 1.0     # weight of the slot's own sample (for cutmix: corrected to the box area)
+    box: tuple[int, int, int, int] | None = None  # cutmix (y0, y1, x0, x1) in output pixels
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """Everything about one slot of one view, before the image is known."""
+    view: int
+    shard: int
+    slot: int
+    position: int
+    partner_slot: int | None
+    partner_position: int | None
+    mix: MixParams = field(default_factory=MixParams)
+
+
+# ---- the renderer -------------------------------------------------------------------------
+class ViewRenderer:
+    """Draws parameters and renders views for one recipe. Holds no random state.
+
+    >>> r = ViewRenderer(create_recipe("deit"))
+    >>> x = r.render_slot(seed, view, shard, slot, images_by_position, order)   # exact tensor
+    """
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.size = (recipe.input_size, recipe.input_size)
+        self.interp = str_to_interp_mode(recipe.interpolation)
+        self._mean = torch.tensor(recipe.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(recipe.std, dtype=torch.float32).view(3, 1, 1)
+
+    @cached_property
+    def _rand_augment(self):
+        """timm's RandAugment, built with the hparams ``timm.data.create_transform`` uses."""
+        r = self.recipe
+        hparams = dict(translate_const=int(r.input_size * 0.45),
+                       img_mean=tuple(min(255, round(255 * m)) for m in r.mean),
+                       interpolation=str_to_pil_interp(r.interpolation))
+        return rand_augment_transform(r.auto_augment, hparams)
+
+    @cached_property
+    def _ops_by_name(self):
+        return {op.name: op for op in self._rand_augment.ops}
+
+    # -- draws ---------------------------------------------------------------------------
+    def slot_params(self, seed: int, view: int, shard: int, slot: int, image_size: tuple[int, int]) -> SlotParams:
+        """Crop, flip, RandAugment and erasing for one slot; ``image_size`` is PIL's (w, h)."""
+        r = self.recipe
+        g = generator(seed, STREAM_SLOT, view, shard, slot)
+        crop = _random_resized_crop(g, image_size, r.scale, r.ratio)
+        flip = bool(g.random() < r.hflip)
+        ops = self._draw_ops(g) if r.auto_augment else ()
+        erase = _random_erasing(g, r) if r.re_prob > 0 else ()
+        return SlotParams(crop, flip, ops, erase)
+
+    def _draw_ops(self, g: np.random.Generator) -> tuple[Op, ...]:
+        # Same sampling as timm's RandAugment.__call__ and AugmentOp.__call__, from our generator.
+        ra = self._rand_augment
+        if ra.choice_weights is None:
+            chosen = g.integers(0, len(ra.ops), ra.num_layers)
+        else:
+            chosen = g.choice(len(ra.ops), ra.num_layers, replace=False, p=ra.choice_weights)
+        ops = []
+        for i in chosen:
+            op = ra.ops[int(i)]
+            fires = op.prob >= 1.0 or g.random() <= op.prob
+            magnitude = float(op.magnitude)
+            if op.magnitude_std == float("inf"):
+                magnitude = float(g.uniform(0, magnitude))
+            elif op.magnitude_std > 0:
+                magnitude = float(g.normal(magnitude, op.magnitude_std))
+            magnitude = max(0.0, min(magnitude, op.magnitude_max or 10.0))
+            sign = -1 if g.random() > 0.5 else 1
+            if fires:
+                ops.append(Op(op.name, magnitude, sign))
+        return tuple(ops)
+
+    def mix_params(self, seed: int, view: int, shard: int, pair: int) -> MixParams:
+        """Mode, lambda and cutmix box shared by slots (2*pair, 2*pair+1); timm's Mixup draws."""
+        r = self.recipe
+        if not r.mixes:
+            return MixParams()
+        g = generator(seed, STREAM_MIX, view, shard, pair)
+        if not g.random() < r.mix_prob:
+            return MixParams()
+        if r.mixup_alpha > 0 and r.cutmix_alpha > 0:
+            use_cutmix = bool(g.random() < r.switch_prob)
+        else:
+            use_cutmix = r.cutmix_alpha > 0
+        alpha = r.cutmix_alpha if use_cutmix else r.mixup_alpha
+        lam = float(g.beta(alpha, alpha))
+        if not use_cutmix:
+            return MixParams("mixup", lam)
+        h = w = r.input_size
+        ratio = math.sqrt(1 - lam)
+        cut_h, cut_w = int(h * ratio), int(w * ratio)
+        cy, cx = int(g.integers(0, h)), int(g.integers(0, w))
+        y0, y1 = int(np.clip(cy - cut_h // 2, 0, h)), int(np.clip(cy + cut_h // 2, 0, h))
+        x0, x1 = int(np.clip(cx - cut_w // 2, 0, w)), int(np.clip(cx + cut_w // 2, 0, w))
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # timm's correct_lam: lambda = uncovered area
+        return MixParams("cutmix", lam, (y0, y1, x0, x1))
+
+    def plan(self, seed: int, view: int, shard: int, n: int) -> list[SlotView]:
+        """Every slot of one view of one shard, in slot order."""
+        order = slot_order(seed, view, shard, n)
+        out = []
+        for slot in range(n):
+            p = partner(slot, n)
+            mix = self.mix_params(seed, view, shard, slot // 2) if p is not None else MixParams()
+            out.append(SlotView(view, shard, slot, int(order[slot]), p,
+                                None if p is None else int(order[p]), mix))
+        return out
+
+    # -- rendering -------------------------------------------------------------------------
+    def apply(self, img: Image.Image, params: SlotParams) -> torch.Tensor:
+        """Decoded image + parameters -> the exact normalised float32 tensor [3, H, W] (before mixing)."""
+        c = params.crop
+        img = F.resized_crop(img, c.top, c.left, c.height, c.width, list(self.size), self.interp)
+        if params.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for op in params.ops:
+            img = self._apply_op(img, op)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        x = x.sub_(self._mean).div_(self._std)
+        for e in params.erase:
+            noise = generator(e.noise_seed, 0).standard_normal((3, e.height, e.width), dtype=np.float32)
+            x[:, e.top:e.top + e.height, e.left:e.left + e.width] = torch.from_numpy(noise)
+        return x
+
+    def _apply_op(self, img: Image.Image, op: Op) -> Image.Image:
+        aug = self._ops_by_name[op.name]
+        args = aug.level_fn(op.magnitude, aug.hparams) if aug.level_fn is not None else ()
+        args = _with_sign(aug.level_fn, args, op.sign)
+        if aug.aug_fn is posterize and args[0] <= 0:
+            # Pillow >= 13 refuses 0 bits; older Pillow (and timm's intent) gave a black image.
+            return Image.new(img.mode, img.size)
+        return aug.aug_fn(img, *args, **aug.kwargs)
+
+    def render_slot(self, seed: int, sv: SlotView, img: Image.Image, partner_img: Image.Image | None) -> torch.Tensor:
+        """The final tensor the teacher labels and the student trains on, for one slot."""
+        x = self.apply(img, self.slot_params(seed, sv.view, sv.shard, sv.slot, img.size))
+        if sv.partner_slot is None or sv.mix.mode == "none":
+            return x
+        y = self.apply(partner_img, self.slot_params(seed, sv.view, sv.shard, sv.partner_slot, partner_img.size))
+        return mix_pair(x, y, sv.mix)
+
+    def render_pair(self, seed: int, a: SlotView, img_a: Image.Image, img_b: Image.Image | None) -> list[torch.Tensor]:
+        """Both slots of pair ``a.slot // 2`` at once (each image augmented once): [x_2m, x_2m+1]."""
+        xa = self.apply(img_a, self.slot_params(seed, a.view, a.shard, a.slot, img_a.size))
+        if a.partner_slot is None:
+            return [xa]
+        xb = self.apply(img_b, self.slot_params(seed, a.view, a.shard, a.partner_slot, img_b.size))
+        if a.mix.mode == "none":
+            return [xa, xb]
+        return [mix_pair(xa, xb, a.mix), mix_pair(xb, xa, a.mix)]
+
+    def eval_transform(self):
+        """Resize then centre crop (crop_pct), normalise: DeiT's evaluation transform."""
+        from timm.data import create_transform
+
+        r = self.recipe
+        return create_transform(r.input_size, is_training=False, interpolation=r.interpolation,
+                                mean=r.mean, std=r.std, crop_pct=r.eval_crop_pct)
+
+
+def mix_pair(own: torch.Tensor, other: torch.Tensor, mix: MixParams) -> torch.Tensor:
+    """timm's Mixup for one sample: ``other`` mixed into ``own`` with weight ``1 - lam``."""
+    if mix.mode == "cutmix":
+        y0, y1, x0, x1 = mix.box
+        out = own.clone()
+        out[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
+        return out
+    if mix.mode == "mixup":
+        return own.mul(mix.lam).add_(other.mul(1.0 - mix.lam))
+    return own
+
+
+def mixed_target(label: int, partner_label: int | None, mix: MixParams, num_classes: int,
+                 smoothing: float) -> torch.Tensor:
+    """Ground truth of one slot: label-smoothed one-hots mixed with the view's lambda (timm's mixup_target)."""
+    off = smoothing / num_classes
+    t = torch.full((num_classes,), off, dtype=torch.float32)
+    t[label] += 1.0 - smoothing
+    if mix.mode == "none" or partner_label is None:
+        return t
+    u = torch.full((num_classes,), off, dtype=torch.float32)
+    u[partner_label] += 1.0 - smoothing
+    return t.mul_(mix.lam).add_(u.mul_(1.0 - mix.lam))
+
+
+# ---- the draws, as timm makes them -------------------------------------------------------
+def _random_resized_crop(g: np.random.Generator, image_size, scale, ratio) -> Crop:
+    """timm's RandomResizedCropAndInterpolation.get_params, drawn from ``g``."""
+    img_w, img_h = image_size
+    area = img_w * img_h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = g.uniform(*scale) * area
+        aspect = math.exp(g.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if w <= img_w and h <= img_h:
+            return Crop(int(g.integers(0, img_h - h + 1)), int(g.integers(0, img_w - w + 1)), h, w)
+    in_ratio = img_w / img_h  # fallback: central crop
+    if in_ratio < min(ratio):
+        w, h = img_w, int(round(img_w / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(img_h * max(ratio))), img_h
+    else:
+        w, h = img_w, img_h
+    return Crop((img_h - h) // 2, (img_w - w) // 2, h, w)
+
+
+def _random_erasing(g: np.random.Generator, r: Recipe) -> tuple[Erase, ...]:
+    """timm's RandomErasing (mode pixel) box draws on the output size, from ``g``."""
+    if not g.random() < r.re_prob:
+        return ()
+    h_img = w_img = r.input_size
+    area = h_img * w_img
+    log_aspect = (math.log(r.re_min_aspect), math.log(1 / r.re_min_aspect))
+    boxes = []
+    for _ in range(r.re_count):
+        for _ in range(10):
+            target_area = g.uniform(r.re_min_area, r.re_max_area) * area / r.re_count
+            aspect = math.exp(g.uniform(*log_aspect))
+            h = int(round(math.sqrt(target_area * aspect)))
+            w = int(round(math.sqrt(target_area / aspect)))
+            if w < w_img and h < h_img:
+                top = int(g.integers(0, h_img - h + 1))
+                left = int(g.integers(0, w_img - w + 1))
+                boxes.append(Erase(top, left, h, w, int(g.integers(0, 1 << 63))))
+                break
+    return tuple(boxes)
+
+
+# timm's level functions that negate their argument with a global coin flip (_randomly_negate).
+# We call them for the magnitude -> argument mapping and apply our own drawn sign instead.
+_SIGNED = {"_rotate_level_to_arg", "_shear_level_to_arg", "_translate_abs_level_to_arg",
+           "_translate_rel_level_to_arg"}
+_SIGNED_AROUND_ONE = {"_enhance_increasing_level_to_arg"}  # max(0.1, 1 +- level)
+
+
+def _with_sign(level_fn, args: tuple, sign: int) -> tuple:
+    name = getattr(level_fn, "__name__", "")
+    if name in _SIGNED:
+        return (sign * abs(args[0]),)
+    if name in _SIGNED_AROUND_ONE:
+        return (max(0.1, 1.0 + sign * abs(args[0] - 1.0)),)
+    return tuple(args)

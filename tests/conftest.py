@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real images made in the test (no downloads), as ImageFolder and WebDataset."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CLASSES = ["circle", "square", "stripes"]
+
+
+def make_image(label: int, index: int, size=(40, 32)) -> Image.Image:
+    """A small picture whose class is visible: a disc, a square or stripes, with seeded colour noise."""
+    g = np.random.Generator(np.random.Philox(key=[label, index]))
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = g.integers(0, 80, (h, w, 3))
+    cy, cx, r = h / 2 + g.integers(-4, 5), w / 2 + g.integers(-4, 5), min(h, w) / 3
+    if label == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    elif label == 1:
+        mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+    else:
+        mask = (xx // 4) % 2 == 0
+    colour = g.integers(150, 256, 3)
+    base[mask] = colour
+    return Image.fromarray(base.astype(np.uint8))
+
+
+def encode(img: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_imagefolder(root, per_class=6, classes=CLASSES, size=(40, 32)):
+    for label, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            make_image(label, i, size).save(os.path.join(root, name, f"{name}_{i:03d}.png"))
+    return str(root)
+
+
+def write_wds(root, n=20, per_shard=8, classes=CLASSES, size=(40, 32), fmt="PNG"):
+    from pipeline.sources import write_wds_shards
+
+    ext = "png" if fmt == "PNG" else "jpg"
+    samples = [(f"s{i:05d}", encode(make_image(i % len(classes), i, size), fmt), ext, i % len(classes))
+               for i in range(n)]
+    write_wds_shards(samples, str(root), per_shard=per_shard, class_names=list(classes))
+    return str(root)
+
+
+@pytest.fixture
+def imagefolder(tmp_path):
+    return write_imagefolder(tmp_path / "imagefolder")
+
+
+@pytest.fixture
+def wds_dir(tmp_path):
+    return write_wds(tmp_path / "wds")

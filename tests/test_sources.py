@@ -1,0 +1,107 @@
+import os
+import tarfile
+
+import pytest
+from conftest import CLASSES, write_imagefolder, write_wds
+
+from pipeline.sources import Manifest, SourceError, check_same_classes, decode_image, index_source
+
+
+def test_imagefolder_virtual_shards_mix_classes(tmp_path):
+    root = write_imagefolder(tmp_path / "f", per_class=8)
+    m = index_source(root, shard_size=6, seed=0)
+    assert m.kind == "imagefolder" and m.class_names == CLASSES
+    assert m.shard_sizes == (6, 6, 6, 6)
+    for shard in range(4):
+        assert len(set(m.labels(shard).tolist())) > 1, "a seeded shuffle before sharding mixes classes"
+        assert [s.position for s in m.iter_shard(shard)] == list(range(6))
+    # the same sample read by (shard, position) and by streaming the shard
+    s = m.read_sample(2, 3)
+    assert s.data == m.read_shard(2)[3].data and s.label == m.labels(2)[3]
+    assert decode_image(s.data).size == (40, 32)
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path):
+    root = write_imagefolder(tmp_path / "f")
+    a, b = index_source(root, shard_size=4), index_source(root, shard_size=4)
+    assert a.fingerprint == b.fingerprint
+    assert a.to_bytes() == b.to_bytes(), "indexing twice gives the same manifest bytes"
+    assert index_source(root, shard_size=4, seed=1).fingerprint != a.fingerprint
+    assert index_source(root, shard_size=5).fingerprint != a.fingerprint
+    # a file added
+    os.link(os.path.join(root, "circle", "circle_000.png"), os.path.join(root, "circle", "circle_999.png"))
+    assert index_source(root, shard_size=4).fingerprint != a.fingerprint
+    # a label changed (file moved to another class)
+    os.remove(os.path.join(root, "circle", "circle_999.png"))
+    os.rename(os.path.join(root, "circle", "circle_000.png"), os.path.join(root, "square", "circle_000.png"))
+    assert index_source(root, shard_size=4).fingerprint != a.fingerprint
+
+
+def test_manifest_roundtrip(tmp_path, wds_dir):
+    m = index_source(wds_dir)
+    m.save(str(tmp_path / "m.parquet"))
+    back = Manifest.load(str(tmp_path / "m.parquet"))
+    assert back.fingerprint == m.fingerprint and back.shards == m.shards and back.class_names == m.class_names
+    assert back.samples.equals(m.samples)
+
+
+def test_wds_directory_glob_and_brace_agree(wds_dir):
+    by_dir = index_source(wds_dir)
+    by_glob = index_source(os.path.join(wds_dir, "shard-*.tar"))
+    by_brace = index_source(os.path.join(wds_dir, "shard-{000000..000002}.tar"))
+    assert by_dir.fingerprint == by_glob.fingerprint == by_brace.fingerprint
+    assert by_dir.shard_sizes == (8, 8, 4) and by_dir.class_names == CLASSES
+    seq = by_dir.read_shard(1)
+    assert [s.key for s in seq] == by_dir.keys(1)
+    for s in seq:
+        assert by_dir.read_sample(1, s.position).data == s.data
+        assert decode_image(s.data).size == (40, 32)
+
+
+def test_wds_fingerprint_changes_with_label(tmp_path):
+    a = index_source(write_wds(tmp_path / "a", n=6, per_shard=6))
+    b_dir = tmp_path / "b"
+    os.makedirs(b_dir)
+    # same images, one label changed
+    with tarfile.open(tmp_path / "a" / "shard-000000.tar") as src, tarfile.open(b_dir / "shard-000000.tar", "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name == "s00002.cls":
+                data = b"0"
+                m.size = 1
+            import io
+            dst.addfile(m, io.BytesIO(data))
+    b = index_source(str(b_dir))
+    assert a.keys(0) == b.keys(0) and a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "no_images", "no_labels", "not_a_tar"])
+def test_bad_sources_are_one_line_errors(tmp_path, case):
+    path = tmp_path / "src"
+    if case == "empty_dir":
+        os.makedirs(path)
+    elif case == "no_images":
+        os.makedirs(path / "cat")
+        (path / "cat" / "notes.txt").write_text("x")
+    elif case == "no_labels":
+        os.makedirs(path)
+        with tarfile.open(path / "a.tar", "w") as tar:
+            img = tmp_path / "x.png"
+            from conftest import make_image
+            make_image(0, 0).save(img)
+            tar.add(img, arcname="x.png")
+    elif case == "not_a_tar":
+        os.makedirs(path)
+        (path / "a.tar").write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(SourceError) as e:
+        index_source(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+
+
+def test_train_and_val_classes_must_match(tmp_path):
+    train = index_source(write_imagefolder(tmp_path / "train"))
+    val = index_source(write_imagefolder(tmp_path / "val", classes=["circle", "square", "zigzag"]))
+    check_same_classes(train, index_source(write_imagefolder(tmp_path / "val2")), val_src="val2")
+    with pytest.raises(SourceError, match="zigzag"):
+        check_same_classes(train, val, val_src=str(tmp_path / "val"))
