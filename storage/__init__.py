@@ -1,0 +1,27 @@
+"""Label stores: the teacher's labels for every (view, shard, slot), written by unit, read by view.
+
+Two backends behind one interface: zarr v3 (default) and webdataset tars. See DESIGN.md,
+"The lockstep contract", points 4 and 5.
+"""
+
+from .api import BACKENDS, create_store, open_store
+from .base import StoreReader, StoreWriter
+from .soft import hard_targets, soft_targets, topk_logprobs
+from .spec import (
+    INVALID,
+    PADDING,
+    WRITTEN,
+    Labels,
+    Problem,
+    StoreCorrupt,
+    StoreError,
+    StoreMismatch,
+    StoreSpec,
+    id_dtype,
+)
+
+__all__ = [
+    "BACKENDS", "INVALID", "PADDING", "WRITTEN", "Labels", "Problem", "StoreCorrupt", "StoreError",
+    "StoreMismatch", "StoreReader", "StoreSpec", "StoreWriter", "create_store", "hard_targets", "id_dtype",
+    "open_store", "soft_targets", "topk_logprobs",
+]

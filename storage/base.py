@@ -1,0 +1,285 @@
+"""What both backends share: the store directory, its metadata, input checks, and the read paths.
+
+Layout of a store directory (both backends):
+
+    store.json          format name and version, backend, spec, library versions, creation meta
+    manifest.parquet    the source manifest, byte for byte as given
+    meta/<key>.json     set_meta(key, value): probes, versions, anything added after creation
+    units/              one completion record per finished unit (the backend decides its form)
+
+A backend subclass implements how a unit's arrays are written and found again
+(_write_unit, _read_view_block, _unit_complete, _complete_units, _check_unit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from .encoding import decode_values, encode_values, pad_slots
+from .fsutil import atomic_write
+from .spec import INVALID, WRITTEN, Labels, Problem, StoreError, StoreSpec
+
+FORMAT = "deit-lockstep-labels"
+FORMAT_VERSION = 1
+STORE_JSON = "store.json"
+MANIFEST = "manifest.parquet"
+
+_VERSIONED = ("numpy", "zarr", "numcodecs", "webdataset", "crc32c", "torch", "timm", "pillow")
+
+
+def library_versions() -> dict:
+    """Versions of the libraries a label depends on, read without importing them (torch is slow)."""
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def unit_name(shard: int, block: int) -> str:
+    return f"{shard:06d}_{block:04d}"
+
+
+def parse_unit_name(name: str) -> tuple[int, int] | None:
+    stem = name.split(".", 1)[0]
+    parts = stem.split("_")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def read_store_json(path: Path) -> dict:
+    try:
+        d = json.loads((path / STORE_JSON).read_text())
+    except FileNotFoundError:
+        raise StoreError(
+            f"{path} is not a label store (no {STORE_JSON}); check the path, or create one with precompute"
+        ) from None
+    except ValueError as e:
+        raise StoreError(f"{path / STORE_JSON} is not valid JSON ({e}); the store is damaged, recreate it") from None
+    if d.get("format") != FORMAT:
+        raise StoreError(f"{path} holds {d.get('format')!r}, not a {FORMAT} store; check the path")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store at {path} has format version {d.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}; use the deit-lockstep version that wrote it, or recompute"
+        )
+    return d
+
+
+def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None) -> bytes:
+    d = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backend": backend,
+        "spec": spec.to_json(),
+        "versions": library_versions(),
+        "meta": meta or {},
+    }
+    return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
+
+
+class _StoreBase:
+    """Opened store directory: spec and metadata, plus the unit bookkeeping both roles need."""
+
+    backend = ""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._json = read_store_json(self.path)
+        self.spec = StoreSpec.from_json(self._json["spec"])
+        self.units_dir = self.path / "units"
+
+    def units(self) -> list[tuple[int, int]]:
+        return self.spec.units()
+
+    def is_complete(self, shard: int, view_block: int) -> bool:
+        self.spec.check_unit(shard, view_block)
+        return self._unit_complete(shard, view_block)
+
+    def completed_units(self) -> list[tuple[int, int]]:
+        return sorted(self._complete_units())
+
+    # backend hooks
+    def _unit_complete(self, shard: int, block: int) -> bool:
+        raise NotImplementedError
+
+    def _complete_units(self) -> set[tuple[int, int]]:
+        raise NotImplementedError
+
+
+class StoreWriter(_StoreBase):
+    """Commits whole work units; safe to use from many processes on disjoint or identical units."""
+
+    def set_meta(self, key: str, value) -> None:
+        """Extra JSON metadata (probe hashes, versions...). Written atomically to meta/<key>.json."""
+        if not key.replace("_", "").replace("-", "").isalnum():
+            raise StoreError(f"meta key {key!r} must be alphanumeric (with - or _), it names a file")
+        data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+        (self.path / "meta").mkdir(exist_ok=True)
+        atomic_write(self.path / "meta" / f"{key}.json", data)
+
+    def write_unit(self, shard: int, view_block: int, *, values, ids, valid) -> None:
+        """Store one unit: arrays in slot order shaped [views_in_block, shard_size, ...].
+
+        Visible to readers only once every byte is durable; rewriting a complete unit with the
+        same inputs changes nothing on disk.
+        """
+        spec = self.spec
+        spec.check_unit(shard, view_block)
+        vb, n = len(spec.block_views(view_block)), spec.shard_sizes[shard]
+        where = f"unit (shard={shard}, view_block={view_block})"
+        valid = np.asarray(valid)
+        if valid.shape != (vb, n):
+            raise StoreError(f"{where}: valid has shape {valid.shape}, expected {(vb, n)} (views_in_block, shard_size)")
+        if not np.isin(valid, (WRITTEN, INVALID)).all():
+            raise StoreError(f"{where}: valid must be 1 (written) or 2 (invalid image) for every slot")
+        valid = valid.astype(np.uint8)
+        bad = valid != WRITTEN  # zero whatever the caller put in invalid slots: bytes depend on labels only
+        ids = np.asarray(ids)
+        id_shape = (vb, n, spec.k) if spec.mode == "topk" else (vb, n)
+        if ids.shape != id_shape:
+            raise StoreError(f"{where}: ids has shape {ids.shape}, expected {id_shape} in {spec.mode} mode")
+        if ids.size and (ids[~bad].min(initial=0) < 0 or ids[~bad].max(initial=0) >= spec.num_classes):
+            raise StoreError(f"{where}: class ids outside [0, {spec.num_classes}); check num_classes")
+        ids = ids.astype(spec.id_dtype)
+        ids[bad] = 0
+        enc = None
+        if spec.mode == "topk":
+            if values is None or np.shape(values) != id_shape:
+                raise StoreError(f"{where}: values must have shape {id_shape}, got {np.shape(values)}")
+            values = np.asarray(values)
+            if values.dtype != np.float16:
+                raise StoreError(f"{where}: values must be float16 log-probabilities, got {values.dtype}")
+            values = values.copy()
+            values[bad] = 0
+            if values.size and not (values <= 0).all():
+                raise StoreError(
+                    f"{where}: values must be log-probabilities (<= 0), not raw logits; "
+                    "use storage.soft.topk_logprobs"
+                )
+            if not (np.diff(values.astype(np.float32), axis=-1) <= 0).all():
+                raise StoreError(f"{where}: values must be sorted descending along k (torch.topk sorted=True)")
+            enc = pad_slots(encode_values(values), spec.capacity)
+        elif values is not None:
+            raise StoreError(f"{where}: values must be None in hard mode")
+        self._write_unit(shard, view_block, enc, pad_slots(ids, spec.capacity), pad_slots(valid, spec.capacity))
+
+    def _write_unit(self, shard, block, values_enc, ids, valid) -> None:
+        raise NotImplementedError
+
+
+class StoreReader(_StoreBase):
+    """Reads labels by (view, shard, slot); refuses units that are not complete."""
+
+    @property
+    def meta(self) -> dict:
+        out = dict(self._json.get("meta", {}))
+        meta_dir = self.path / "meta"
+        if meta_dir.is_dir():
+            for p in sorted(meta_dir.glob("*.json")):
+                out[p.stem] = json.loads(p.read_text())
+        return out
+
+    @property
+    def versions(self) -> dict:
+        return dict(self._json.get("versions", {}))
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        return (self.path / MANIFEST).read_bytes()
+
+    def _require(self, shard: int, block: int):
+        if not self._unit_complete(shard, block):
+            raise StoreError(
+                f"store at {self.path}: unit (shard={shard}, view_block={block}) is not complete; "
+                "run precompute (it resumes) before reading it"
+            )
+
+    def _labels(self, values_enc, ids, valid, n: int) -> Labels:
+        values = None if values_enc is None else decode_values(values_enc[:n])
+        return Labels(values, ids[:n], valid[:n])
+
+    def read(self, view: int, shard: int) -> Labels:
+        """One view of one shard, in slot order (length = the shard's size)."""
+        self.spec.check_view(view, shard)
+        block = self.spec.block_of(view)
+        self._require(shard, block)
+        values_enc, ids, valid = self._read_view_block(view, [shard])
+        return self._labels(None if values_enc is None else values_enc[0], ids[0], valid[0],
+                            self.spec.shard_sizes[shard])
+
+    def read_view(self, view: int) -> Iterator[tuple[int, Labels]]:
+        """(shard, Labels) for every shard of one view, in shard order: one epoch's labels."""
+        self.spec.check_view(view)
+        block = self.spec.block_of(view)
+        shards = list(range(self.spec.num_shards))
+        for s in shards:
+            self._require(s, block)
+        values_enc, ids, valid = self._read_view_block(view, shards)
+        for s in shards:
+            yield s, self._labels(None if values_enc is None else values_enc[s], ids[s], valid[s],
+                                  self.spec.shard_sizes[s])
+
+    def read_view_flat(self, view: int) -> Labels:
+        """A whole view as one Labels, shards concatenated in order (see shard_offsets)."""
+        return Labels.concat([lab for _, lab in self.read_view(view)])
+
+    def shard_offsets(self) -> np.ndarray:
+        """Start of each shard in read_view_flat's rows."""
+        return np.concatenate([[0], np.cumsum(self.spec.shard_sizes)[:-1]]).astype(np.int64)
+
+    def read_slot(self, view: int, shard: int, slot: int) -> Labels:
+        n = self.spec.shard_sizes[shard] if 0 <= shard < self.spec.num_shards else 0
+        if not 0 <= slot < n:
+            raise StoreError(f"slot {slot} is outside shard {shard} (size {n})")
+        return self.read(view, shard)[slot : slot + 1]
+
+    def check(self, full: bool = True) -> list[Problem]:
+        """Integrity scan of every complete unit; full=True also decodes and checks values and flags."""
+        problems = []
+        for shard, block in self.completed_units():
+            problems += self._check_unit(shard, block, full)
+        return problems
+
+    def _check_decoded(self, shard, block, values_enc, ids, valid) -> list[Problem]:
+        """Flags and value checks on one decoded unit ([views, capacity, ...] arrays)."""
+        spec, unit, out = self.spec, (shard, block), []
+        n = spec.shard_sizes[shard]
+        if not np.isin(valid[:, :n], (WRITTEN, INVALID)).all():
+            out.append(Problem(unit, "valid flags other than 1/2 inside the shard"))
+        if (valid[:, n:] != 0).any():
+            out.append(Problem(unit, "valid flags set on padding slots beyond the shard size"))
+        if ids.size and (ids.min() < 0 or ids.max() >= spec.num_classes):
+            out.append(Problem(unit, f"class ids outside [0, {spec.num_classes})"))
+        if values_enc is not None:
+            v = decode_values(values_enc).astype(np.float32)
+            if not (np.isfinite(v).all() and (v <= 0).all() and (np.diff(v, axis=-1) <= 0).all()):
+                out.append(Problem(unit, "values are not sorted, finite log-probabilities"))
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes on disk under the store directory."""
+        total = 0
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except FileNotFoundError:  # a concurrent writer's temporary vanished
+                    pass
+        return total
+
+    # backend hook: (values_enc or None [len(shards), cap, k], ids [len(shards), cap, ...], valid [len(shards), cap])
+    def _read_view_block(self, view: int, shards: list[int]):
+        raise NotImplementedError
+
+    def _check_unit(self, shard, block, full) -> list[Problem]:
+        raise NotImplementedError

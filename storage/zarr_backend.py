@@ -1,0 +1,190 @@
+"""zarr v3 backend (the default).
+
+    labels.zarr/ids      int16/int32 [V, S, cap, k] (topk) or [V, S, cap] (hard)
+    labels.zarr/values   uint16 [V, S, cap, k]: float16 log-prob bit patterns, delta-coded along k
+    labels.zarr/valid    uint8  [V, S, cap]
+    units/<shard>_<block>.json   completion marker: each chunk's key, size and crc32c
+
+One chunk = one work unit, (views_per_unit, 1, cap, ...), so a unit writes whole chunks only and
+two workers never touch the same chunk; shapes are allocated up front because only one process
+may write zarr.json. zarr's LocalStore writes each chunk to a temporary and renames it, so a
+chunk file is always whole; we then fsync the chunks, and only then atomically create the
+marker. A reader trusts a unit only through its marker, so a writer killed at any moment leaves
+the unit absent, never torn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import zarr
+import zarr.codecs as zc
+
+from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
+from .fsutil import atomic_write, fsync_path
+from .spec import Problem, StoreCorrupt, StoreSpec
+
+ARRAYS_DIR = "labels.zarr"
+
+
+def _compressors():
+    # Bit-shuffle beats byte-shuffle on these arrays: class ids < 1000 and delta-coded float16
+    # patterns have mostly-zero high bits, which bit-shuffle turns into long zero runs
+    # (benchmarks/store_bench.py measures both). Crc32c lets zarr itself refuse a flipped byte.
+    return [zc.BloscCodec(cname="zstd", clevel=5, shuffle=zc.BloscShuffle.bitshuffle), zc.Crc32cCodec()]
+
+
+def _array_shapes(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    base = (spec.views, spec.num_shards, spec.capacity)
+    shapes = {"valid": (base, "uint8")}
+    if spec.mode == "topk":
+        shapes["ids"] = (base + (spec.k,), spec.id_dtype.name)
+        shapes["values"] = (base + (spec.k,), "uint16")
+    else:
+        shapes["ids"] = (base, spec.id_dtype.name)
+    return shapes
+
+
+def init_arrays(root: Path, spec: StoreSpec) -> None:
+    """Allocate every array at full size (called once, in the creating process's temp dir)."""
+    group = zarr.open_group(str(root / ARRAYS_DIR), mode="w", zarr_format=3)
+    for name, (shape, dtype) in _array_shapes(spec).items():
+        chunks = (spec.views_per_unit, 1) + shape[2:]
+        group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=_compressors(),
+            # always write a chunk, even all zeros, so that a missing chunk file means damage
+            config={"write_empty_chunks": True},
+            attributes={"encoding": "float16 bit patterns, first then deltas along k (mod 2^16)"}
+            if name == "values" else {},
+        )
+
+
+class _ZarrMixin:
+    def _open_arrays(self, mode: str):
+        root = str(self.path / ARRAYS_DIR)
+        self._arrays = {
+            name: zarr.open_array(root, path=name, mode=mode) for name in _array_shapes(self.spec)
+        }
+
+    def _marker(self, shard, block) -> Path:
+        return self.units_dir / f"{unit_name(shard, block)}.json"
+
+    def _unit_complete(self, shard, block) -> bool:
+        return self._marker(shard, block).exists()
+
+    def _complete_units(self):
+        if not self.units_dir.is_dir():
+            return set()
+        names = (parse_unit_name(f) for f in os.listdir(self.units_dir) if f.endswith(".json") and f[0] != ".")
+        return {u for u in names if u is not None}
+
+    def _chunk_path(self, name: str, shard: int, block: int) -> Path:
+        arr = self._arrays[name]
+        key = arr.metadata.encode_chunk_key((block, shard) + (0,) * (arr.ndim - 2))
+        return self.path / ARRAYS_DIR / name / key
+
+    def _unit_selection(self, shard, block):
+        views = self.spec.block_views(block)
+        return (slice(views.start, views.stop), slice(shard, shard + 1))
+
+    def _read_unit(self, shard, block):
+        sel = self._unit_selection(shard, block)
+        return {name: arr[sel][:, 0] for name, arr in self._arrays.items()}
+
+
+class ZarrWriter(_ZarrMixin, StoreWriter):
+    backend = "zarr"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._open_arrays("r+")
+
+    def _write_unit(self, shard, block, values_enc, ids, valid):
+        new = {"ids": ids, "valid": valid}
+        if values_enc is not None:
+            new["values"] = values_enc
+        marker = self._marker(shard, block)
+        if marker.exists():
+            old = self._read_unit(shard, block)
+            if all(np.array_equal(old[k], v) for k, v in new.items()):
+                return  # same labels: touch nothing, so the bytes stay identical
+            # Different labels (a non-deterministic teacher): retract the unit first, so that a
+            # crash mid-rewrite leaves it absent rather than half old, half new.
+            os.unlink(marker)
+            fsync_path(self.units_dir)
+        sel = self._unit_selection(shard, block)
+        for name, data in new.items():
+            self._arrays[name][sel] = data[:, None]
+        chunks = {}
+        for name in sorted(new):
+            p = self._chunk_path(name, shard, block)
+            data = p.read_bytes()
+            fsync_path(p)
+            fsync_path(p.parent)  # the chunk's rename into place
+            chunks[name] = {"key": str(p.relative_to(self.path)), "nbytes": len(data), "crc32c": crc32c.crc32c(data)}
+        views = self.spec.block_views(block)
+        record = {"unit": [shard, block], "views": [views.start, views.stop], "chunks": chunks}
+        self.units_dir.mkdir(exist_ok=True)
+        atomic_write(marker, (json.dumps(record, sort_keys=True) + "\n").encode())
+
+
+class ZarrReader(_ZarrMixin, StoreReader):
+    backend = "zarr"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._open_arrays("r")
+
+    def _read_view_block(self, view, shards):
+        block = self.spec.block_of(view)
+        for s in shards:  # zarr reads a missing chunk as zeros: refuse instead of inventing labels
+            for name in self._arrays:
+                if not self._chunk_path(name, s, block).exists():
+                    raise StoreCorrupt(
+                        f"store at {self.path}: unit (shard={s}, view_block={block}) lost its {name} chunk; "
+                        f"delete units/{unit_name(s, block)}.json and rerun precompute"
+                    )
+        every = len(shards) == self.spec.num_shards
+        out = {}
+        for name, arr in self._arrays.items():
+            try:
+                out[name] = arr[view] if every else np.stack([arr[view, s] for s in shards])
+            except Exception as e:  # crc32c mismatch or undecodable chunk
+                raise StoreCorrupt(
+                    f"store at {self.path}: view {view} of shards {shards[0]}..{shards[-1]} does not decode "
+                    f"({type(e).__name__}: {e}); run check() to find the unit, delete its marker and rerun precompute"
+                ) from None
+        return out.get("values"), out["ids"], out["valid"]
+
+    def _check_unit(self, shard, block, full):
+        unit = (shard, block)
+        fix = f"delete units/{unit_name(shard, block)}.json and rerun precompute"
+        try:
+            record = json.loads(self._marker(shard, block).read_text())
+            chunks = record["chunks"]
+        except (ValueError, KeyError, OSError) as e:
+            return [Problem(unit, f"completion marker unreadable ({e}); {fix}")]
+        problems = []
+        for name in self._arrays:
+            if name not in chunks:
+                problems.append(Problem(unit, f"marker lists no {name} chunk; {fix}"))
+                continue
+            p = self.path / chunks[name]["key"]
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:
+                problems.append(Problem(unit, f"{name} chunk missing ({chunks[name]['key']}); {fix}"))
+                continue
+            if len(data) != chunks[name]["nbytes"] or crc32c.crc32c(data) != chunks[name]["crc32c"]:
+                problems.append(Problem(unit, f"{name} chunk checksum mismatch ({chunks[name]['key']}); {fix}"))
+        if problems or not full:
+            return problems
+        try:
+            arrays = self._read_unit(shard, block)
+        except Exception as e:
+            return [Problem(unit, f"chunks do not decode ({type(e).__name__}); {fix}")]
+        return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"])
