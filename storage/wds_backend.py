@@ -46,7 +46,9 @@ def _tar_bytes(key: str, header: dict, blobs: dict[str, bytes]) -> bytes:
             info = tarfile.TarInfo(name)  # mtime 0, uid 0, no owner names: deterministic bytes
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    # Drop tarfile's padding to a 10 KiB record: readers only need the two end-of-archive blocks,
+    # and the padding would cost more than a small unit's labels.
+    return buf.getvalue()[: tar.offset]
 
 
 def _parse_tar(path: Path) -> tuple[dict, dict[str, bytes]]:

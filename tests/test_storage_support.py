@@ -1,0 +1,113 @@
+"""Helpers for tests/test_storage.py, importable by the writer subprocesses those tests start.
+
+Holds no tests. Labels are a pure function of (seed, shard, block) so that a child process and
+the test agree on what a unit must contain without talking to each other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from storage import StoreSpec  # noqa: E402
+
+
+def tiny_spec(mode="topk", num_classes=50, **kw) -> StoreSpec:
+    base = dict(
+        mode=mode, k=5 if mode == "topk" else 0, num_classes=num_classes,
+        class_names=tuple(f"c{i}" for i in range(num_classes)), views=5, shard_sizes=(7, 4, 9),
+        views_per_unit=2, recipe={"preset": "deit", "mixup": 0.8}, seed=0, manifest_fingerprint="abc123",
+        teacher={"name": "toy", "weights_sha256": "00", "input_size": 224},
+    )
+    base.update(kw)
+    return StoreSpec(**base)
+
+
+def unit_data(spec: StoreSpec, shard: int, block: int, seed: int = 0, invalid_every: int = 5):
+    """Deterministic labels for one unit, in the writer's input format (slot order)."""
+    vb, n = len(spec.block_views(block)), spec.shard_sizes[shard]
+    rng = np.random.default_rng([seed, shard, block])
+    logits = rng.standard_normal((vb, n, spec.num_classes)).astype(np.float32) * 3
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    valid = np.ones((vb, n), np.uint8)
+    valid.flat[::invalid_every] = 2  # some unreadable images
+    if spec.mode == "hard":
+        return dict(values=None, ids=logp.argmax(-1), valid=valid)
+    ids = np.argsort(-logp, axis=-1, kind="stable")[..., : spec.k]
+    values = np.take_along_axis(logp, ids, -1).astype(np.float16)
+    return dict(values=values, ids=ids, valid=valid)
+
+
+def write_all(writer, seed: int = 0):
+    for shard, block in writer.units():
+        writer.write_unit(shard, block, **unit_data(writer.spec, shard, block, seed))
+
+
+def snapshot(path) -> dict[str, bytes]:
+    """Every file under a store, by relative path: stores are compared byte for byte."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
+def child_create_and_write(path, backend, start_at, shard):
+    """Fleet member: wait for a common start time, create the store, write one shard's units."""
+    from storage import create_store
+
+    while time.time() < start_at:
+        time.sleep(0.001)
+    writer = create_store(path, tiny_spec(), backend=backend, manifest=b"manifest")
+    for s, b in writer.units():
+        if s == shard:
+            writer.write_unit(s, b, **unit_data(writer.spec, s, b))
+
+
+def child_hang_before_commit(path, backend, seed):
+    """Writer that writes a unit's data, then hangs just before making it visible (the commit rename)."""
+    from pathlib import Path
+
+    from storage import create_store
+
+    writer = create_store(path, tiny_spec(), backend=backend)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent.name == "units":  # the marker (zarr) or the tar itself (wds)
+            print("READY", flush=True)
+            time.sleep(3600)
+        real_replace(src, dst)
+
+    os.replace = replace
+    writer.write_unit(1, 0, **unit_data(writer.spec, 1, 0, seed))
+
+
+def child_write_forever(path, backend):
+    """Rewrites every unit with alternating labels, forever: killed at random moments by the test."""
+    from storage import create_store
+
+    writer = create_store(path, tiny_spec(shard_sizes=(300, 200, 300)), backend=backend)
+    print("READY", flush=True)
+    seed = 0
+    while True:
+        for s, b in writer.units():
+            writer.write_unit(s, b, **unit_data(writer.spec, s, b, seed))
+        seed = 1 - seed
+
+
+if __name__ == "__main__":
+    fn = globals()[sys.argv[1]]
+    args = [int(a) if a.lstrip("-").isdigit() else a for a in sys.argv[2:]]
+    if sys.argv[1] == "child_create_and_write":
+        args[2] = float(sys.argv[4])
+    fn(*args)
