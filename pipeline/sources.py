@@ -175,9 +175,10 @@ def decode_image(data: bytes) -> Image.Image:
     """Bytes -> RGB PIL image, fully loaded. Raises ``OSError``/``ValueError`` on a bad image."""
     if not data:
         raise ValueError("empty image file")
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return im.convert("RGB")
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    # Most photos are RGB already: convert() would only copy them.
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 # ---- indexing ---------------------------------------------------------------------------

@@ -134,8 +134,10 @@ class ViewRenderer:
         self.recipe = recipe
         self.size = (recipe.input_size, recipe.input_size)
         self.interp = str_to_interp_mode(recipe.interpolation)
-        self._mean = torch.tensor(recipe.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(recipe.std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std as one fused x * scale + bias: ToTensor + Normalize in one pass.
+        std = np.asarray(recipe.std, dtype=np.float64)
+        self._scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32).view(3, 1, 1)
+        self._bias = torch.tensor(-np.asarray(recipe.mean) / std, dtype=torch.float32).view(3, 1, 1)
 
     @cached_property
     def _rand_augment(self):
@@ -228,12 +230,16 @@ class ViewRenderer:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         for op in params.ops:
             img = self._apply_op(img, op)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        x = x.sub_(self._mean).div_(self._std)
+        x = self.to_float(np.asarray(img, dtype=np.uint8))
         for e in params.erase:
             noise = generator(e.noise_seed, 0).standard_normal((3, e.height, e.width), dtype=np.float32)
             x[:, e.top:e.top + e.height, e.left:e.left + e.width] = torch.from_numpy(noise)
         return x
+
+    def to_float(self, hwc: np.ndarray) -> torch.Tensor:
+        """uint8 HWC RGB -> normalised float32 CHW (contiguous)."""
+        chw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))  # a uint8 copy: cheap
+        return torch.addcmul(self._bias, chw, self._scale)  # promotes to float32 in the same pass
 
     def _apply_op(self, img: Image.Image, op: Op) -> Image.Image:
         aug = self._ops_by_name[op.name]
@@ -279,7 +285,7 @@ def mix_pair(own: torch.Tensor, other: torch.Tensor, mix: MixParams) -> torch.Te
         out[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
         return out
     if mix.mode == "mixup":
-        return own.mul(mix.lam).add_(other.mul(1.0 - mix.lam))
+        return torch.lerp(other, own, mix.lam)  # lam * own + (1 - lam) * other, in one pass
     return own
 
 
