@@ -30,7 +30,7 @@ from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
 from .fsutil import atomic_write, read_if_exists
 from .spec import Problem, StoreCorrupt, StoreSpec
 
-_BLOSC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE)
+_BLOSC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
 
 
 def init_layout(root: Path, spec: StoreSpec) -> None:
