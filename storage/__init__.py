@@ -21,7 +21,22 @@ from .spec import (
 )
 
 __all__ = [
-    "BACKENDS", "INVALID", "PADDING", "WRITTEN", "Labels", "Problem", "StoreCorrupt", "StoreError",
-    "StoreMismatch", "StoreReader", "StoreSpec", "StoreWriter", "create_store", "hard_targets", "id_dtype",
-    "open_store", "soft_targets", "topk_logprobs",
+    "BACKENDS",
+    "INVALID",
+    "PADDING",
+    "WRITTEN",
+    "Labels",
+    "Problem",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreMismatch",
+    "StoreReader",
+    "StoreSpec",
+    "StoreWriter",
+    "create_store",
+    "hard_targets",
+    "id_dtype",
+    "open_store",
+    "soft_targets",
+    "topk_logprobs",
 ]

@@ -35,15 +35,23 @@ def _backend(name: str, path):
 def _check_same(path: Path, backend: str, spec: StoreSpec, fix: str) -> None:
     d = read_store_json(path)
     if d["backend"] != backend:
-        raise StoreMismatch(f"store at {path} was made with backend={d['backend']}, you asked for "
-                            f"backend={backend}; {fix}")
+        raise StoreMismatch(
+            f"store at {path} was made with backend={d['backend']}, you asked for backend={backend}; {fix}"
+        )
     err = mismatch_error(path, StoreSpec.from_json(d["spec"]), spec, fix)
     if err is not None:
         raise err
 
 
-def create_store(path, spec: StoreSpec, *, backend: str = "zarr", manifest: bytes = b"",
-                 meta: dict | None = None, overwrite: bool = False):
+def create_store(
+    path,
+    spec: StoreSpec,
+    *,
+    backend: str = "zarr",
+    manifest: bytes = b"",
+    meta: dict | None = None,
+    overwrite: bool = False,
+):
     """Create a store, or open an existing one with an equal spec for writing (resume, fleet member).
 
     overwrite=True deletes whatever is at path first: call it from one process only.
@@ -84,8 +92,12 @@ def open_store(path, expect: StoreSpec | None = None):
     d = read_store_json(path)
     _, reader_cls, _ = _backend(d["backend"], path)
     if expect is not None:
-        err = mismatch_error(path, StoreSpec.from_json(d["spec"]), expect,
-                             "point at the store made with these settings, or recompute it")
+        err = mismatch_error(
+            path,
+            StoreSpec.from_json(d["spec"]),
+            expect,
+            "point at the store made with these settings, or recompute it",
+        )
         if err is not None:
             raise err
     return reader_cls(path)

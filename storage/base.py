@@ -64,7 +64,9 @@ def read_store_json(path: Path) -> dict:
             f"{path} is not a label store (no {STORE_JSON}); check the path, or create one with precompute"
         ) from None
     except ValueError as e:
-        raise StoreError(f"{path / STORE_JSON} is not valid JSON ({e}); the store is damaged, recreate it") from None
+        raise StoreError(
+            f"{path / STORE_JSON} is not valid JSON ({e}); the store is damaged, recreate it"
+        ) from None
     if d.get("format") != FORMAT:
         raise StoreError(f"{path} holds {d.get('format')!r}, not a {FORMAT} store; check the path")
     if d.get("format_version") != FORMAT_VERSION:
@@ -139,7 +141,9 @@ class StoreWriter(_StoreBase):
         where = f"unit (shard={shard}, view_block={view_block})"
         valid = np.asarray(valid)
         if valid.shape != (vb, n):
-            raise StoreError(f"{where}: valid has shape {valid.shape}, expected {(vb, n)} (views_in_block, shard_size)")
+            raise StoreError(
+                f"{where}: valid has shape {valid.shape}, expected {(vb, n)} (views, shard_size)"
+            )
         if not np.isin(valid, (WRITTEN, INVALID)).all():
             raise StoreError(f"{where}: valid must be 1 (written) or 2 (invalid image) for every slot")
         valid = valid.astype(np.uint8)
@@ -167,11 +171,12 @@ class StoreWriter(_StoreBase):
                     "use storage.soft.topk_logprobs"
                 )
             if not (np.diff(values.astype(np.float32), axis=-1) <= 0).all():
-                raise StoreError(f"{where}: values must be sorted descending along k (torch.topk sorted=True)")
+                raise StoreError(f"{where}: values must be sorted descending along k (topk sorted=True)")
             enc = pad_slots(encode_values(values), spec.capacity)
         elif values is not None:
             raise StoreError(f"{where}: values must be None in hard mode")
-        self._write_unit(shard, view_block, enc, pad_slots(ids, spec.capacity), pad_slots(valid, spec.capacity))
+        cap = spec.capacity
+        self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap))
 
     def _write_unit(self, shard, block, values_enc, ids, valid) -> None:
         raise NotImplementedError
@@ -214,8 +219,9 @@ class StoreReader(_StoreBase):
         block = self.spec.block_of(view)
         self._require(shard, block)
         values_enc, ids, valid = self._read_view_block(view, [shard])
-        return self._labels(None if values_enc is None else values_enc[0], ids[0], valid[0],
-                            self.spec.shard_sizes[shard])
+        return self._labels(
+            None if values_enc is None else values_enc[0], ids[0], valid[0], self.spec.shard_sizes[shard]
+        )
 
     def read_view(self, view: int) -> Iterator[tuple[int, Labels]]:
         """(shard, Labels) for every shard of one view, in shard order: one epoch's labels."""
@@ -226,8 +232,12 @@ class StoreReader(_StoreBase):
             self._require(s, block)
         values_enc, ids, valid = self._read_view_block(view, shards)
         for s in shards:
-            yield s, self._labels(None if values_enc is None else values_enc[s], ids[s], valid[s],
-                                  self.spec.shard_sizes[s])
+            yield (
+                s,
+                self._labels(
+                    None if values_enc is None else values_enc[s], ids[s], valid[s], self.spec.shard_sizes[s]
+                ),
+            )
 
     def read_view_flat(self, view: int) -> Labels:
         """A whole view as one Labels, shards concatenated in order (see shard_offsets)."""
@@ -277,7 +287,8 @@ class StoreReader(_StoreBase):
                     pass
         return total
 
-    # backend hook: (values_enc or None [len(shards), cap, k], ids [len(shards), cap, ...], valid [len(shards), cap])
+    # backend hook -> (values_enc or None [len(shards), cap, k], ids [len(shards), cap, ...],
+    #                  valid [len(shards), cap])
     def _read_view_block(self, view: int, shards: list[int]):
         raise NotImplementedError
 

@@ -48,6 +48,7 @@ def topk_logprobs(logits, k: int):
     The log_softmax runs in float32 so that the float16 rounding happens once, at the end.
     """
     import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
     return values.half(), ids

@@ -120,7 +120,7 @@ class WdsReader(_WdsMixin, StoreReader):
             except Exception as e:
                 raise StoreCorrupt(
                     f"store at {self.path}: unit (shard={shard}, view_block={block}) is unreadable "
-                    f"({type(e).__name__}: {e}); delete units/{unit_name(shard, block)}.tar and rerun precompute"
+                    f"({type(e).__name__}: {e}); delete units/{unit_name(shard, block)}.tar, rerun precompute"
                 ) from None
             self._cache_key, self._cache = (shard, block), arrays
         return self._cache

@@ -55,11 +55,17 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
     for name, (shape, dtype) in _array_shapes(spec).items():
         chunks = (spec.views_per_unit, 1) + shape[2:]
         group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=_compressors(),
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(),
             # always write a chunk, even all zeros, so that a missing chunk file means damage
             config={"write_empty_chunks": True},
             attributes={"encoding": "float16 bit patterns, first then deltas along k (mod 2^16)"}
-            if name == "values" else {},
+            if name == "values"
+            else {},
         )
 
 
@@ -79,7 +85,8 @@ class _ZarrMixin:
     def _complete_units(self):
         if not self.units_dir.is_dir():
             return set()
-        names = (parse_unit_name(f) for f in os.listdir(self.units_dir) if f.endswith(".json") and f[0] != ".")
+        files = [f for f in os.listdir(self.units_dir) if f.endswith(".json") and f[0] != "."]
+        names = (parse_unit_name(f) for f in files)
         return {u for u in names if u is not None}
 
     def _chunk_path(self, name: str, shard: int, block: int) -> Path:
@@ -125,7 +132,8 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
             data = p.read_bytes()
             fsync_path(p)
             fsync_path(p.parent)  # the chunk's rename into place
-            chunks[name] = {"key": str(p.relative_to(self.path)), "nbytes": len(data), "crc32c": crc32c.crc32c(data)}
+            key = str(p.relative_to(self.path))
+            chunks[name] = {"key": key, "nbytes": len(data), "crc32c": crc32c.crc32c(data)}
         views = self.spec.block_views(block)
         record = {"unit": [shard, block], "views": [views.start, views.stop], "chunks": chunks}
         self.units_dir.mkdir(exist_ok=True)
@@ -171,7 +179,7 @@ class ZarrReader(_ZarrMixin, StoreReader):
             except Exception as e:  # crc32c mismatch or undecodable chunk
                 raise StoreCorrupt(
                     f"store at {self.path}: view {view} of shards {shards[0]}..{shards[-1]} does not decode "
-                    f"({type(e).__name__}: {e}); run check() to find the unit, delete its marker and rerun precompute"
+                    f"({type(e).__name__}: {e}); run check() to find the unit, then recompute it"
                 ) from None
         result = out.get("values"), out["ids"], out["valid"]
         if whole_block:
@@ -199,7 +207,8 @@ class ZarrReader(_ZarrMixin, StoreReader):
                 problems.append(Problem(unit, f"{name} chunk missing ({chunks[name]['key']}); {fix}"))
                 continue
             if len(data) != chunks[name]["nbytes"] or crc32c.crc32c(data) != chunks[name]["crc32c"]:
-                problems.append(Problem(unit, f"{name} chunk checksum mismatch ({chunks[name]['key']}); {fix}"))
+                what = f"{name} chunk checksum mismatch ({chunks[name]['key']}); {fix}"
+                problems.append(Problem(unit, what))
         if problems or not full:
             return problems
         try:

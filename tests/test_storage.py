@@ -126,8 +126,9 @@ def test_rewrite_is_byte_identical(tmp_path, backend):
     for s, b in reversed(spec.units()):
         w3.write_unit(s, b, **unit_data(spec, s, b))
     other = snapshot(tmp_path / "t")
-    assert {k: v for k, v in other.items() if k != "store.json"} == \
-        {k: v for k, v in before.items() if k != "store.json"}
+    assert {k: v for k, v in other.items() if k != "store.json"} == {
+        k: v for k, v in before.items() if k != "store.json"
+    }
 
 
 def test_rewrite_with_other_labels_replaces_unit(tmp_path, backend):
@@ -143,7 +144,8 @@ def test_rewrite_with_other_labels_replaces_unit(tmp_path, backend):
 def test_spec_mismatch_names_the_field(tmp_path, backend):
     spec = tiny_spec()
     create_store(tmp_path / "s", spec, backend=backend)
-    with pytest.raises(StoreMismatch, match=r"made with seed=0, you asked for seed=1; use a new --out or --overwrite"):
+    msg = r"made with seed=0, you asked for seed=1; use a new --out or --overwrite"
+    with pytest.raises(StoreMismatch, match=msg):
         create_store(tmp_path / "s", tiny_spec(seed=1), backend=backend)
     with pytest.raises(StoreMismatch, match=r"recipe\.mixup=0\.8, you asked for recipe\.mixup=0\.5"):
         create_store(tmp_path / "s", tiny_spec(recipe={"preset": "deit", "mixup": 0.5}), backend=backend)
@@ -171,10 +173,14 @@ def test_bad_inputs_are_refused(tmp_path, backend):
 
 
 def _run_children(args_list, timeout=60):
-    procs = [subprocess.Popen([sys.executable, SUPPORT, *map(str, a)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for a in args_list]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, SUPPORT, *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for a in args_list
+    ]
     outs = [p.communicate(timeout=timeout) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
 
 
@@ -192,8 +198,12 @@ def test_concurrent_create_from_processes(tmp_path, backend):
 
 def test_writer_killed_mid_unit_leaves_unit_absent(tmp_path, backend):
     path = tmp_path / "s"
-    p = subprocess.Popen([sys.executable, SUPPORT, "child_hang_before_commit", str(path), backend, "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, SUPPORT, "child_hang_before_commit", str(path), backend, "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout.readline().strip() == "READY", p.stderr.read()
         os.kill(p.pid, signal.SIGKILL)  # data written and fsynced, commit not yet done
@@ -217,8 +227,12 @@ def test_writer_killed_at_random_moments_never_tears(tmp_path, backend):
     spec = tiny_spec(shard_sizes=(300, 200, 300))
     rng = np.random.default_rng(1)
     for _ in range(3):
-        p = subprocess.Popen([sys.executable, SUPPORT, "child_write_forever", str(path), backend],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, SUPPORT, "child_write_forever", str(path), backend],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "READY", p.stderr.read()
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(p.pid, signal.SIGKILL)
@@ -228,8 +242,9 @@ def test_writer_killed_at_random_moments_never_tears(tmp_path, backend):
         for shard, block in r.completed_units():  # every visible unit is wholly one run's labels
             view = spec.block_views(block).start
             got = r.read(view, shard)
-            assert any(got.ids.tobytes() == _expected(spec, view, shard, seed)[1].tobytes() for seed in (0, 1))
-            seed = 0 if got.ids.tobytes() == _expected(spec, view, shard, 0)[1].tobytes() else 1
+            matches = [got.ids.tobytes() == _expected(spec, view, shard, s)[1].tobytes() for s in (0, 1)]
+            assert any(matches)
+            seed = matches.index(True)
             for v in spec.block_views(block):
                 _assert_same(r.read(v, shard), _expected(spec, v, shard, seed))
 
@@ -288,6 +303,7 @@ def test_wds_tar_is_a_webdataset_shard(tmp_path):
 
 
 # ---- values encoding and soft targets --------------------------------------------------------
+
 
 def test_values_encoding_is_lossless():
     rng = np.random.default_rng(0)

@@ -21,9 +21,16 @@ from storage import StoreSpec  # noqa: E402
 
 def tiny_spec(mode="topk", num_classes=50, **kw) -> StoreSpec:
     base = dict(
-        mode=mode, k=5 if mode == "topk" else 0, num_classes=num_classes,
-        class_names=tuple(f"c{i}" for i in range(num_classes)), views=5, shard_sizes=(7, 4, 9),
-        views_per_unit=2, recipe={"preset": "deit", "mixup": 0.8}, seed=0, manifest_fingerprint="abc123",
+        mode=mode,
+        k=5 if mode == "topk" else 0,
+        num_classes=num_classes,
+        class_names=tuple(f"c{i}" for i in range(num_classes)),
+        views=5,
+        shard_sizes=(7, 4, 9),
+        views_per_unit=2,
+        recipe={"preset": "deit", "mixup": 0.8},
+        seed=0,
+        manifest_fingerprint="abc123",
         teacher={"name": "toy", "weights_sha256": "00", "input_size": 224},
     )
     base.update(kw)
@@ -35,8 +42,11 @@ def unit_data(spec: StoreSpec, shard: int, block: int, seed: int = 0, invalid_ev
     vb, n = len(spec.block_views(block)), spec.shard_sizes[shard]
     rng = np.random.default_rng([seed, shard, block])
     logits = rng.standard_normal((vb, n, spec.num_classes)).astype(np.float32) * 3
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     valid = np.ones((vb, n), np.uint8)
     valid.flat[::invalid_every] = 2  # some unreadable images
     if spec.mode == "hard":
