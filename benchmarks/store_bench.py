@@ -263,9 +263,9 @@ def codec_ablation(values, ids):
     for shuffle_name, shuffle in [("byte-shuffle", Blosc.SHUFFLE), ("bit-shuffle", Blosc.BITSHUFFLE)]:
         codec = Blosc(cname="zstd", clevel=5, shuffle=shuffle)
         for vname, varr in [("raw fp16", sample_v), ("delta-coded fp16 bits", encode_values(sample_v))]:
-            size = sum(len(codec.encode(np.ascontiguousarray(varr[:, s]))) for s in range(4))
+            size = sum(len(codec.encode(np.ascontiguousarray(varr[:, s]))) for s in range(sample_i.shape[1]))
             rows.append((shuffle_name, f"values {vname}", size / views))
-        size = sum(len(codec.encode(np.ascontiguousarray(sample_i[:, s]))) for s in range(4))
+        size = sum(len(codec.encode(np.ascontiguousarray(sample_i[:, s]))) for s in range(sample_i.shape[1]))
         rows.append((shuffle_name, "ids int16", size / views))
     return rows
 
