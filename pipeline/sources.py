@@ -258,7 +258,7 @@ def _index_wds(src: str) -> Manifest:
     cols = {name: [] for name in _SCHEMA.names}
     for shard, path in enumerate(files):
         for pos, (key, member, offset, size, label) in enumerate(_index_tar(path)):
-            for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size)):
+            for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size), strict=True):
                 cols[name].append(v)
     if not cols["key"]:
         raise SourceError(f"{src}: the shards hold no images ({', '.join(IMAGE_EXTS)})")

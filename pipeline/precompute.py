@@ -1,0 +1,325 @@
+"""Stage one: run the teacher over every view of every sample and store its answers.
+
+Work is cut into units ``(shard, block of views)``. A unit is independent and idempotent:
+its DataLoader worker reads the shard once, decodes each image once, renders all the unit's
+views from the decoded images, and the main process runs the teacher and writes the unit in
+one atomic commit. Ranks take disjoint units (unit i goes to rank i mod world) and skip units
+already complete, so a fleet needs no coordinator and rerunning the same command resumes.
+
+Batches never span units: a unit's views are cut into fixed chunks of ``batch_size`` in
+(view, slot) order. A view therefore meets the same batch-mates whatever the fleet size or
+worker count, and the store's bytes do not depend on either (most units fill every batch;
+only a unit's last chunk may be short).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from storage import INVALID, WRITTEN, StoreSpec, create_store, open_store, topk_logprobs
+from storage.base import library_versions
+
+from .probes import probe_hashes
+from .recipes import create_recipe
+from .sources import Manifest, decode_image, index_source
+from .teacher import create_teacher
+from .views import ViewRenderer
+
+log = logging.getLogger("deit_lockstep.precompute")
+
+
+class PrecomputeError(ValueError):
+    """Bad settings for a precompute run: one line, cause and fix."""
+
+
+@dataclass
+class PrecomputeConfig:
+    data: str
+    out: str
+    teacher: str
+    teacher_weights: str | None = None
+    views: int = 300
+    topk: int = 10
+    hard: bool = False
+    recipe: str = "deit"
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+    input_size: int | None = None
+    shard_size: int = 1024
+    views_per_unit: int = 10
+    batch_size: int = 256
+    workers: int = 8
+    device: str = "auto"
+    backend: str = "zarr"
+    model_kwargs: dict = field(default_factory=dict)
+    compile: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PrecomputeSummary:
+    rank: int
+    world_size: int
+    units_done: int          # by this process
+    units_skipped: int       # already complete when this process reached them
+    views_written: int
+    views_invalid: int
+    invalid_keys: list[str]
+    units_complete: int      # in the whole store, at the end
+    units_total: int
+    store_bytes: int
+    stored_views: int        # views in complete units, whole store
+    seconds: float
+
+    def report(self) -> str:
+        bpv = self.store_bytes / max(self.stored_views, 1)
+        lines = [
+            f"precompute: {self.views_written} views written by rank {self.rank}/{self.world_size} "
+            f"in {self.seconds:.1f}s ({self.views_written / max(self.seconds, 1e-9):.1f} views/s); "
+            f"{self.units_done} units done, {self.units_skipped} already complete",
+            f"store: {self.units_complete}/{self.units_total} units complete, {self.store_bytes} bytes, "
+            f"{bpv:.2f} bytes/view",
+        ]
+        if self.views_invalid:
+            shown = ", ".join(self.invalid_keys[:5]) + (" ..." if len(self.invalid_keys) > 5 else "")
+            lines.append(f"invalid: {self.views_invalid} views of undecodable images ({shown}); "
+                         "train skips them")
+        return "\n".join(lines)
+
+
+def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world) from the flags, torchrun's RANK/WORLD_SIZE, or SLURM's PROCID/NTASKS."""
+    env = os.environ
+    if rank is None:
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    if world_size is None:
+        world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise PrecomputeError(f"rank {rank} is outside a fleet of {world_size}; set --rank in [0, --world-size)")
+    return rank, world_size
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> StoreSpec:
+    return StoreSpec(
+        mode="hard" if cfg.hard else "topk",
+        k=0 if cfg.hard else cfg.topk,
+        num_classes=manifest.num_classes,
+        class_names=tuple(manifest.class_names),
+        views=cfg.views,
+        shard_sizes=manifest.shard_sizes,
+        views_per_unit=cfg.views_per_unit,
+        recipe=recipe.to_dict(),
+        seed=cfg.seed,
+        manifest_fingerprint=manifest.fingerprint,
+        teacher={"name": teacher.name, "fingerprint": teacher.identity["fingerprint"]},
+    )
+
+
+def _check(cfg: PrecomputeConfig) -> None:
+    if cfg.views < 1:
+        raise PrecomputeError(f"--views must be >= 1, got {cfg.views}")
+    if cfg.views_per_unit < 1:
+        raise PrecomputeError(f"--views-per-unit must be >= 1, got {cfg.views_per_unit}")
+    if cfg.batch_size < 1:
+        raise PrecomputeError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.workers < 0:
+        raise PrecomputeError(f"--workers must be >= 0, got {cfg.workers}")
+    if not cfg.hard and cfg.topk < 1:
+        raise PrecomputeError(f"--topk must be >= 1 (or use --hard), got {cfg.topk}")
+
+
+# ---- rendering: what a DataLoader worker does ------------------------------------------------
+@dataclass(frozen=True)
+class Chunk:
+    """Up to batch_size rendered views of one unit, ready for the teacher."""
+    unit: int                 # index into the rank's unit list
+    start: int                # first flat index (view_in_block * n + slot) in the unit
+    views: torch.Tensor       # [b, 3, H, W] float32 (zeros where invalid)
+    valid: torch.Tensor       # [b] bool
+    invalid_keys: tuple[str, ...] = ()
+
+
+class UnitViews(torch.utils.data.IterableDataset):
+    """Renders this rank's pending units; DataLoader workers split the units among themselves."""
+
+    def __init__(self, manifest: Manifest, recipe, seed: int, units: list[tuple[int, range]], batch_size: int):
+        self.manifest, self.recipe, self.seed = manifest, recipe, seed
+        self.units, self.batch_size = units, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        renderer = ViewRenderer(self.recipe)
+        for u in range(wid, len(self.units), nw):
+            yield from self.render_unit(renderer, u)
+
+    def render_unit(self, renderer: ViewRenderer, u: int):
+        shard, views = self.units[u]
+        images, bad = {}, {}
+        for s in self.manifest.iter_shard(shard):  # one read of the shard, one decode per image
+            try:
+                images[s.position] = decode_image(s.data)
+            except Exception as e:  # any undecodable image: flag its views, keep going
+                bad[s.position] = f"{s.key} ({type(e).__name__})"
+        n = self.manifest.shard_sizes[shard]
+        size = self.recipe.input_size
+        buf, ok, keys, start = [], [], [], 0
+        for view in views:
+            for sv in renderer.plan(self.seed, view, shard, n)[::2]:
+                pair = [sv.position] + ([sv.partner_position] if sv.partner_position is not None else [])
+                broken = [bad[p] for p in pair if p in bad]
+                if broken:  # a view that shows a broken image (itself or its mixing partner) is invalid
+                    buf.extend(torch.zeros(3, size, size) for _ in pair)
+                    ok.extend(False for _ in pair)
+                    keys.extend(broken)
+                else:
+                    partner_img = images[sv.partner_position] if len(pair) == 2 else None
+                    buf.extend(renderer.render_pair(self.seed, sv, images[sv.position], partner_img))
+                    ok.extend(True for _ in pair)
+                while len(buf) >= self.batch_size:
+                    yield self._chunk(u, start, buf[:self.batch_size], ok[:self.batch_size], keys)
+                    start += self.batch_size
+                    buf, ok, keys = buf[self.batch_size:], ok[self.batch_size:], []
+        if buf:
+            yield self._chunk(u, start, buf, ok, keys)
+
+    @staticmethod
+    def _chunk(u, start, buf, ok, keys) -> Chunk:
+        return Chunk(u, start, torch.stack(buf), torch.tensor(ok), tuple(keys))
+
+
+def _single_thread_worker(_):
+    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the teacher
+
+
+# ---- the run ---------------------------------------------------------------------------------
+class _UnitBuffer:
+    """Collects one unit's labels chunk by chunk; full when every view of the unit has arrived."""
+
+    def __init__(self, vb: int, n: int, k: int, hard: bool):
+        self.n, self.filled = n, 0
+        self.ids = np.zeros((vb * n,) if hard else (vb * n, k), dtype=np.int64)
+        self.values = None if hard else np.zeros((vb * n, k), dtype=np.float16)
+        self.valid = np.full(vb * n, WRITTEN, dtype=np.uint8)
+        self.vb = vb
+
+    def add(self, start: int, ids, values, valid: np.ndarray) -> bool:
+        end = start + len(valid)
+        self.ids[start:end] = ids
+        if self.values is not None:
+            self.values[start:end] = values
+        self.valid[start:end] = np.where(valid, WRITTEN, INVALID)
+        self.filled += len(valid)
+        return self.filled == len(self.valid)
+
+    def arrays(self):
+        shape = (self.vb, self.n)
+        return dict(values=None if self.values is None else self.values.reshape(*shape, -1),
+                    ids=self.ids.reshape(*shape, *self.ids.shape[1:]), valid=self.valid.reshape(shape))
+
+
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
+    t0 = time.perf_counter()
+    _check(cfg)
+    rank, world = fleet_position(cfg.rank, cfg.world_size)
+    overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size else [])
+    recipe = create_recipe(cfg.recipe, overrides)
+    manifest = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
+    if not cfg.hard and cfg.topk > manifest.num_classes:
+        raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
+                              f"use --topk <= {manifest.num_classes} or --hard")
+    device = resolve_device(cfg.device)
+    teacher = create_teacher(cfg.teacher, weights=cfg.teacher_weights, num_classes=manifest.num_classes,
+                             model_kwargs=cfg.model_kwargs, device=device, compile=cfg.compile)
+    spec = build_spec(cfg, manifest, recipe, teacher)
+    if cfg.overwrite and rank != 0:
+        raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
+    writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
+                          meta={"teacher_identity": teacher.identity}, overwrite=cfg.overwrite)
+    if rank == 0:
+        renderer = ViewRenderer(recipe)
+        writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
+        writer.set_meta("versions", library_versions())
+
+    mine = [u for i, u in enumerate(spec.units()) if i % world == rank]
+    pending = [(shard, block) for shard, block in mine if not writer.is_complete(shard, block)]
+    units = [(shard, spec.block_views(block)) for shard, block in pending]
+    dataset = UnitViews(manifest, recipe, cfg.seed, units, cfg.batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=_single_thread_worker,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if cfg.workers else None)
+
+    total_views = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in spec.units())
+    bar = tqdm(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True, smoothing=0.05)
+    bar.update(_stored_views(writer, spec))
+    buffers: dict[int, _UnitBuffer] = {}
+    written = invalid = 0
+    invalid_keys: list[str] = []
+    last_poll = time.monotonic()
+    for chunk in loader:
+        shard, views = units[chunk.unit]
+        buf = buffers.get(chunk.unit)
+        if buf is None:
+            buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard)
+        ids, values = _label(teacher, chunk, recipe, spec)
+        invalid_keys.extend(chunk.invalid_keys)
+        if buf.add(chunk.start, ids, values, chunk.valid.numpy()):
+            writer.write_unit(shard, spec.block_of(views.start), **buffers.pop(chunk.unit).arrays())
+            written += buf.valid.size
+            invalid += int((buf.valid == INVALID).sum())
+        bar.update(len(chunk.valid))
+        if world > 1 and time.monotonic() - last_poll > 10:  # show the fleet's progress, not ours
+            last_poll = time.monotonic()
+            bar.n = max(bar.n, _stored_views(writer, spec))
+            bar.refresh()
+    bar.close()
+    for key in sorted(set(invalid_keys)):
+        log.warning("undecodable image %s: its views are flagged invalid", key)
+    return PrecomputeSummary(
+        rank=rank, world_size=world, units_done=len(pending), units_skipped=len(mine) - len(pending),
+        views_written=written, views_invalid=invalid, invalid_keys=sorted(set(invalid_keys)),
+        units_complete=len(writer.completed_units()), units_total=len(spec.units()),
+        store_bytes=open_store(cfg.out).nbytes(),
+        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0)
+
+
+def _stored_views(writer, spec: StoreSpec) -> int:
+    return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in writer.completed_units())
+
+
+def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec):
+    """Teacher labels for the valid views of a chunk (invalid rows stay zero)."""
+    b = len(chunk.valid)
+    k = spec.k
+    ids = np.zeros((b,) if spec.mode == "hard" else (b, k), dtype=np.int64)
+    values = None if spec.mode == "hard" else np.zeros((b, k), dtype=np.float16)
+    keep = chunk.valid.nonzero().flatten()
+    if len(keep):
+        x = chunk.views if len(keep) == b else chunk.views[keep]
+        logits = teacher(x.to(teacher.device, non_blocking=True), recipe.mean, recipe.std)
+        rows = keep.numpy()
+        if spec.mode == "hard":
+            ids[rows] = logits.argmax(dim=1).cpu().numpy()
+        else:
+            v, i = topk_logprobs(logits, k)
+            ids[rows] = i.cpu().numpy()
+            values[rows] = v.cpu().numpy()
+    return ids, values
