@@ -1,0 +1,451 @@
+"""The lockstep loader: replays the views a label store was made from, joined with their labels.
+
+Epoch ``e`` replays view ``v = e mod V`` of the store (without a store: ``v = e``, views drawn
+from ``--recipe/--seed``). The epoch is one **global stream** of views, the same on every rank
+and in every worker:
+
+    for shard j in epoch_shard_order(seed, e, S):      # a seeded shard order per epoch
+        for slot s in 0 .. n_j - 1:                     # slot order; (2m, 2m+1) are mixing partners
+            (j, s)                                      # skipped if the store flags it invalid
+
+Global step ``t`` takes views ``[t*G, (t+1)*G)`` of the stream (G = batch_size x world); rank
+``r`` takes the contiguous slice ``[t*G + r*B, t*G + (r+1)*B)``; the stream's tail that does
+not fill a global batch is dropped. So:
+
+- every rank runs the same number of steps (``len(stream) // G``), and
+- the global batch of step ``t`` is the same set of views, in the same order, for any world
+  size with the same G: one process with batch 8 sees exactly the union of two processes
+  with batch 4 (what makes a 1-GPU and an 8-GPU run the same experiment).
+
+DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...),
+which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
+same bytes for 0, 1 or 13 workers. A worker reads each sample it needs by one seek into its
+tar (the manifest records offsets) or one file read, decodes it once per batch, renders each
+mixing pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds
+the mixed, smoothed ground truth (``mixed_target``). The teacher's labels are joined in the
+main process from one ``reader.read(view, shard)`` per shard per epoch.
+
+Invalid views (the store flagged their image, or its mixing partner, undecodable) are left out
+of the stream up front, so batches stay full; an image that fails to decode now (no store, or
+a file damaged after precompute) is dropped from its batch. Both are counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from pipeline.recipes import Recipe, create_recipe
+from pipeline.sources import Manifest, check_same_classes, decode_image, index_source
+from pipeline.views import ViewRenderer, epoch_shard_order, mixed_target
+from storage import WRITTEN, open_store
+
+from .errors import TrainError
+
+
+# ---- reading samples by (shard, position) ------------------------------------------------
+class SampleFiles:
+    """Bytes and labels of samples by (shard, position), from manifest columns held as arrays.
+
+    ``Manifest.read_sample`` re-derives the shard table on every call; a loader reads every
+    sample every epoch, so the columns are pulled out once here. Picklable (workers get a copy);
+    open files are not carried across.
+    """
+
+    def __init__(self, manifest: Manifest):
+        t = manifest.samples
+        self.kind, self.root, self.shards = manifest.kind, manifest.root, list(manifest.shards)
+        self.sizes = np.asarray(manifest.shard_sizes, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.labels = t.column("label").to_numpy().astype(np.int64)
+        self.keys = t.column("key").to_numpy(zero_copy_only=False)
+        if self.kind == "imagefolder":
+            self.paths = t.column("path").to_numpy(zero_copy_only=False)
+        else:
+            self.offsets = t.column("offset").to_numpy()
+            self.nbytes = t.column("size").to_numpy()
+        self._open: tuple[int, object] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def row(self, shard: int, position: int) -> int:
+        return int(self.starts[shard] + position)
+
+    def read(self, shard: int, position: int) -> bytes:
+        i = self.row(shard, position)
+        if self.kind == "imagefolder":
+            try:
+                with open(os.path.join(self.root, self.paths[i]), "rb") as f:
+                    return f.read()
+            except OSError:
+                return b""  # undecodable, like an empty file: the view is skipped and counted
+        if self._open is None or self._open[0] != shard:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (shard, open(os.path.join(self.root, self.shards[shard]), "rb"))
+        f = self._open[1]
+        f.seek(int(self.offsets[i]))
+        return f.read(int(self.nbytes[i]))
+
+
+# ---- what a run trains on ------------------------------------------------------------------
+@dataclass
+class TrainData:
+    """The source, recipe, seed and label store of a run, checked against each other."""
+
+    manifest: Manifest
+    recipe: Recipe
+    seed: int
+    reader: object | None = None  # a storage reader, or None for plain training
+    labels_path: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def views(self) -> int | None:
+        """V of the store; None without one (each epoch is then a new view)."""
+        return None if self.reader is None else self.reader.spec.views
+
+    def view_of(self, epoch: int) -> int:
+        return epoch if self.reader is None else epoch % self.reader.spec.views
+
+    def identity(self) -> dict:
+        """What a checkpoint must match on resume: the source, and the store (if any)."""
+        out = {"source": self.manifest.fingerprint, "store": None}
+        if self.reader is not None:
+            out["store"] = self.reader.spec.to_json()
+        return out
+
+
+def open_train_data(data: str, *, labels: str | None = None, recipe: str | None = None,
+                    overrides: list[str] | tuple[str, ...] = (), seed: int | None = None,
+                    input_size: int | None = None, shard_size: int = 1024,
+                    check_probes: bool = True) -> TrainData:
+    """Index ``data`` and, with ``labels``, check it against the store: same source, same recipe
+    and seed (taken from the store), views that still render the same. Raises TrainError."""
+    overrides = list(overrides) + ([f"input_size={input_size}"] if input_size else [])
+    if labels is None:
+        r = create_recipe(recipe or "deit", overrides)
+        seed = 0 if seed is None else seed
+        return TrainData(index_source(data, shard_size=shard_size, seed=seed), r, seed)
+
+    reader = open_store(labels)
+    spec = reader.spec
+    stored = Manifest.from_bytes(reader.manifest_bytes)
+    # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
+    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed)
+    if manifest.fingerprint != spec.manifest_fingerprint:
+        raise TrainError(f"--data {data} is not the source the store {labels} was made from: "
+                         f"{_manifest_difference(manifest, stored)}; point --data at that source")
+    if spec.num_classes != manifest.num_classes:
+        raise TrainError(f"store {labels} has {spec.num_classes} classes, --data {data} has "
+                         f"{manifest.num_classes}; recompute the store for this source")
+    store_recipe = Recipe.from_dict(spec.recipe)
+    if recipe is not None or overrides:
+        asked = create_recipe(recipe or store_recipe.name, overrides).to_dict()
+        have = store_recipe.to_dict()
+        diff = next((k for k in have if have[k] != asked[k]), None)
+        if diff is not None:
+            raise TrainError(f"recipe.{diff}={asked[diff]} on the command line, but the store {labels} "
+                             f"was made with recipe.{diff}={have[diff]}; with --labels the recipe comes "
+                             "from the store: drop --recipe/--set/--input-size")
+    if seed is not None and seed != spec.seed:
+        raise TrainError(f"--seed {seed}, but the store {labels} was made with seed={spec.seed}; with "
+                         "--labels the seed comes from the store: drop --seed")
+    out = TrainData(manifest, store_recipe, spec.seed, reader, labels)
+    if check_probes:
+        check_probe_drift(out)
+    return out
+
+
+def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
+    """The first thing that tells two manifests apart, in words."""
+    def counts(m):
+        return f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes"
+    if (mine.num_samples, len(mine.shards), mine.num_classes) != (stored.num_samples, len(stored.shards),
+                                                                  stored.num_classes):
+        return f"it has {counts(mine)}, the store's source had {counts(stored)}"
+    if mine.class_names != stored.class_names:
+        i = next(i for i, (a, b) in enumerate(zip(mine.class_names, stored.class_names, strict=True)) if a != b)
+        return f"class {i} is {mine.class_names[i]!r} here, {stored.class_names[i]!r} in the store"
+    if mine.kind != stored.kind:
+        return f"it is {mine.kind}, the store's source was {stored.kind}"
+    if mine.shards != stored.shards:
+        i = next(i for i, (a, b) in enumerate(zip(mine.shards, stored.shards, strict=True)) if a != b)
+        return f"shard {i} is {mine.shards[i]} here, {stored.shards[i]} in the store"
+    for col in ("key", "label", "position"):
+        a, b = mine.samples.column(col).to_pylist(), stored.samples.column(col).to_pylist()
+        if a != b:
+            i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            return f"sample {i} has {col} {a[i]!r} here, {b[i]!r} in the store (same counts, other contents)"
+    return "same samples, other file layout inside the shards"
+
+
+def check_probe_drift(data: TrainData) -> None:
+    """Re-render the store's probe views; refuse to train if any renders differently now."""
+    from pipeline.probes import drifted_probes
+    from storage.base import library_versions
+
+    meta = data.reader.meta
+    stored = meta.get("probes")
+    if not stored:
+        return
+    renderer = ViewRenderer(data.recipe)
+    drifted = drifted_probes(stored, renderer, data.manifest, data.seed, data.reader.spec.views)
+    if not drifted:
+        return
+    then = meta.get("versions") or data.reader.versions
+    now = library_versions()
+    changed = [f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(now) if then.get(k) != now.get(k)]
+    raise TrainError(f"views no longer render the same as when the store {data.labels_path} was made "
+                     f"({', '.join(changed) or 'same library versions: another platform?'}); probes "
+                     f"{', '.join(drifted[:3])} differ; reinstall the versions the store was made with, "
+                     "or recompute the store")
+
+
+def check_complete(data: TrainData, epochs: range) -> None:
+    """Refuse a store that lacks any unit the given epochs read (names the missing units)."""
+    if data.reader is None or not len(epochs):
+        return
+    spec = data.reader.spec
+    views = sorted({e % spec.views for e in epochs})
+    blocks = sorted({spec.block_of(v) for v in views})
+    missing = [(s, b) for b in blocks for s in range(spec.num_shards) if not data.reader.is_complete(s, b)]
+    if missing:
+        def unit(s, b):
+            r = spec.block_views(b)
+            return f"(shard {s}, views {r.start}-{r.stop - 1})"
+        shown = ", ".join(unit(s, b) for s, b in missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise TrainError(f"store {data.labels_path} is missing {len(missing)} of the units epochs "
+                         f"{epochs.start}-{epochs.stop - 1} read (views {views[0]}-{views[-1]}): {shown}; "
+                         "run the same precompute command again (it resumes)")
+
+
+# ---- one epoch's plan ----------------------------------------------------------------------
+@dataclass
+class EpochPlan:
+    epoch: int
+    view: int
+    stream: np.ndarray      # [N, 2] int64 (shard, slot): the global stream, invalid views left out
+    invalid: int            # views the store flagged invalid (left out)
+    labels: dict | None     # shard -> storage Labels of this view (main process only)
+    global_batch: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.stream) // self.global_batch
+
+    def rank_batches(self, rank: int, batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+        steps = self.steps if limit is None else min(self.steps, limit)
+        g = self.global_batch
+        return [self.stream[t * g + rank * batch_size: t * g + (rank + 1) * batch_size] for t in range(steps)]
+
+
+def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
+    view = data.view_of(epoch)
+    sizes = data.manifest.shard_sizes
+    order = epoch_shard_order(data.seed, epoch, len(sizes))
+    parts, labels, invalid = [], None, 0
+    if data.reader is not None:
+        labels = {int(j): data.reader.read(view, int(j)) for j in order}
+    for j in order:
+        slots = np.arange(sizes[j], dtype=np.int64)
+        if labels is not None:
+            ok = labels[int(j)].valid == WRITTEN
+            invalid += int((~ok).sum())
+            slots = slots[ok]
+        parts.append(np.stack([np.full_like(slots, j), slots], axis=1))
+    stream = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    return EpochPlan(epoch, view, stream, invalid, labels, global_batch)
+
+
+# ---- rendering: what a DataLoader worker does ------------------------------------------------
+class ReplayBatches(torch.utils.data.IterableDataset):
+    """Renders one rank's batches of one epoch; worker w of W takes batches w, w+W, ..."""
+
+    def __init__(self, files: SampleFiles, recipe: Recipe, seed: int, view: int, num_classes: int,
+                 batches: list[np.ndarray]):
+        self.files, self.recipe, self.seed, self.view = files, recipe, seed, view
+        self.num_classes, self.batches = num_classes, batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        renderer = ViewRenderer(self.recipe)
+        plan = lru_cache(maxsize=4)(lambda shard: renderer.plan(self.seed, self.view, shard,
+                                                                int(self.files.sizes[shard])))
+        for t in range(wid, len(self.batches), nw):
+            yield self.render(renderer, plan, t, self.batches[t])
+
+    def render(self, renderer: ViewRenderer, plan, step: int, rows: np.ndarray) -> dict:
+        files, smoothing = self.files, self.recipe.label_smoothing
+        images, targets, keep, decoded, pairs = [], [], [], {}, {}
+
+        def image(shard, position):
+            if (shard, position) not in decoded:
+                try:
+                    decoded[shard, position] = decode_image(files.read(shard, position))
+                except Exception:  # any undecodable image: its views are skipped and counted
+                    decoded[shard, position] = None
+            return decoded[shard, position]
+
+        for i, (shard, slot) in enumerate(rows.tolist()):
+            sv = plan(shard)[slot]
+            lead = plan(shard)[slot & ~1]  # slot 2m renders the pair (2m, 2m+1) at once
+            if (shard, lead.slot) not in pairs:
+                a = image(shard, lead.position)
+                b = None if lead.partner_position is None else image(shard, lead.partner_position)
+                broken = a is None or (lead.partner_position is not None and b is None)
+                pairs[shard, lead.slot] = None if broken else renderer.render_pair(self.seed, lead, a, b)
+            pair = pairs[shard, lead.slot]
+            if pair is None:
+                continue
+            images.append(pair[slot - lead.slot])
+            partner_label = None if sv.partner_position is None else files.labels[files.row(shard, sv.partner_position)]
+            targets.append(mixed_target(int(files.labels[files.row(shard, sv.position)]),
+                                        None if partner_label is None else int(partner_label),
+                                        sv.mix, self.num_classes, smoothing))
+            keep.append(i)
+        size = self.recipe.input_size
+        return {
+            "step": step,
+            "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
+            "targets": torch.stack(targets) if targets else torch.zeros(0, self.num_classes),
+            "rows": torch.from_numpy(rows[keep]) if keep else torch.zeros(0, 2, dtype=torch.int64),
+            "skipped": len(rows) - len(keep),
+        }
+
+
+@dataclass
+class Batch:
+    step: int                              # step within the epoch
+    images: torch.Tensor                   # [b, 3, H, W] float32, the exact views the teacher saw
+    targets: torch.Tensor                  # [b, C] mixed, label-smoothed ground truth
+    rows: torch.Tensor                     # [b, 2] (shard, slot) of each view
+    skipped: int                           # views of this batch dropped (image undecodable now)
+    teacher_ids: torch.Tensor | None = None     # [b] (hard store) or [b, k] (top-k store)
+    teacher_values: torch.Tensor | None = None  # [b, k] fp16 top-k log-probs; None for a hard store
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _single_thread_worker(_):
+    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the model
+
+
+class LockstepLoader:
+    """One rank's batches, epoch by epoch. ``loader.epoch(e)`` is an iterable of Batch."""
+
+    def __init__(self, data: TrainData, *, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
+                 pin_memory: bool = False, max_steps_per_epoch: int | None = None):
+        if batch_size < 1:
+            raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
+        self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
+        self.workers, self.pin_memory, self.limit = workers, pin_memory, max_steps_per_epoch
+        self.files = SampleFiles(data.manifest)
+        self.global_batch = batch_size * world
+        if self.global_batch > len(self.files):
+            raise TrainError(f"global batch {self.global_batch} (--batch-size {batch_size} x {world} processes) "
+                             f"is more than the {len(self.files)} samples of the source; use a smaller --batch-size")
+
+    def nominal_steps(self) -> int:
+        """Steps of an epoch without invalid views (the schedule's updates per epoch)."""
+        steps = len(self.files) // self.global_batch
+        return steps if self.limit is None else min(steps, self.limit)
+
+    def epoch(self, epoch: int) -> EpochIter:
+        return EpochIter(self, plan_epoch(self.data, epoch, self.global_batch))
+
+
+class EpochIter:
+    def __init__(self, loader: LockstepLoader, plan: EpochPlan):
+        self.loader, self.plan = loader, plan
+        self.batches = plan.rank_batches(loader.rank, loader.batch_size, loader.limit)
+        self.skipped = 0  # views dropped from batches so far (undecodable now)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def invalid(self) -> int:
+        """Views the store flagged invalid in this epoch's view (all ranks: the stream is global)."""
+        return self.plan.invalid
+
+    def __iter__(self):
+        lo, p = self.loader, self.plan
+        ds = ReplayBatches(lo.files, lo.data.recipe, lo.data.seed, p.view, lo.data.num_classes, self.batches)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=_single_thread_worker,
+            pin_memory=lo.pin_memory, prefetch_factor=4 if lo.workers else None,
+            generator=torch.Generator().manual_seed(p.epoch))  # never draw from the global RNG
+        for item in dl:
+            batch = Batch(**item)
+            self.skipped += batch.skipped
+            if p.labels is not None:
+                batch.teacher_ids, batch.teacher_values = self._teacher(batch.rows)
+            yield batch
+
+    def _teacher(self, rows: torch.Tensor):
+        ids, values = [], []
+        for shard, slot in rows.tolist():
+            lab = self.plan.labels[shard]
+            ids.append(lab.ids[slot])
+            if lab.values is not None:
+                values.append(lab.values[slot])
+        if not ids:
+            return None, None
+        return torch.from_numpy(np.stack(ids)).long(), torch.from_numpy(np.stack(values)) if values else None
+
+
+# ---- evaluation --------------------------------------------------------------------------
+class EvalImages(torch.utils.data.Dataset):
+    """Every ``world``-th sample of a validation source (from ``rank``), eval-transformed."""
+
+    def __init__(self, manifest: Manifest, recipe: Recipe, rank: int = 0, world: int = 1):
+        self.files, self.recipe = SampleFiles(manifest), recipe
+        self.index = np.arange(rank, len(self.files), world)
+        self.shard_of = np.searchsorted(self.files.starts, np.arange(len(self.files)), side="right") - 1
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        row = int(self.index[i])
+        shard = int(self.shard_of[row])
+        if self._transform is None:
+            self._transform = ViewRenderer(self.recipe).eval_transform()
+        try:
+            img = decode_image(self.files.read(shard, row - int(self.files.starts[shard])))
+        except Exception:
+            return None
+        return self._transform(img), int(self.files.labels[row])
+
+
+def _collate_valid(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    x, y = zip(*items, strict=True)
+    return torch.stack(x), torch.tensor(y)
+
+
+def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, world: int = 1,
+                workers: int = 0, shard_size: int = 1024, pin_memory: bool = False):
+    """Batches (images, labels) of the validation source, this rank's share; same classes as training."""
+    manifest = index_source(val, shard_size=shard_size, seed=train.seed)
+    check_same_classes(train.manifest, manifest, val_src=val)
+    ds = EvalImages(manifest, train.recipe, rank, world)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
+                                       worker_init_fn=_single_thread_worker, pin_memory=pin_memory)
