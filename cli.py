@@ -103,5 +103,90 @@ def precompute(**kw):
         click.echo(summary.report())
 
 
+# ---- look at and trust the labels -----------------------------------------------------------
+def _report_inspect_errors(fn):
+    """run_reporting_errors plus inspect/verify's own input errors (one line, exit 2)."""
+    from pipeline.inspect import InspectError
+
+    try:
+        return run_reporting_errors(fn)
+    except InspectError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--sample", default=None, metavar="KEY_OR_INDEX", help="Show one sample's views: params and labels.")
+@click.option("--view", "views", multiple=True, type=int, help="View(s) to show (repeatable).")
+@click.option("--data", default=None, help="The source given to precompute (else the root the store recorded).")
+@click.option("--render", default=None, metavar="OUT.png", help="Write a contact sheet of replayed views.")
+@click.option("--count", default=16, show_default=True, type=int, help="Tiles on the contact sheet.")
+@click.option("--export", default=None, metavar="OUT.parquet", help="Write one row per stored view.")
+@click.option("--sample-blocks", default=32, show_default=True, type=int,
+              help="Summary: random (view, shard) blocks read for the label statistics.")
+def inspect(store, as_json, sample, views, data, render, count, export, sample_blocks):
+    """Summarise a label store, show one sample, render a contact sheet, or export a table."""
+
+    def go():
+        from pipeline import inspect as ins
+        from storage import open_store
+
+        reader = open_store(store)
+        if render:
+            from pipeline.inspect_render import render_sheet
+
+            sheet = render_sheet(reader, render, data, sample=sample, views=views, count=count)
+            click.echo(f"wrote {sheet.path}: {sheet.tiles} views, {sheet.size[0]}x{sheet.size[1]} px")
+        elif export:
+            rows = ins.export_parquet(reader, export)
+            click.echo(f"wrote {export}: {rows} rows (one per stored view)")
+        elif sample is not None:
+            report = ins.describe_sample(reader, sample, views=views, data=data)
+            click.echo(json.dumps(_plain(report), indent=1) if as_json else ins.format_sample(report))
+        else:
+            summary = ins.summarize(reader, max_blocks=sample_blocks)
+            click.echo(json.dumps(summary.to_json(), indent=1) if as_json else ins.format_summary(summary))
+
+    _report_inspect_errors(go)
+
+
+def _plain(obj):
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--data", required=True, help="The source given to precompute.")
+@click.option("--teacher-weights", default=None, help="The teacher's weights file (else the path the store recorded).")
+@click.option("--n", "n", default=64, show_default=True, type=int, help="Random stored views to recompute.")
+@click.option("--full", is_flag=True, help="Also check every chunk's checksum, shape and values.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which random views are recomputed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--atol", default=None, type=float, help="Log-prob tolerance beyond fp16 rounding [1e-3; 5e-2 on CUDA].")
+def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol):
+    """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
+
+    def go():
+        from pipeline.verify import format_report, verify_store
+
+        return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
+                            device=device, batch_size=batch_size, atol=atol)
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = _report_inspect_errors(go)
+    from pipeline.verify import format_report
+
+    click.echo(format_report(report))
+    sys.exit(0 if report.passed else 1)
+
+
 if __name__ == "__main__":
     main()

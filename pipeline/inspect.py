@@ -1,0 +1,540 @@
+"""Look at a label store: summary, one sample's views, a contact sheet, a parquet export.
+
+Everything the store does not hold (which sample a slot is, its augmentation, its mixing partner
+and lambda) is re-derived from the seed through ``pipeline.views`` - the same contract both
+stages use - so what ``inspect`` shows is what the teacher labelled and the student will see.
+
+The summary reads only what it must, so it answers in seconds on a store of any size: the spec
+and metadata, the unit markers (completion), the validity flags (invalid views; the smallest
+array), the bytes on disk, and a bounded random sample of ``(view, shard)`` blocks for the
+label statistics (agreement with the ground truth, probabilities, frequent classes), which the
+report says are a sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from storage import INVALID, WRITTEN, Labels, StoreCorrupt
+
+from .inspect_store import count_flags
+from .sources import Manifest, decode_image, index_source
+
+DEFAULT_SAMPLE_BLOCKS = 32      # (view, shard) blocks read for the label statistics
+DEFAULT_SAMPLE_VIEWS = 200_000  # ... and at most this many views in them
+
+
+class InspectError(ValueError):
+    """A question inspect cannot answer as asked: one line, cause and fix."""
+
+
+# ---- class names and ground truth ----------------------------------------------------------
+def class_names(spec) -> list[str]:
+    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names."""
+    if spec.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    if spec.class_names:
+        return list(spec.class_names)
+    return [str(i) for i in range(spec.num_classes)]
+
+
+def dominant_targets(labels: np.ndarray, plan) -> tuple[np.ndarray, np.ndarray]:
+    """(ground-truth class of each slot's dominant source, mixed flag) for one view of one shard.
+
+    Unmixed slots: the sample's own label. Mixed slots: the own label when lambda >= 0.5, else
+    the partner's (the source that covers most of the view).
+    """
+    target = np.empty(len(plan), dtype=np.int64)
+    mixed = np.zeros(len(plan), dtype=bool)
+    for sv in plan:
+        own = labels[sv.position]
+        if sv.mix.mode == "none" or sv.partner_position is None:
+            target[sv.slot] = own
+        else:
+            mixed[sv.slot] = True
+            target[sv.slot] = own if sv.mix.lam >= 0.5 else labels[sv.partner_position]
+    return target, mixed
+
+
+# ---- the source behind a store -------------------------------------------------------------
+def stored_manifest(reader) -> Manifest:
+    return Manifest.from_bytes(reader.manifest_bytes)
+
+
+def source_manifest(reader, data: str | None) -> Manifest:
+    """The manifest to read images from: --data indexed the way the store's was, else the stored one
+    (whose recorded root must still hold the files). A foreign source is refused."""
+    stored = stored_manifest(reader)
+    if data is None:
+        return stored
+    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed)
+    if m.fingerprint != reader.spec.manifest_fingerprint:
+        raise InspectError(
+            f"{data} is not the source this store was made from (manifest fingerprint "
+            f"{m.fingerprint[:12]} != store's {reader.spec.manifest_fingerprint[:12]}; "
+            f"{m.num_samples} vs {stored.num_samples} samples); pass the --data given to precompute"
+        )
+    return m
+
+
+def load_image(manifest: Manifest, shard: int, position: int, data: str | None):
+    sample = manifest.read_sample(shard, position)
+    try:
+        return decode_image(sample.data)
+    except Exception as e:
+        where = "--data" if data else f"the recorded source root {manifest.root}"
+        raise InspectError(
+            f"cannot decode sample {sample.key!r} from {where} ({type(e).__name__}); "
+            "pass --data SRC pointing at the source given to precompute"
+        ) from None
+
+
+# ---- summary -------------------------------------------------------------------------------
+@dataclass
+class Agreement:
+    views: int = 0
+    top1: float | None = None
+    top5: float | None = None
+
+
+@dataclass
+class Summary:
+    path: str
+    backend: str
+    mode: str
+    k: int
+    num_classes: int
+    views: int
+    shards: int
+    samples: int
+    units_total: int
+    units_complete: int
+    missing_units: list[tuple[int, int]]
+    complete_views: list[int]
+    stored_views: int
+    written_views: int
+    invalid_views: int
+    unreadable_units: list[tuple[int, int]]
+    nbytes: int
+    sample_blocks: int = 0
+    sample_views: int = 0
+    unmixed: Agreement = field(default_factory=Agreement)
+    mixed: Agreement = field(default_factory=Agreement)
+    mean_top1_prob: float | None = None
+    mean_tail_mass: float | None = None
+    top_classes: list[tuple[str, float]] = field(default_factory=list)
+    recipe: dict = field(default_factory=dict)
+    seed: int = 0
+    teacher: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    probes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes_per_view(self) -> float | None:
+        return self.nbytes / self.stored_views if self.stored_views else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bytes_per_view"] = self.bytes_per_view
+        d["missing_units"] = [list(u) for u in self.missing_units]
+        d["unreadable_units"] = [list(u) for u in self.unreadable_units]
+        return d
+
+
+def _stored_views(spec, units) -> int:
+    return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units)
+
+
+def complete_views(spec, done: set[tuple[int, int]]) -> list[int]:
+    blocks = {b for b in range(spec.num_blocks) if all((s, b) in done for s in range(spec.num_shards))}
+    return [v for v in range(spec.views) if spec.block_of(v) in blocks]
+
+
+def sample_blocks(spec, done, max_blocks: int, max_views: int, seed: int) -> list[tuple[int, int]]:
+    """A seeded random choice of (view, shard) blocks among complete units, within both budgets."""
+    g = np.random.Generator(np.random.Philox(key=[seed, 0x1175]))
+    units = sorted(done)
+    out, views = [], 0
+    for i in g.permutation(len(units)):
+        shard, block = units[i]
+        n = spec.shard_sizes[shard]
+        if n == 0:
+            continue
+        if out and views + n > max_views:
+            break
+        vs = spec.block_views(block)
+        out.append((int(vs.start + g.integers(0, len(vs))), shard))
+        views += n
+        if len(out) >= max_blocks:
+            break
+    return sorted(out)
+
+
+@dataclass
+class _Tally:
+    hits1: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))  # [unmixed, mixed]
+    hits5: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    count: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    top1_prob: float = 0.0
+    tail: float = 0.0
+    n: int = 0
+    top1_ids: Counter = field(default_factory=Counter)
+
+    def add(self, lab: Labels, target: np.ndarray, mixed: np.ndarray) -> None:
+        ok = lab.valid == WRITTEN
+        if not ok.any():
+            return
+        ids = lab.ids[ok]
+        top = ids[:, :5] if ids.ndim == 2 else ids[:, None]
+        t, m = target[ok], mixed[ok].astype(np.int64)
+        h1 = top[:, 0] == t
+        h5 = (top == t[:, None]).any(axis=1)
+        for j in (0, 1):
+            sel = m == j
+            self.count[j] += sel.sum()
+            self.hits1[j] += h1[sel].sum()
+            self.hits5[j] += h5[sel].sum()
+        if lab.values is not None:
+            p = np.exp(lab.values[ok].astype(np.float32))
+            self.top1_prob += float(p[:, 0].sum())
+            self.tail += float(np.clip(1.0 - p.sum(axis=1), 0.0, 1.0).sum())
+        self.n += int(ok.sum())
+        self.top1_ids.update(top[:, 0].tolist())
+
+    def agreement(self, j: int, topk: bool) -> Agreement:
+        c = int(self.count[j])
+        if not c:
+            return Agreement()
+        return Agreement(c, float(self.hits1[j] / c), float(self.hits5[j] / c) if topk else None)
+
+
+def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int = DEFAULT_SAMPLE_VIEWS,
+              seed: int = 0) -> Summary:
+    """The store at a glance; label statistics come from a bounded random sample (see module doc)."""
+    t0 = time.perf_counter()
+    spec = reader.spec
+    done = set(reader.completed_units())
+    flags = count_flags(reader, done)
+    meta = reader.meta
+    s = Summary(
+        path=str(reader.path), backend=reader.backend, mode=spec.mode, k=spec.k, num_classes=spec.num_classes,
+        views=spec.views, shards=spec.num_shards, samples=sum(spec.shard_sizes),
+        units_total=len(spec.units()), units_complete=len(done),
+        missing_units=[u for u in spec.units() if u not in done], complete_views=complete_views(spec, done),
+        stored_views=_stored_views(spec, done), written_views=flags.written, invalid_views=flags.invalid,
+        unreadable_units=flags.unreadable, nbytes=reader.nbytes(), recipe=spec.recipe, seed=spec.seed,
+        teacher=meta.get("teacher_identity") or dict(spec.teacher),
+        versions=meta.get("versions") or reader.versions, probes=len(meta.get("probes", {})),
+    )
+    readable = done - set(flags.unreadable)
+    blocks = sample_blocks(spec, readable, max_blocks, max_views, seed)
+    if blocks:
+        _label_statistics(reader, s, blocks)
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def _label_statistics(reader, s: Summary, blocks: list[tuple[int, int]]) -> None:
+    from .recipes import Recipe
+    from .views import ViewRenderer
+
+    spec = reader.spec
+    renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
+    manifest = stored_manifest(reader)
+    starts = np.concatenate([[0], np.cumsum(manifest.shard_sizes)[:-1]])
+    all_labels = manifest.samples.column("label").to_numpy()
+    tally = _Tally()
+    for view, shard in blocks:
+        try:
+            lab = reader.read(view, shard)
+        except StoreCorrupt:
+            s.unreadable_units.append((shard, spec.block_of(view)))
+            continue
+        n = spec.shard_sizes[shard]
+        labels = all_labels[starts[shard]: starts[shard] + n]
+        target, mixed = dominant_targets(labels, renderer.plan(spec.seed, view, shard, n))
+        tally.add(lab, target, mixed)
+        s.sample_blocks += 1
+    s.sample_views = tally.n
+    topk = spec.mode == "topk" and spec.k >= 5
+    s.unmixed, s.mixed = tally.agreement(0, topk), tally.agreement(1, topk)
+    if spec.mode == "topk" and tally.n:
+        s.mean_top1_prob, s.mean_tail_mass = tally.top1_prob / tally.n, tally.tail / tally.n
+    names = class_names(spec)
+    s.top_classes = [(names[c], cnt / tally.n) for c, cnt in tally.top1_ids.most_common(5)] if tally.n else []
+
+
+def _units_text(units: list[tuple[int, int]], limit: int = 12) -> str:
+    shown = " ".join(f"({a},{b})" for a, b in units[:limit])
+    return shown + (f" ... (+{len(units) - limit} more)" if len(units) > limit else "")
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    parts, start = [], xs[0]
+    for prev, x in zip(xs, xs[1:] + [None], strict=True):
+        if x != prev + 1 if x is not None else True:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = x
+    return ", ".join(parts)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _agreement_text(a: Agreement, what: str) -> str:
+    if not a.views:
+        return f"no {what} views in the sample"
+    top5 = f", top-5 {_pct(a.top5)}" if a.top5 is not None else ""
+    return f"top-1 {_pct(a.top1)}{top5} on {a.views:,} {what} views"
+
+
+def format_summary(s: Summary) -> str:
+    labels = f"top-{s.k} log-probabilities" if s.mode == "topk" else "hard labels (teacher argmax)"
+    total_views = s.views * s.samples
+    bpv = f", {s.bytes_per_view:.2f} bytes/view" if s.bytes_per_view else ""
+    status = "complete" if not s.missing_units else "INCOMPLETE"
+    lines = [
+        f"store       {s.path} ({s.backend})",
+        f"labels      {labels}, {s.num_classes} classes",
+        f"size        {total_views:,} views = {s.views} views x {s.samples:,} samples in {s.shards} shards",
+        f"completion  {s.units_complete}/{s.units_total} units ({status}); complete views: "
+        f"{_ranges(s.complete_views)}",
+    ]
+    if s.missing_units:
+        lines.append(f"missing     units (shard,view_block): {_units_text(s.missing_units)}; "
+                     "rerun precompute (it resumes)")
+    if s.unreadable_units:
+        lines.append(f"unreadable  units (shard,view_block): {_units_text(sorted(set(s.unreadable_units)))}; "
+                     "run verify --full")
+    share = s.invalid_views / max(s.written_views + s.invalid_views, 1)
+    lines += [
+        f"invalid     {s.invalid_views:,} views ({_pct(share)}) of undecodable images; train skips them",
+        f"disk        {s.nbytes:,} bytes{bpv}",
+    ]
+    if s.sample_views:
+        lines += [
+            f"sample      {s.sample_views:,} views from {s.sample_blocks} random (view, shard) blocks "
+            "(the statistics below)",
+            f"agreement   with ground truth: {_agreement_text(s.unmixed, 'unmixed')}; "
+            f"{_agreement_text(s.mixed, 'mixed')} (vs their dominant source, lambda >= 0.5)",
+        ]
+        if s.mean_top1_prob is not None:
+            lines.append(f"probability mean top-1 {s.mean_top1_prob:.3f}, mean tail mass outside top-{s.k} "
+                         f"{s.mean_tail_mass:.4f}")
+        lines.append("top classes " + ", ".join(f"{n} {_pct(f)}" for n, f in s.top_classes))
+    t = s.teacher
+    lines += [
+        f"teacher     {t.get('name')} (fingerprint {str(t.get('fingerprint', ''))[:16]}, weights "
+        f"{t.get('weights')}, input {t.get('input_size')})",
+        f"recipe      {_recipe_text(s.recipe)}",
+        f"seed        {s.seed}; {s.probes} probe views recorded",
+        "versions    " + ", ".join(f"{k} {v}" for k, v in sorted(s.versions.items()) if v),
+        f"time        {s.seconds:.2f}s",
+    ]
+    return "\n".join(lines)
+
+
+def _recipe_text(r: dict) -> str:
+    keys = ("name", "input_size", "scale", "hflip", "auto_augment", "re_prob", "mixup_alpha", "cutmix_alpha",
+            "mix_prob", "switch_prob")
+    return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
+
+
+# ---- one sample ----------------------------------------------------------------------------
+@dataclass
+class SampleView:
+    view: int
+    shard: int
+    slot: int
+    valid: int
+    params: object          # pipeline.views.SlotParams
+    mix: object             # pipeline.views.MixParams
+    partner_key: str | None
+    partner_label: str | None
+    top: list[tuple[str, float | None]]   # (class name, probability; None in hard mode)
+
+
+@dataclass
+class SampleReport:
+    key: str
+    shard: int
+    position: int
+    label: str
+    image_size: tuple[int, int]
+    views: list[SampleView]
+
+
+def find_sample(manifest: Manifest, key_or_index: str) -> tuple[int, int, str]:
+    """(shard, position, key) of a sample given by key, or by its index in manifest order."""
+    keys = manifest.samples.column("key").to_pylist()
+    if key_or_index in keys:
+        i = keys.index(key_or_index)
+    elif key_or_index.lstrip("-").isdigit() and 0 <= int(key_or_index) < len(keys):
+        i = int(key_or_index)
+    else:
+        raise InspectError(f"no sample {key_or_index!r} in the store's manifest; give a key (e.g. {keys[0]!r}) "
+                           f"or an index in 0..{len(keys) - 1}")
+    shard = int(manifest.samples.column("shard")[i].as_py())
+    position = int(manifest.samples.column("position")[i].as_py())
+    return shard, position, keys[i]
+
+
+def slot_of(seed: int, view: int, shard: int, n: int, position: int) -> int:
+    from .views import slot_order
+
+    return int(np.flatnonzero(slot_order(seed, view, shard, n) == position)[0])
+
+
+def pick_views(spec, done: set, shard: int, views: tuple[int, ...] | list[int], default: int) -> list[int]:
+    """The asked views (checked), or the first ``default`` complete views of the shard."""
+    for v in views:
+        spec.check_view(v)
+    if views:
+        return list(views)
+    ok = [v for v in range(spec.views) if (shard, spec.block_of(v)) in done]
+    if not ok:
+        raise InspectError(f"shard {shard} has no complete view yet; run precompute (it resumes)")
+    return ok[:default]
+
+
+def top_labels(lab: Labels, names: list[str], n: int | None = None) -> list[tuple[str, float | None]]:
+    """(name, probability) of one slot's stored labels, best first."""
+    if lab.values is None:
+        return [(names[int(lab.ids[0])], None)]
+    ids, vals = lab.ids[0], np.exp(lab.values[0].astype(np.float32))
+    return [(names[int(i)], float(p)) for i, p in list(zip(ids, vals, strict=True))[:n]]
+
+
+def describe_sample(reader, key_or_index: str, views=(), data: str | None = None,
+                    default_views: int = 8) -> SampleReport:
+    from .recipes import Recipe
+    from .views import ViewRenderer
+
+    spec = reader.spec
+    manifest = source_manifest(reader, data)
+    shard, position, key = find_sample(manifest, key_or_index)
+    names = class_names(spec)
+    labels = manifest.labels(shard)
+    keys = manifest.keys(shard)
+    img = load_image(manifest, shard, position, data)
+    renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
+    n = spec.shard_sizes[shard]
+    done = set(reader.completed_units())
+    out = []
+    for view in pick_views(spec, done, shard, views, default_views):
+        slot = slot_of(spec.seed, view, shard, n, position)
+        sv = renderer.plan(spec.seed, view, shard, n)[slot]
+        params = renderer.slot_params(spec.seed, view, shard, slot, img.size)
+        mixed = sv.mix.mode != "none" and sv.partner_position is not None
+        pkey = keys[sv.partner_position] if mixed else None
+        plabel = names[labels[sv.partner_position]] if mixed else None
+        if (shard, spec.block_of(view)) in done:
+            lab = reader.read_slot(view, shard, slot)
+            top, valid = top_labels(lab, names), int(lab.valid[0])
+        else:
+            top, valid = [], 0
+        out.append(SampleView(view, shard, slot, valid, params, sv.mix, pkey, plabel, top))
+    return SampleReport(key, shard, position, names[labels[position]], img.size, out)
+
+
+def _params_lines(p, mix, partner_key, partner_label) -> list[str]:
+    c = p.crop
+    lines = [f"  crop     top={c.top} left={c.left} height={c.height} width={c.width}   flip={p.flip}"]
+    ops = ", ".join(f"{o.name}(magnitude={o.magnitude:.2f}, sign={o.sign:+d})" for o in p.ops) or "none"
+    lines.append(f"  ops      {ops}")
+    erase = ", ".join(f"top={e.top} left={e.left} height={e.height} width={e.width}" for e in p.erase) or "none"
+    lines.append(f"  erase    {erase}")
+    if mix.mode == "none" or partner_key is None:
+        lines.append("  mix      none")
+    else:
+        box = f", box (y0,y1,x0,x1)={mix.box}" if mix.box else ""
+        lines.append(f"  mix      {mix.mode} with {partner_key} ({partner_label}), lambda={mix.lam:.3f}{box}")
+    return lines
+
+
+def format_sample(r: SampleReport) -> str:
+    lines = [f"sample {r.key} (shard {r.shard}, position {r.position}), ground truth: {r.label}, "
+             f"image {r.image_size[0]}x{r.image_size[1]}"]
+    for v in r.views:
+        state = {WRITTEN: "", INVALID: " [INVALID: undecodable image]", 0: " [not computed yet]"}[v.valid]
+        lines.append(f"view {v.view} (slot {v.slot}){state}")
+        lines += _params_lines(v.params, v.mix, v.partner_key, v.partner_label)
+        if v.valid == WRITTEN:
+            lines.append("  teacher  " + ", ".join(
+                name if p is None else f"{name} {p:.3f}" for name, p in v.top))
+    return "\n".join(lines)
+
+
+# ---- export --------------------------------------------------------------------------------
+def export_parquet(reader, out: str) -> int:
+    """One row per stored view (complete units only), streamed one view at a time. Returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .recipes import Recipe
+    from .views import ViewRenderer
+
+    spec = reader.spec
+    renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
+    manifest = stored_manifest(reader)
+    done = set(reader.completed_units())
+    schema = pa.schema([
+        ("view", pa.int32()), ("shard", pa.int32()), ("slot", pa.int32()), ("key", pa.string()),
+        ("gt", pa.int32()), ("partner_key", pa.string()), ("mix", pa.string()), ("lam", pa.float32()),
+        ("top1", pa.int32()), ("top1_prob", pa.float32()), ("tail_mass", pa.float32()), ("valid", pa.uint8()),
+    ])
+    rows = 0
+    shard_keys = {s: np.asarray(manifest.keys(s), dtype=object) for s in range(spec.num_shards)}
+    shard_labels = {s: manifest.labels(s) for s in range(spec.num_shards)}
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        for view in range(spec.views):
+            parts = []
+            for shard in range(spec.num_shards):
+                if (shard, spec.block_of(view)) not in done or spec.shard_sizes[shard] == 0:
+                    continue
+                parts.append(_export_block(reader, renderer, view, shard, shard_keys[shard],
+                                           shard_labels[shard], schema))
+            if parts:
+                table = pa.concat_tables(parts)
+                writer.write_table(table)
+                rows += table.num_rows
+    return rows
+
+
+def _export_block(reader, renderer, view, shard, keys, labels, schema):
+    import pyarrow as pa
+
+    spec = reader.spec
+    lab = reader.read(view, shard)
+    plan = renderer.plan(spec.seed, view, shard, spec.shard_sizes[shard])
+    pos = np.array([sv.position for sv in plan])
+    mixed = [sv.mix.mode != "none" and sv.partner_position is not None for sv in plan]
+    top1 = lab.ids[:, 0] if lab.ids.ndim == 2 else lab.ids
+    ok = lab.valid == WRITTEN
+    if lab.values is not None:
+        p = np.exp(lab.values.astype(np.float32))
+        prob = pa.array(p[:, 0], mask=~ok)
+        tail = pa.array(np.clip(1.0 - p.sum(axis=1), 0.0, 1.0), mask=~ok)
+    else:
+        prob = tail = pa.nulls(len(plan), pa.float32())
+    cols = {
+        "view": np.full(len(plan), view, np.int32), "shard": np.full(len(plan), shard, np.int32),
+        "slot": np.arange(len(plan), dtype=np.int32), "key": keys[pos].tolist(), "gt": labels[pos].astype(np.int32),
+        "partner_key": [keys[sv.partner_position] if m else None for sv, m in zip(plan, mixed, strict=True)],
+        "mix": [sv.mix.mode if m else "none" for sv, m in zip(plan, mixed, strict=True)],
+        "lam": np.array([sv.mix.lam if m else 1.0 for sv, m in zip(plan, mixed, strict=True)], np.float32),
+        "top1": pa.array(top1.astype(np.int32), mask=~ok), "top1_prob": prob, "tail_mass": tail,
+        "valid": lab.valid.astype(np.uint8),
+    }
+    return pa.table(cols, schema=schema)

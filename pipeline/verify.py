@@ -1,0 +1,228 @@
+"""Trust a label store: recompute random stored views from scratch and compare, check probes and chunks.
+
+``verify_store`` runs four checks and returns a report whose last line is PASS or FAIL:
+
+1. source: the --data source indexes to the store's manifest fingerprint (else a one-line error);
+   teacher: the rebuilt teacher has the store's teacher fingerprint (else a one-line error).
+2. probes: the probe views recorded at precompute time re-render to the same bytes (no drift
+   from a Pillow/timm/torch upgrade).
+3. recompute: ``n`` random stored views (seeded) are re-rendered and re-labelled by the teacher;
+   the stored top-1 must match (a near tie within tolerance is not a failure) and every stored
+   top-k log-probability must match the recomputed one within float16 rounding plus ``atol``
+   (numerical noise of a differently composed batch: 1e-3 in fp32, 5e-2 under CUDA's bf16).
+4. chunks (--full): every complete unit's checksums, shapes and decoded values (``check()``).
+
+Every failure names its unit ``(shard, view_block)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import WRITTEN, StoreCorrupt, open_store
+from storage.base import unit_name
+
+from .inspect import InspectError, source_manifest
+
+FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a float16 value
+
+
+class VerifyError(InspectError):
+    """verify cannot run as asked (foreign source, other teacher): one line, cause and fix."""
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    views_checked: int = 0
+    top1_agree: int = 0
+    near_ties: int = 0
+    max_abs_diff: float = 0.0
+    tolerance: float = 0.0
+    drifted: list[str] = field(default_factory=list)
+    probes: int = 0
+    full: bool = False
+    problems: list = field(default_factory=list)        # storage.Problem
+    mismatches: list[tuple[tuple[int, int], str]] = field(default_factory=list)
+    units_complete: int = 0
+    units_total: int = 0
+
+    @property
+    def bad_units(self) -> list[tuple[int, int]]:
+        units = {p.unit for p in self.problems if p.unit is not None} | {u for u, _ in self.mismatches}
+        return sorted(units)
+
+    @property
+    def passed(self) -> bool:
+        return not (self.drifted or self.problems or self.mismatches)
+
+
+def _teacher_for(reader, weights: str | None, device: str):
+    from .teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
+
+    spec, ident = reader.spec, reader.meta.get("teacher_identity", {})
+    name = ident.get("name") or spec.teacher.get("name")
+    if weights is None and name != PYPI_EFFICIENTNET_LITE0:
+        recorded = ident.get("weights")
+        if recorded and os.path.isfile(str(recorded)):
+            weights = str(recorded)
+    teacher = create_teacher(name, weights=weights, num_classes=spec.num_classes,
+                             model_kwargs=ident.get("model_kwargs") or {}, device=device)
+    want = spec.teacher.get("fingerprint")
+    if teacher.identity["fingerprint"] != want:
+        raise VerifyError(
+            f"teacher {name} rebuilt here (weights sha256 {teacher.identity['weights_sha256'][:12]}) is not the "
+            f"store's teacher (weights sha256 {str(ident.get('weights_sha256', '?'))[:12]}); pass the weights "
+            "precompute used with --teacher-weights FILE"
+        )
+    return teacher
+
+
+def pick_views(spec, done, n: int, seed: int) -> list[tuple[int, int, int]]:
+    """n distinct random (view, shard, slot) among complete units, seeded, sorted for locality."""
+    units = sorted(u for u in done if spec.shard_sizes[u[0]] > 0)
+    total = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units)
+    if not units or n <= 0:
+        return []
+    g = np.random.Generator(np.random.Philox(key=[seed, 0x7e21]))
+    weights = np.array([len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units], np.float64)
+    chosen: set[tuple[int, int, int]] = set()
+    while len(chosen) < min(n, total):
+        s, b = units[int(g.choice(len(units), p=weights / weights.sum()))]
+        vs = spec.block_views(b)
+        chosen.add((int(vs.start + g.integers(0, len(vs))), s, int(g.integers(0, spec.shard_sizes[s]))))
+    return sorted(chosen)
+
+
+def _recompute(reader, manifest, teacher, picks, batch_size: int):
+    """Stored labels and recomputed log-probabilities for the picked views that hold a label."""
+    import torch
+
+    from .recipes import Recipe
+    from .sources import decode_image
+    from .views import ViewRenderer
+
+    spec = reader.spec
+    recipe = Recipe.from_dict(spec.recipe)
+    renderer = ViewRenderer(recipe)
+    plans, labels, images, broken = {}, {}, {}, []
+    rows = []  # (view, shard, slot, key, stored Labels row, tensor)
+
+    def image(shard, pos):
+        if (shard, pos) not in images:
+            images[(shard, pos)] = decode_image(manifest.read_sample(shard, pos).data)
+        return images[(shard, pos)]
+
+    for view, shard, slot in picks:
+        unit = (shard, spec.block_of(view))
+        if (view, shard) not in labels:
+            try:
+                labels[(view, shard)] = reader.read(view, shard)
+            except StoreCorrupt as e:
+                broken.append((unit, f"labels unreadable: {e}"))
+                labels[(view, shard)] = None
+        lab = labels[(view, shard)]
+        if lab is None or lab.valid[slot] != WRITTEN:
+            continue
+        if (view, shard) not in plans:
+            plans[(view, shard)] = renderer.plan(spec.seed, view, shard, spec.shard_sizes[shard])
+        sv = plans[(view, shard)][slot]
+        partner = image(shard, sv.partner_position) if sv.partner_position is not None else None
+        x = renderer.render_slot(spec.seed, sv, image(shard, sv.position), partner)
+        rows.append((view, shard, slot, manifest.keys(shard)[sv.position], lab[slot:slot + 1], x))
+    logps = []
+    for i in range(0, len(rows), batch_size):
+        batch = torch.stack([r[5] for r in rows[i:i + batch_size]])
+        logps.append(torch.log_softmax(teacher(batch, recipe.mean, recipe.std), dim=-1).cpu().numpy())
+    logp = np.concatenate(logps) if logps else np.zeros((0, spec.num_classes), np.float32)
+    return [r[:5] for r in rows], logp, broken
+
+
+def compare(spec, rows, logp, atol: float, report: VerifyReport) -> None:
+    """Fill report's agreement, max |difference| and mismatches from stored vs recomputed labels."""
+    for (view, shard, slot, key, lab), lp in zip(rows, logp, strict=True):
+        unit = (shard, spec.block_of(view))
+        ids = lab.ids[0] if lab.ids.ndim == 2 else lab.ids
+        stored_top1 = int(np.atleast_1d(ids)[0])
+        best = int(lp.argmax())
+        where = f"view {view} shard {shard} slot {slot} ({key})"
+        report.views_checked += 1
+        if stored_top1 == best:
+            report.top1_agree += 1
+        elif lp[best] - lp[stored_top1] <= atol + FP16_HALF_ULP * abs(lp[best]):
+            report.near_ties += 1  # two classes within noise of each other: either is the teacher's answer
+        else:
+            report.mismatches.append((unit, f"{where}: stored top-1 {stored_top1}, recomputed {best} "
+                                            f"(log-prob gap {lp[best] - lp[stored_top1]:.4f})"))
+        if lab.values is None:
+            continue
+        stored = lab.values[0].astype(np.float32)
+        diff = np.abs(stored - lp[ids.astype(np.int64)])
+        report.max_abs_diff = max(report.max_abs_diff, float(diff.max()))
+        tol = atol + FP16_HALF_ULP * np.abs(stored)
+        if (diff > tol).any():
+            j = int(np.argmax(diff - tol))
+            report.mismatches.append((unit, f"{where}: class {int(ids[j])} stored log-prob {stored[j]:.4f}, "
+                                            f"recomputed {lp[ids[j]]:.4f} (|diff| {diff[j]:.4f} > {tol[j]:.4f})"))
+
+
+def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n: int = 64, full: bool = False,
+                 seed: int = 0, device: str = "cpu", batch_size: int = 32, atol: float | None = None) -> VerifyReport:
+    from .probes import drifted_probes
+    from .recipes import Recipe
+    from .views import ViewRenderer
+
+    if n < 0:
+        raise VerifyError(f"--n must be >= 0, got {n}")
+    reader = open_store(path)
+    spec = reader.spec
+    manifest = source_manifest(reader, data)
+    teacher = _teacher_for(reader, teacher_weights, device)
+    if atol is None:
+        atol = 5e-2 if teacher.device.type == "cuda" else 1e-3
+    done = set(reader.completed_units())
+    report = VerifyReport(str(path), tolerance=atol, full=full, units_complete=len(done),
+                          units_total=len(spec.units()))
+    stored_probes = reader.meta.get("probes", {})
+    report.probes = len(stored_probes)
+    renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
+    report.drifted = drifted_probes(stored_probes, renderer, manifest, spec.seed, spec.views) if stored_probes else []
+    rows, logp, broken = _recompute(reader, manifest, teacher, pick_views(spec, done, n, seed), batch_size)
+    report.mismatches += broken
+    compare(spec, rows, logp, atol, report)
+    if full:
+        report.problems = reader.check(full=True)
+    return report
+
+
+def format_report(r: VerifyReport) -> str:
+    lines = [f"verify {r.store}: {r.units_complete}/{r.units_total} units complete"
+             + ("" if r.units_complete == r.units_total else " (incomplete: only complete units are checked)")]
+    if r.probes:
+        lines.append(f"probes      {r.probes - len(r.drifted)}/{r.probes} re-render identically"
+                     + (f"; DRIFT in {', '.join(r.drifted)}: views no longer render as at precompute "
+                        "(Pillow/timm/torch changed?); pin the versions the store records" if r.drifted else ""))
+    else:
+        lines.append("probes      none recorded in this store")
+    if r.views_checked:
+        ties = f" (+{r.near_ties} near ties)" if r.near_ties else ""
+        lines.append(f"recompute   {r.views_checked} views: top-1 agreement {r.top1_agree}/{r.views_checked}{ties}, "
+                     f"max |log-prob diff| over stored top-k {r.max_abs_diff:.2e} "
+                     f"(tolerance {r.tolerance:g} + fp16 rounding)")
+    else:
+        lines.append("recompute   no stored views to check")
+    for unit, what in r.mismatches:
+        lines.append(f"  bad unit (shard={unit[0]}, view_block={unit[1]}): {what}")
+    if r.full:
+        lines.append(f"chunks      {'all complete units intact' if not r.problems else f'{len(r.problems)} problems'}")
+        lines += [f"  {p}" for p in r.problems]
+    if r.passed:
+        lines.append("PASS")
+    else:
+        units = ", ".join(f"{unit_name(s, b)} (shard={s}, view_block={b})" for s, b in r.bad_units)
+        causes = (["probe drift"] if r.drifted else []) + ([f"bad units: {units}"] if units else [])
+        lines.append("FAIL: " + "; ".join(causes))
+    return "\n".join(lines)
