@@ -188,5 +188,60 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
     sys.exit(0 if report.passed else 1)
 
 
+# ---- stage two -----------------------------------------------------------------------------
+@main.command()
+@click.option("--data", required=True, help="Training source: the one the label store was made from.")
+@click.option("--out", required=True, help="Run directory: checkpoint.pth, metrics.jsonl, summary.json.")
+@click.option("--labels", default=None, help="Label store from `precompute` (recipe and seed come from it).")
+@click.option("--model", default="deit_small_distilled_patch16_224", show_default=True, help="timm student.")
+@click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model (e.g. a tiny config).")
+@click.option("--distillation", default=None, type=click.Choice(["none", "hard", "soft"]),
+              help="[default: hard with --labels, else none]")
+@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the distillation term.")
+@click.option("--tau", default=1.0, show_default=True, type=float, help="Soft distillation temperature.")
+@click.option("--kd-reduction", default="batchmean", show_default=True, type=click.Choice(["batchmean", "deit"]),
+              help="batchmean: the true KL; deit: the official repo's numel scaling.")
+@click.option("--epochs", default=300, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Per process.")
+@click.option("--lr", default=5e-4, show_default=True, type=float, help="For a global batch of 512 (scaled).")
+@click.option("--min-lr", default=1e-5, show_default=True, type=float)
+@click.option("--warmup-lr", default=1e-6, show_default=True, type=float)
+@click.option("--warmup-epochs", default=5, show_default=True, type=int)
+@click.option("--weight-decay", default=0.05, show_default=True, type=float)
+@click.option("--drop-path", default=0.1, show_default=True, type=float)
+@click.option("--clip-grad", default=None, type=float, help="Clip the gradient norm to this.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Keep timm's EMA of the weights.")
+@click.option("--model-ema-decay", default=0.99996, show_default=True, type=float)
+@click.option("--val", default=None, help="Validation source, evaluated each epoch (resize, centre crop).")
+@click.option("--eval-batch-size", default=None, type=int, help="[default: 2 x --batch-size]")
+@click.option("--workers", default=8, show_default=True, type=int, help="DataLoader workers rendering views.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
+@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pth (its settings win).")
+@click.option("--recipe", default=None, help="Without --labels: augmentation preset [deit].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Without --labels: recipe override.")
+@click.option("--seed", default=None, type=int, help="Without --labels: view seed [0].")
+@click.option("--input-size", default=None, type=int, help="Without --labels: view size [recipe: 224].")
+@click.option("--shard-size", default=1024, show_default=True, type=int, help="ImageFolder virtual shard size.")
+@click.option("--log-every", default=50, show_default=True, type=int, help="Progress bar update, in steps.")
+@click.option("--max-steps-per-epoch", default=None, type=int, help="Cap every epoch at N steps (smoke runs).")
+@click.option("--stop-after-epochs", default=None, type=int, help="End this run after N epochs; --resume goes on.")
+def train(**kw):
+    """Train a student from stored teacher labels, replaying the stored views (DDP under torchrun)."""
+    from student.train import TrainConfig, train as run_train
+
+    kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
+    kw["compile"] = kw.pop("compile_")
+    kw["overrides"] = list(kw["overrides"])
+    summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
+    if summary is not None and int(__import__("os").environ.get("RANK", 0)) == 0:
+        final = summary["final"].get("val") or {}
+        click.echo(f"train: {summary['epochs_this_run']} epochs, {summary['images']} images in "
+                   f"{summary['train_seconds']:.1f}s ({summary['img_per_s']:.1f} img/s); "
+                   f"invalid views skipped: {summary['invalid_views_skipped']}"
+                   + (f"; val top-1 cls/dist/avg {final['cls_top1']:.2f}/{final['dist_top1']:.2f}/"
+                      f"{final['avg_top1']:.2f}" if final else ""))
+
 if __name__ == "__main__":
     main()

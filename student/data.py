@@ -32,6 +32,7 @@ a file damaged after precompute) is dropped from its batch. Both are counted.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -201,7 +202,10 @@ def check_probe_drift(data: TrainData) -> None:
     if not stored:
         return
     renderer = ViewRenderer(data.recipe)
-    drifted = drifted_probes(stored, renderer, data.manifest, data.seed, data.reader.spec.views)
+    args = [stored, renderer, data.manifest, data.seed]
+    if "views" in inspect.signature(drifted_probes).parameters:  # pipeline.probes before it re-rendered by key
+        args.append(data.reader.spec.views)
+    drifted = drifted_probes(*args)
     if not drifted:
         return
     then = meta.get("versions") or data.reader.versions

@@ -1,0 +1,395 @@
+"""Stage two: train a DeiT student from stored teacher labels, no teacher in the loop.
+
+    python cli.py train --data SRC --labels STORE --out RUN --model deit_small_distilled_patch16_224
+    torchrun --nproc-per-node 8 cli.py train ...
+
+The loop is DeiT's (facebookresearch/deit, main.py + engine.py) with timm's optimizer,
+scheduler and EMA factories; the teacher's forward is replaced by a read of the store, joined
+to each view by ``student.data``. The whole step is ``train_one_epoch`` below.
+
+Reproducibility: the data order is a pure function of (seed, epoch, global batch) and drop
+path's random masks come from torch's global RNG reseeded at each epoch from (seed, epoch,
+rank), so ``--resume`` from an epoch's checkpoint continues bit for bit (on CPU) where an
+uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from .data import LockstepLoader, check_complete, eval_loader, open_train_data
+from .errors import TrainError
+from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
+from .model import _bare, create_student, eval_logits
+
+log = logging.getLogger("deit_lockstep.train")
+CHECKPOINT = "checkpoint.pth"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    labels: str | None = None
+    model: str = "deit_small_distilled_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    distillation: str | None = None     # none | hard | soft; default: hard with --labels, else none
+    alpha: float = 0.5
+    tau: float = 1.0
+    kd_reduction: str = "batchmean"
+    epochs: int = 300
+    batch_size: int = 64                # per process; the global batch is batch_size x world
+    lr: float = 5e-4                    # for a global batch of 512, scaled linearly
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    clip_grad: float | None = None
+    ema: bool = True
+    model_ema_decay: float = 0.99996
+    val: str | None = None
+    eval_batch_size: int | None = None  # default: 2 x batch_size
+    workers: int = 8
+    device: str = "auto"
+    amp: bool = True                    # bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing)
+    compile: bool = False
+    resume: bool = False
+    # plain training (no --labels) draws views from these; with --labels they come from the store
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    seed: int | None = None
+    input_size: int | None = None
+    shard_size: int = 1024
+    # run control
+    log_every: int = 50
+    max_steps_per_epoch: int | None = None  # cap each epoch (smoke tests, benchmarks)
+    stop_after_epochs: int | None = None    # end this run after N more epochs (preemptible jobs)
+    progress: bool = True
+
+
+# Fields that may differ on --resume without changing what is trained.
+RUNTIME_FIELDS = {"out", "resume", "workers", "device", "progress", "log_every", "stop_after_epochs",
+                  "data", "labels", "val", "eval_batch_size", "compile"}
+# Fields whose change on --resume is an error, not an override.
+IDENTITY_FIELDS = ("model", "model_kwargs")
+
+
+# ---- distributed -------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK; a process group only when WORLD_SIZE > 1."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---- checks before the first step ----------------------------------------------------------
+def resolve_mode(cfg: TrainConfig, data) -> str:
+    mode = cfg.distillation or ("hard" if cfg.labels else "none")
+    if mode not in MODES:
+        raise TrainError(f"--distillation {mode}: choose one of {', '.join(MODES)}")
+    if cfg.kd_reduction not in KD_REDUCTIONS:
+        raise TrainError(f"--kd-reduction {cfg.kd_reduction}: choose one of {', '.join(KD_REDUCTIONS)}")
+    if mode != "none" and data.reader is None:
+        raise TrainError(f"--distillation {mode} needs teacher labels: pass --labels STORE "
+                         "(made by `cli.py precompute`), or use --distillation none")
+    if mode == "soft" and data.reader.spec.mode == "hard":
+        raise TrainError(f"--distillation soft needs a top-k store, but {cfg.labels} holds hard labels only; "
+                         "use --distillation hard or precompute with --topk")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise TrainError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    kw_classes = cfg.model_kwargs.get("num_classes")
+    if kw_classes is not None and kw_classes != data.num_classes:
+        source = f"the store {cfg.labels}" if cfg.labels else f"--data {cfg.data}"
+        raise TrainError(f"--model-kwargs num_classes={kw_classes}, but {source} has {data.num_classes} classes; "
+                         "drop num_classes from --model-kwargs")
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    return mode
+
+
+def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
+    """With --resume and a checkpoint in RUN: its config (which wins) and its state."""
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if not cfg.resume or not os.path.exists(path):
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s yet, starting from the beginning", cfg.out)
+        return cfg, None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = TrainConfig(**ckpt["config"])
+    for name in IDENTITY_FIELDS:
+        if getattr(saved, name) != getattr(cfg, name):
+            raise TrainError(f"--resume: {cfg.out} was trained with {name}={getattr(saved, name)!r}, the command "
+                             f"line says {getattr(cfg, name)!r}; use a new --out or the checkpoint's {name}")
+    if (saved.labels is None) != (cfg.labels is None):
+        raise TrainError(f"--resume: {cfg.out} was trained {'with --labels' if saved.labels else 'without --labels'}; "
+                         "the command line differs; use a new --out or the same label store")
+    merged = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    overridden = [f"{f.name}={getattr(saved, f.name)!r} (command line: {getattr(cfg, f.name)!r})"
+                  for f in dataclasses.fields(cfg)
+                  if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if overridden:
+        log.warning("--resume: the checkpoint's settings win: %s", "; ".join(overridden))
+    return merged, ckpt
+
+
+def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
+    """A resumed run must read the same source and the same store, wherever they now live."""
+    have = ckpt["identity"]
+    if have["source"] != identity["source"]:
+        raise TrainError(f"--resume: --data {cfg.data} is not the source {cfg.out} was trained on "
+                         "(manifest fingerprint differs); point --data at that source")
+    if have["store"] != identity["store"]:
+        raise TrainError(f"--resume: --labels {cfg.labels} is not the label store {cfg.out} was trained from "
+                         "(store spec differs); point --labels at that store")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill at any moment leaves the previous checkpoint or this one, whole
+
+
+# ---- the run -----------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    d = init_distributed(cfg.device)
+    cfg, ckpt = load_checkpoint(cfg)
+    data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
+                           seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size)
+    mode = resolve_mode(cfg, data)
+    if ckpt is not None:
+        check_identity(ckpt, data.identity(), cfg)
+    start_epoch = ckpt["epoch"] if ckpt else 0
+    end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    check_complete(data, range(start_epoch, cfg.epochs))
+    cuda = d.device.type == "cuda"
+    loader = LockstepLoader(data, batch_size=cfg.batch_size, rank=d.rank, world=d.world, workers=cfg.workers,
+                            pin_memory=cuda, max_steps_per_epoch=cfg.max_steps_per_epoch)
+    val = None
+    if cfg.val:
+        val = eval_loader(cfg.val, data, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, rank=d.rank,
+                          world=d.world, workers=min(cfg.workers, 4), shard_size=cfg.shard_size, pin_memory=cuda)
+
+    torch.manual_seed(data.seed)  # the same initial weights on every rank and for every world size
+    model = create_student(cfg.model, num_classes=data.num_classes, model_kwargs=cfg.model_kwargs,
+                           drop_path_rate=cfg.drop_path).to(d.device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    global_batch = cfg.batch_size * d.world
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr * global_batch / 512,
+                                    weight_decay=cfg.weight_decay)
+    steps_per_epoch = loader.nominal_steps()
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs,
+                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                                       min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = cfg.amp and cuda
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.ema else None
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        step = ckpt["step"]
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    run = Run(cfg, d, mode, data, net, optimizer, scheduler, scaler, ema, amp_dtype if use_amp else None)
+    if d.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        log.info("training %s on %d samples x %d epochs, global batch %d, %d steps/epoch, %s distillation",
+                 cfg.model, len(loader.files), cfg.epochs, global_batch, steps_per_epoch, mode)
+    images = invalid = skipped = 0
+    train_seconds, metrics = 0.0, {}
+    for epoch in range(start_epoch, end_epoch):
+        epoch_iter = loader.epoch(epoch)
+        t0 = time.perf_counter()
+        stats = run.train_one_epoch(epoch, epoch_iter, step)
+        train_seconds += time.perf_counter() - t0
+        step = stats["step"]
+        images += stats["images"]
+        invalid += epoch_iter.invalid
+        skipped += int(all_sum([epoch_iter.skipped], d)[0])
+        metrics = {"epoch": epoch, **stats, "invalid_views": epoch_iter.invalid, "skipped_views": skipped}
+        if val is not None:
+            metrics["val"] = evaluate(model, val, d, run.autocast)
+            if ema is not None:
+                metrics["val_ema"] = evaluate(ema.module, val, d, run.autocast)
+        if d.main:
+            state = {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                     "config": dataclasses.asdict(cfg), "identity": data.identity()}
+            save_checkpoint(os.path.join(cfg.out, CHECKPOINT), state)
+            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if d.world > 1:
+            dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is whole
+
+    summary = {
+        "model": cfg.model, "distillation": mode, "epochs": cfg.epochs, "epochs_this_run": end_epoch - start_epoch,
+        "finished": end_epoch == cfg.epochs, "step": step, "global_batch": global_batch, "world": d.world,
+        "device": str(d.device), "images": images, "wall_seconds": time.perf_counter() - t_start,
+        "train_seconds": train_seconds, "img_per_s": images / train_seconds if train_seconds else 0.0,
+        "invalid_views_skipped": invalid + skipped, "first_step_loss": run.first_step_loss,
+        "final": {k: metrics.get(k) for k in ("loss", "val", "val_ema")},
+    }
+    if d.main:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+class Run:
+    """The objects one training step needs, and the step itself."""
+
+    def __init__(self, cfg, d, mode, data, net, optimizer, scheduler, scaler, ema, amp_dtype):
+        self.cfg, self.d, self.mode, self.data = cfg, d, mode, data
+        self.net, self.optimizer, self.scheduler, self.scaler, self.ema = net, optimizer, scheduler, scaler, ema
+        self.amp_dtype = amp_dtype
+        self.first_step_loss = None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.d.device.type, dtype=self.amp_dtype)
+
+    def teacher(self, batch) -> TeacherLabels | None:
+        if self.mode == "none":
+            return None
+        dev, spec = self.d.device, self.data.reader.spec
+        ids = batch.teacher_ids.to(dev, non_blocking=True)
+        if self.mode == "hard":
+            return TeacherLabels.hard(ids[:, 0] if ids.dim() == 2 else ids)
+        values = batch.teacher_values.to(dev, non_blocking=True)
+        return TeacherLabels.from_topk(values, ids, spec.num_classes, tau=self.cfg.tau)
+
+    def train_one_epoch(self, epoch: int, batches, step: int) -> dict:
+        cfg, d, net, opt = self.cfg, self.d, self.net, self.optimizer
+        net.train()
+        # Drop path draws from torch's global RNG: reseed per (epoch, rank) so that a resumed
+        # run draws the same masks as an uninterrupted one.
+        torch.manual_seed((self.data.seed * 1_000_003 + epoch) * 4096 + d.rank)
+        channels_last = torch.channels_last if d.device.type == "cuda" else torch.contiguous_format
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and d.main), smoothing=0.1)
+        n_images, loss_sum, base_sum, kd_sum, n_steps = 0, 0.0, 0.0, 0.0, 0
+        t0 = time.perf_counter()
+        for batch in batches:
+            x = batch.images.to(d.device, non_blocking=True).contiguous(memory_format=channels_last)
+            y = batch.targets.to(d.device, non_blocking=True)
+            teacher = self.teacher(batch)
+            with self.autocast():
+                out = net(x)
+                loss, parts = deit_loss(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
+                                        kd_reduction=cfg.kd_reduction)
+            if not math.isfinite(parts["base"] + parts["kd"]):
+                raise FloatingPointError(f"loss is {parts} at epoch {epoch}, step {step}; lower --lr or use --clip-grad")
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+            self.scaler.step(opt)
+            self.scaler.update()
+            step += 1
+            self.scheduler.step_update(num_updates=step)
+            if self.ema is not None:
+                self.ema.update(_bare(net), step=step)
+
+            loss_value = (1 - cfg.alpha) * parts["base"] + cfg.alpha * parts["kd"] if self.mode != "none" else parts["base"]
+            if self.first_step_loss is None:
+                self.first_step_loss = all_sum([loss_value], d)[0] / d.world
+            loss_sum, base_sum, kd_sum, n_steps = loss_sum + loss_value, base_sum + parts["base"], kd_sum + parts["kd"], n_steps + 1
+            n_images += len(batch) * d.world
+            bar.update()
+            if n_steps % cfg.log_every == 0 or n_steps == len(batches):
+                rate = n_images / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.1f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        loss, base, kd = (v / d.world / max(n_steps, 1) for v in all_sum([loss_sum, base_sum, kd_sum], d))
+        return {"step": step, "steps": n_steps, "images": n_images, "seconds": seconds,
+                "img_per_s": n_images / seconds if seconds else 0.0, "loss": loss, "base": base, "kd": kd,
+                "lr": opt.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(model, loader, d: Dist, autocast) -> dict:
+    """Top-1/top-5 (%) of the class head, the distillation head and their average, over all ranks."""
+    model = _bare(model)
+    was_training = model.training
+    model.eval()
+    keys = ("cls", "dist", "avg")
+    counts = [0.0] * (2 * len(keys) + 1)
+    for item in loader:
+        if item is None:
+            continue
+        x, y = item
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with autocast():
+            logits = eval_logits(model, x)
+        for i, k in enumerate(keys):
+            top = logits[k].float().topk(min(5, logits[k].shape[1]), dim=1).indices
+            hit = top == y[:, None]
+            counts[2 * i] += hit[:, 0].sum().item()
+            counts[2 * i + 1] += hit.any(dim=1).sum().item()
+        counts[-1] += len(y)
+    model.train(was_training)
+    counts = all_sum(counts, d)
+    n = max(counts[-1], 1)
+    out = {"n": int(counts[-1])}
+    for i, k in enumerate(keys):
+        out[f"{k}_top1"], out[f"{k}_top5"] = 100 * counts[2 * i] / n, 100 * counts[2 * i + 1] / n
+    return out
