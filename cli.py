@@ -23,12 +23,13 @@ class UsageError(ValueError):
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input: printed as one line, exit code 2, no traceback."""
+    from pipeline.precompute import PrecomputeError
     from pipeline.recipes import RecipeError
     from pipeline.sources import SourceError
     from pipeline.teacher import TeacherError
     from storage import StoreError
 
-    errors = [UsageError, RecipeError, SourceError, TeacherError, StoreError, FileNotFoundError,
+    errors = [UsageError, PrecomputeError, RecipeError, SourceError, TeacherError, StoreError, FileNotFoundError,
               PermissionError, json.JSONDecodeError]
     try:
         from student.errors import TrainError

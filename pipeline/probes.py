@@ -13,29 +13,42 @@ from .sources import Manifest, decode_image
 from .views import ViewRenderer
 
 
-def probe_slots(views: int, shard_sizes: tuple[int, ...], count: int = 4) -> list[tuple[int, int, int]]:
-    """(view, shard, slot) of the probes: the first slots of the first and last view of shard 0."""
-    n = shard_sizes[0]
-    slots = list(range(min(count, n)))
-    return sorted({(v, 0, s) for v in (0, views - 1) for s in slots})
+def render_probe(renderer: ViewRenderer, manifest: Manifest, seed: int, view: int, shard: int, slot: int) -> str:
+    """sha256 of one rendered view's float32 bytes; raises if its image (or partner) does not decode."""
+    sv = renderer.plan(seed, view, shard, manifest.shard_sizes[shard])[slot]
+    img = decode_image(manifest.read_sample(shard, sv.position).data)
+    partner = None
+    if sv.partner_position is not None:
+        partner = decode_image(manifest.read_sample(shard, sv.partner_position).data)
+    x = renderer.render_slot(seed, sv, img, partner)
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
 
 
 def probe_hashes(renderer: ViewRenderer, manifest: Manifest, seed: int, views: int, count: int = 4) -> dict[str, str]:
-    """{"view/shard/slot": sha256 of the rendered float32 tensor}."""
+    """{"view/shard/slot": hash} for the first ``count`` renderable slots of shard 0 in the first and last view."""
     out = {}
-    for view, shard, slot in probe_slots(views, manifest.shard_sizes, count):
-        sv = renderer.plan(seed, view, shard, manifest.shard_sizes[shard])[slot]
-        img = decode_image(manifest.read_sample(shard, sv.position).data)
-        partner = None
-        if sv.partner_position is not None:
-            partner = decode_image(manifest.read_sample(shard, sv.partner_position).data)
-        x = renderer.render_slot(seed, sv, img, partner)
-        out[f"{view}/{shard}/{slot}"] = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+    for view in sorted({0, views - 1}):
+        found = 0
+        for slot in range(manifest.shard_sizes[0]):
+            if found == count:
+                break
+            try:
+                out[f"{view}/0/{slot}"] = render_probe(renderer, manifest, seed, view, 0, slot)
+                found += 1
+            except (OSError, ValueError):  # an undecodable image cannot be a probe
+                continue
     return out
 
 
-def drifted_probes(stored: dict[str, str], renderer: ViewRenderer, manifest: Manifest, seed: int,
-                   views: int) -> list[str]:
+def drifted_probes(stored: dict[str, str], renderer: ViewRenderer, manifest: Manifest, seed: int) -> list[str]:
     """The probes whose re-rendered bytes differ from the stored hashes (empty: no drift)."""
-    now = probe_hashes(renderer, manifest, seed, views, count=len({k.split("/")[2] for k in stored}) or 4)
-    return sorted(k for k, h in stored.items() if now.get(k) != h)
+    bad = []
+    for key, digest in sorted(stored.items()):
+        view, shard, slot = (int(p) for p in key.split("/"))
+        try:
+            same = render_probe(renderer, manifest, seed, view, shard, slot) == digest
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            bad.append(key)
+    return bad

@@ -73,7 +73,10 @@ class _ZarrMixin:
     def _open_arrays(self, mode: str):
         root = str(self.path / ARRAYS_DIR)
         self._arrays = {
-            name: zarr.open_array(root, path=name, mode=mode) for name in _array_shapes(self.spec)
+            # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
+            # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
+            name: zarr.open_array(root, path=name, mode=mode).with_config({"write_empty_chunks": True})
+            for name in _array_shapes(self.spec)
         }
 
     def _marker(self, shard, block) -> Path:

@@ -62,3 +62,22 @@ def imagefolder(tmp_path):
 @pytest.fixture
 def wds_dir(tmp_path):
     return write_wds(tmp_path / "wds")
+
+
+TINY_TEACHER_KWARGS = {"num_classes": 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A small timm ConvNet teacher (random weights, saved to a file so every process loads the same)."""
+    import timm
+    import torch
+
+    path = tmp_path_factory.mktemp("teacher") / "resnet10t.pth"
+    g = torch.Generator().manual_seed(0)
+    model = timm.create_model("resnet10t", **TINY_TEACHER_KWARGS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    torch.save(model.state_dict(), path)
+    return str(path)

@@ -357,3 +357,23 @@ def test_hard_targets():
     _, ids = topk_logprobs(logits, 5)
     assert torch.equal(hard_targets(ids), logits.argmax(1))
     assert np.array_equal(hard_targets(ids[:, 0].numpy().astype(np.int16)), logits.argmax(1).numpy())
+
+
+@pytest.mark.parametrize("mode", ["topk", "hard"])
+def test_all_zero_unit_is_written_whole(tmp_path, backend, mode):
+    """A unit whose labels are all zero (every argmax class 0) is still a complete, checkable unit.
+
+    zarr skips chunks equal to the fill value unless told otherwise; the marker would then point
+    at a chunk that was never written.
+    """
+    spec = tiny_spec(mode, shard_sizes=(4,), views=2)
+    w = create_store(tmp_path / "s", spec, backend=backend)
+    shape = (len(spec.block_views(0)), 4)
+    values = np.zeros((*shape, spec.k), np.float16) if mode == "topk" else None
+    ids = np.zeros((*shape, spec.k) if mode == "topk" else shape, np.int64)
+    if mode == "topk":
+        ids[..., :] = np.arange(spec.k)  # sorted log-probs of 0 are allowed; ids must differ only in order
+    w.write_unit(0, 0, values=values, ids=ids, valid=np.ones(shape, np.uint8))
+    r = open_store(tmp_path / "s")
+    assert r.is_complete(0, 0) and r.check() == []
+    assert (r.read(0, 0).valid == WRITTEN).all()
