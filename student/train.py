@@ -334,7 +334,8 @@ class Run:
                 loss, parts = deit_loss(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
                                         kd_reduction=cfg.kd_reduction)
             if not math.isfinite(parts["base"] + parts["kd"]):
-                raise FloatingPointError(f"loss is {parts} at epoch {epoch}, step {step}; lower --lr or use --clip-grad")
+                raise FloatingPointError(f"loss is {parts} at epoch {epoch}, step {step}; "
+                                         "lower --lr or use --clip-grad")
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -347,10 +348,11 @@ class Run:
             if self.ema is not None:
                 self.ema.update(_bare(net), step=step)
 
-            loss_value = (1 - cfg.alpha) * parts["base"] + cfg.alpha * parts["kd"] if self.mode != "none" else parts["base"]
+            value = parts["base"] if self.mode == "none" else (1 - cfg.alpha) * parts["base"] + cfg.alpha * parts["kd"]
             if self.first_step_loss is None:
-                self.first_step_loss = all_sum([loss_value], d)[0] / d.world
-            loss_sum, base_sum, kd_sum, n_steps = loss_sum + loss_value, base_sum + parts["base"], kd_sum + parts["kd"], n_steps + 1
+                self.first_step_loss = all_sum([value], d)[0] / d.world
+            loss_sum, base_sum, kd_sum = loss_sum + value, base_sum + parts["base"], kd_sum + parts["kd"]
+            n_steps += 1
             n_images += len(batch) * d.world
             bar.update()
             if n_steps % cfg.log_every == 0 or n_steps == len(batches):

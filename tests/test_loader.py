@@ -1,0 +1,176 @@
+"""The lockstep loader: the views the teacher labelled, the same bytes for any worker count, the same
+global batch for any world size, epochs replaying view e mod V, invalid views skipped and counted."""
+
+import pytest
+import torch
+from conftest import encode, make_image, write_wds
+
+from pipeline.precompute import PrecomputeConfig, run_precompute
+from pipeline.sources import write_wds_shards
+from pipeline.teacher import create_teacher
+from pipeline.views import slot_order
+from student.data import LockstepLoader, open_train_data
+
+TEACHER = "resnet10t"
+
+
+def make_teacher_weights(path):
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model(TEACHER, num_classes=3).state_dict(), path)
+    return str(path)
+
+
+def make_store(data, out, weights, *, views=2, hard=False, topk=3, rank=None, world_size=None, **kw):
+    """A label store from the real precompute path (tiny: 32 px views)."""
+    cfg = PrecomputeConfig(data=str(data), out=str(out), teacher=TEACHER, teacher_weights=weights, views=views,
+                           views_per_unit=1, topk=topk, hard=hard, input_size=32, batch_size=16, workers=0,
+                           model_kwargs={"num_classes": 3}, progress=False, rank=rank, world_size=world_size, **kw)
+    run_precompute(cfg)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """24 samples in 3 wds shards of 8, a random resnet10t teacher and a 2-view top-3 store."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_wds(root / "wds", n=24, per_shard=8)
+    weights = make_teacher_weights(root / "teacher.pth")
+    store = make_store(data, root / "store", weights)
+    return {"root": root, "data": data, "weights": weights, "store": store}
+
+
+def epoch_batches(data, epoch, **kw):
+    return list(LockstepLoader(data, **kw).epoch(epoch))
+
+
+def cat(batches, field):
+    return torch.cat([getattr(b, field) for b in batches])
+
+
+def test_views_are_the_views_the_teacher_labelled(tiny):
+    """Re-running the teacher on the loader's images gives back the stored top-k: same views, same join."""
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    teacher = create_teacher(TEACHER, weights=tiny["weights"], num_classes=3, model_kwargs={"num_classes": 3},
+                             device=torch.device("cpu"))
+    for epoch in (0, 1):
+        batches = epoch_batches(data, epoch, batch_size=6)
+        x = cat(batches, "images")
+        assert x.shape == (24, 3, 32, 32)
+        logp = torch.log_softmax(teacher(x, data.recipe.mean, data.recipe.std).float(), dim=1)
+        values, ids = logp.topk(3, dim=1)
+        assert torch.equal(ids, cat(batches, "teacher_ids"))
+        assert torch.equal(values.half(), cat(batches, "teacher_values"))
+
+
+def test_targets_are_mixed_smoothed_ground_truth(tiny):
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    b = epoch_batches(data, 0, batch_size=24)[0]
+    t = b.targets
+    assert torch.allclose(t.sum(1), torch.ones(24))
+    assert t.min() >= 0.1 / 3 - 1e-6  # label smoothing's floor, 0.1 / C
+    assert (t.max(1).values <= 1 - 0.1 + 0.1 / 3 + 1e-6).all()
+    # DeiT's recipe mixes every pair (mix_prob 1): the two partners' targets hold the same two
+    # classes with weights lam and 1 - lam, so their sum is the sum of the two smoothed one-hots.
+    labels = torch.from_numpy(data.manifest.samples.column("label").to_numpy()).long()
+    starts = torch.tensor([0, 8, 16])
+    order = {(shard, slot): i for i, (shard, slot) in enumerate(b.rows.tolist())}
+
+    def smooth(shard, position):
+        return torch.nn.functional.one_hot(labels[starts[shard] + int(position)], 3) * 0.9 + 0.1 / 3
+
+    for (shard, slot), i in order.items():
+        if slot % 2 == 0:
+            pos = slot_order(data.seed, 0, shard, 8)
+            pair_sum = t[i] + t[order[shard, slot + 1]]
+            assert torch.allclose(pair_sum, smooth(shard, pos[slot]) + smooth(shard, pos[slot + 1]), atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_same_bytes_for_0_1_3_workers(tiny, rank, world):
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    runs = [epoch_batches(data, 1, batch_size=4, rank=rank, world=world, workers=w) for w in (0, 1, 3)]
+    assert len(runs[0]) == 24 // (4 * world)
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for a, b in zip(runs[0], other, strict=True):
+            assert a.step == b.step
+            for field in ("images", "targets", "rows", "teacher_ids", "teacher_values"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert x.dtype == y.dtype and x.numpy().tobytes() == y.numpy().tobytes(), field
+
+
+def test_global_batch_is_the_same_for_any_world_size(tiny):
+    """Two ranks with batch 4 see, step by step, exactly one rank's batch of 8: same views, same order."""
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    one = epoch_batches(data, 0, batch_size=8)
+    two = [epoch_batches(data, 0, batch_size=4, rank=r, world=2) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3
+    for t, whole in enumerate(one):
+        for field in ("images", "targets", "rows", "teacher_ids", "teacher_values"):
+            halves = torch.cat([getattr(two[0][t], field), getattr(two[1][t], field)])
+            assert halves.numpy().tobytes() == getattr(whole, field).numpy().tobytes(), field
+
+
+def test_every_rank_gets_the_same_number_of_batches_and_no_view_twice(tiny):
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    ranks = [epoch_batches(data, 0, batch_size=2, rank=r, world=5) for r in range(5)]
+    assert {len(r) for r in ranks} == {24 // 10}  # the tail that cannot fill a global batch is dropped
+    rows = torch.cat([cat(r, "rows") for r in ranks])
+    assert len({tuple(x) for x in rows.tolist()}) == len(rows) == 20
+
+
+def test_epoch_e_replays_view_e_mod_v_in_a_new_shard_order(tiny):
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    assert data.views == 2
+    e0, e1, e2 = (epoch_batches(data, e, batch_size=24)[0] for e in (0, 1, 2))
+    by_row = lambda b: {tuple(r): i for i, r in enumerate(b.rows.tolist())}  # noqa: E731
+    r0, r1, r2 = by_row(e0), by_row(e1), by_row(e2)
+    assert set(r0) == set(r2) == set(r1)
+    # Epoch 2 is view 0 again: each (shard, slot) is the same tensor and label as in epoch 0 ...
+    for row, i in r0.items():
+        assert torch.equal(e0.images[i], e2.images[r2[row]])
+        assert torch.equal(e0.teacher_ids[i], e2.teacher_ids[r2[row]])
+    # ... visited in another shard order; epoch 1 is another view.
+    assert e0.rows[:, 0].tolist() != e2.rows[:, 0].tolist()
+    assert not torch.equal(e0.images[r0[(0, 0)]], e1.images[r1[(0, 0)]])
+
+
+def test_plain_training_renders_from_recipe_and_seed(tiny):
+    """Without a store the same loader draws views from --recipe/--seed, a new view every epoch."""
+    plain = open_train_data(tiny["data"], recipe="deit", input_size=32, seed=0)
+    labelled = open_train_data(tiny["data"], labels=tiny["store"])
+    a = epoch_batches(plain, 1, batch_size=24)[0]
+    b = epoch_batches(labelled, 1, batch_size=24)[0]
+    assert a.teacher_ids is None and a.images.numpy().tobytes() == b.images.numpy().tobytes()
+    assert plain.view_of(7) == 7 and labelled.view_of(7) == 1
+    other_seed = epoch_batches(open_train_data(tiny["data"], recipe="deit", input_size=32, seed=1), 1, batch_size=24)[0]
+    assert not torch.equal(other_seed.images, a.images)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny):
+    """16 samples in 2 shards, sample 5 not an image; a 1-view store that flagged it."""
+    root = tmp_path_factory.mktemp("broken")
+    samples = [(f"b{i:03d}", b"not an image" if i == 5 else encode(make_image(i % 3, i)), "png", i % 3)
+               for i in range(16)]
+    write_wds_shards(samples, str(root / "wds"), per_shard=8, class_names=["circle", "square", "stripes"])
+    store = make_store(root / "wds", root / "store", tiny["weights"], views=1, hard=True)
+    return {"data": str(root / "wds"), "store": store}
+
+
+def test_invalid_views_are_skipped_and_counted(broken):
+    data = open_train_data(broken["data"], labels=broken["store"])
+    it = LockstepLoader(data, batch_size=3).epoch(0)
+    batches = list(it)
+    # The broken image's view and its mixing partner's view were flagged by precompute.
+    assert it.invalid == 2
+    assert len(batches) == (16 - 2) // 3 and all(len(b) == 3 for b in batches)
+    assert batches[0].teacher_ids.shape == (3,)
+    # Without a store the broken image is found at decode time: dropped from its batch, counted.
+    plain = open_train_data(broken["data"], recipe="deit", input_size=32)
+    it = LockstepLoader(plain, batch_size=4, workers=2).epoch(0)
+    sizes = [len(b) for b in it]
+    assert it.skipped == 2 and sum(sizes) == 14 and sorted(sizes) == [2, 4, 4, 4]
