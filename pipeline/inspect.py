@@ -159,23 +159,23 @@ def complete_views(spec, done: set[tuple[int, int]]) -> list[int]:
 
 
 def sample_blocks(spec, done, max_blocks: int, max_views: int, seed: int) -> list[tuple[int, int]]:
-    """A seeded random choice of (view, shard) blocks among complete units, within both budgets."""
+    """Distinct (view, shard) blocks drawn at random (seeded) among complete units, within both budgets."""
     g = np.random.Generator(np.random.Philox(key=[seed, 0x1175]))
-    units = sorted(done)
-    out, views = [], 0
-    for i in g.permutation(len(units)):
-        shard, block = units[i]
-        n = spec.shard_sizes[shard]
-        if n == 0:
-            continue
-        if out and views + n > max_views:
-            break
+    units = sorted(u for u in done if spec.shard_sizes[u[0]] > 0)
+    available = sum(len(spec.block_views(b)) for _, b in units)
+    chosen: set[tuple[int, int]] = set()
+    views = 0
+    while units and len(chosen) < min(max_blocks, available):
+        shard, block = units[int(g.integers(0, len(units)))]
         vs = spec.block_views(block)
-        out.append((int(vs.start + g.integers(0, len(vs))), shard))
-        views += n
-        if len(out) >= max_blocks:
+        pick = (int(vs.start + g.integers(0, len(vs))), shard)
+        if pick in chosen:
+            continue
+        if chosen and views + spec.shard_sizes[shard] > max_views:
             break
-    return sorted(out)
+        chosen.add(pick)
+        views += spec.shard_sizes[shard]
+    return sorted(chosen)
 
 
 @dataclass

@@ -41,9 +41,9 @@ def count_flags(reader, units: set[tuple[int, int]]) -> Flags:
 
 
 def _zarr_flags(reader, units) -> Flags:
-    from storage.zarr_backend import ARRAYS_DIR
-
     import zarr
+
+    from storage.zarr_backend import ARRAYS_DIR
 
     spec, out = reader.spec, Flags()
     arr = zarr.open_array(str(reader.path / ARRAYS_DIR), path="valid", mode="r")

@@ -189,7 +189,7 @@ def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n:
     stored_probes = reader.meta.get("probes", {})
     report.probes = len(stored_probes)
     renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
-    report.drifted = drifted_probes(stored_probes, renderer, manifest, spec.seed, spec.views) if stored_probes else []
+    report.drifted = drifted_probes(stored_probes, renderer, manifest, spec.seed) if stored_probes else []
     rows, logp, broken = _recompute(reader, manifest, teacher, pick_views(spec, done, n, seed), batch_size)
     report.mismatches += broken
     compare(spec, rows, logp, atol, report)

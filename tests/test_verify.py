@@ -1,0 +1,105 @@
+"""cli.py verify: PASS on a good store, FAIL naming the unit on a flipped byte or a wrong label; both backends."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from conftest import write_wds
+from test_inspect import BACKENDS, make_stores
+
+from cli import main
+from storage import create_store, open_store
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return make_stores(tmp_path_factory.mktemp("verify"))
+
+
+def verify(*args):
+    return CliRunner().invoke(main, ["verify", *[str(a) for a in args]])
+
+
+def flip_byte(path: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def chunk_file(store: str, backend: str, shard: int, block: int) -> str:
+    """The bytes of one unit: its zarr values chunk (named in the marker), or its tar."""
+    name = f"{shard:06d}_{block:04d}"
+    if backend == "wds":
+        return os.path.join(store, "units", f"{name}.tar")
+    record = json.load(open(os.path.join(store, "units", f"{name}.json")))
+    return os.path.join(store, record["chunks"]["values"]["key"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_good_store_passes(stores, backend):
+    res = verify(stores[backend], "--data", stores["data"], "--n", 24, "--full")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[-1] == "PASS"
+    assert "probes      8/8 re-render identically" in res.output
+    assert "recompute   24 views: top-1 agreement 24/24" in res.output
+    assert "chunks      all complete units intact" in res.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flipped_byte_fails_naming_the_unit(stores, backend, tmp_path):
+    store = str(tmp_path / "damaged")
+    shutil.copytree(stores[backend], store)
+    flip_byte(chunk_file(store, backend, 1, 1))
+    res = verify(store, "--data", stores["data"], "--n", 0, "--full")
+    assert res.exit_code == 1, res.output
+    last = res.output.splitlines()[-1]
+    assert last.startswith("FAIL: bad units: 000001_0001 (shard=1, view_block=1)") and last.count("shard=") == 1
+    assert "unit (shard=1, view_block=1):" in res.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_stored_label_fails_on_recompute(stores, backend, tmp_path):
+    store = str(tmp_path / "tampered")
+    shutil.copytree(stores[backend], store)
+    reader = open_store(store)
+    lab = [reader.read(v, 2) for v in (2, 3)]  # unit (shard=2, view_block=1): 2 views x 4 slots
+    ids = np.stack([x.ids for x in lab]).copy()
+    values = np.stack([x.values for x in lab]).copy()
+    values[1, 0, 1] = values[1, 0, 0]  # one view's second class now as likely as its first
+    writer = create_store(store, reader.spec, backend=backend)  # checksums stay consistent: only recompute sees it
+    writer.write_unit(2, 1, values=values, ids=ids, valid=np.stack([x.valid for x in lab]))
+    res = verify(store, "--data", stores["data"], "--n", 80, "--full")
+    assert res.exit_code == 1, res.output
+    assert "bad unit (shard=2, view_block=1): view 3 shard 2 slot 0" in res.output
+    assert res.output.splitlines()[-1] == "FAIL: bad units: 000002_0001 (shard=2, view_block=1)"
+
+
+def test_probe_drift_fails(stores, tmp_path):
+    store = str(tmp_path / "drifted")
+    shutil.copytree(stores["zarr"], store)
+    probes_path = os.path.join(store, "meta", "probes.json")
+    probes = json.load(open(probes_path))
+    probes["0/0/1"] = "0" * 64
+    json.dump(probes, open(probes_path, "w"))
+    res = verify(store, "--data", stores["data"], "--n", 4)
+    assert res.exit_code == 1 and "DRIFT in 0/0/1" in res.output
+    assert res.output.splitlines()[-1] == "FAIL: probe drift"
+
+
+def test_foreign_source_and_other_teacher_are_one_line_errors(stores, tmp_path):
+    other = write_wds(tmp_path / "other", n=12, per_shard=8)
+    res = verify(stores["zarr"], "--data", other)
+    assert res.exit_code == 2 and "not the source this store was made from" in res.output
+    assert res.output.count("\n") == 1
+    torch.manual_seed(1)
+    path = str(tmp_path / "other.pth")
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), path)
+    res = verify(stores["zarr"], "--data", stores["data"], "--teacher-weights", path)
+    assert res.exit_code == 2 and "is not the store's teacher" in res.output and "--teacher-weights" in res.output
+    assert res.output.count("\n") == 1
