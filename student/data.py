@@ -40,7 +40,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline.recipes import Recipe, create_recipe
+from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import Manifest, check_same_classes, decode_image, index_source
 from pipeline.views import ViewRenderer, epoch_shard_order, mixed_target
 from storage import WRITTEN, open_store
@@ -153,8 +153,10 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
                          f"{manifest.num_classes}; recompute the store for this source")
     store_recipe = Recipe.from_dict(spec.recipe)
     if recipe is not None or overrides:
-        asked = create_recipe(recipe or store_recipe.name, overrides).to_dict()
         have = store_recipe.to_dict()
+        # --set alone adjusts the store's recipe; --recipe names a whole preset to compare with.
+        base = {} if recipe is not None else {k: v for k, v in have.items() if k != "name"}
+        asked = create_recipe(recipe or store_recipe.name, {**base, **parse_overrides(overrides)}).to_dict()
         diff = next((k for k in have if have[k] != asked[k]), None)
         if diff is not None:
             raise TrainError(f"recipe.{diff}={asked[diff]} on the command line, but the store {labels} "

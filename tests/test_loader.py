@@ -73,7 +73,7 @@ def test_targets_are_mixed_smoothed_ground_truth(tiny):
     assert (t.max(1).values <= 1 - 0.1 + 0.1 / 3 + 1e-6).all()
     # DeiT's recipe mixes every pair (mix_prob 1): the two partners' targets hold the same two
     # classes with weights lam and 1 - lam, so their sum is the sum of the two smoothed one-hots.
-    labels = torch.from_numpy(data.manifest.samples.column("label").to_numpy()).long()
+    labels = torch.tensor(data.manifest.samples.column("label").to_pylist())
     starts = torch.tensor([0, 8, 16])
     order = {(shard, slot): i for i, (shard, slot) in enumerate(b.rows.tolist())}
 

@@ -1,0 +1,212 @@
+"""`cli.py train`: the same first step on 1 and 2 processes, exact resume, a student that learns,
+and the refusals that stop a run before its first step. The losses themselves are tested in
+test_losses.py (soft == DeiT's formula at k = C, tail rebuild exact at tau = 1, hard == CE)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import encode, make_image, write_wds
+from test_loader import make_store, make_teacher_weights
+
+from pipeline.sources import write_wds_shards
+from student.errors import TrainError
+from student.train import TrainConfig, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+MODEL = "deit_tiny_distilled_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """24 samples in 3 wds shards, a random resnet10t teacher, a 2-view top-3 store and a 1-view hard store."""
+    root = tmp_path_factory.mktemp("train")
+    data = write_wds(root / "wds", n=24, per_shard=8)
+    weights = make_teacher_weights(root / "teacher.pth")
+    return {"root": root, "data": data, "weights": weights, "store": make_store(data, root / "store", weights),
+            "hard": make_store(data, root / "hard", weights, views=1, hard=True)}
+
+
+def config(tiny, out, **kw) -> TrainConfig:
+    base = dict(data=tiny["data"], labels=tiny["store"], out=str(out), model=MODEL, model_kwargs=TINY,
+                distillation="soft", epochs=2, batch_size=8, workers=0, warmup_epochs=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def checkpoint(run):
+    return torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=False)
+
+
+def state_bytes(state: dict) -> dict:
+    return {k: v.numpy().tobytes() for k, v in state.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, env=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+
+
+# ---- distributed ---------------------------------------------------------------------------
+def test_two_process_torchrun_takes_the_same_first_step_as_one_process(tiny, tmp_path):
+    """Global batch 8: two gloo ranks of 4 and one process of 8 see the same views, so they take
+    the same first step. Compared with allclose, not bytes: DDP averages two per-rank means and
+    gloo sums gradients in its own order, so the float rounding (not the maths) differs. AdamW's
+    first step is g / (|g| + eps) * lr, which turns a rounding difference in a near-zero gradient
+    into up to ~0.2% of a step (measured: 3 of 114k weights); other data would flip signs and
+    move weights by up to 2 x lr. So: the loss to 1e-6, every weight to 1% of one step."""
+    flags = ["--data", tiny["data"], "--labels", tiny["store"], "--model", MODEL, "--model-kwargs", json.dumps(TINY),
+             "--distillation", "soft", "--epochs", "1", "--max-steps-per-epoch", "1", "--workers", "0",
+             "--drop-path", "0", "--warmup-epochs", "0", "--lr", "0.064", "--no-ema", "--log-every", "1"]
+    two = tmp_path / "two"
+    r = cli("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "cli.py", "train", *flags, "--out", str(two), "--batch-size", "4", timeout=300)
+    assert r.returncode == 0, [line for line in r.stderr.splitlines() if "rror" in line] or r.stderr[-3000:]
+    one = tmp_path / "one"
+    summary = train(config(tiny, one, epochs=1, max_steps_per_epoch=1, drop_path=0.0, warmup_epochs=0,
+                           lr=0.064, ema=False))
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s2["world"] == 2 and summary["world"] == 1 and s2["global_batch"] == summary["global_batch"] == 8
+    assert s2["step"] == summary["step"] == 1
+    assert s2["first_step_loss"] == pytest.approx(summary["first_step_loss"], rel=1e-6)
+
+    w1, w2 = checkpoint(one)["model"], checkpoint(two)["model"]
+    torch.manual_seed(0)
+    from student.model import create_student
+    w0 = create_student(MODEL, num_classes=3, model_kwargs=TINY, drop_path_rate=0.0).state_dict()
+    lr = 0.064 * 8 / 512
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
+    assert moved > 0.5 * lr  # a real step was taken (AdamW's first step moves weights by about lr)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-2 * lr), k
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def test_two_epochs_equal_one_epoch_stop_resume_one_epoch(tiny, tmp_path):
+    """Bit for bit on CPU: weights, EMA and optimizer state, drop path on (its RNG is reseeded)."""
+    straight = train(config(tiny, tmp_path / "a"))
+    first = train(config(tiny, tmp_path / "b", stop_after_epochs=1))
+    assert not first["finished"] and first["step"] == 3
+    resumed = train(config(tiny, tmp_path / "b", resume=True))
+    assert resumed["finished"] and resumed["epochs_this_run"] == 1 and resumed["step"] == straight["step"] == 6
+    a, b = checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b")
+    assert state_bytes(a["model"]) == state_bytes(b["model"])
+    assert state_bytes(a["ema"]) == state_bytes(b["ema"])
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    assert a["scheduler"] == b["scheduler"]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(tiny, tmp_path):
+    """A real kill: SIGKILL the CLI as soon as epoch 0's checkpoint exists (wherever it then is,
+    even mid-checkpoint-write), resume, and compare with an uninterrupted run."""
+    flags = ["--data", tiny["data"], "--labels", tiny["store"], "--model", MODEL, "--model-kwargs", json.dumps(TINY),
+             "--epochs", "4", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "1"]
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "cli.py", "train", *flags, "--out", str(run)], cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pth").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (run / "checkpoint.pth").exists()
+    epochs_done = checkpoint(run)["epoch"]
+    r = cli("cli.py", "train", *flags, "--out", str(run), "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = train(config(tiny, tmp_path / "straight", epochs=4, distillation=None))
+    assert straight["step"] == checkpoint(run)["step"] == 12
+    assert state_bytes(checkpoint(run)["model"]) == state_bytes(checkpoint(tmp_path / "straight")["model"])
+    assert epochs_done >= 1
+
+
+# ---- learning --------------------------------------------------------------------------------
+def test_tiny_student_loss_falls_and_accuracy_rises(tmp_path):
+    """Plain training (no store) on discs, squares and stripes, held-out images for --val."""
+    data = write_wds(tmp_path / "train", n=60, per_shard=20)
+    classes = ["circle", "square", "stripes"]
+    val = [(f"v{i:03d}", encode(make_image(i % 3, 1000 + i)), "png", i % 3) for i in range(30)]
+    write_wds_shards(val, str(tmp_path / "val"), per_shard=30, class_names=classes)
+    cfg = TrainConfig(data=data, out=str(tmp_path / "run"), val=str(tmp_path / "val"), model=MODEL, model_kwargs=TINY,
+                      recipe="crop-flip", input_size=32, overrides=["scale=0.5,1"], epochs=8, batch_size=10,
+                      lr=0.05, warmup_epochs=0, drop_path=0.0, workers=0, progress=False, ema=False)
+    summary = train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and summary["distillation"] == "none"
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert rows[-1]["val"]["avg_top1"] > rows[0]["val"]["avg_top1"]
+    assert summary["final"]["val"]["avg_top1"] >= 80
+    assert set(rows[-1]["val"]) >= {"cls_top1", "cls_top5", "dist_top1", "dist_top5", "avg_top1", "avg_top5"}
+
+
+# ---- refusals before the first step ------------------------------------------------------------
+def refusal(cfg) -> str:
+    with pytest.raises(TrainError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_refuses_a_store_from_another_source(tiny, tmp_path):
+    other = write_wds(tmp_path / "other", n=30, per_shard=8)
+    msg = refusal(config(tiny, tmp_path / "r", data=other))
+    assert "30 samples in 4 shards" in msg and "24 samples in 3 shards" in msg
+    same_counts = write_wds(tmp_path / "same", n=24, per_shard=8, classes=["a", "b", "c"])
+    assert "class 0 is 'a' here, 'circle' in the store" in refusal(config(tiny, tmp_path / "r", data=same_counts))
+    four = write_wds(tmp_path / "four", n=24, per_shard=8, classes=["a", "b", "c", "d"])
+    assert "4 classes" in refusal(config(tiny, tmp_path / "r", data=four))
+    assert "num_classes=5" in refusal(config(tiny, tmp_path / "r", model_kwargs={**TINY, "num_classes": 5}))
+
+
+def test_refuses_an_incomplete_store_naming_the_missing_units(tiny, tmp_path):
+    half = make_store(tiny["data"], tmp_path / "half", tiny["weights"], views=2, rank=0, world_size=2)
+    msg = refusal(config(tiny, tmp_path / "r", labels=half))
+    assert "missing 3 of the units" in msg and "(shard 1, views 1-1)" in msg
+
+
+def test_refuses_a_store_whose_probe_views_drifted(tiny, tmp_path):
+    store = shutil.copytree(tiny["store"], tmp_path / "store")
+    probes = json.loads((store / "meta" / "probes.json").read_text())
+    key = sorted(probes)[0]
+    probes[key] = "0" * 64  # what a Pillow upgrade that renders this view differently looks like
+    (store / "meta" / "probes.json").write_text(json.dumps(probes))
+    msg = refusal(config(tiny, tmp_path / "r", labels=str(store)))
+    assert msg.startswith("views no longer render the same") and key in msg
+
+
+def test_refuses_distillation_without_a_store_and_soft_from_hard(tiny, tmp_path):
+    assert "needs teacher labels" in refusal(config(tiny, tmp_path / "r", labels=None, distillation="hard"))
+    assert "holds hard labels only" in refusal(config(tiny, tmp_path / "r", labels=tiny["hard"]))
+
+
+def test_recipe_and_seed_come_from_the_store(tiny, tmp_path):
+    msg = refusal(config(tiny, tmp_path / "r", overrides=["re_prob=0"]))
+    assert "recipe.re_prob=0.0" in msg and "recipe.re_prob=0.25" in msg
+    assert "recipe.input_size=64" in refusal(config(tiny, tmp_path / "r", input_size=64))
+    assert "seed=0" in refusal(config(tiny, tmp_path / "r", seed=3))
+
+
+def test_resume_refuses_another_model_and_the_cli_reports_one_line(tiny, tmp_path):
+    train(config(tiny, tmp_path / "run", epochs=2, stop_after_epochs=1, max_steps_per_epoch=1))
+    msg = refusal(config(tiny, tmp_path / "run", resume=True, model_kwargs={**TINY, "depth": 3}))
+    assert "model_kwargs" in msg
+    r = cli("cli.py", "train", "--data", tiny["data"], "--out", str(tmp_path / "x"), "--distillation", "hard")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
