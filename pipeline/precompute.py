@@ -185,7 +185,7 @@ class UnitViews(torch.utils.data.IterableDataset):
                 pair = [sv.position] + ([sv.partner_position] if sv.partner_position is not None else [])
                 broken = [bad[p] for p in pair if p in bad]
                 if broken:  # a view that shows a broken image (itself or its mixing partner) is invalid
-                    buf.extend(torch.zeros(3, size, size) for _ in pair)
+                    buf.extend(torch.zeros(3, size, size) for _ in pair)  # placeholders, never seen by the teacher
                     ok.extend(False for _ in pair)
                     keys.extend(broken)
                 else:
@@ -201,7 +201,7 @@ class UnitViews(torch.utils.data.IterableDataset):
 
     @staticmethod
     def _chunk(u, start, buf, ok, keys) -> Chunk:
-        return Chunk(u, start, torch.stack(buf), torch.tensor(ok), tuple(keys))
+        return Chunk(u, start, torch.from_numpy(np.stack([b.numpy() for b in buf])), torch.tensor(ok), tuple(keys))
 
 
 def _single_thread_worker(_):
