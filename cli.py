@@ -230,13 +230,14 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--stop-after-epochs", default=None, type=int, help="End this run after N epochs; --resume goes on.")
 def train(**kw):
     """Train a student from stored teacher labels, replaying the stored views (DDP under torchrun)."""
-    from student.train import TrainConfig, train as run_train
+    from student.train import TrainConfig
+    from student.train import train as run_train
 
     kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
     summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
-    if summary is not None and int(__import__("os").environ.get("RANK", 0)) == 0:
+    if summary is not None and summary["rank"] == 0:
         final = summary["final"].get("val") or {}
         click.echo(f"train: {summary['epochs_this_run']} epochs, {summary['images']} images in "
                    f"{summary['train_seconds']:.1f}s ({summary['img_per_s']:.1f} img/s); "

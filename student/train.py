@@ -279,6 +279,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         "model": cfg.model, "distillation": mode, "epochs": cfg.epochs, "epochs_this_run": end_epoch - start_epoch,
         "finished": end_epoch == cfg.epochs, "step": step, "global_batch": global_batch, "world": d.world,
+        "rank": d.rank,
         "device": str(d.device), "images": images, "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": train_seconds, "img_per_s": images / train_seconds if train_seconds else 0.0,
         "invalid_views_skipped": invalid + skipped, "first_step_loss": run.first_step_loss,
