@@ -94,7 +94,7 @@ def _write_units(args):
 
     for shard in shards:
         gt = labels_by_shard[shard]  # ground truth of each slot (the slot order is seeded per view)
-        by_slot = np.stack([gt[slot_order(0, v, shard, len(gt))] for v in range(views)])
+        by_slot = np.stack([gt[slot_order(0, v, shard, len(gt), create_recipe("deit").repeats)] for v in range(views)])
         values, ids = synthetic_labels(by_slot, views, seed=shard)
         valid = np.ones(values.shape[:2], np.uint8)
         writer.write_unit(shard, 0, values=values, ids=ids, valid=valid)

@@ -390,10 +390,9 @@ def find_sample(manifest: Manifest, key_or_index: str) -> tuple[int, int, str]:
     return shard, position, keys[i]
 
 
-def slot_of(seed: int, view: int, shard: int, n: int, position: int) -> int:
-    from .views import slot_order
-
-    return int(np.flatnonzero(slot_order(seed, view, shard, n) == position)[0])
+def slots_of(renderer: ViewRenderer, seed: int, view: int, shard: int, n: int, position: int) -> list[int]:
+    """The slots of a view holding the sample: one, or with repeated augmentation 0 or R of them."""
+    return [int(s) for s in np.flatnonzero(renderer.slot_order(seed, view, shard, n) == position)]
 
 
 def pick_views(spec, done: set, shard: int, views: tuple[int, ...] | list[int], default: int) -> list[int]:
@@ -432,8 +431,13 @@ def describe_sample(reader, key_or_index: str, views=(), data: str | None = None
     n = spec.shard_sizes[shard]
     done = set(reader.completed_units())
     out = []
-    for view in pick_views(spec, done, shard, views, default_views):
-        slot = slot_of(spec.seed, view, shard, n, position)
+    asked = pick_views(spec, done, shard, views, default_views)
+    visits = [(view, slot) for view in asked for slot in slots_of(renderer, spec.seed, view, shard, n, position)]
+    if not visits:
+        raise InspectError(f"sample {key!r} is in none of views {list(asked)}: repeated augmentation "
+                           f"(repeats={renderer.recipe.repeats}) shows a sample in about 1/repeats of the views; "
+                           "ask for more with --view")
+    for view, slot in visits:
         sv = renderer.plan(spec.seed, view, shard, n)[slot]
         params = renderer.slot_params(spec.seed, view, shard, slot, img.size)
         mixed = sv.mix.mode != "none" and sv.partner_position is not None

@@ -21,7 +21,7 @@ from .inspect import (
     find_sample,
     load_image,
     pick_views,
-    slot_of,
+    slots_of,
     source_manifest,
     top_labels,
 )
@@ -112,8 +112,8 @@ def collect_tiles(reader, data, sample=None, views=(), count=16) -> list[Tile]:
     if sample is not None:
         shard, position, _ = find_sample(manifest, sample)
         n = spec.shard_sizes[shard]
-        chosen = pick_views(spec, done, shard, views, count)[:count]
-        where = [(v, shard, slot_of(spec.seed, v, shard, n, position)) for v in chosen]
+        where = [(v, shard, slot) for v in pick_views(spec, done, shard, views, spec.views)
+                 for slot in slots_of(renderer, spec.seed, v, shard, n, position)][:count]
     else:
         complete = [v for v in range(spec.views) if any((s, spec.block_of(v)) in done for s in range(spec.num_shards))]
         if not views and not complete:

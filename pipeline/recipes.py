@@ -44,6 +44,9 @@ class Recipe:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    # repeated augmentation (Hoffer et al.; DeiT's RASampler): in each view a shard's slots hold
+    # ceil(n / repeats) of its samples, each `repeats` times, each time differently augmented
+    repeats: int = 3
     # evaluation: resize then centre crop
     eval_crop_pct: float = 0.875
 
@@ -56,7 +59,12 @@ class Recipe:
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}; known keys: {', '.join(fields)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        recipe = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        if recipe.repeats < 1:
+            raise RecipeError(f"repeats must be >= 1 (1 turns repeated augmentation off), got {recipe.repeats}")
+        if recipe.input_size < 8:
+            raise RecipeError(f"input_size must be >= 8 pixels, got {recipe.input_size}")
+        return recipe
 
     @property
     def mixes(self) -> bool:
@@ -66,7 +74,7 @@ class Recipe:
 PRESETS: dict[str, dict] = {
     "deit": {},
     # FKD-style cheap recipe: crop and flip only, so a store is valid for any later mixing-free run.
-    "crop-flip": dict(auto_augment=None, re_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0),
+    "crop-flip": dict(auto_augment=None, re_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=0.0, repeats=1),
 }
 
 

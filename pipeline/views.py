@@ -7,7 +7,11 @@ Both stages import this module and nothing else to agree on what the student see
 A view is a pure function of ``(seed, recipe, view, shard, slot)`` (and the decoded image):
 
 - ``slot_order``: within shard ``j``, view ``v`` visits the shard's samples in a seeded
-  permutation; slot ``s`` holds the sample at position ``slot_order(...)[s]``.
+  permutation; slot ``s`` holds the sample at position ``slot_order(...)[s]``. With repeated
+  augmentation (``recipe.repeats = R > 1``, DeiT's default 3) a view holds a seeded
+  ``ceil(n / R)`` of the samples, each R times (R rounds, each a fresh permutation of the chosen
+  ones), as DeiT's RASampler does per epoch; each repeat is its own slot, hence its own
+  augmentation, and no sample is ever mixed with its own repeat.
 - slots ``(2m, 2m+1)`` are mixing partners. They share one ``MixParams`` (mode, lambda, box):
   slot ``2m`` is ``A`` with ``B`` mixed in, slot ``2m+1`` is ``B`` with ``A`` mixed in (timm's
   Mixup with each pair as a batch of two). Mixing therefore never depends on batch size,
@@ -53,9 +57,24 @@ def generator(seed: int, stream: int, *counter: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(counter=[w & _U64 for w in words], key=[seed & _U64, stream]))
 
 
-def slot_order(seed: int, view: int, shard: int, n: int) -> np.ndarray:
-    """Slot -> position within the shard for one view (a seeded permutation of ``n`` samples)."""
-    return generator(seed, STREAM_ORDER, view, shard).permutation(n)
+def slot_order(seed: int, view: int, shard: int, n: int, repeats: int = 1) -> np.ndarray:
+    """Slot -> position within the shard for one view: ``n`` slots.
+
+    repeats = 1: a seeded permutation of the ``n`` samples. repeats = R: the first ``ceil(n / R)``
+    samples of that permutation, laid out as R rounds (each a fresh permutation of them), cut to
+    ``n`` slots (at least two samples are chosen). Pairs (2m, 2m+1) inside a round hold distinct samples; a pair straddling two
+    rounds that would mix a sample with itself swaps its second slot with the next one.
+    """
+    g = generator(seed, STREAM_ORDER, view, shard)
+    order = g.permutation(n)
+    if repeats == 1 or n < 3:
+        return order
+    chosen = order[:max(2, -(-n // repeats))]  # at least two samples, so no pair mixes a sample with itself
+    slots = np.concatenate([g.permutation(chosen) for _ in range(repeats)])[:n]
+    for m in range(0, n - 2, 2):
+        if slots[m] == slots[m + 1]:  # only at a round boundary: slots[m + 2] is another sample
+            slots[m + 1], slots[m + 2] = slots[m + 2], slots[m + 1]
+    return slots
 
 
 def epoch_shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
@@ -210,9 +229,12 @@ class ViewRenderer:
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # timm's correct_lam: lambda = uncovered area
         return MixParams("cutmix", lam, (y0, y1, x0, x1))
 
+    def slot_order(self, seed: int, view: int, shard: int, n: int) -> np.ndarray:
+        return slot_order(seed, view, shard, n, self.recipe.repeats)
+
     def plan(self, seed: int, view: int, shard: int, n: int) -> list[SlotView]:
         """Every slot of one view of one shard, in slot order."""
-        order = slot_order(seed, view, shard, n)
+        order = self.slot_order(seed, view, shard, n)
         out = []
         for slot in range(n):
             p = partner(slot, n)

@@ -25,7 +25,8 @@ BACKENDS = ("zarr", "wds")
 
 def make_stores(root) -> dict:
     """A tiny wds source (20 samples, 3 shards), a saved random teacher, and a store per backend
-    (4 views in blocks of 2: 6 units, 80 views, deit recipe at 32 px, top-3)."""
+    (4 views in blocks of 2: 6 units, 80 views, deit recipe at 32 px without repeated augmentation,
+    so every view holds every sample once; top-3)."""
     data = write_wds(root / "wds", n=20, per_shard=8)
     torch.manual_seed(0)
     weights = str(root / "teacher.pth")
@@ -36,7 +37,7 @@ def make_stores(root) -> dict:
         run_precompute(PrecomputeConfig(
             data=data, out=out, teacher="resnet10t", teacher_weights=weights, model_kwargs={"num_classes": 3},
             views=4, views_per_unit=2, topk=3, input_size=32, batch_size=16, workers=0, backend=backend,
-            progress=False))
+            overrides=["repeats=1"], progress=False))
         stores[backend] = out
     return {"data": data, "weights": weights, **stores}
 
@@ -134,7 +135,7 @@ def test_export_rows_equal_the_reader(stores, backend, tmp_path):
     for view in range(4):
         for shard, n in enumerate(reader.spec.shard_sizes):
             lab = reader.read(view, shard)
-            order = slot_order(reader.spec.seed, view, shard, n)
+            order = slot_order(reader.spec.seed, view, shard, n, reader.spec.recipe["repeats"])
             keys, labels = manifest.keys(shard), manifest.labels(shard)
             for slot in range(n):
                 row = by_key[(view, shard, slot)]
@@ -150,16 +151,22 @@ def test_export_rows_equal_the_reader(stores, backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_shows_params_and_labels(stores, backend):
-    res = run_cli("inspect", stores[backend], "--sample", "s00009", "--view", 1, "--view", 3, "--data", stores["data"])
+    reader = open_store(stores[backend])
+    renderer = ViewRenderer(Recipe.from_dict(reader.spec.recipe))
+    shown = [v for v in range(4) if 1 in renderer.slot_order(reader.spec.seed, v, 1, 8)]
+    v1, v2 = shown[:2]
+    res = run_cli("inspect", stores[backend], "--sample", "s00009", "--view", v1, "--view", v2, "--data", stores["data"])
     assert res.exit_code == 0, res.output
     out = res.output
     assert out.startswith("sample s00009 (shard 1, position 1), ground truth: circle, image 40x32")
-    assert "view 1 (slot" in out and "view 3 (slot" in out and "view 0 (slot" not in out
-    assert out.count("  crop     top=") == 2 and "flip=" in out
+    assert f"view {v1} (slot" in out and f"view {v2} (slot" in out
+    assert not any(f"view {v} (slot" in out for v in range(4) if v not in (v1, v2))
+    repeats = sum(int(np.sum(renderer.slot_order(reader.spec.seed, v, 1, 8) == 1)) for v in (v1, v2))
+    assert out.count("  crop     top=") == repeats and "flip=" in out
     assert "magnitude=" in out and "sign=" in out  # RandAugment ops (deit recipe: two per view)
     assert "  erase    " in out and "lambda=" in out and "  teacher  " in out
     # the sample by index, and from the root the store recorded (no --data)
-    assert run_cli("inspect", stores[backend], "--sample", "9", "--view", 1).output.splitlines()[:6] == \
+    assert run_cli("inspect", stores[backend], "--sample", "9", "--view", v1).output.splitlines()[:6] == \
         out.splitlines()[:6]
 
 
@@ -168,10 +175,10 @@ def test_sample_params_equal_the_view_contract(stores):
     from pipeline.inspect import describe_sample
 
     rep = describe_sample(reader, "s00012", views=(2,))
-    (v,) = rep.views
+    v = rep.views[0]
     renderer = ViewRenderer(Recipe.from_dict(reader.spec.recipe))
     assert v.params == renderer.slot_params(reader.spec.seed, 2, rep.shard, v.slot, (40, 32))
-    assert slot_order(reader.spec.seed, 2, rep.shard, 8)[v.slot] == rep.position
+    assert renderer.slot_order(reader.spec.seed, 2, rep.shard, 8)[v.slot] == rep.position
     lab = reader.read_slot(2, rep.shard, v.slot)
     assert [p for _, p in v.top] == pytest.approx(np.exp(lab.values[0].astype(np.float32)).tolist())
 
@@ -196,3 +203,26 @@ def test_render_contact_sheets(stores, backend, tmp_path):
     assert px[4:164, 4:164].std() > 10  # a real view, not a blank tile
     res = run_cli("inspect", stores[backend], "--render", out, "--sample", "s00003", "--data", stores["data"])
     assert "4 views" in res.output  # one sample across all 4 views
+
+
+def test_sample_under_repeated_augmentation_lists_every_repeat(tmp_path, tiny_teacher):
+    data = write_wds(tmp_path / "wds", n=12, per_shard=12)
+    out = str(tmp_path / "store")
+    run_precompute(PrecomputeConfig(
+        data=data, out=out, teacher="resnet10t", teacher_weights=tiny_teacher, model_kwargs={"num_classes": 3},
+        views=3, views_per_unit=3, topk=3, input_size=32, batch_size=16, workers=0, progress=False))
+    reader = open_store(out)
+    renderer = ViewRenderer(Recipe.from_dict(reader.spec.recipe))
+    assert renderer.recipe.repeats == 3
+    from pipeline.inspect import InspectError, describe_sample
+
+    for key_index in range(12):
+        counts = [int(np.sum(renderer.slot_order(0, v, 0, 12) == key_index)) for v in range(3)]
+        if 0 in counts and sum(counts):
+            break
+    rep = describe_sample(reader, str(key_index), views=(0, 1, 2))
+    assert len(rep.views) == sum(counts) and all(c in (0, 3) for c in counts)
+    assert len({(v.view, v.slot) for v in rep.views}) == len(rep.views)
+    absent = counts.index(0)
+    with pytest.raises(InspectError, match="repeated augmentation"):
+        describe_sample(reader, str(key_index), views=(absent,))

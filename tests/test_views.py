@@ -236,3 +236,55 @@ def test_recipe_overrides_are_checked():
     with pytest.raises(RecipeError, match="expected float"):
         create_recipe("deit", ["re_prob=lots"])
     assert create_recipe("deit").to_dict() == type(r).from_dict(create_recipe("deit").to_dict()).to_dict()
+
+
+# ---- repeated augmentation ----------------------------------------------------------------
+def _official_epoch(n: int, epoch: int, repeats: int = 3, world: int = 4) -> np.ndarray:
+    """Indices one epoch of timm's RepeatAugSampler (DeiT's RASampler) draws, over all ranks."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+    out = []
+    for rank in range(world):
+        s = RepeatAugSampler(list(range(n)), num_replicas=world, rank=rank, num_repeats=repeats)
+        s.set_epoch(epoch)
+        out.extend(list(s))
+    return np.asarray(out)
+
+
+def test_repeats_match_the_official_sampler_statistics():
+    n, epochs = 1024, 6
+    ours = [slot_order(0, v, 0, n, 3) for v in range(epochs)]
+    theirs = [_official_epoch(n, e) for e in range(epochs)]
+    for o, t in zip(ours, theirs, strict=True):
+        # the same number of draws per epoch, about 1/3 of the samples, each seen (about) 3 times
+        assert len(o) == n and abs(len(t) - n) <= 8
+        assert abs(np.unique(o).size - np.unique(t).size) <= 8
+        assert abs(np.unique(o).size - n / 3) <= 2
+        assert np.bincount(np.bincount(o))[3] >= np.unique(o).size - 2
+    # which samples an epoch picks changes from epoch to epoch (a fresh draw, not a fixed third)
+    overlap = len(set(ours[0]) & set(ours[1])) / np.unique(ours[0]).size
+    assert 0.2 < overlap < 0.5
+
+
+def test_repeats_are_distinct_views_never_mixed_with_themselves():
+    r = ViewRenderer(create_recipe("deit", {"input_size": 48, "repeats": 3}))
+    images = [photo(i) for i in range(9)]
+    for view in range(20):
+        plan = r.plan(0, view, 0, 9)
+        for sv in plan:
+            assert sv.partner_position != sv.position
+    plan = r.plan(0, 0, 0, 9)
+    x = render_shard_view(r, 0, 0, 0, images)
+    by_sample = {}
+    for sv in plan:
+        by_sample.setdefault(sv.position, []).append(digest(x[sv.slot]))
+    assert any(len(h) == 3 for h in by_sample.values())
+    for hashes in by_sample.values():
+        assert len(set(hashes)) == len(hashes), "each repeat is its own augmentation"
+
+
+def test_repeats_one_is_the_plain_permutation():
+    assert np.array_equal(slot_order(5, 2, 1, 100, 1), slot_order(5, 2, 1, 100))
+    assert sorted(slot_order(5, 2, 1, 100, 1).tolist()) == list(range(100))
+    assert create_recipe("crop-flip").repeats == 1 and create_recipe("deit").repeats == 3
+    with pytest.raises(RecipeError, match="repeats must be >= 1"):
+        create_recipe("deit", ["repeats=0"])
