@@ -8,7 +8,7 @@ from conftest import encode, make_image, write_wds
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.sources import write_wds_shards
 from pipeline.teacher import create_teacher
-from pipeline.views import slot_order
+from pipeline.views import ViewRenderer
 from student.data import LockstepLoader, open_train_data
 
 TEACHER = "resnet10t"
@@ -80,11 +80,12 @@ def test_targets_are_mixed_smoothed_ground_truth(tiny):
     def smooth(shard, position):
         return torch.nn.functional.one_hot(labels[starts[shard] + int(position)], 3) * 0.9 + 0.1 / 3
 
+    renderer = ViewRenderer(data.recipe)
     for (shard, slot), i in order.items():
+        sv = renderer.plan(data.seed, 0, shard, 8)[slot]
         if slot % 2 == 0:
-            pos = slot_order(data.seed, 0, shard, 8)
             pair_sum = t[i] + t[order[shard, slot + 1]]
-            assert torch.allclose(pair_sum, smooth(shard, pos[slot]) + smooth(shard, pos[slot + 1]), atol=1e-6)
+            assert torch.allclose(pair_sum, smooth(shard, sv.position) + smooth(shard, sv.partner_position), atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -165,12 +166,13 @@ def test_invalid_views_are_skipped_and_counted(broken):
     data = open_train_data(broken["data"], labels=broken["store"])
     it = LockstepLoader(data, batch_size=3).epoch(0)
     batches = list(it)
-    # The broken image's view and its mixing partner's view were flagged by precompute.
-    assert it.invalid == 2
-    assert len(batches) == (16 - 2) // 3 and all(len(b) == 3 for b in batches)
+    # Every view showing the broken image (each repeat, and each mixing partner) was flagged by precompute.
+    flagged = sum(int((data.reader.read(0, j).valid != 1).sum()) for j in range(2))
+    assert it.invalid == flagged >= 2
+    assert len(batches) == (16 - flagged) // 3 and all(len(b) == 3 for b in batches)
     assert batches[0].teacher_ids.shape == (3,)
     # Without a store the broken image is found at decode time: dropped from its batch, counted.
     plain = open_train_data(broken["data"], recipe="deit", input_size=32)
     it = LockstepLoader(plain, batch_size=4, workers=2).epoch(0)
     sizes = [len(b) for b in it]
-    assert it.skipped == 2 and sum(sizes) == 14 and sorted(sizes) == [2, 4, 4, 4]
+    assert it.skipped == flagged and sum(sizes) == 16 - flagged and min(sizes) < 4
