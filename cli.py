@@ -245,5 +245,22 @@ def train(**kw):
                    + (f"; val top-1 cls/dist/avg {final['cls_top1']:.2f}/{final['dist_top1']:.2f}/"
                       f"{final['avg_top1']:.2f}" if final else ""))
 
+
+# ---- the whole thing on real data ----------------------------------------------------------
+@main.command()
+@click.option("--quick", is_flag=True, help="A smaller run (under 3 minutes on 2 CPU cores).")
+@click.option("--out", default="demo-out", show_default=True, help="Directory for shards, runs, store, plot.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (a GPU runs a larger demo).")
+def demo(quick, out, device):
+    """Fashion-MNIST end to end: shards, ConvNet teacher, precompute, DeiT students with and without distillation."""
+    from student.demo import DemoError, run_demo
+
+    try:
+        run_demo(out=out, quick=quick, device=device)
+    except DemoError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     main()

@@ -269,6 +269,14 @@ def create_teacher(
         else:
             state = load_state_dict_file(weights_file)
             source = weights_file
+            # A checkpoint of `cli.py train` knows the views its model was trained on: label at
+            # that size and normalisation, not at the architecture's ImageNet default (a 32 px
+            # Fashion-MNIST ConvNet must not see its views upsampled to 224).
+            trained = trained_data_config(weights_file)
+            if trained is not None:
+                input_size = trained["input_size"] if input_size is None else input_size
+                mean = trained["mean"] if mean is None else mean
+                std = trained["std"] if std is None else std
         _load_strict(model, state, name, weights_file)
     else:
         _log.warning("teacher %s has random weights: pass --teacher-weights FILE or a pretrained tag", name)
@@ -355,6 +363,32 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"state_dict or one under {'/'.join(_NESTED_KEYS)}"
         )
     return _strip_prefixes(state)
+
+
+def trained_data_config(path: str | os.PathLike) -> dict | None:
+    """input_size/mean/std of the views a `cli.py train` checkpoint was trained on; None for other files.
+
+    Plain training keeps its recipe in the checkpoint's config; training from a label store keeps
+    the store's spec (with its recipe) in the checkpoint's identity.
+    """
+    if str(path).endswith(".safetensors"):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_state_dict_file reports unreadable files
+        return None
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("config"), Mapping):
+        return None
+    from .recipes import Recipe, create_recipe
+
+    config, store = obj["config"], (obj.get("identity") or {}).get("store")
+    if isinstance(store, Mapping) and isinstance(store.get("recipe"), Mapping):
+        recipe = Recipe.from_dict(dict(store["recipe"]))
+    else:
+        size = config.get("input_size")
+        recipe = create_recipe(config.get("recipe") or "deit",
+                               list(config.get("overrides") or []) + ([f"input_size={size}"] if size else []))
+    return {"input_size": recipe.input_size, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
 
 
 def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
