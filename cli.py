@@ -81,6 +81,8 @@ def main():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--input-size", default=None, type=int, help="View size in pixels [recipe: 224].")
+@click.option("--repeats", default=None, type=int,
+              help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
 @click.option("--shard-size", default=1024, show_default=True, type=int, help="ImageFolder virtual shard size.")
 @click.option("--views-per-unit", default=10, show_default=True, type=int, help="Views per work unit.")
 @click.option("--batch-size", default=256, show_default=True, type=int)
@@ -99,6 +101,8 @@ def precompute(**kw):
     kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
+    repeats = kw.pop("repeats")
+    kw["overrides"] += [f"repeats={repeats}"] if repeats is not None else []  # the recipe's `repeats`
     summary = run_reporting_errors(lambda: run_precompute(PrecomputeConfig(**kw)))
     if summary is not None and summary.rank == 0:
         click.echo(summary.report())
@@ -224,6 +228,13 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Without --labels: recipe override.")
 @click.option("--seed", default=None, type=int, help="Without --labels: view seed [0].")
 @click.option("--input-size", default=None, type=int, help="Without --labels: view size [recipe: 224].")
+@click.option("--repeats", default=None, type=int,
+              help="Repeated augmentation R [recipe: 3]; with --labels it must be the store's.")
+@click.option("--finetune", default=None, metavar="CKPT",
+              help="Start from a checkpoint's weights (ours or timm/DeiT) at the store's input size and classes "
+                   "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "
+                   "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
+                   "scaled lr (flat), 1e-8, 0.")
 @click.option("--shard-size", default=1024, show_default=True, type=int, help="ImageFolder virtual shard size.")
 @click.option("--log-every", default=50, show_default=True, type=int, help="Progress bar update, in steps.")
 @click.option("--max-steps-per-epoch", default=None, type=int, help="Cap every epoch at N steps (smoke runs).")
@@ -236,6 +247,15 @@ def train(**kw):
     kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
+    if kw["finetune"]:  # DeiT's fine-tuning recipe for every option left at its default
+        import os
+
+        from student.finetune import FINETUNE_DEFAULTS, finetune_defaults
+
+        source = click.get_current_context().get_parameter_source
+        lr = kw["lr"] if source("lr") != click.core.ParameterSource.DEFAULT else FINETUNE_DEFAULTS["lr"]
+        defaults = finetune_defaults(lr, kw["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
+        kw.update({k: v for k, v in defaults.items() if source(k) == click.core.ParameterSource.DEFAULT})
     summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
     if summary is not None and summary["rank"] == 0:
         final = summary["final"].get("val") or {}

@@ -131,10 +131,11 @@ class TrainData:
 def open_train_data(data: str, *, labels: str | None = None, recipe: str | None = None,
                     overrides: list[str] | tuple[str, ...] = (), seed: int | None = None,
                     input_size: int | None = None, shard_size: int = 1024,
-                    check_probes: bool = True) -> TrainData:
+                    check_probes: bool = True, repeats: int | None = None) -> TrainData:
     """Index ``data`` and, with ``labels``, check it against the store: same source, same recipe
     and seed (taken from the store), views that still render the same. Raises TrainError."""
     overrides = list(overrides) + ([f"input_size={input_size}"] if input_size else [])
+    overrides += [f"repeats={repeats}"] if repeats is not None else []  # --repeats R: recipe.repeats
     if labels is None:
         r = create_recipe(recipe or "deit", overrides)
         seed = 0 if seed is None else seed
@@ -161,7 +162,7 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
         if diff is not None:
             raise TrainError(f"recipe.{diff}={asked[diff]} on the command line, but the store {labels} "
                              f"was made with recipe.{diff}={have[diff]}; with --labels the recipe comes "
-                             "from the store: drop --recipe/--set/--input-size")
+                             "from the store: drop --recipe/--set/--input-size/--repeats")
     if seed is not None and seed != spec.seed:
         raise TrainError(f"--seed {seed}, but the store {labels} was made with seed={spec.seed}; with "
                          "--labels the seed comes from the store: drop --seed")

@@ -69,11 +69,13 @@ class TrainConfig:
     amp: bool = True                    # bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing)
     compile: bool = False
     resume: bool = False
+    finetune: str | None = None         # start from this checkpoint's weights (student/finetune.py)
     # plain training (no --labels) draws views from these; with --labels they come from the store
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
     seed: int | None = None
     input_size: int | None = None
+    repeats: int | None = None          # repeated augmentation, recipe.repeats (deit preset: 3)
     shard_size: int = 1024
     # run control
     log_every: int = 50
@@ -195,9 +197,13 @@ def save_checkpoint(path: str, state: dict) -> None:
 def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     d = init_distributed(cfg.device)
+    if cfg.finetune and cfg.resume:
+        raise TrainError("--finetune starts a new run from a checkpoint's weights, --resume continues the run in "
+                         f"{cfg.out} from its own checkpoint: pass one of them")
     cfg, ckpt = load_checkpoint(cfg)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
-                           seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size)
+                           seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,
+                           repeats=cfg.repeats)
     mode = resolve_mode(cfg, data)
     if ckpt is not None:
         check_identity(ckpt, data.identity(), cfg)
@@ -215,6 +221,11 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(data.seed)  # the same initial weights on every rank and for every world size
     model = create_student(cfg.model, num_classes=data.num_classes, model_kwargs=cfg.model_kwargs,
                            drop_path_rate=cfg.drop_path).to(d.device)
+    finetuned = None
+    if cfg.finetune and ckpt is None:  # a resumed fine-tune continues from its own checkpoint instead
+        from .finetune import load_finetune
+
+        finetuned = load_finetune(model, cfg.finetune, data.recipe.input_size).describe()
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     global_batch = cfg.batch_size * d.world
@@ -283,7 +294,7 @@ def train(cfg: TrainConfig) -> dict:
         "device": str(d.device), "images": images, "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": train_seconds, "img_per_s": images / train_seconds if train_seconds else 0.0,
         "invalid_views_skipped": invalid + skipped, "first_step_loss": run.first_step_loss,
-        "final": {k: metrics.get(k) for k in ("loss", "val", "val_ema")},
+        "final": {k: metrics.get(k) for k in ("loss", "val", "val_ema")}, "finetune": finetuned,
     }
     if d.main:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
