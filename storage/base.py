@@ -178,7 +178,15 @@ class StoreWriter(_StoreBase):
         cap = spec.capacity
         self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap))
 
+    def retract(self, shard: int, view_block: int) -> None:
+        """Mark a unit not complete (found damaged): readers stop trusting it, precompute redoes it."""
+        self.spec.check_unit(shard, view_block)
+        self._retract(shard, view_block)
+
     def _write_unit(self, shard, block, values_enc, ids, valid) -> None:
+        raise NotImplementedError
+
+    def _retract(self, shard, block) -> None:
         raise NotImplementedError
 
 
@@ -259,6 +267,10 @@ class StoreReader(_StoreBase):
         for shard, block in self.completed_units():
             problems += self._check_unit(shard, block, full)
         return problems
+
+    def check_units(self, units, full: bool = False) -> list[Problem]:
+        """check() of the given units only (train checks the units its epochs read, precompute its own)."""
+        return [p for shard, block in units for p in self._check_unit(shard, block, full)]
 
     def _check_decoded(self, shard, block, values_enc, ids, valid) -> list[Problem]:
         """Flags and value checks on one decoded unit ([views, capacity, ...] arrays)."""

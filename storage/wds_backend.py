@@ -75,6 +75,9 @@ class _WdsMixin:
 class WdsWriter(_WdsMixin, StoreWriter):
     backend = "wds"
 
+    def _retract(self, shard, block):
+        self._tar(shard, block).unlink(missing_ok=True)  # the tar is the unit: a damaged one goes
+
     def _write_unit(self, shard, block, values_enc, ids, valid):
         arrays = {"ids": ids, "valid": valid}
         if values_enc is not None:

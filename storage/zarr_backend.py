@@ -72,12 +72,18 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
 class _ZarrMixin:
     def _open_arrays(self, mode: str):
         root = str(self.path / ARRAYS_DIR)
-        self._arrays = {
-            # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
-            # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
-            name: zarr.open_array(root, path=name, mode=mode).with_config({"write_empty_chunks": True})
-            for name in _array_shapes(self.spec)
-        }
+        self._arrays = {}
+        for name in _array_shapes(self.spec):
+            try:
+                # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
+                # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
+                arr = zarr.open_array(root, path=name, mode=mode).with_config({"write_empty_chunks": True})
+            except Exception as e:  # a truncated or missing zarr.json: name it, not json's column number
+                raise StoreCorrupt(
+                    f"store at {self.path}: {ARRAYS_DIR}/{name}/zarr.json is unreadable ({type(e).__name__}); "
+                    "the store's array metadata is damaged: recreate the store (precompute --overwrite)"
+                ) from None
+            self._arrays[name] = arr
 
     def _marker(self, shard, block) -> Path:
         return self.units_dir / f"{unit_name(shard, block)}.json"
@@ -112,6 +118,10 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
     def __init__(self, path):
         super().__init__(path)
         self._open_arrays("r+")
+
+    def _retract(self, shard, block):
+        self._marker(shard, block).unlink(missing_ok=True)  # two fleets may retract the same unit
+        fsync_path(self.units_dir)
 
     def _write_unit(self, shard, block, values_enc, ids, valid):
         new = {"ids": ids, "valid": valid}
