@@ -258,6 +258,14 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         writer.set_meta("versions", library_versions())
 
     mine = [u for i, u in enumerate(spec.units()) if i % world == rank]
+    # A unit marked complete whose bytes were damaged since (flipped byte, lost chunk, torn marker)
+    # would be skipped forever: crc32c-check this rank's complete units on every start and redo the
+    # damaged ones. Automatic rather than a flag, because it is cheap: it reads the store's labels
+    # once (~26 bytes/view), while the run reads every image once per unit.
+    for shard, block in sorted({p.unit for p in open_store(cfg.out).check_units(
+            [u for u in mine if writer.is_complete(*u)])}):
+        log.warning("unit (shard=%d, view_block=%d) is damaged: recomputing it", shard, block)
+        writer.retract(shard, block)
     pending = [(shard, block) for shard, block in mine if not writer.is_complete(shard, block)]
     units = [(shard, spec.block_views(block)) for shard, block in pending]
     dataset = UnitViews(manifest, recipe, cfg.seed, units, cfg.batch_size)
