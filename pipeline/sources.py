@@ -153,11 +153,18 @@ class Manifest:
                 yield Sample(r["key"], r["label"], shard, r["position"], _read_file(os.path.join(self.root, r["path"])))
             return
         by_member = {r["path"]: r for r in rows}
-        with tarfile.open(os.path.join(self.root, self.shards[shard]), mode="r|*") as tar:
-            for member in tar:
-                r = by_member.get(member.name)
-                if r is not None:
-                    yield Sample(r["key"], r["label"], shard, r["position"], tar.extractfile(member).read())
+        try:
+            with tarfile.open(os.path.join(self.root, self.shards[shard]), mode="r|*") as tar:
+                for member in tar:
+                    r = by_member.get(member.name)
+                    if r is not None:
+                        data = tar.extractfile(member).read()
+                        del by_member[member.name]
+                        yield Sample(r["key"], r["label"], shard, r["position"], data)
+        except (tarfile.TarError, OSError, EOFError):
+            pass  # a tar cut off (or damaged) after indexing: what is left is undecodable, below
+        for r in by_member.values():  # every sample once, so its views are flagged, not lost
+            yield Sample(r["key"], r["label"], shard, r["position"], b"")
 
     def read_shard(self, shard: int) -> list[Sample]:
         return list(self.iter_shard(shard))
@@ -274,7 +281,7 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
     order: list[str] = []
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for m in tar:
+            for m in _members_until_cut(tar):
                 if not m.isfile():
                     continue
                 base = os.path.basename(m.name)
@@ -286,7 +293,10 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
                 if ext in IMAGE_EXTS:
                     images[key] = m
                 elif ext == LABEL_EXT:
-                    text = tar.extractfile(m).read().decode().strip()
+                    try:
+                        text = tar.extractfile(m).read().decode().strip()
+                    except tarfile.ReadError:
+                        break  # the file ends inside this label: the tar was cut here
                     try:
                         labels[key] = int(text)
                     except ValueError:
@@ -302,6 +312,22 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
         m = images[key]
         out.append((key, m.name, m.offset_data, m.size, labels[key]))
     return out
+
+
+def _members_until_cut(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """A tar's members up to where the file ends early (a copy cut off mid-member): the member
+    being cut is indexed and, undecodable, gets its views flagged; the run goes on. A tar that is
+    unreadable from its first header still raises."""
+    while True:
+        try:
+            m = tar.next()
+        except tarfile.ReadError:
+            if tar.offset == 0:
+                raise
+            return
+        if m is None:
+            return
+        yield m
 
 
 def _wds_class_names(root: str, num_classes: int) -> list[str]:
