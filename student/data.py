@@ -236,6 +236,13 @@ def check_complete(data: TrainData, epochs: range) -> None:
         raise TrainError(f"store {data.labels_path} is missing {len(missing)} of the units epochs "
                          f"{epochs.start}-{epochs.stop - 1} read (views {views[0]}-{views[-1]}): {shown}; "
                          "run the same precompute command again (it resumes)")
+    # Damage found mid-run would stop it at the epoch that reads the unit (or, for a lost chunk the
+    # marker still lists, feed zeros): check the units' chunks against their markers' crc32c now.
+    # Costs one read of the labels these epochs will read anyway (~26 bytes/view).
+    problems = data.reader.check_units([(s, b) for b in blocks for s in range(spec.num_shards)])
+    if problems:
+        raise TrainError(f"store {data.labels_path} is damaged: {problems[0]}"
+                         + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
 
 
 # ---- one epoch's plan ----------------------------------------------------------------------

@@ -158,7 +158,11 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s yet, starting from the beginning", cfg.out)
         return cfg, None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file is never loaded: one line, not torch's traceback
+        raise TrainError(f"--resume: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "restore it or delete it to start over") from None
     saved = TrainConfig(**ckpt["config"])
     for name in IDENTITY_FIELDS:
         if getattr(saved, name) != getattr(cfg, name):
@@ -209,7 +213,9 @@ def train(cfg: TrainConfig) -> dict:
         check_identity(ckpt, data.identity(), cfg)
     start_epoch = ckpt["epoch"] if ckpt else 0
     end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
-    check_complete(data, range(start_epoch, cfg.epochs))
+    # Only the epochs this run will do: with --stop-after-epochs, training can go ahead on the views a
+    # fleet has finished while it still writes later ones (each --resume checks its own epochs).
+    check_complete(data, range(start_epoch, end_epoch))
     cuda = d.device.type == "cuda"
     loader = LockstepLoader(data, batch_size=cfg.batch_size, rank=d.rank, world=d.world, workers=cfg.workers,
                             pin_memory=cuda, max_steps_per_epoch=cfg.max_steps_per_epoch)
