@@ -169,7 +169,7 @@ def test_refusals_are_one_line(ft, tmp_path):
     msg = refusal(config(ft, tmp_path / "r", model_kwargs={**TINY48, "depth": 3}))
     assert "blocks.2." in msg and "does not fit --model" in msg
     msg = refusal(config(ft, tmp_path / "r", model_kwargs={**TINY48, "embed_dim": 32}))
-    assert "[1, 18, 64] in the checkpoint" in msg or "in the checkpoint" in msg
+    assert "cls_token is [1, 1, 64] in the checkpoint, [1, 1, 32] in the model" in msg
     assert 'add "img_size": 48' in refusal(config(ft, tmp_path / "r", model_kwargs=TINY32))
     assert "no such file" in refusal(config(ft, tmp_path / "r", finetune=str(tmp_path / "missing.pth")))
     torch.save({"epoch": 1, "args": "x"}, tmp_path / "empty.pth")
