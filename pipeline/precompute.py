@@ -282,23 +282,25 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     written = invalid = 0
     invalid_keys: list[str] = []
     last_poll = time.monotonic()
-    for chunk in loader:
-        shard, views = units[chunk.unit]
-        buf = buffers.get(chunk.unit)
-        if buf is None:
-            buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard)
-        ids, values = _label(teacher, chunk, recipe, spec)
-        invalid_keys.extend(chunk.invalid_keys)
-        if buf.add(chunk.start, ids, values, chunk.valid.numpy()):
-            writer.write_unit(shard, spec.block_of(views.start), **buffers.pop(chunk.unit).arrays())
-            written += buf.valid.size
-            invalid += int((buf.valid == INVALID).sum())
-        bar.update(len(chunk.valid))
-        if world > 1 and time.monotonic() - last_poll > 10:  # show the fleet's progress, not ours
-            last_poll = time.monotonic()
-            bar.n = max(bar.n, _stored_views(writer, spec))
-            bar.refresh()
-    bar.close()
+    try:  # close the bar on any error, so the one-line error starts its own line
+        for chunk in loader:
+            shard, views = units[chunk.unit]
+            buf = buffers.get(chunk.unit)
+            if buf is None:
+                buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard)
+            ids, values = _label(teacher, chunk, recipe, spec)
+            invalid_keys.extend(chunk.invalid_keys)
+            if buf.add(chunk.start, ids, values, chunk.valid.numpy()):
+                writer.write_unit(shard, spec.block_of(views.start), **buffers.pop(chunk.unit).arrays())
+                written += buf.valid.size
+                invalid += int((buf.valid == INVALID).sum())
+            bar.update(len(chunk.valid))
+            if world > 1 and time.monotonic() - last_poll > 10:  # show the fleet's progress, not ours
+                last_poll = time.monotonic()
+                bar.n = max(bar.n, _stored_views(writer, spec))
+                bar.refresh()
+    finally:
+        bar.close()
     for key in sorted(set(invalid_keys)):
         log.warning("undecodable image %s: its views are flagged invalid", key)
     return PrecomputeSummary(

@@ -114,19 +114,24 @@ def test_corrupt_images_are_flagged_and_counted(tmp_path, tiny_teacher):
     good[3] = ("s003", b"", "png", 0)                                   # zero-byte
     good[7] = ("s007", encode(make_image(1, 7), "JPEG")[:200], "jpg", 1)  # truncated JPEG
     write_wds_shards(good, str(tmp_path / "bad"), per_shard=10)
-    s = run_precompute(config(str(tmp_path / "bad"), str(tmp_path / "store"), tiny_teacher, views=2))
+    # repeats=1: every view shows every sample, so both broken images show up in each view
+    s = run_precompute(config(str(tmp_path / "bad"), str(tmp_path / "store"), tiny_teacher, views=2,
+                              overrides=["repeats=1"]))
     assert s.units_complete == s.units_total
     assert sorted(k.split(" ")[0] for k in s.invalid_keys) == ["s003", "s007"]
     r = open_store(tmp_path / "store")
     manifest = Manifest.from_bytes(r.manifest_bytes)
     renderer = ViewRenderer(Recipe.from_dict(r.spec.recipe))
+    flagged = 0
     for view in range(2):
         lab = r.read(view, 0)
         plan = renderer.plan(r.spec.seed, view, 0, 10)
         for sv in plan:
             shows_bad = {sv.position, sv.partner_position} & {3, 7}
             assert lab.valid[sv.slot] == (INVALID if shows_bad else WRITTEN)
-        assert s.views_invalid >= (lab.valid == INVALID).sum() > 0
+        flagged += int((lab.valid == INVALID).sum())
+        assert (lab.valid == INVALID).sum() >= 2
+    assert s.views_invalid == flagged
     assert manifest.num_samples == 10
 
 
