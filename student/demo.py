@@ -68,7 +68,7 @@ class Size:
 
 
 SIZES = {
-    "quick": Size(train=2000, test=1000, teacher_epochs=4, student_epochs=5, batch_size=64,
+    "quick": Size(train=2000, test=1000, teacher_epochs=3, student_epochs=4, batch_size=64,
                   student_kwargs=dict(img_size=32, patch_size=4, embed_dim=96, depth=3, num_heads=3),
                   per_shard=500, warmup_epochs=1),
     "default": Size(train=8000, test=2000, teacher_epochs=8, student_epochs=10, batch_size=64,
