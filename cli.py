@@ -177,7 +177,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
     """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
 
     def go():
-        from pipeline.verify import format_report, verify_store
+        from pipeline.verify import verify_store
 
         return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
                             device=device, batch_size=batch_size, atol=atol)

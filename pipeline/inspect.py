@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from storage import INVALID, WRITTEN, Labels, StoreCorrupt
 
 from .inspect_store import count_flags
 from .sources import Manifest, decode_image, index_source
+
+if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
+    from .views import ViewRenderer
 
 DEFAULT_SAMPLE_BLOCKS = 32      # (view, shard) blocks read for the label statistics
 DEFAULT_SAMPLE_VIEWS = 200_000  # ... and at most this many views in them

@@ -300,7 +300,8 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
                     try:
                         labels[key] = int(text)
                     except ValueError:
-                        raise SourceError(f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
+                        raise SourceError(
+                            f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
     except tarfile.ReadError as e:
         raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
     out = []

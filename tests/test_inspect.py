@@ -155,7 +155,8 @@ def test_sample_shows_params_and_labels(stores, backend):
     renderer = ViewRenderer(Recipe.from_dict(reader.spec.recipe))
     shown = [v for v in range(4) if 1 in renderer.slot_order(reader.spec.seed, v, 1, 8)]
     v1, v2 = shown[:2]
-    res = run_cli("inspect", stores[backend], "--sample", "s00009", "--view", v1, "--view", v2, "--data", stores["data"])
+    res = run_cli("inspect", stores[backend], "--sample", "s00009", "--view", v1, "--view", v2,
+                  "--data", stores["data"])
     assert res.exit_code == 0, res.output
     out = res.output
     assert out.startswith("sample s00009 (shard 1, position 1), ground truth: circle, image 40x32")
