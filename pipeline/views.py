@@ -63,8 +63,8 @@ def slot_order(seed: int, view: int, shard: int, n: int, repeats: int = 1) -> np
     repeats = 1: a seeded permutation of the ``n`` samples. repeats = R: the first ``ceil(n / R)``
     samples of that permutation, laid out as R rounds (each a fresh permutation of them), cut to
     ``n`` slots (at least two samples are chosen). Pairs (2m, 2m+1) inside a round hold distinct
-    samples; a pair straddling two
-    rounds that would mix a sample with itself swaps its second slot with the next one.
+    samples; a pair straddling two rounds that would mix a sample with itself swaps its second
+    slot with the next one.
     """
     g = generator(seed, STREAM_ORDER, view, shard)
     order = g.permutation(n)
