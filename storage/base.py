@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -89,7 +90,7 @@ def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None) -> bytes:
     return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
 
-class _StoreBase:
+class _StoreBase(ABC):
     """Opened store directory: spec and metadata, plus the unit bookkeeping both roles need."""
 
     backend = ""
@@ -111,11 +112,13 @@ class _StoreBase:
         return sorted(self._complete_units())
 
     # backend hooks
+    @abstractmethod
     def _unit_complete(self, shard: int, block: int) -> bool:
-        raise NotImplementedError
+        """Each backend implements this."""
 
+    @abstractmethod
     def _complete_units(self) -> set[tuple[int, int]]:
-        raise NotImplementedError
+        """Each backend implements this."""
 
 
 class StoreWriter(_StoreBase):
@@ -183,11 +186,13 @@ class StoreWriter(_StoreBase):
         self.spec.check_unit(shard, view_block)
         self._retract(shard, view_block)
 
+    @abstractmethod
     def _write_unit(self, shard, block, values_enc, ids, valid) -> None:
-        raise NotImplementedError
+        """Each backend implements this."""
 
+    @abstractmethod
     def _retract(self, shard, block) -> None:
-        raise NotImplementedError
+        """Each backend implements this."""
 
 
 class StoreReader(_StoreBase):
@@ -301,8 +306,10 @@ class StoreReader(_StoreBase):
 
     # backend hook -> (values_enc or None [len(shards), cap, k], ids [len(shards), cap, ...],
     #                  valid [len(shards), cap])
+    @abstractmethod
     def _read_view_block(self, view: int, shards: list[int]):
-        raise NotImplementedError
+        """Each backend implements this."""
 
+    @abstractmethod
     def _check_unit(self, shard, block, full) -> list[Problem]:
-        raise NotImplementedError
+        """Each backend implements this."""
