@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--transformer", default="deit_tiny_patch16_224", help="Transformer teacher (timm name).")
     p.add_argument("--transformer-kwargs", default=json.dumps(STUDENT_KWARGS),
                    help="JSON for the transformer teacher [the student's architecture].")
-    p.add_argument("--transformer-epochs", type=int, default=10)
+    # 30 epochs brings the transformer to the 2-epoch ConvNet's accuracy (50.9 vs 50.6 on the defaults)
+    p.add_argument("--transformer-epochs", type=int, default=30)
     p.add_argument("--student", default="deit_tiny_distilled_patch16_224")
     p.add_argument("--student-kwargs", default=json.dumps(STUDENT_KWARGS))
     p.add_argument("--batch-size", type=int, default=64)
