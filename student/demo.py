@@ -286,20 +286,18 @@ def run_demo(out: str = "demo-out", quick: bool = False, device: str = "auto") -
     print(f"\n== 3/5 precompute: the teacher's hard labels for {s.student_epochs} views of every image", flush=True)
     store = precompute_labels(s, data, out, teacher["path"], views=s.student_epochs, hard=True, device=device)
 
-    print("\n== 4/5 student with hard distillation (distillation token), labels from the store", flush=True)
-    hard_run = os.path.join(out, "student-hard")
-    shutil.rmtree(hard_run, ignore_errors=True)
-    hard = read_run(hard_run, run_cli(train_args(s, data, hard_run, model=s.student_model, kwargs=s.student_kwargs,
-                                                 epochs=s.student_epochs, distillation="hard",
-                                                 labels=store["path"], device=device)))
+    def student(name: str, distillation: str) -> dict:
+        # Both students read the same store: the same views in the same order (labels unused by "none").
+        run = os.path.join(out, name)
+        shutil.rmtree(run, ignore_errors=True)
+        return read_run(run, run_cli(train_args(s, data, run, model=s.student_model, kwargs=s.student_kwargs,
+                                                epochs=s.student_epochs, distillation=distillation,
+                                                labels=store["path"], device=device)))
 
+    print("\n== 4/5 student with hard distillation (distillation token), labels from the store", flush=True)
+    hard = student("student-hard", "hard")
     print("\n== 5/5 the same student without distillation: same recipe, views, epochs, steps and seed", flush=True)
-    none_run = os.path.join(out, "student-none")
-    shutil.rmtree(none_run, ignore_errors=True)
-    # From the same store with --distillation none: the same views in the same order, labels unused.
-    none = read_run(none_run, run_cli(train_args(s, data, none_run, model=s.student_model, kwargs=s.student_kwargs,
-                                                 epochs=s.student_epochs, distillation="none",
-                                                 labels=store["path"], device=device)))
+    none = student("student-none", "none")
 
     rows = [(f"teacher {s.teacher_model} (ConvNet, {s.teacher_epochs} ep)", teacher, "cls"),
             (f"student {s.student_model.split('_patch')[0]}, no distillation ({s.student_epochs} ep)", none, "avg"),

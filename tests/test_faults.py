@@ -30,6 +30,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import encode, make_image, write_wds
+from test_storage_support import snapshot
 
 from cli import main
 from pipeline.precompute import PrecomputeConfig, run_precompute
@@ -146,15 +147,6 @@ def one_line_error(code, lines, crashed, expect_code, *fragments):
     assert "\n" not in error, lines
     for f in fragments:
         assert f in error, (f, error)
-
-
-def snapshot(path) -> dict:
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
 
 
 @pytest.fixture(scope="module")
