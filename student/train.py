@@ -38,6 +38,15 @@ from .model import _bare, create_student, eval_logits
 
 log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = "checkpoint.pth"
+# What save writes and resume needs; a checkpoint without them is refused before anything is read from it.
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
+
+
+def _first_line(e: Exception) -> str:
+    """The cause of a load error, without torch's advice to unpickle with weights_only=False."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
+    return cause[:160]
 
 
 @dataclass
@@ -159,11 +168,19 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
             log.warning("--resume: no checkpoint in %s yet, starting from the beginning", cfg.out)
         return cfg, None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file is never loaded: one line, not torch's traceback
-        raise TrainError(f"--resume: {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         "restore it or delete it to start over") from None
-    saved = TrainConfig(**ckpt["config"])
+        # weights_only: a checkpoint is data (tensors and plain types); unpickling never runs its code.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn, foreign or code-carrying file is never loaded: one line, not torch's advice
+        raise TrainError(f"--resume: {path} is not a readable checkpoint of this tool ({type(e).__name__}: "
+                         f"{_first_line(e)}); restore it or delete it to start over") from None
+    lacks = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else sorted(CHECKPOINT_KEYS)
+    if lacks or not isinstance(ckpt["config"], dict):
+        raise TrainError(f"--resume: {path} is not a checkpoint written by `cli.py train` (it lacks "
+                         f"{', '.join(lacks) or 'a config'}); use a new --out, or --finetune to start from its weights")
+    try:
+        saved = TrainConfig(**ckpt["config"])
+    except TypeError as e:
+        raise TrainError(f"--resume: {path} holds a config this version does not know ({e}); use a new --out") from None
     for name in IDENTITY_FIELDS:
         if getattr(saved, name) != getattr(cfg, name):
             raise TrainError(f"--resume: {cfg.out} was trained with {name}={getattr(saved, name)!r}, the command "

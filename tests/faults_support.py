@@ -228,7 +228,7 @@ def kill_train(config_path: str, plan: list) -> list:
         else:
             outcome = "finished" if os.WEXITSTATUS(status) == 0 else f"exit {os.WEXITSTATUS(status)}"
         path = os.path.join(cfg.out, "checkpoint.pth")
-        epoch = torch.load(path, map_location="cpu", weights_only=False)["epoch"] if os.path.exists(path) else None
+        epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"] if os.path.exists(path) else None
         out.append([how, outcome, epoch])
     return out
 

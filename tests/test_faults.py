@@ -123,7 +123,7 @@ def assert_same_store(path, ref):
 
 
 def weights_bytes(run) -> dict:
-    ckpt = torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=True)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             **{f"model.{k}": v.numpy().tobytes() for k, v in ckpt["model"].items()},
             **{f"ema.{k}": v.numpy().tobytes() for k, v in (ckpt["ema"] or {}).items()}}

@@ -77,7 +77,7 @@ def config(ft, out, **kw) -> TrainConfig:
 
 
 def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def refusal(cfg) -> str:
@@ -110,7 +110,7 @@ def test_32_to_48_px_loads_timm_resampled_pos_embed_and_trains_from_the_48_px_st
             "--model-kwargs", json.dumps(TINY48), "--finetune", ft["src"], "--epochs", 3, "--stop-after-epochs", 1,
             "--max-steps-per-epoch", 2, "--batch-size", 8, "--workers", 0, "--no-ema", "--log-every", 1)
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=True)
     c = ckpt["config"]
     assert c["epochs"] == 3 and c["finetune"] == ft["src"]
     assert (c["lr"], c["weight_decay"], c["warmup_epochs"]) == (5e-6, 1e-8, 0) == tuple(

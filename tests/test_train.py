@@ -42,7 +42,7 @@ def config(tiny, out, **kw) -> TrainConfig:
 
 
 def checkpoint(run):
-    return torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=True)
 
 
 def state_bytes(state: dict) -> dict:
@@ -210,3 +210,32 @@ def test_resume_refuses_another_model_and_the_cli_reports_one_line(tiny, tmp_pat
     assert "model_kwargs" in msg
     r = cli("cli.py", "train", "--data", tiny["data"], "--out", str(tmp_path / "x"), "--distillation", "hard")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+
+
+class _RunsCode:
+    """Pickles to ``os.system(cmd)``: what a crafted checkpoint would run on a full unpickle."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def test_resume_loads_a_checkpoint_as_data_only_and_refuses_code_or_a_bare_state_dict(tiny, tmp_path):
+    """A crafted checkpoint.pth whose unpickling runs a shell command: refused in one line, exit 2,
+    and the command never ran. A plain state_dict (no config) is refused in one line too."""
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    torch.save({"config": _RunsCode(f"touch {marker}"), "model": {}}, run / "checkpoint.pth")
+    flags = ["--data", tiny["data"], "--labels", tiny["store"], "--out", str(run), "--model", MODEL,
+             "--model-kwargs", json.dumps(TINY), "--epochs", "1", "--workers", "0", "--resume"]
+    r = cli("cli.py", "train", *flags)
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "not a readable checkpoint" in r.stderr and "weights_only=False" not in r.stderr
+
+    torch.save({"pos_embed": torch.zeros(1, 3, 4)}, run / "checkpoint.pth")  # a bare state_dict
+    r = cli("cli.py", "train", *flags)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "not a checkpoint written by `cli.py train`" in r.stderr and "config" in r.stderr
