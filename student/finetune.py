@@ -18,11 +18,14 @@ What is taken from the checkpoint follows DeiT's main.py ``--finetune`` block:
   are dropped when their shape differs from the new model's, i.e. when the class count changed: the
   new model's freshly initialised heads are kept (both of them for a distilled DeiT); with the same
   classes they are loaded, as DeiT does for its 224 -> 384 fine-tune;
-- the absolute position embedding is resampled to the new patch grid by timm's own
-  ``timm.layers.resample_abs_pos_embed`` (bicubic, prefix tokens - class and distillation - kept
-  as they are), which is what ``timm.models.vision_transformer.checkpoint_filter_fn`` does when a
-  pretrained ViT is created at another ``img_size`` (the paper's "fixing the positional encoding
-  across resolutions", section 3 / Touvron et al. 2019 FixRes).
+- the absolute position embedding is resampled to the new patch grid exactly as DeiT's main.py does
+  (``F.interpolate(pos_tokens, size=new, mode='bicubic', align_corners=False)`` on the grid tokens,
+  class and distillation tokens kept as they are), computed by timm's own
+  ``timm.layers.resample_abs_pos_embed`` with ``antialias=False``. timm's default is antialias=True
+  (what ``checkpoint_filter_fn`` uses), which is another kernel (torch's antialiased bicubic uses
+  a = -0.5, the plain one a = -0.75): on random position embeddings it differs from DeiT's by 57-76%
+  of the largest value when shrinking and 7-9% when growing (benchmarks/pos_embed_resample.py).
+  tests/test_finetune.py compares our bytes with DeiT's formula written out.
 
 Everything else must match the new model key for key and shape for shape; a checkpoint of another
 architecture (depth, width, patch size) is a one-line TrainError naming the first mismatch.
@@ -140,8 +143,8 @@ def pos_embed_prefix_tokens(model: nn.Module) -> int:
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, list[int] | None]:
-    """``pos_embed`` of a checkpoint, resampled by timm to ``model``'s patch grid (square source grid, as
-    timm assumes). Returns (tensor, old grid) with old grid None when nothing had to change."""
+    """``pos_embed`` of a checkpoint, resampled as DeiT does (bicubic, no antialias) to ``model``'s patch grid
+    (square source grid, as timm and DeiT assume). Returns (tensor, old grid), old grid None when nothing changed."""
     prefix = pos_embed_prefix_tokens(model)
     new = list(model.patch_embed.grid_size)
     positions = pos_embed.shape[1] - prefix
@@ -151,7 +154,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, model: nn.Module) -> tuple[torch
                          f"{prefix} prefix tokens plus a square grid; it is not a {type(model).__name__} checkpoint")
     if [side, side] == new and pos_embed.shape == model.pos_embed.shape:
         return pos_embed, None
-    out = resample_abs_pos_embed(pos_embed, new_size=new, old_size=[side, side], num_prefix_tokens=prefix)
+    # antialias=False: DeiT's main.py interpolates without it (timm's default is True, another kernel).
+    out = resample_abs_pos_embed(pos_embed, new_size=new, old_size=[side, side], num_prefix_tokens=prefix,
+                                 interpolation="bicubic", antialias=False)
     return out, [side, side]
 
 

@@ -1,7 +1,8 @@
 """Fine-tuning with distillation (`train --finetune`) and `--repeats` on precompute and train.
 
 A tiny DeiT trained at 32 px is fine-tuned at 48 px from a store the teacher labelled at 48 px:
-its position embedding is timm's resample of the checkpoint's, every other tensor is the
+its position embedding is the checkpoint's resampled exactly as DeiT's main.py does (bicubic, no
+antialias; compared byte for byte with DeiT's formula written out), every other tensor is the
 checkpoint's, and the run trains. A checkpoint with another class count starts with both heads
 freshly initialised and the body loaded. Repeated augmentation (repeats=3) replays the same bytes
 for any worker count and world size, and a store's repeats cannot be silently overridden.
@@ -22,7 +23,13 @@ from pipeline.views import ViewRenderer
 from storage import open_store
 from student.data import LockstepLoader, open_train_data
 from student.errors import TrainError
-from student.finetune import FINETUNE_DEFAULTS, adapt_state_dict, load_finetune, read_state_dict
+from student.finetune import (
+    FINETUNE_DEFAULTS,
+    adapt_state_dict,
+    load_finetune,
+    read_state_dict,
+    resample_pos_embed,
+)
 from student.model import create_student
 from student.train import TrainConfig, train
 
@@ -88,6 +95,36 @@ def refusal(cfg) -> str:
 
 
 # ---- fine-tuning -------------------------------------------------------------------------------
+def deit_interpolate_pos_embed(pos_embed_checkpoint, new_size: int, num_extra_tokens: int):
+    """DeiT's main.py ``--finetune`` block (facebookresearch/deit), written out: class and distillation
+    tokens kept, the grid tokens resized by plain bicubic (no antialias), align_corners=False."""
+    embedding_size = pos_embed_checkpoint.shape[-1]
+    orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
+    extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
+    pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
+    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
+    pos_tokens = torch.nn.functional.interpolate(
+        pos_tokens, size=(new_size, new_size), mode='bicubic', align_corners=False)
+    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat((extra_tokens, pos_tokens), dim=1)
+
+
+@pytest.mark.parametrize("old_img,new_img", [(56, 32), (32, 56), (96, 64), (64, 96)])
+def test_pos_embed_resample_is_deits_byte_for_byte_shrinking_and_growing(old_img, new_img):
+    """Random position embeddings (a trained one is smoother, so differences would hide), patch 8:
+    our resample equals DeiT's formula bytes for bytes; timm's default (antialias=True) does not."""
+    g = torch.Generator().manual_seed(old_img * 1000 + new_img)
+    old_grid, new_grid = old_img // 8, new_img // 8
+    pos = torch.randn(1, 2 + old_grid * old_grid, 64, generator=g)
+    model = create_student(MODEL, num_classes=3, model_kwargs={**TINY32, "img_size": new_img})
+    ours, old = resample_pos_embed(pos, model)
+    deit = deit_interpolate_pos_embed(pos, new_grid, num_extra_tokens=2)
+    assert old == [old_grid, old_grid] and ours.shape == deit.shape == model.pos_embed.shape
+    assert ours.numpy().tobytes() == deit.numpy().tobytes()
+    timm_default = resample_abs_pos_embed(pos, [new_grid, new_grid], num_prefix_tokens=2)  # antialias=True
+    assert not torch.equal(timm_default, deit)  # the old behaviour: a different kernel, shrinking or growing
+
+
 def test_32_to_48_px_loads_timm_resampled_pos_embed_and_trains_from_the_48_px_store(ft, tmp_path):
     src = weights(ft["src"])
     summary = train(config(ft, tmp_path / "zero"))
@@ -96,7 +133,7 @@ def test_32_to_48_px_loads_timm_resampled_pos_embed_and_trains_from_the_48_px_st
     got = weights(tmp_path / "zero" / "checkpoint.pth")
     # 32 px / patch 8 = 4x4 grid -> 48 px = 6x6, plus the class and distillation tokens
     assert src["pos_embed"].shape == (1, 2 + 16, 64) and got["pos_embed"].shape == (1, 2 + 36, 64)
-    expected = resample_abs_pos_embed(src["pos_embed"], new_size=[6, 6], num_prefix_tokens=2)
+    expected = deit_interpolate_pos_embed(src["pos_embed"], 6, num_extra_tokens=2)
     assert torch.equal(got["pos_embed"], expected)
     assert torch.equal(got["pos_embed"][:, :2], src["pos_embed"][:, :2])  # cls and dist tokens kept as they are
     for k in src:  # everything else, heads included (same classes), is the checkpoint's
@@ -141,7 +178,7 @@ def test_new_class_count_resets_both_heads_and_loads_the_body(ft, tmp_path):
             assert torch.equal(got[k], src4[k]), k
             if k.startswith("blocks."):
                 assert not torch.equal(got[k], fresh[k]), k  # the body really is the checkpoint's
-    assert torch.equal(got["pos_embed"], resample_abs_pos_embed(src4["pos_embed"], [6, 6], num_prefix_tokens=2))
+    assert torch.equal(got["pos_embed"], deit_interpolate_pos_embed(src4["pos_embed"], 6, num_extra_tokens=2))
 
 
 def test_timm_and_deit_checkpoint_files_load_alike(ft, tmp_path):
