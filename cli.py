@@ -77,6 +77,9 @@ def main():
 @click.option("--views", default=300, show_default=True, type=int, help="Views per sample (epoch e uses e mod V).")
 @click.option("--topk", default=10, show_default=True, type=int, help="Soft labels: keep the teacher's top-k.")
 @click.option("--hard", is_flag=True, help="Store only the teacher's argmax.")
+@click.option("--tau", "taus", multiple=True, type=float, metavar="T",
+              help="Soft labels: also store the tempered tail mass at temperature T (2 bytes/view each; "
+                   "repeatable), which makes `train --tau T` targets exact in top-k weights and tail mass.")
 @click.option("--recipe", default="deit", show_default=True, help="Augmentation preset: deit or crop-flip.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -101,6 +104,7 @@ def precompute(**kw):
     kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
+    kw["taus"] = list(kw["taus"])
     repeats = kw.pop("repeats")
     kw["overrides"] += [f"repeats={repeats}"] if repeats is not None else []  # the recipe's `repeats`
     summary = run_reporting_errors(lambda: run_precompute(PrecomputeConfig(**kw)))
@@ -173,14 +177,17 @@ def _plain(obj):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--atol", default=None, type=float, help="Log-prob tolerance beyond fp16 rounding [1e-3; 5e-2 on CUDA].")
-def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol):
+@click.option("--tau", "taus", multiple=True, type=float, metavar="T",
+              help="Also report how far the soft targets rebuilt at temperature T are from the teacher's full "
+                   "softmax(z/T) on the recomputed views (total variation, KL); repeatable.")
+def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol, taus):
     """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
 
     def go():
         from pipeline.verify import verify_store
 
         return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
-                            device=device, batch_size=batch_size, atol=atol)
+                            device=device, batch_size=batch_size, atol=atol, taus=taus)
 
     if device == "auto":
         import torch

@@ -23,7 +23,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from storage import INVALID, WRITTEN, StoreSpec, create_store, open_store, topk_logprobs
+from storage import (
+    INVALID,
+    WRITTEN,
+    StoreSpec,
+    create_store,
+    open_store,
+    soft_targets,
+    tail_logsumexp,
+    target_error,
+    topk_logprobs,
+)
 from storage.base import library_versions
 
 from .probes import probe_hashes
@@ -48,6 +58,7 @@ class PrecomputeConfig:
     views: int = 300
     topk: int = 10
     hard: bool = False
+    taus: list[float] = field(default_factory=list)  # store the tempered tail's log-sum-exp at each
     recipe: str = "deit"
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
@@ -128,6 +139,7 @@ def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> St
         seed=cfg.seed,
         manifest_fingerprint=manifest.fingerprint,
         teacher={"name": teacher.name, "fingerprint": teacher.identity["fingerprint"]},
+        taus=tuple(cfg.taus),
     )
 
 
@@ -142,6 +154,11 @@ def _check(cfg: PrecomputeConfig) -> None:
         raise PrecomputeError(f"--workers must be >= 0, got {cfg.workers}")
     if not cfg.hard and cfg.topk < 1:
         raise PrecomputeError(f"--topk must be >= 1 (or use --hard), got {cfg.topk}")
+    if cfg.taus and cfg.hard:
+        raise PrecomputeError("--tau stores the tempered tail of soft labels: drop --tau, or --hard for --topk K")
+    for t in cfg.taus:
+        if not (np.isfinite(t) and t > 0):
+            raise PrecomputeError(f"--tau must be a finite temperature > 0, got {t}")
 
 
 # ---- rendering: what a DataLoader worker does ------------------------------------------------
@@ -212,26 +229,32 @@ def _single_thread_worker(_):
 class _UnitBuffer:
     """Collects one unit's labels chunk by chunk; full when every view of the unit has arrived."""
 
-    def __init__(self, vb: int, n: int, k: int, hard: bool):
+    def __init__(self, vb: int, n: int, k: int, hard: bool, taus: int = 0):
         self.n, self.filled = n, 0
         self.ids = np.zeros((vb * n,) if hard else (vb * n, k), dtype=np.int64)
         self.values = None if hard else np.zeros((vb * n, k), dtype=np.float16)
+        self.tail = np.zeros((vb * n, taus), dtype=np.float16) if taus else None
         self.valid = np.full(vb * n, WRITTEN, dtype=np.uint8)
         self.vb = vb
 
-    def add(self, start: int, ids, values, valid: np.ndarray) -> bool:
+    def add(self, start: int, ids, values, tail, valid: np.ndarray) -> bool:
         end = start + len(valid)
         self.ids[start:end] = ids
         if self.values is not None:
             self.values[start:end] = values
+        if self.tail is not None:
+            self.tail[start:end] = tail
         self.valid[start:end] = np.where(valid, WRITTEN, INVALID)
         self.filled += len(valid)
         return self.filled == len(self.valid)
 
     def arrays(self):
         shape = (self.vb, self.n)
-        return dict(values=None if self.values is None else self.values.reshape(*shape, -1),
-                    ids=self.ids.reshape(*shape, *self.ids.shape[1:]), valid=self.valid.reshape(shape))
+        out = dict(values=None if self.values is None else self.values.reshape(*shape, -1),
+                   ids=self.ids.reshape(*shape, *self.ids.shape[1:]), valid=self.valid.reshape(shape))
+        if self.tail is not None:
+            out["tail_lse"] = self.tail.reshape(*shape, -1)
+        return out
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
@@ -279,6 +302,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                dynamic_ncols=True, smoothing=0.05)
     bar.update(_stored_views(writer, spec))
     buffers: dict[int, _UnitBuffer] = {}
+    soft_error = SoftError.start(spec)
     written = invalid = 0
     invalid_keys: list[str] = []
     last_poll = time.monotonic()
@@ -287,10 +311,11 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
             shard, views = units[chunk.unit]
             buf = buffers.get(chunk.unit)
             if buf is None:
-                buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard)
-            ids, values = _label(teacher, chunk, recipe, spec)
+                buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard,
+                                                        len(spec.taus))
+            ids, values, tail = _label(teacher, chunk, recipe, spec, soft_error)
             invalid_keys.extend(chunk.invalid_keys)
-            if buf.add(chunk.start, ids, values, chunk.valid.numpy()):
+            if buf.add(chunk.start, ids, values, tail, chunk.valid.numpy()):
                 writer.write_unit(shard, spec.block_of(views.start), **buffers.pop(chunk.unit).arrays())
                 written += buf.valid.size
                 invalid += int((buf.valid == INVALID).sum())
@@ -301,6 +326,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                 bar.refresh()
     finally:
         bar.close()
+    soft_error.save(writer, rank)
     for key in sorted(set(invalid_keys)):
         log.warning("undecodable image %s: its views are flagged invalid", key)
     return PrecomputeSummary(
@@ -315,12 +341,13 @@ def _stored_views(writer, spec: StoreSpec) -> int:
     return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in writer.completed_units())
 
 
-def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec):
+def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec, soft_error: SoftError | None = None):
     """Teacher labels for the valid views of a chunk (invalid rows stay zero)."""
     b = len(chunk.valid)
     k = spec.k
     ids = np.zeros((b,) if spec.mode == "hard" else (b, k), dtype=np.int64)
     values = None if spec.mode == "hard" else np.zeros((b, k), dtype=np.float16)
+    tail = np.zeros((b, len(spec.taus)), dtype=np.float16) if spec.taus else None
     keep = chunk.valid.nonzero().flatten()
     if len(keep):
         x = chunk.views if len(keep) == b else chunk.views[keep]
@@ -332,4 +359,50 @@ def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec):
             v, i = topk_logprobs(logits, k)
             ids[rows] = i.cpu().numpy()
             values[rows] = v.cpu().numpy()
-    return ids, values
+            if spec.taus:
+                tail[rows] = tail_logsumexp(logits, i, spec.taus)
+                if soft_error is not None:
+                    soft_error.add(logits.float().cpu(), values[rows], ids[rows], tail[rows])
+    return ids, values, tail
+
+
+@dataclass
+class SoftError:
+    """How far the soft targets rebuilt from the store are from the teacher's full softmax(z / tau), at
+    each of the store's taus, over the views this rank labelled: total variation and KL(teacher || rebuilt),
+    with the stored tail log-sum-exp ("stored") and with the uniform-tail approximation ("uniform").
+    Saved as meta/soft_error_rank<R>.json, added to what an earlier run of the same rank recorded;
+    `train` prints it (storage/soft.py explains the two rebuilds)."""
+
+    num_classes: int
+    taus: tuple[float, ...]
+    sums: dict = field(default_factory=dict)  # "tau/rebuild/metric" -> [sum, max, views]
+
+    @classmethod
+    def start(cls, spec: StoreSpec) -> SoftError:
+        return cls(spec.num_classes, spec.taus)
+
+    def add(self, logits, values, ids, tail) -> None:
+        for j, tau in enumerate(self.taus):
+            for rebuild, lse in (("stored", tail[:, j]), ("uniform", None)):
+                target = soft_targets(values, ids, self.num_classes, tau=tau, tail_lse=lse)
+                for metric, err in zip(("tv", "kl"), target_error(logits, target, tau), strict=True):
+                    acc = self.sums.setdefault(f"{tau:g}/{rebuild}/{metric}", [0.0, 0.0, 0])
+                    acc[0] += float(err.sum())
+                    acc[1] = max(acc[1], float(err.max()))
+                    acc[2] += len(err)
+
+    def save(self, writer, rank: int) -> None:
+        if not self.sums:
+            return
+        key = f"soft_error_rank{rank:05d}"
+        merged = {name: list(v) for name, v in writer_meta(writer).get(key, {}).items()}
+        for name, (total, peak, views) in self.sums.items():
+            old = merged.get(name, [0.0, 0.0, 0])
+            merged[name] = [old[0] + total, max(old[1], peak), old[2] + views]
+        writer.set_meta(key, merged)
+
+
+def writer_meta(writer) -> dict:
+    """The store's meta as a reader sees it (the writer itself does not read meta back)."""
+    return open_store(writer.path).meta

@@ -11,6 +11,10 @@
    top-k log-probability must match the recomputed one within float16 rounding plus ``atol``
    (numerical noise of a differently composed batch: 1e-3 in fp32, 5e-2 under CUDA's bf16).
 4. chunks (--full): every complete unit's checksums, shapes and decoded values (``check()``).
+5. soft targets (--tau T, top-k stores): on the recomputed views, the total variation and
+   KL(teacher || rebuilt) between the target train would rebuild at T (with the stored tail
+   log-sum-exp when the store has T, the uniform-tail approximation otherwise) and the teacher's
+   full softmax(z / T). A figure, not a pass/fail check: top-k labels are an approximation.
 
 Every failure names its unit ``(shard, view_block)``.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from storage import WRITTEN, StoreCorrupt, open_store
+from storage import WRITTEN, StoreCorrupt, open_store, soft_targets, target_error
 from storage.base import unit_name
 
 from .inspect import InspectError, source_manifest
@@ -32,6 +36,53 @@ FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a float16 value
 
 class VerifyError(InspectError):
     """verify cannot run as asked (foreign source, other teacher): one line, cause and fix."""
+
+
+@dataclass
+class SoftReport:
+    """Rebuilt soft targets at one temperature vs the teacher's full softmax(z / tau)."""
+
+    tau: float
+    k: int
+    num_classes: int
+    stored_tail: bool  # the store keeps the tail log-sum-exp at this tau
+    views: int
+    tv_mean: float
+    tv_p95: float
+    tv_max: float
+    kl_mean: float
+    kl_p95: float
+    kl_max: float
+
+    def line(self) -> str:
+        if self.k >= self.num_classes:
+            how = f"top-{self.k} of {self.num_classes} classes (no tail)"
+        elif self.stored_tail:
+            how = f"top-{self.k} + stored tail mass (split uniformly)"
+        else:
+            how = (f"top-{self.k} + UNIFORM tail approximation: no tail log-sum-exp stored at tau {self.tau:g} "
+                   f"(precompute --tau {self.tau:g} stores it)")
+        return (f"soft tau {self.tau:g}  {self.views} views, {how}: total variation mean {self.tv_mean:.4f} "
+                f"p95 {self.tv_p95:.4f} max {self.tv_max:.4f}; KL(teacher||rebuilt) mean {self.kl_mean:.4f} "
+                f"p95 {self.kl_p95:.4f} max {self.kl_max:.4f}")
+
+
+def soft_report(spec, rows, logp, tau: float) -> SoftReport:
+    """SoftReport at tau from stored rows (view, shard, slot, key, Labels) and recomputed log-probs [n, C]."""
+    col = spec.tau_index(tau)
+    values = np.concatenate([lab.values for *_, lab in rows]) if rows else np.zeros((0, spec.k), np.float16)
+    ids = np.concatenate([lab.ids for *_, lab in rows]) if rows else np.zeros((0, spec.k), np.int64)
+    tail = None
+    if col is not None and rows:
+        tail = np.concatenate([lab.tail_lse[:, col] for *_, lab in rows])
+    if rows:
+        target = soft_targets(values, ids.astype(np.int64), spec.num_classes, tau=tau, tail_lse=tail)
+        tv, kl = target_error(logp, target, tau)
+    else:
+        tv = kl = np.zeros(1)
+    return SoftReport(tau, spec.k, spec.num_classes, col is not None, len(rows),
+                      float(tv.mean()), float(np.quantile(tv, 0.95)), float(tv.max()),
+                      float(kl.mean()), float(np.quantile(kl, 0.95)), float(kl.max()))
 
 
 @dataclass
@@ -49,6 +100,7 @@ class VerifyReport:
     mismatches: list[tuple[tuple[int, int], str]] = field(default_factory=list)
     units_complete: int = 0
     units_total: int = 0
+    soft: list[SoftReport] = field(default_factory=list)
 
     @property
     def bad_units(self) -> list[tuple[int, int]]:
@@ -170,15 +222,20 @@ def compare(spec, rows, logp, atol: float, report: VerifyReport) -> None:
 
 
 def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n: int = 64, full: bool = False,
-                 seed: int = 0, device: str = "cpu", batch_size: int = 32, atol: float | None = None) -> VerifyReport:
+                 seed: int = 0, device: str = "cpu", batch_size: int = 32, atol: float | None = None,
+                 taus=()) -> VerifyReport:
     from .probes import drifted_probes
     from .recipes import Recipe
     from .views import ViewRenderer
 
     if n < 0:
         raise VerifyError(f"--n must be >= 0, got {n}")
+    if any(not (np.isfinite(t) and t > 0) for t in taus):
+        raise VerifyError(f"--tau must be finite temperatures > 0, got {list(taus)}")
     reader = open_store(path)
     spec = reader.spec
+    if taus and spec.mode != "topk":
+        raise VerifyError(f"--tau measures soft targets, but {path} holds hard labels only; drop --tau")
     manifest = source_manifest(reader, data)
     teacher = _teacher_for(reader, teacher_weights, device)
     if atol is None:
@@ -193,6 +250,7 @@ def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n:
     rows, logp, broken = _recompute(reader, manifest, teacher, pick_views(spec, done, n, seed), batch_size)
     report.mismatches += broken
     compare(spec, rows, logp, atol, report)
+    report.soft = [soft_report(spec, rows, logp, float(t)) for t in taus]
     if full:
         report.problems = reader.check(full=True)
     return report
@@ -216,6 +274,7 @@ def format_report(r: VerifyReport) -> str:
         lines.append("recompute   no stored views to check")
     for unit, what in r.mismatches:
         lines.append(f"  bad unit (shard={unit[0]}, view_block={unit[1]}): {what}")
+    lines += [s.line() for s in r.soft]
     if r.full:
         lines.append(f"chunks      {'all complete units intact' if not r.problems else f'{len(r.problems)} problems'}")
         lines += [f"  {p}" for p in r.problems]

@@ -6,7 +6,7 @@ Two backends behind one interface: zarr v3 (default) and webdataset tars. See DE
 
 from .api import BACKENDS, create_store, open_store
 from .base import StoreReader, StoreWriter
-from .soft import hard_targets, soft_targets, topk_logprobs
+from .soft import hard_targets, soft_targets, tail_logsumexp, target_error, topk_logprobs
 from .spec import (
     INVALID,
     PADDING,
@@ -38,5 +38,7 @@ __all__ = [
     "id_dtype",
     "open_store",
     "soft_targets",
+    "tail_logsumexp",
+    "target_error",
     "topk_logprobs",
 ]

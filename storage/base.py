@@ -27,7 +27,7 @@ from .fsutil import atomic_write
 from .spec import INVALID, WRITTEN, Labels, Problem, StoreError, StoreSpec
 
 FORMAT = "deit-lockstep-labels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional tail_lse array (StoreSpec.taus)
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
 
@@ -132,8 +132,11 @@ class StoreWriter(_StoreBase):
         (self.path / "meta").mkdir(exist_ok=True)
         atomic_write(self.path / "meta" / f"{key}.json", data)
 
-    def write_unit(self, shard: int, view_block: int, *, values, ids, valid) -> None:
+    def write_unit(self, shard: int, view_block: int, *, values, ids, valid, tail_lse=None) -> None:
         """Store one unit: arrays in slot order shaped [views_in_block, shard_size, ...].
+
+        tail_lse: float16 [views_in_block, shard_size, len(spec.taus)] when the spec has taus (see
+        storage.soft.tail_logsumexp), else None.
 
         Visible to readers only once every byte is durable; rewriting a complete unit with the
         same inputs changes nothing on disk.
@@ -178,8 +181,23 @@ class StoreWriter(_StoreBase):
             enc = pad_slots(encode_values(values), spec.capacity)
         elif values is not None:
             raise StoreError(f"{where}: values must be None in hard mode")
+        tail = None
+        if spec.taus:
+            want = (vb, n, len(spec.taus))
+            if tail_lse is None or np.shape(tail_lse) != want or np.asarray(tail_lse).dtype != np.float16:
+                got = None if tail_lse is None else (np.shape(tail_lse), np.asarray(tail_lse).dtype.name)
+                raise StoreError(f"{where}: the store keeps taus {list(spec.taus)}: tail_lse must be float16 "
+                                 f"{want}, got {got}; use storage.soft.tail_logsumexp")
+            tail = np.asarray(tail_lse).copy()
+            tail[bad] = 0
+            # -inf is legitimate (k = C: no tail; or a tail that underflowed), NaN and +inf are not
+            if np.isnan(tail).any() or np.isposinf(tail).any():
+                raise StoreError(f"{where}: tail_lse holds NaN or +inf; recompute it from finite logits")
+            tail = pad_slots(tail, spec.capacity)
+        elif tail_lse is not None:
+            raise StoreError(f"{where}: tail_lse given but the store keeps no taus (create it with taus)")
         cap = spec.capacity
-        self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap))
+        self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap), tail)
 
     def retract(self, shard: int, view_block: int) -> None:
         """Mark a unit not complete (found damaged): readers stop trusting it, precompute redoes it."""
@@ -187,7 +205,7 @@ class StoreWriter(_StoreBase):
         self._retract(shard, view_block)
 
     @abstractmethod
-    def _write_unit(self, shard, block, values_enc, ids, valid) -> None:
+    def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse) -> None:
         """Each backend implements this."""
 
     @abstractmethod
@@ -222,19 +240,18 @@ class StoreReader(_StoreBase):
                 "run precompute (it resumes) before reading it"
             )
 
-    def _labels(self, values_enc, ids, valid, n: int) -> Labels:
+    def _labels(self, values_enc, ids, valid, tail, n: int) -> Labels:
         values = None if values_enc is None else decode_values(values_enc[:n])
-        return Labels(values, ids[:n], valid[:n])
+        return Labels(values, ids[:n], valid[:n], None if tail is None else tail[:n])
 
     def read(self, view: int, shard: int) -> Labels:
         """One view of one shard, in slot order (length = the shard's size)."""
         self.spec.check_view(view, shard)
         block = self.spec.block_of(view)
         self._require(shard, block)
-        values_enc, ids, valid = self._read_view_block(view, [shard])
-        return self._labels(
-            None if values_enc is None else values_enc[0], ids[0], valid[0], self.spec.shard_sizes[shard]
-        )
+        values_enc, ids, valid, tail = self._read_view_block(view, [shard])
+        first = lambda a: None if a is None else a[0]
+        return self._labels(first(values_enc), ids[0], valid[0], first(tail), self.spec.shard_sizes[shard])
 
     def read_view(self, view: int) -> Iterator[tuple[int, Labels]]:
         """(shard, Labels) for every shard of one view, in shard order: one epoch's labels."""
@@ -243,14 +260,10 @@ class StoreReader(_StoreBase):
         shards = list(range(self.spec.num_shards))
         for s in shards:
             self._require(s, block)
-        values_enc, ids, valid = self._read_view_block(view, shards)
+        values_enc, ids, valid, tail = self._read_view_block(view, shards)
+        at = lambda a, s: None if a is None else a[s]
         for s in shards:
-            yield (
-                s,
-                self._labels(
-                    None if values_enc is None else values_enc[s], ids[s], valid[s], self.spec.shard_sizes[s]
-                ),
-            )
+            yield s, self._labels(at(values_enc, s), ids[s], valid[s], at(tail, s), self.spec.shard_sizes[s])
 
     def read_view_flat(self, view: int) -> Labels:
         """A whole view as one Labels, shards concatenated in order (see shard_offsets)."""
@@ -277,7 +290,7 @@ class StoreReader(_StoreBase):
         """check() of the given units only (train checks the units its epochs read, precompute its own)."""
         return [p for shard, block in units for p in self._check_unit(shard, block, full)]
 
-    def _check_decoded(self, shard, block, values_enc, ids, valid) -> list[Problem]:
+    def _check_decoded(self, shard, block, values_enc, ids, valid, tail=None) -> list[Problem]:
         """Flags and value checks on one decoded unit ([views, capacity, ...] arrays)."""
         spec, unit, out = self.spec, (shard, block), []
         n = spec.shard_sizes[shard]
@@ -291,6 +304,11 @@ class StoreReader(_StoreBase):
             v = decode_values(values_enc).astype(np.float32)
             if not (np.isfinite(v).all() and (v <= 0).all() and (np.diff(v, axis=-1) <= 0).all()):
                 out.append(Problem(unit, "values are not sorted, finite log-probabilities"))
+        if self.spec.taus:
+            if tail is None or tail.shape[-1] != len(self.spec.taus):
+                out.append(Problem(unit, f"no tail_lse for the store's taus {list(self.spec.taus)}"))
+            elif np.isnan(tail).any() or np.isposinf(tail).any():
+                out.append(Problem(unit, "tail_lse holds NaN or +inf"))
         return out
 
     def nbytes(self) -> int:
@@ -305,7 +323,7 @@ class StoreReader(_StoreBase):
         return total
 
     # backend hook -> (values_enc or None [len(shards), cap, k], ids [len(shards), cap, ...],
-    #                  valid [len(shards), cap])
+    #                  valid [len(shards), cap], tail_lse or None [len(shards), cap, len(taus)])
     @abstractmethod
     def _read_view_block(self, view: int, shards: list[int]):
         """Each backend implements this."""

@@ -56,6 +56,10 @@ class StoreSpec:
     seed: int = 0
     manifest_fingerprint: str = ""
     teacher: dict = field(default_factory=dict)  # {"name", "weights_sha256", "input_size", ...}
+    # Temperatures whose tempered tail mass is stored per view (top-k mode): for each tau, the
+    # float16 logsumexp over the classes outside the top-k of l_j / tau (l = log_softmax(z)), which
+    # makes soft targets at that tau exact in their top-k weights and their tail mass (storage/soft.py).
+    taus: tuple[float, ...] = ()
 
     def __post_init__(self):
         # Normalise containers so that a spec read back from JSON equals the one written.
@@ -63,6 +67,8 @@ class StoreSpec:
         object.__setattr__(self, "shard_sizes", tuple(int(n) for n in self.shard_sizes))
         object.__setattr__(self, "recipe", _canon(dict(self.recipe)))
         object.__setattr__(self, "teacher", _canon(dict(self.teacher)))
+        # sorted and de-duplicated: `--tau 3 --tau 1` and `--tau 1 --tau 3` make the same store
+        object.__setattr__(self, "taus", tuple(sorted({float(t) for t in self.taus})))
         self._validate()
 
     def _validate(self):
@@ -81,6 +87,10 @@ class StoreSpec:
             bad(f"{len(self.class_names)} class_names for num_classes={self.num_classes} (give all or none)")
         if self.views < 1 or self.views_per_unit < 1:
             bad(f"views={self.views} and views_per_unit={self.views_per_unit} must be >= 1")
+        if self.taus and self.mode != "topk":
+            bad(f"taus={list(self.taus)} need topk mode (a hard store has no distribution to temper)")
+        if any(not (math.isfinite(t) and t > 0) for t in self.taus):
+            bad(f"taus={list(self.taus)} must be finite and > 0")
         if not self.shard_sizes or min(self.shard_sizes) < 0 or max(self.shard_sizes) < 1:
             bad(f"shard_sizes must be non-negative with at least one sample, got {self.shard_sizes[:8]}")
 
@@ -112,6 +122,13 @@ class StoreSpec:
     def units(self) -> list[tuple[int, int]]:
         """All work units (shard, view_block), shard-major."""
         return [(s, b) for s in range(self.num_shards) for b in range(self.num_blocks)]
+
+    def tau_index(self, tau: float) -> int | None:
+        """Column of tail_lse holding temperature tau (within float rounding), or None if not stored."""
+        for i, t in enumerate(self.taus):
+            if math.isclose(t, tau, rel_tol=1e-6):
+                return i
+        return None
 
     def check_unit(self, shard: int, block: int):
         if not (0 <= shard < self.num_shards and 0 <= block < self.num_blocks):
@@ -171,17 +188,23 @@ class Labels:
     values: np.ndarray | None  # float16 log-probabilities [n, k], sorted descending; None in hard mode
     ids: np.ndarray  # int16/int32 class ids, [n, k] or [n]
     valid: np.ndarray  # uint8 [n]: WRITTEN, INVALID or PADDING
+    # float16 [n, len(spec.taus)]: logsumexp over the non-top-k classes of l_j / tau, one column per
+    # spec.taus entry; None when the store keeps no temperatures
+    tail_lse: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
 
     def __getitem__(self, idx) -> Labels:
-        return Labels(None if self.values is None else self.values[idx], self.ids[idx], self.valid[idx])
+        pick = lambda a: None if a is None else a[idx]
+        return Labels(pick(self.values), self.ids[idx], self.valid[idx], pick(self.tail_lse))
 
     @staticmethod
     def concat(parts: list[Labels]) -> Labels:
-        vals = None if parts[0].values is None else np.concatenate([p.values for p in parts])
-        return Labels(vals, np.concatenate([p.ids for p in parts]), np.concatenate([p.valid for p in parts]))
+        def cat(name):
+            return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts])
+
+        return Labels(cat("values"), cat("ids"), cat("valid"), cat("tail_lse"))
 
 
 @dataclass(frozen=True)

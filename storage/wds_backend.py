@@ -6,6 +6,7 @@ Each tar is a one-sample WebDataset shard (key = the unit's name) with members
     <key>.ids.blosc     [views_in_block, cap, k] or [views_in_block, cap]
     <key>.values.blosc  topk only: uint16 delta-coded float16 log-prob patterns (see encoding.py)
     <key>.valid.blosc   uint8 [views_in_block, cap]
+    <key>.tail_lse.blosc  float16 [views_in_block, cap, len(taus)]: only when the spec has taus
 
 Arrays are blosc(zstd, bit-shuffle) compressed exactly as the zarr backend's chunks, so the
 two stay within a tar header of each other in size. The tar is built in memory, written to a
@@ -78,10 +79,12 @@ class WdsWriter(_WdsMixin, StoreWriter):
     def _retract(self, shard, block):
         self._tar(shard, block).unlink(missing_ok=True)  # the tar is the unit: a damaged one goes
 
-    def _write_unit(self, shard, block, values_enc, ids, valid):
+    def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse=None):
         arrays = {"ids": ids, "valid": valid}
         if values_enc is not None:
             arrays["values"] = values_enc
+        if tail_lse is not None:
+            arrays["tail_lse"] = tail_lse
         blobs = {name: bytes(_BLOSC.encode(np.ascontiguousarray(a))) for name, a in arrays.items()}
         views = self.spec.block_views(block)
         header = {
@@ -132,8 +135,8 @@ class WdsReader(_WdsMixin, StoreReader):
         block = self.spec.block_of(view)
         i = view - self.spec.block_views(block).start
         units = [self._load_unit(s, block) for s in shards]
-        values = np.stack([u["values"][i] for u in units]) if "values" in units[0] else None
-        return values, np.stack([u["ids"][i] for u in units]), np.stack([u["valid"][i] for u in units])
+        stack = lambda name: np.stack([u[name][i] for u in units]) if name in units[0] else None
+        return stack("values"), stack("ids"), stack("valid"), stack("tail_lse")
 
     def _check_unit(self, shard, block, full):
         unit = (shard, block)
@@ -143,7 +146,8 @@ class WdsReader(_WdsMixin, StoreReader):
             arrays = self._decode(header, blobs, verify=True)
         except Exception as e:
             return [Problem(unit, f"tar unreadable or checksum mismatch ({type(e).__name__}: {e}); {fix}")]
-        expected = {"ids", "valid"} | ({"values"} if self.spec.mode == "topk" else set())
+        expected = ({"ids", "valid"} | ({"values"} if self.spec.mode == "topk" else set())
+                    | ({"tail_lse"} if self.spec.taus else set()))
         if set(arrays) != expected:
             return [Problem(unit, f"tar holds arrays {sorted(arrays)}, expected {sorted(expected)}; {fix}")]
         vb, cap = len(self.spec.block_views(block)), self.spec.capacity
@@ -152,4 +156,5 @@ class WdsReader(_WdsMixin, StoreReader):
                 return [Problem(unit, f"{name} has shape {a.shape}, expected ({vb}, {cap}, ...); {fix}")]
         if not full:
             return []
-        return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"])
+        return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
+                                   arrays.get("tail_lse"))

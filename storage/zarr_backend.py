@@ -3,6 +3,7 @@
     labels.zarr/ids      int16/int32 [V, S, cap, k] (topk) or [V, S, cap] (hard)
     labels.zarr/values   uint16 [V, S, cap, k]: float16 log-prob bit patterns, delta-coded along k
     labels.zarr/valid    uint8  [V, S, cap]
+    labels.zarr/tail_lse float16 [V, S, cap, len(taus)]: only when the spec has taus (storage/soft.py)
     units/<shard>_<block>.json   completion marker: each chunk's key, size and crc32c
 
 One chunk = one work unit, (views_per_unit, 1, cap, ...), so a unit writes whole chunks only and
@@ -46,6 +47,8 @@ def _array_shapes(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], str]]:
         shapes["values"] = (base + (spec.k,), "uint16")
     else:
         shapes["ids"] = (base, spec.id_dtype.name)
+    if spec.taus:
+        shapes["tail_lse"] = (base + (len(spec.taus),), "float16")
     return shapes
 
 
@@ -123,10 +126,12 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         self._marker(shard, block).unlink(missing_ok=True)  # two fleets may retract the same unit
         fsync_path(self.units_dir)
 
-    def _write_unit(self, shard, block, values_enc, ids, valid):
+    def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse=None):
         new = {"ids": ids, "valid": valid}
         if values_enc is not None:
             new["values"] = values_enc
+        if tail_lse is not None:
+            new["tail_lse"] = tail_lse
         marker = self._marker(shard, block)
         if marker.exists():
             old = self._read_unit(shard, block)
@@ -194,7 +199,7 @@ class ZarrReader(_ZarrMixin, StoreReader):
                     f"store at {self.path}: view {view} of shards {shards[0]}..{shards[-1]} does not decode "
                     f"({type(e).__name__}: {e}); run check() to find the unit, then recompute it"
                 ) from None
-        result = out.get("values"), out["ids"], out["valid"]
+        result = out.get("values"), out["ids"], out["valid"], out.get("tail_lse")
         if whole_block:
             self._block_key, self._block = block, result
             return tuple(None if a is None else a[view - views.start] for a in result)
@@ -228,4 +233,5 @@ class ZarrReader(_ZarrMixin, StoreReader):
             arrays = self._read_unit(shard, block)
         except Exception as e:
             return [Problem(unit, f"chunks do not decode ({type(e).__name__}); {fix}")]
-        return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"])
+        return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
+                                   arrays.get("tail_lse"))

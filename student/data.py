@@ -349,6 +349,7 @@ class Batch:
     skipped: int                           # views of this batch dropped (image undecodable now)
     teacher_ids: torch.Tensor | None = None     # [b] (hard store) or [b, k] (top-k store)
     teacher_values: torch.Tensor | None = None  # [b, k] fp16 top-k log-probs; None for a hard store
+    teacher_tail_lse: torch.Tensor | None = None  # [b, len(spec.taus)] fp16 tempered tail LSE; None if no taus
 
     def __len__(self) -> int:
         return len(self.images)
@@ -407,19 +408,22 @@ class EpochIter:
             batch = Batch(**item)
             self.skipped += batch.skipped
             if p.labels is not None:
-                batch.teacher_ids, batch.teacher_values = self._teacher(batch.rows)
+                batch.teacher_ids, batch.teacher_values, batch.teacher_tail_lse = self._teacher(batch.rows)
             yield batch
 
     def _teacher(self, rows: torch.Tensor):
-        ids, values = [], []
+        ids, values, tails = [], [], []
         for shard, slot in rows.tolist():
             lab = self.plan.labels[shard]
             ids.append(lab.ids[slot])
             if lab.values is not None:
                 values.append(lab.values[slot])
+            if lab.tail_lse is not None:
+                tails.append(lab.tail_lse[slot])
         if not ids:
-            return None, None
-        return torch.from_numpy(np.stack(ids)).long(), torch.from_numpy(np.stack(values)) if values else None
+            return None, None, None
+        stack = lambda xs: torch.from_numpy(np.stack(xs)) if xs else None
+        return torch.from_numpy(np.stack(ids)).long(), stack(values), stack(tails)
 
 
 # ---- evaluation --------------------------------------------------------------------------

@@ -54,18 +54,20 @@ class TeacherLabels:
 
     @classmethod
     def from_topk(
-        cls, values: torch.Tensor, ids: torch.Tensor, num_classes: int, tau: float = 1.0
+        cls, values: torch.Tensor, ids: torch.Tensor, num_classes: int, tau: float = 1.0,
+        tail_lse: torch.Tensor | None = None,
     ) -> TeacherLabels:
         """From a soft store's rows: top-k teacher log-probs (sorted descending) and their class ids.
 
         The dense tempered distribution is rebuilt by `storage.soft.soft_targets`, which owns the
-        tail convention (the mass outside the top-k, 1 - sum(exp(values)), spread uniformly over
-        the other classes; exact at tau = 1). Tempering has to happen there, on the stored
+        tail convention (the mass outside the top-k spread uniformly over the other classes; its
+        total exact at tau = 1, and at any tau whose tail log-sum-exp the store keeps: `tail_lse`,
+        [B], the store's column for this tau). Tempering has to happen there, on the stored
         log-probs, not here on the rebuilt tensor: it is the rebuild that knows how big the tail is.
         """
         from storage.soft import soft_targets  # storage/ never imports student/, so no cycle
 
-        probs = soft_targets(values, ids, num_classes, tau=tau).float()
+        probs = soft_targets(values, ids, num_classes, tau=tau, tail_lse=tail_lse).float()
         # A probability that underflowed to 0 (a far tail at small tau) would give log 0 = -inf and
         # then 0 * inf = nan inside kl_div; the smallest normal float contributes exactly nothing.
         log_probs = probs.clamp_min(torch.finfo(torch.float32).tiny).log()

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -214,6 +215,33 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)  # a kill at any moment leaves the previous checkpoint or this one, whole
 
 
+def soft_target_note(cfg: TrainConfig, reader, mode: str) -> str | None:
+    """What soft distillation at --tau will train on, when it is not the teacher's exact softmax(z / tau):
+    the figure precompute measured (meta soft_error_*), or how to measure it. None when exact or not soft."""
+    from storage.soft import recorded_soft_error
+
+    if mode != "soft" or reader is None:
+        return None
+    spec, tau = reader.spec, cfg.tau
+    if spec.k >= spec.num_classes or math.isclose(tau, 1.0):
+        return None  # k = C: exact; tau 1: top-k and tail mass exact, stored or not
+    where = f"`cli.py verify {cfg.labels} --data {cfg.data} --tau {tau:g}`"
+    if spec.tau_index(tau) is None:
+        kept = f"it keeps taus {', '.join(f'{t:g}' for t in spec.taus)}" if spec.taus else "it keeps none"
+        return (f"soft targets at tau {tau:g} from top-{spec.k} of {spec.num_classes} classes use the UNIFORM-tail "
+                f"approximation (the store has no tail log-sum-exp at tau {tau:g}; {kept}), which biases the "
+                f"tempered tail mass; run {where} to measure it, or precompute with --tau {tau:g}")
+    err = recorded_soft_error(reader.meta, tau)
+    if err is None:
+        return (f"soft targets at tau {tau:g}: top-{spec.k} weights and tail mass exact, the tail split uniformly "
+                f"over {spec.num_classes - spec.k} classes; run {where} to measure the distance to the teacher")
+    s, u = err["stored"], err.get("uniform", {})
+    return (f"soft targets at tau {tau:g}: top-{spec.k} weights and tail mass exact (stored tail log-sum-exp), tail "
+            f"split uniformly; precompute measured on {err['views']} views: total variation to the teacher's "
+            f"softmax(z/{tau:g}) mean {s['tv_mean']:.4f} (max {s['tv_max']:.4f}), KL mean {s['kl_mean']:.4f}"
+            + (f" (uniform-tail approximation: TV {u['tv_mean']:.4f}, KL {u['kl_mean']:.4f})" if u else ""))
+
+
 # ---- the run -----------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
@@ -226,6 +254,9 @@ def train(cfg: TrainConfig) -> dict:
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,
                            repeats=cfg.repeats)
     mode = resolve_mode(cfg, data)
+    soft_note = soft_target_note(cfg, data.reader, mode)
+    if soft_note and d.main:
+        print(f"train: {soft_note}", file=sys.stderr, flush=True)
     if ckpt is not None:
         check_identity(ckpt, data.identity(), cfg)
     start_epoch = ckpt["epoch"] if ckpt else 0
@@ -318,6 +349,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_seconds": train_seconds, "img_per_s": images / train_seconds if train_seconds else 0.0,
         "invalid_views_skipped": invalid + skipped, "first_step_loss": run.first_step_loss,
         "final": {k: metrics.get(k) for k in ("loss", "val", "val_ema")}, "finetune": finetuned,
+        "soft_targets": soft_note,
     }
     if d.main:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
@@ -347,7 +379,9 @@ class Run:
         if self.mode == "hard":
             return TeacherLabels.hard(ids[:, 0] if ids.dim() == 2 else ids)
         values = batch.teacher_values.to(dev, non_blocking=True)
-        return TeacherLabels.from_topk(values, ids, spec.num_classes, tau=self.cfg.tau)
+        col = spec.tau_index(self.cfg.tau)  # the store's exact tempered tail mass at this tau, if it keeps it
+        tail = None if col is None else batch.teacher_tail_lse[:, col].to(dev, non_blocking=True)
+        return TeacherLabels.from_topk(values, ids, spec.num_classes, tau=self.cfg.tau, tail_lse=tail)
 
     def train_one_epoch(self, epoch: int, batches, step: int) -> dict:
         cfg, d, net, opt = self.cfg, self.d, self.net, self.optimizer

@@ -53,7 +53,13 @@ def unit_data(spec: StoreSpec, shard: int, block: int, seed: int = 0, invalid_ev
         return dict(values=None, ids=logp.argmax(-1), valid=valid)
     ids = np.argsort(-logp, axis=-1, kind="stable")[..., : spec.k]
     values = np.take_along_axis(logp, ids, -1).astype(np.float16)
-    return dict(values=values, ids=ids, valid=valid)
+    out = dict(values=values, ids=ids, valid=valid)
+    if spec.taus:  # the tempered tail's log-sum-exp per tau, from the full logits (storage/soft.py)
+        from storage import tail_logsumexp
+
+        flat = tail_logsumexp(logits.reshape(vb * n, -1), ids.reshape(vb * n, -1), spec.taus)
+        out["tail_lse"] = flat.reshape(vb, n, len(spec.taus))
+    return out
 
 
 def write_all(writer, seed: int = 0):
