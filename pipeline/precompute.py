@@ -35,6 +35,7 @@ from storage import (
     topk_logprobs,
 )
 from storage.base import library_versions
+from storage.soft import recorded_soft_error
 
 from .probes import probe_hashes
 from .recipes import create_recipe
@@ -91,6 +92,7 @@ class PrecomputeSummary:
     store_bytes: int
     stored_views: int        # views in complete units, whole store
     seconds: float
+    soft_error: dict = field(default_factory=dict)  # tau -> storage.soft.recorded_soft_error (this rank's)
 
     def report(self) -> str:
         bpv = self.store_bytes / max(self.stored_views, 1)
@@ -101,6 +103,12 @@ class PrecomputeSummary:
             f"store: {self.units_complete}/{self.units_total} units complete, {self.store_bytes} bytes, "
             f"{bpv:.2f} bytes/view",
         ]
+        for tau, err in sorted(self.soft_error.items()):
+            st, un = err["stored"], err["uniform"]
+            lines.append(f"soft targets at tau {tau:g} (top-k + stored tail mass, tail split uniform), "
+                         f"{err['views']} views: total variation to the teacher's softmax(z/{tau:g}) mean "
+                         f"{st['tv_mean']:.4f} max {st['tv_max']:.4f}, KL mean {st['kl_mean']:.4f} "
+                         f"(uniform-tail guess: TV {un['tv_mean']:.4f})")
         if self.views_invalid:
             shown = ", ".join(self.invalid_keys[:5]) + (" ..." if len(self.invalid_keys) > 5 else "")
             lines.append(f"invalid: {self.views_invalid} views of undecodable images ({shown}); "
@@ -334,7 +342,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         views_written=written, views_invalid=invalid, invalid_keys=sorted(set(invalid_keys)),
         units_complete=len(writer.completed_units()), units_total=len(spec.units()),
         store_bytes=open_store(cfg.out).nbytes(),
-        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0)
+        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0,
+        soft_error=soft_error.summary())
 
 
 def _stored_views(writer, spec: StoreSpec) -> int:
@@ -391,6 +400,11 @@ class SoftError:
                     acc[0] += float(err.sum())
                     acc[1] = max(acc[1], float(err.max()))
                     acc[2] += len(err)
+
+    def summary(self) -> dict:
+        """tau -> the figures of this run's views, as storage.soft.recorded_soft_error gives them."""
+        meta = {"soft_error_rank00000": self.sums}
+        return {tau: recorded_soft_error(meta, tau) for tau in self.taus if self.sums}
 
     def save(self, writer, rank: int) -> None:
         if not self.sums:

@@ -163,7 +163,7 @@ def tau_stores(tmp_path_factory):
               "k2_tau3_wds": dict(topk=2, taus=[3.0], backend="wds"), "k2_plain": dict(topk=2)}
     for name, kw in stores.items():
         out[name] = str(root / name)
-        run_precompute(PrecomputeConfig(out=out[name], **kw, **common))
+        out[f"{name}_summary"] = run_precompute(PrecomputeConfig(out=out[name], **kw, **common))
     return out
 
 
@@ -214,6 +214,11 @@ def test_precompute_records_the_error_it_measured(tau_stores):
     assert recorded_soft_error(open_store(tau_stores["k2_plain"]).meta, 3) is None
     # the two backends hold the same labels, so precompute measured the same figures
     assert recorded_soft_error(open_store(tau_stores["k2_tau3_wds"]).meta, 3.0) == err
+    # and its report says so, once per tau; a store without --tau reports nothing of the kind
+    (line,) = [s for s in tau_stores["k2_tau3_zarr_summary"].report().splitlines() if s.startswith("soft targets")]
+    assert line.startswith("soft targets at tau 3 (top-k + stored tail mass, tail split uniform), 80 views")
+    assert f"mean {err['stored']['tv_mean']:.4f}" in line
+    assert "soft targets" not in tau_stores["k2_plain_summary"].report()
 
 
 def test_resumed_precompute_with_other_taus_is_refused_in_one_line(tau_stores):
