@@ -140,6 +140,7 @@ class Summary:
     versions: dict = field(default_factory=dict)
     probes: int = 0
     seconds: float = 0.0
+    taus: list[float] = field(default_factory=list)  # temperatures whose tempered tail mass is stored
 
     @property
     def bytes_per_view(self) -> float | None:
@@ -237,6 +238,7 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
         unreadable_units=flags.unreadable, nbytes=reader.nbytes(), recipe=spec.recipe, seed=spec.seed,
         teacher=meta.get("teacher_identity") or dict(spec.teacher),
         versions=meta.get("versions") or reader.versions, probes=len(meta.get("probes", {})),
+        taus=list(spec.taus),
     )
     readable = done - set(flags.unreadable)
     blocks = sample_blocks(spec, readable, max_blocks, max_views, seed)
@@ -305,6 +307,8 @@ def _agreement_text(a: Agreement, what: str) -> str:
 
 def format_summary(s: Summary) -> str:
     labels = f"top-{s.k} log-probabilities" if s.mode == "topk" else "hard labels (teacher argmax)"
+    if s.taus:
+        labels += f" + tempered tail mass at tau {', '.join(f'{t:g}' for t in s.taus)}"
     total_views = s.views * s.samples
     bpv = f", {s.bytes_per_view:.2f} bytes/view" if s.bytes_per_view else ""
     status = "complete" if not s.missing_units else "INCOMPLETE"

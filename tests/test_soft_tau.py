@@ -219,6 +219,8 @@ def test_precompute_records_the_error_it_measured(tau_stores):
     assert line.startswith("soft targets at tau 3 (top-k + stored tail mass, tail split uniform), 80 views")
     assert f"mean {err['stored']['tv_mean']:.4f}" in line
     assert "soft targets" not in tau_stores["k2_plain_summary"].report()
+    res = CliRunner().invoke(main, ["inspect", tau_stores["k2_tau3_wds"]])
+    assert res.exit_code == 0 and "top-2 log-probabilities + tempered tail mass at tau 3, 10 classes" in res.output
 
 
 def test_resumed_precompute_with_other_taus_is_refused_in_one_line(tau_stores):
