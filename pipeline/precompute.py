@@ -28,7 +28,7 @@ from storage.base import library_versions
 
 from .probes import probe_hashes
 from .recipes import create_recipe
-from .sources import Manifest, decode_image, index_source
+from .sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
 from .teacher import create_teacher
 from .views import ViewRenderer
 
@@ -252,6 +252,12 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
                           meta={"teacher_identity": teacher.identity}, overwrite=cfg.overwrite)
+    # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
+    # label half the views from one image and half from another.
+    changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
+    if changed is not None:
+        raise SourceChanged(f"{cfg.data}: {changed}: the source changed since the store {cfg.out} was begun; "
+                            "restore it, or re-run precompute on the new source with --overwrite")
     if rank == 0:
         renderer = ViewRenderer(recipe)
         writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
@@ -283,7 +289,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     invalid_keys: list[str] = []
     last_poll = time.monotonic()
     try:  # close the bar on any error, so the one-line error starts its own line
-        for chunk in loader:
+        for chunk in source_errors_in_one_line(loader):
             shard, views = units[chunk.unit]
             buf = buffers.get(chunk.unit)
             if buf is None:
