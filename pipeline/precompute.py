@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from storage import INVALID, WRITTEN, StoreSpec, create_store, open_store, topk_logprobs
+from storage import INVALID, WRITTEN, StoreError, StoreSpec, create_store, open_store, topk_logprobs
 from storage.base import library_versions
 
 from .probes import probe_hashes
@@ -129,6 +129,25 @@ def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> St
         manifest_fingerprint=manifest.fingerprint,
         teacher={"name": teacher.name, "fingerprint": teacher.identity["fingerprint"]},
     )
+
+
+def _index(cfg: PrecomputeConfig) -> Manifest:
+    """The source's manifest with every sample's size and crc32c.
+
+    A new store reads every sample once for them. Resuming (a restarted rank, a fleet member joining)
+    indexes names only and takes the checksums the store's manifest recorded: each read then checks
+    the bytes, so a sample changed since the store was begun is still a one-line SourceChanged, and a
+    resume does not read a whole ImageNet to start."""
+    if not cfg.overwrite:
+        try:
+            stored = Manifest.from_bytes(open_store(cfg.out).manifest_bytes)
+        except (StoreError, OSError, ValueError, KeyError):
+            stored = None  # no store there yet (or not one of ours: create_store says so)
+        if stored is not None:
+            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, checksums=False)
+            # another source: create_store refuses it (manifest fingerprint), no need for checksums
+            return m.with_checksums_of(stored) if m.fingerprint == stored.fingerprint else m
+    return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
 
 
 def _check(cfg: PrecomputeConfig) -> None:
@@ -240,7 +259,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     rank, world = fleet_position(cfg.rank, cfg.world_size)
     overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size else [])
     recipe = create_recipe(cfg.recipe, overrides)
-    manifest = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
+    manifest = _index(cfg)
     if not cfg.hard and cfg.topk > manifest.num_classes:
         raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
                               f"use --topk <= {manifest.num_classes} or --hard")

@@ -23,9 +23,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import encode, make_image, write_imagefolder, write_wds
 from PIL import Image
+from test_storage_support import snapshot, tiny_spec, unit_data
 
 from cli import main
 from pipeline.sources import SourceChanged, SourceError, decode_image, index_source
+from storage import StoreError, create_store, open_store
 
 
 def _append_member(tar_path, name: str, data: bytes) -> None:
@@ -260,7 +262,12 @@ def test_swapped_images_are_source_changed_for_verify_inspect_and_precompute(swa
     sheet = swapped["root"] / "sheet.png"
     code, err = _invoke("inspect", swapped["store"], "--render", sheet, "--data", swapped["src"], "--count", "12")
     _assert_source_changed(code, err)
-    code, err = _invoke("precompute", "--data", swapped["src"], "--out", swapped["store"], "--teacher", "resnet10t",
+    # a resumed precompute (units still to do) reads names only and checks each sample it reads
+    resumed = swapped["root"] / "resumed"
+    shutil.copytree(swapped["store"], resumed)
+    for f in os.listdir(resumed / "units"):
+        os.unlink(resumed / "units" / f)
+    code, err = _invoke("precompute", "--data", swapped["src"], "--out", resumed, "--teacher", "resnet10t",
                         "--teacher-weights", swapped["teacher"], "--model-kwargs", '{"num_classes": 3}', "--views",
                         "2", "--views-per-unit", "1", "--topk", "3", "--input-size", "32", "--batch-size", "8",
                         "--workers", "0", "--shard-size", "6", "--set", "repeats=1")
@@ -268,11 +275,6 @@ def test_swapped_images_are_source_changed_for_verify_inspect_and_precompute(swa
 
 
 # ==== stores: --overwrite under a running writer, foreign folders, symlinks, full disk, read-only =====
-from test_storage_support import snapshot, tiny_spec, unit_data  # noqa: E402
-
-from storage import StoreError, create_store, open_store  # noqa: E402
-
-
 @pytest.fixture(params=["zarr", "wds"])
 def backend(request):
     return request.param
@@ -434,9 +436,19 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
 
     for mod in (sb, fs, zb):
         monkeypatch.setattr(mod, "atomic_write", read_only)
+    import pipeline.precompute as pc
+
+    indexed, real_index = [], pc.index_source
+
+    def index_source_(*a, **kw):
+        indexed.append(kw.get("checksums", True))
+        return real_index(*a, **kw)
+
+    monkeypatch.setattr(pc, "index_source", index_source_)
     code, err = _invoke(*args)
     assert code == 0, err
     assert snapshot(tmp_path / "store") == before
+    assert indexed == [False], "a resume indexes names only and takes the checksums from the store"
 
 
 SLOW_CLI = """
