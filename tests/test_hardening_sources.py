@@ -501,3 +501,28 @@ def test_overwrite_while_another_precompute_writes_the_store(tmp_path, tiny_teac
     r = open_store(out)
     assert r.spec.seed == 1 and r.completed_units() == r.spec.units() and r.check(full=True) == []
     assert labels_bytes(out) == labels_bytes(tmp_path / "ref"), "every unit holds seed-1 labels"
+
+
+def test_a_full_disk_during_precompute_is_one_line_naming_the_disk(tmp_path, tiny_teacher, monkeypatch):
+    """Before: `error: No space left on device ()` and a meta/.probes.json.*.tmp left behind."""
+    import errno
+
+    import storage.fsutil as fs
+
+    def full_open(path, mode="r", *a, **kw):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no file name, as a real full disk
+        return builtins.open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(fs, "open", full_open, raising=False)
+    src = write_wds(tmp_path / "wds", n=8, per_shard=8)
+    out = tmp_path / "store"
+    res = CliRunner().invoke(main, ["precompute", "--data", src, "--out", str(out), "--teacher", "resnet10t",
+                                    "--teacher-weights", tiny_teacher, "--model-kwargs", '{"num_classes": 3}',
+                                    "--views", "2", "--topk", "3", "--input-size", "32", "--workers", "0"])
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert err.count("error: ") == 1 and "\n" not in err[err.index("error: "):], err
+    assert "No space left on device" in err and "mounted at /" in err and "()" not in err, err
+    assert "probes.json" in err and "free space there" in err, err
+    assert [f for f in os.listdir(out / "meta") if f.endswith(".tmp")] == [], "no temporary left behind"
