@@ -467,6 +467,8 @@ class EvalImages(torch.utils.data.Dataset):
             self._transform = ViewRenderer(self.recipe).eval_transform()
         try:
             img = decode_image(self.files.read(shard, row - int(self.files.starts[shard])))
+        except SourceError:  # an unreadable file (permission): an error, never a silently dropped image
+            raise
         except Exception:
             return None
         return self._transform(img), int(self.files.labels[row])
@@ -486,5 +488,19 @@ def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, w
     manifest = index_source(val, shard_size=shard_size, seed=train.seed, checksums=False)
     check_same_classes(train.manifest, manifest, val_src=val)
     ds = EvalImages(manifest, train.recipe, rank, world)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
-                                       worker_init_fn=_single_thread_worker, pin_memory=pin_memory)
+    return _OneLineSourceErrors(torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
+        worker_init_fn=_single_thread_worker, pin_memory=pin_memory))
+
+
+class _OneLineSourceErrors:
+    """A DataLoader whose workers' SourceErrors surface as their own one line (see source_errors_in_one_line)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return source_errors_in_one_line(self.loader)

@@ -526,3 +526,34 @@ def test_a_full_disk_during_precompute_is_one_line_naming_the_disk(tmp_path, tin
     assert "No space left on device" in err and "mounted at /" in err and "()" not in err, err
     assert "probes.json" in err and "free space there" in err, err
     assert [f for f in os.listdir(out / "meta") if f.endswith(".tmp")] == [], "no temporary left behind"
+
+
+def test_an_unreadable_validation_image_is_an_error_not_a_dropped_image(tmp_path, monkeypatch):
+    """Validation indexes names only; its reader must not swallow a permission error as an undecodable image."""
+    train_src = write_wds(tmp_path / "wds", n=8, per_shard=8)
+    val = write_imagefolder(tmp_path / "val", per_class=2)
+    locked = os.path.join(val, "square", "square_001.png")
+    real_os_open, real_open = os.open, builtins.open
+
+    def denied(path):
+        if not isinstance(path, int) and os.path.abspath(str(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def os_open(path, *a, **kw):
+        denied(path)
+        return real_os_open(path, *a, **kw)
+
+    def open_(path, *a, **kw):
+        denied(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)  # whichever call a reader uses
+    code, err = _invoke("train", "--data", train_src, "--val", val, "--out", tmp_path / "run", "--model",
+                        "deit_tiny_distilled_patch16_224", "--model-kwargs",
+                        '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}',
+                        "--distillation", "none", "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "1",
+                        "--workers", "0", "--max-steps-per-epoch", "1", "--input-size", "32")
+    assert code == 2, err
+    line = err[err.index("error: "):]
+    assert "\n" not in line and locked in line and "permission denied" in line, err
