@@ -23,7 +23,7 @@ import numpy as np
 from storage import INVALID, WRITTEN, Labels, StoreCorrupt
 
 from .inspect_store import count_flags
-from .sources import Manifest, decode_image, index_source
+from .sources import Manifest, SourceError, decode_image, index_source
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from .views import ViewRenderer
@@ -78,20 +78,22 @@ def source_manifest(reader, data: str | None) -> Manifest:
     stored = stored_manifest(reader)
     if data is None:
         return stored
-    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed)
+    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed, checksums=False)
     if m.fingerprint != reader.spec.manifest_fingerprint:
         raise InspectError(
             f"{data} is not the source this store was made from (manifest fingerprint "
             f"{m.fingerprint[:12]} != store's {reader.spec.manifest_fingerprint[:12]}; "
             f"{m.num_samples} vs {stored.num_samples} samples); pass the --data given to precompute"
         )
-    return m
+    return m.with_checksums_of(stored)  # every read checks the bytes precompute labelled
 
 
 def load_image(manifest: Manifest, shard: int, position: int, data: str | None):
-    sample = manifest.read_sample(shard, position)
+    sample = manifest.read_sample(shard, position)  # SourceChanged: one line of its own, not "cannot decode"
     try:
         return decode_image(sample.data)
+    except SourceError:
+        raise
     except Exception as e:
         where = "--data" if data else f"the recorded source root {manifest.root}"
         raise InspectError(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from storage import (
     INVALID,
     WRITTEN,
+    StoreError,
     StoreSpec,
     create_store,
     open_store,
@@ -39,7 +40,7 @@ from storage.soft import recorded_soft_error
 
 from .probes import probe_hashes
 from .recipes import create_recipe
-from .sources import Manifest, decode_image, index_source
+from .sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
 from .teacher import create_teacher
 from .views import ViewRenderer
 
@@ -149,6 +150,25 @@ def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> St
         teacher={"name": teacher.name, "fingerprint": teacher.identity["fingerprint"]},
         taus=tuple(cfg.taus),
     )
+
+
+def _index(cfg: PrecomputeConfig) -> Manifest:
+    """The source's manifest with every sample's size and crc32c.
+
+    A new store reads every sample once for them. Resuming (a restarted rank, a fleet member joining)
+    indexes names only and takes the checksums the store's manifest recorded: each read then checks
+    the bytes, so a sample changed since the store was begun is still a one-line SourceChanged, and a
+    resume does not read a whole ImageNet to start."""
+    if not cfg.overwrite:
+        try:
+            stored = Manifest.from_bytes(open_store(cfg.out).manifest_bytes)
+        except (StoreError, OSError, ValueError, KeyError):
+            stored = None  # no store there yet (or not one of ours: create_store says so)
+        if stored is not None:
+            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, checksums=False)
+            # another source: create_store refuses it (manifest fingerprint), no need for checksums
+            return m.with_checksums_of(stored) if m.fingerprint == stored.fingerprint else m
+    return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
 
 
 def _check(cfg: PrecomputeConfig) -> None:
@@ -271,7 +291,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     rank, world = fleet_position(cfg.rank, cfg.world_size)
     overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size else [])
     recipe = create_recipe(cfg.recipe, overrides)
-    manifest = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
+    manifest = _index(cfg)
     if not cfg.hard and cfg.topk > manifest.num_classes:
         raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
                               f"use --topk <= {manifest.num_classes} or --hard")
@@ -283,6 +303,12 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
                           meta={"teacher_identity": teacher.identity}, overwrite=cfg.overwrite)
+    # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
+    # label half the views from one image and half from another.
+    changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
+    if changed is not None:
+        raise SourceChanged(f"{cfg.data}: {changed}: the source changed since the store {cfg.out} was begun; "
+                            "restore it, or re-run precompute on the new source with --overwrite")
     if rank == 0:
         renderer = ViewRenderer(recipe)
         writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
@@ -315,7 +341,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     invalid_keys: list[str] = []
     last_poll = time.monotonic()
     try:  # close the bar on any error, so the one-line error starts its own line
-        for chunk in loader:
+        for chunk in source_errors_in_one_line(loader):
             shard, views = units[chunk.unit]
             buf = buffers.get(chunk.unit)
             if buf is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .sources import Manifest, decode_image
+from .sources import Manifest, SourceError, decode_image
 from .views import ViewRenderer
 
 
@@ -35,6 +35,8 @@ def probe_hashes(renderer: ViewRenderer, manifest: Manifest, seed: int, views: i
             try:
                 out[f"{view}/0/{slot}"] = render_probe(renderer, manifest, seed, view, 0, slot)
                 found += 1
+            except SourceError:  # a changed or unreadable source is no undecodable image: stop
+                raise
             except (OSError, ValueError):  # an undecodable image cannot be a probe
                 continue
     return out
@@ -47,6 +49,8 @@ def drifted_probes(stored: dict[str, str], renderer: ViewRenderer, manifest: Man
         view, shard, slot = (int(p) for p in key.split("/"))
         try:
             same = render_probe(renderer, manifest, seed, view, shard, slot) == digest
+        except SourceError:  # the source changed, not the renderer: say so, not "drift"
+            raise
         except (OSError, ValueError):
             same = False
         if not same:

@@ -4,8 +4,16 @@ A source is an ImageFolder directory (one sub-folder per class) or WebDataset ta
 directory of ``.tar`` files, a glob, or a brace pattern). Indexing it once gives a ``Manifest``:
 
 - ``shards``: one row per shard (a tar file, or a virtual shard of an ImageFolder),
-- ``samples``: key, label, shard, position (and where its bytes live),
+- ``samples``: key, label, shard, position, where its bytes live, and their size and crc32c,
 - ``class_names`` and a ``fingerprint`` that changes when any file list, key or label changes.
+
+The fingerprint leaves content out (a train start indexes names only, it does not read the whole
+source); content is guarded per sample instead: whoever reads a sample's bytes checks them against
+the size and crc32c recorded at indexing and stops with ``SourceChanged`` when they differ, so a
+swapped or edited image is "source changed", never labels of another image nor "store damage".
+Indexing refuses what it cannot index faithfully, in one line: a tar with two members of one name,
+a label outside ``0..C-1``, a folder or file it may not read. Non-regular files (FIFOs, devices,
+sockets, dangling links) named like images are skipped, counted and reported, never opened.
 
 An ImageFolder is cut into fixed-size virtual shards after one seeded shuffle, so every shard
 mixes classes (a shard is the unit of work and of streaming; a shard of one class would feed a
@@ -15,15 +23,19 @@ label store can carry it inside and ``train`` can tell a foreign source from the
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,11 +44,31 @@ from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LABEL_EXT = ".cls"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: size and crc32c of every sample
+NO_CRC = -1  # crc32c column value of a sample whose bytes were not read at indexing
+
+log = logging.getLogger("deit_lockstep.sources")
 
 
 class SourceError(ValueError):
     """Bad input: the message is one line naming the path and the fix."""
+
+
+class SourceChanged(SourceError):
+    """A sample's bytes differ from those indexed: the source changed (not the label store)."""
+
+
+def source_errors_in_one_line(items):
+    """Iterate a DataLoader; a SourceError raised in a worker process is re-raised with its own line.
+
+    torch re-raises a worker's exception as the same type whose message is "Caught X in DataLoader
+    worker ...", the traceback, and last "module.X: message"; only that last message is ours."""
+    try:
+        yield from items
+    except SourceError as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        raise type(e)(last[len(prefix):] if last.startswith(prefix) else last) from None
 
 
 @dataclass(frozen=True)
@@ -54,9 +86,10 @@ class Manifest:
     root: str                 # directory the relative paths start from
     shards: list[str]         # tar file names (wds) or virtual shard names (imagefolder)
     class_names: list[str]
-    samples: pa.Table         # key, label, shard, position, path, offset, size
+    samples: pa.Table         # key, label, shard, position, path, offset, size, crc32c
     shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
     seed: int = 0             # imagefolder: the shuffle seed
+    skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
 
     # ---- derived views ------------------------------------------------------------------
     @property
@@ -103,6 +136,29 @@ class Manifest:
         return self.shard_table(shard).column("key").to_pylist()
 
     # ---- serialisation ------------------------------------------------------------------
+    def with_checksums_of(self, stored: Manifest) -> Manifest:
+        """This manifest (indexed without reading content) with the sizes and crc32c the store's
+        manifest recorded: reads then check the bytes precompute labelled. Same fingerprint only."""
+        if stored.fingerprint != self.fingerprint:
+            raise SourceError("internal: checksums can only come from a manifest of the same source")
+        cols = ["crc32c"] + (["size"] if self.kind == "imagefolder" else [])  # wds sizes come from the tar
+        t = self.samples
+        for c in cols:
+            t = t.set_column(t.schema.get_field_index(c), c, stored.samples.column(c))
+        return Manifest(self.kind, self.root, self.shards, self.class_names, t, self.shard_size, self.seed,
+                        self.skipped)
+
+    def first_changed_sample(self, other: Manifest) -> str | None:
+        """Where two manifests of the same source (same fingerprint) disagree on content, in words."""
+        a, b = self.samples.column("crc32c").to_numpy(), other.samples.column("crc32c").to_numpy()
+        differ = np.flatnonzero((a != b) & (a != NO_CRC) & (b != NO_CRC))
+        if not len(differ):
+            return None
+        i = int(differ[0])
+        key, path = self.samples.column("key")[i].as_py(), self.samples.column("path")[i].as_py()
+        return (f"sample {key!r} ({path}) has other bytes than when the store was made "
+                f"(crc32c {int(b[i]):08x} -> {int(a[i]):08x}; {len(differ)} samples differ)")
+
     def to_bytes(self) -> bytes:
         meta = {
             "version": MANIFEST_VERSION, "kind": self.kind, "root": self.root, "shards": self.shards,
@@ -118,6 +174,8 @@ class Manifest:
     def from_bytes(cls, data: bytes) -> Manifest:
         table = pq.read_table(io.BytesIO(data))
         meta = json.loads(table.schema.metadata[b"deit_lockstep"])
+        if "crc32c" not in table.column_names:  # a manifest from before checksums: nothing to check
+            table = table.append_column("crc32c", pa.array(np.full(table.num_rows, NO_CRC, np.int64)))
         return cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
                    class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
                    shard_size=meta["shard_size"], seed=meta["seed"])
@@ -138,11 +196,17 @@ class Manifest:
         """One sample by (shard, position): a file read, or one seek into its tar."""
         row = self.shard_table(shard).slice(position, 1).to_pylist()[0]
         if self.kind == "imagefolder":
-            data = _read_file(os.path.join(self.root, row["path"]))
+            path = os.path.join(self.root, row["path"])
+            data = _read_file(path)
         else:
-            with open(os.path.join(self.root, self.shards[shard]), "rb") as f:
-                f.seek(row["offset"])
-                data = f.read(row["size"])
+            path = os.path.join(self.root, self.shards[shard])
+            try:
+                with open(path, "rb") as f:
+                    f.seek(row["offset"])
+                    data = f.read(row["size"])
+            except PermissionError:
+                raise permission_error(path) from None
+        check_sample(row["key"], path, data, row["size"], row["crc32c"])
         return Sample(row["key"], row["label"], shard, position, data)
 
     def iter_shard(self, shard: int) -> Iterator[Sample]:
@@ -150,32 +214,74 @@ class Manifest:
         rows = self.shard_table(shard).to_pylist()
         if self.kind == "imagefolder":
             for r in rows:
-                yield Sample(r["key"], r["label"], shard, r["position"], _read_file(os.path.join(self.root, r["path"])))
+                path = os.path.join(self.root, r["path"])
+                data = _read_file(path)
+                check_sample(r["key"], path, data, r["size"], r["crc32c"])
+                yield Sample(r["key"], r["label"], shard, r["position"], data)
             return
         by_member = {r["path"]: r for r in rows}
+        path = os.path.join(self.root, self.shards[shard])
         try:
-            with tarfile.open(os.path.join(self.root, self.shards[shard]), mode="r|*") as tar:
+            with tarfile.open(path, mode="r|*") as tar:
                 for member in tar:
                     r = by_member.get(member.name)
                     if r is not None:
                         data = tar.extractfile(member).read()
-                        del by_member[member.name]
+                        del by_member[member.name]  # indexing refused duplicates: one copy per name
+                        check_sample(r["key"], path, data, r["size"], r["crc32c"])  # SourceChanged is no OSError
                         yield Sample(r["key"], r["label"], shard, r["position"], data)
         except (tarfile.TarError, OSError, EOFError):
             pass  # a tar cut off (or damaged) after indexing: what is left is undecodable, below
         for r in by_member.values():  # every sample once, so its views are flagged, not lost
+            check_sample(r["key"], path, b"", r["size"], r["crc32c"])
             yield Sample(r["key"], r["label"], shard, r["position"], b"")
 
     def read_shard(self, shard: int) -> list[Sample]:
         return list(self.iter_shard(shard))
 
 
+def permission_error(path: str, what: str = "read this file") -> SourceError:
+    return SourceError(f"{path}: permission denied (cannot {what}); fix its permissions "
+                       "(chmod a+rX) or remove it from the source")
+
+
+def read_regular_file(path: str) -> bytes:
+    """A file's bytes. Never blocks on a FIFO or device swapped in after indexing (O_NONBLOCK, then
+    only a regular file is read); a permission problem is a one-line SourceError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except PermissionError:
+        raise permission_error(path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceChanged(f"{path} is not a regular file any more (a FIFO, device or socket?); "
+                                "restore the image file, or re-run precompute on the new source")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _read_file(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_regular_file(path)
+    except SourceError:
+        raise
     except OSError:
-        return b""  # an unreadable file is an undecodable image: its views get flagged, the run goes on
+        # Gone or unreadable (EIO): empty bytes. check_sample then calls it a changed source when the
+        # manifest recorded its bytes, else it is an undecodable image whose views get flagged.
+        return b""
+
+
+def check_sample(key: str, path: str, data: bytes, size: int, crc: int) -> None:
+    """Raise SourceChanged when bytes read differ from those indexed (size, then crc32c)."""
+    if crc == NO_CRC:
+        return
+    if len(data) != size or crc32c.crc32c(data) != crc:
+        raise SourceChanged(
+            f"sample {key!r} in {path} changed since it was indexed ({size} bytes crc32c {crc:08x} then, "
+            f"{len(data)} bytes crc32c {crc32c.crc32c(data):08x} now): the source changed, the label store "
+            "is not damaged; re-run precompute on the new source (--overwrite), or restore the original file")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -185,41 +291,87 @@ def decode_image(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
     # Most photos are RGB already: convert() would only copy them.
-    return im if im.mode == "RGB" else im.convert("RGB")
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # 16-bit grayscale: Pillow's convert() clips to 255 (a white image). Keep the high byte, as
+        # Pillow itself does for 16-bit RGB(A) PNGs, so one picture decodes the same in any of them.
+        a = np.asarray(im).astype(np.int64)
+        a = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(a[:, :, None], 3, axis=2), "RGB")
+    return im.convert("RGB")
 
 
 # ---- indexing ---------------------------------------------------------------------------
 _SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("shard", pa.int32()), ("position", pa.int32()),
-    ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+    ("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("crc32c", pa.int64()),
 ])
 
 
-def index_source(src: str, *, shard_size: int = 1024, seed: int = 0) -> Manifest:
-    """Index an ImageFolder directory or WebDataset shards into a manifest (see module doc)."""
+def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, checksums: bool = True) -> Manifest:
+    """Index an ImageFolder directory or WebDataset shards into a manifest (see module doc).
+
+    checksums=True reads every sample once to record its size and crc32c (precompute); False
+    records names and labels only (a train or verify start, which then takes the checksums from
+    the store's manifest: ``Manifest.with_checksums_of``)."""
     if os.path.isdir(src) and not _tar_files_in(src):
-        return _index_imagefolder(src, shard_size=shard_size, seed=seed)
-    return _index_wds(src)
+        return _index_imagefolder(src, shard_size=shard_size, seed=seed, checksums=checksums)
+    return _index_wds(src, checksums=checksums)
 
 
 def _tar_files_in(directory: str) -> list[str]:
-    return sorted(f for f in os.listdir(directory) if f.endswith(".tar"))
+    try:
+        return sorted(f for f in os.listdir(directory) if f.endswith(".tar"))
+    except PermissionError:
+        raise permission_error(directory, "list this folder") from None
 
 
-def _index_imagefolder(root: str, *, shard_size: int, seed: int) -> Manifest:
+def _report_skipped(root: str, skipped: list[str]) -> None:
+    if skipped:
+        log.warning("%s: skipped %d non-regular file(s) named like images (FIFO, device, socket or dangling "
+                    "link), e.g. %s; they are not images and are never opened", root, len(skipped), skipped[0])
+
+
+def _index_imagefolder(root: str, *, shard_size: int, seed: int, checksums: bool = True) -> Manifest:
     if shard_size < 1:
         raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except PermissionError:
+        raise permission_error(root, "list this folder") from None
     if not classes:
         raise SourceError(f"{root}: no class folders found; an ImageFolder source needs one sub-folder per class")
-    paths, labels = [], []
+
+    def unlistable(e: OSError):  # os.walk skips a folder it cannot list: a class would vanish silently
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise permission_error(e.filename, "list this folder") from None
+        raise SourceError(f"{e.filename}: cannot list this folder ({e.strerror}); fix or remove it") from None
+
+    paths, labels, sizes, crcs, skipped = [], [], [], [], []
     for label, name in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(os.path.join(root, name)):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, name), onerror=unlistable):
             dirnames.sort()
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTS):
-                    paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+                    full = os.path.join(dirpath, f)
+                    rel = os.path.relpath(full, root)
+                    try:
+                        st = os.stat(full)  # follows links: a link to an image is an image
+                    except PermissionError:
+                        raise permission_error(full) from None
+                    except FileNotFoundError:
+                        st = None  # a dangling link
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        skipped.append(rel)  # opening a FIFO would hang the run
+                        continue
+                    if checksums:
+                        data = read_regular_file(full)
+                        sizes.append(len(data))
+                        crcs.append(crc32c.crc32c(data))
+                    paths.append(rel)
                     labels.append(label)
+    _report_skipped(root, skipped)
     if not paths:
         raise SourceError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
     # One seeded shuffle, then fixed-size virtual shards: every shard mixes classes.
@@ -233,11 +385,12 @@ def _index_imagefolder(root: str, *, shard_size: int, seed: int) -> Manifest:
         "position": pa.array((idx % shard_size).astype(np.int32)),
         "path": [paths[i] for i in order],
         "offset": pa.array(np.zeros(n, dtype=np.int64)),
-        "size": pa.array(np.zeros(n, dtype=np.int64)),
+        "size": pa.array(np.asarray(sizes, np.int64)[order] if checksums else np.zeros(n, dtype=np.int64)),
+        "crc32c": pa.array(np.asarray(crcs, np.int64)[order] if checksums else np.full(n, NO_CRC, np.int64)),
     }, schema=_SCHEMA)
     num_shards = (n + shard_size - 1) // shard_size
     shards = [f"virtual-{i:06d}" for i in range(num_shards)]
-    return Manifest("imagefolder", os.path.abspath(root), shards, classes, table, shard_size, seed)
+    return Manifest("imagefolder", os.path.abspath(root), shards, classes, table, shard_size, seed, tuple(skipped))
 
 
 def expand_wds(src: str) -> list[str]:
@@ -251,39 +404,59 @@ def expand_wds(src: str) -> list[str]:
     return [src]
 
 
-def _index_wds(src: str) -> Manifest:
+def _index_wds(src: str, checksums: bool = True) -> Manifest:
     files = expand_wds(src)
     if not files:
         raise SourceError(f"{src}: no such directory or shards; pass an ImageFolder directory or .tar shards "
                           "(a directory, a glob or a brace pattern)")
     for f in files:
         if not os.path.isfile(f):
-            raise SourceError(f"{f}: no such file; check the path or pattern given to --data")
+            what = "not a regular file (a FIFO or device?)" if os.path.exists(f) else "no such file"
+            raise SourceError(f"{f}: {what}; check the path or pattern given to --data")
     root = os.path.dirname(os.path.abspath(files[0]))
     if any(os.path.dirname(os.path.abspath(f)) != root for f in files):
         raise SourceError(f"{src}: shards must sit in one directory")
     cols = {name: [] for name in _SCHEMA.names}
     for shard, path in enumerate(files):
-        for pos, (key, member, offset, size, label) in enumerate(_index_tar(path)):
-            for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size), strict=True):
+        for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
+            if label < 0:  # numpy would read -1 as the last class
+                raise SourceError(f"{path}: sample {key!r} has label {label} in its .cls; labels are class "
+                                  "indices 0..C-1: fix the label")
+            for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size, crc), strict=True):
                 cols[name].append(v)
     if not cols["key"]:
         raise SourceError(f"{src}: the shards hold no images ({', '.join(IMAGE_EXTS)})")
     table = pa.table(cols, schema=_SCHEMA)
     num_classes = int(max(cols["label"])) + 1
-    return Manifest("wds", root, [os.path.basename(f) for f in files], _wds_class_names(root, num_classes), table)
+    names = _wds_class_names(root, num_classes)
+    labels = np.asarray(cols["label"])
+    if labels.max() >= len(names):  # classes.txt is shorter than the labels used
+        i = int(np.argmax(labels >= len(names)))
+        raise SourceError(f"{files[cols['shard'][i]]}: sample {cols['key'][i]!r} has label {labels[i]}, but "
+                          f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
+                          "fix the label or classes.txt")
+    return Manifest("wds", root, [os.path.basename(f) for f in files], names, table)
 
 
-def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
-    """(key, image member, data offset, size, label) per sample, in tar order; one pass, no extraction."""
+def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, int, int, int]]:
+    """(key, image member, data offset, size, label, crc32c) per sample, in tar order; one pass.
+
+    Two members of one name (valid in a tar: ``tar -r`` appends a second copy) are refused: a
+    sequential reader would take one copy and a seek by offset the other."""
     images: dict[str, tarfile.TarInfo] = {}
+    crcs: dict[str, int] = {}
     labels: dict[str, int] = {}
     order: list[str] = []
+    names: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in _members_until_cut(tar):
                 if not m.isfile():
                     continue
+                if m.name in names:
+                    raise SourceError(f"{path}: member {m.name!r} appears twice (appended with tar -r?); readers "
+                                      "would disagree on which copy is the sample: rewrite the shard with one copy")
+                names.add(m.name)
                 base = os.path.basename(m.name)
                 # WebDataset's convention: the key is the path up to the first dot of the basename.
                 key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
@@ -291,7 +464,15 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
                 if key not in images and key not in labels:
                     order.append(key)
                 if ext in IMAGE_EXTS:
+                    if key in images:
+                        raise SourceError(f"{path}: sample {key!r} has two images ({images[key].name}, {m.name}); "
+                                          "keep one per sample")
                     images[key] = m
+                    if checksums:
+                        try:
+                            crcs[key] = crc32c.crc32c(tar.extractfile(m).read())
+                        except (tarfile.ReadError, EOFError, OSError):
+                            crcs[key] = NO_CRC  # the file ends inside this image (a cut copy): undecodable
                 elif ext == LABEL_EXT:
                     try:
                         text = tar.extractfile(m).read().decode().strip()
@@ -304,6 +485,8 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
                             f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
     except tarfile.ReadError as e:
         raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
+    except PermissionError:
+        raise permission_error(path) from None
     out = []
     for key in order:
         if key not in images:
@@ -311,7 +494,7 @@ def _index_tar(path: str) -> list[tuple[str, str, int, int, int]]:
         if key not in labels:
             raise SourceError(f"{path}: sample {key!r} has no .cls label; every WebDataset sample needs KEY.cls")
         m = images[key]
-        out.append((key, m.name, m.offset_data, m.size, labels[key]))
+        out.append((key, m.name, m.offset_data, m.size, labels[key], crcs.get(key, NO_CRC)))
     return out
 
 
@@ -337,9 +520,7 @@ def _wds_class_names(root: str, num_classes: int) -> list[str]:
     if os.path.isfile(path):
         with open(path) as f:
             names = [line.strip() for line in f if line.strip()]
-        if len(names) < num_classes:
-            raise SourceError(f"{path}: lists {len(names)} classes but the shards use label {num_classes - 1}")
-        return names
+        return names  # fewer names than labels used: _index_wds names the sample
     return [str(i) for i in range(num_classes)]
 
 

@@ -3,16 +3,24 @@
 Creation is built in a private temporary directory next to the target and renamed into place
 in one step: of N processes racing (a fleet starting), exactly one rename wins, the others see
 an existing store, throw their copy away and open the winner's after checking its spec.
+
+``overwrite=True`` first moves the old store aside in one rename (so the path is free at once and
+a writer still running on the old store sees its generation gone at its next commit, see base.py),
+then deletes it. It deletes only what is a label store of ours, complete or half made (a folder
+holding nothing but store.json, manifest.parquet, meta/, units/, labels.zarr/ and our temporaries);
+anything else is refused. A symlink given as the path stays: the store it points to is rebuilt in
+place (a store on another disk linked into a project keeps working).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-from .base import MANIFEST, STORE_JSON, read_store_json, store_json_bytes
+from .base import FORMAT, MANIFEST, STORE_JSON, read_store_json, store_json_bytes
 from .fsutil import fsync_path
 from .spec import StoreError, StoreMismatch, StoreSpec, mismatch_error
 from .wds_backend import WdsReader, WdsWriter
@@ -32,8 +40,65 @@ def _backend(name: str, path):
     return BACKENDS[name]
 
 
-def _check_same(path: Path, backend: str, spec: StoreSpec, fix: str) -> None:
-    d = read_store_json(path)
+_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", "labels.zarr"}
+
+
+def _not_a_store(path: Path) -> str | None:
+    """Why path is not a label store of ours (complete or half made), or None if it is one."""
+    if not path.is_dir():
+        return "is not a directory"
+    entries = os.listdir(path)
+    foreign = sorted(e for e in entries if e not in _LAYOUT and not (e.startswith(".") and e.endswith(".tmp")))
+    if foreign:
+        return f"holds {foreign[0]!r}, which a label store never does"
+    if STORE_JSON in entries:
+        try:
+            fmt = json.loads((path / STORE_JSON).read_bytes()).get("format", FORMAT)
+        except (OSError, ValueError, AttributeError):
+            fmt = FORMAT  # a damaged store.json in a store's layout: a damaged store of ours
+        if fmt != FORMAT:
+            return f"holds a {fmt!r} store.json, not a {FORMAT} store"
+    return None
+
+
+def _delete_store(path: Path) -> None:
+    """Delete a store of ours at path (refusing anything else): rename aside, then remove."""
+    if not os.path.lexists(path):
+        return
+    why = _not_a_store(path)
+    if why is not None:
+        raise StoreError(f"--overwrite refused: {path} {why}; it deletes label stores only, choose another --out")
+    aside = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex}"
+    os.rename(path, aside)  # atomic: the path is free now, and the old generation gone from it
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _build(path: Path, spec: StoreSpec, backend: str, manifest: bytes, meta: dict | None, init) -> bool:
+    """Build a store in a private temporary and rename it to path; False if path was taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        (tmp / "units").mkdir()
+        (tmp / "meta").mkdir()
+        (tmp / MANIFEST).write_bytes(manifest)
+        init(tmp, spec)
+        (tmp / STORE_JSON).write_bytes(store_json_bytes(spec, backend, meta, uuid.uuid4().hex))
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                fsync_path(Path(root) / f)
+        try:
+            os.rename(tmp, path)  # atomic; fails if another process's store is already there
+        except OSError:
+            return False
+        fsync_path(path.parent)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_same(path: Path, backend: str, spec: StoreSpec, fix: str, d: dict | None = None) -> None:
+    d = read_store_json(path) if d is None else d
     if d["backend"] != backend:
         raise StoreMismatch(
             f"store at {path} was made with backend={d['backend']}, you asked for backend={backend}; {fix}"
@@ -54,36 +119,36 @@ def create_store(
 ):
     """Create a store, or open an existing one with an equal spec for writing (resume, fleet member).
 
-    overwrite=True deletes whatever is at path first: call it from one process only.
+    overwrite=True deletes the label store at path first (never anything else, see the module doc):
+    call it from one process only.
     """
     path = Path(path)
+    if path.is_symlink():  # rebuild where the link points; the link itself stays
+        path = Path(os.path.realpath(path))
     writer_cls, _, init = _backend(backend, path)
     fix = "use a new --out or --overwrite"
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    if not (path / STORE_JSON).exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex}"
-        try:
-            tmp.mkdir()
-            (tmp / "units").mkdir()
-            (tmp / "meta").mkdir()
-            (tmp / MANIFEST).write_bytes(manifest)
-            init(tmp, spec)
-            (tmp / STORE_JSON).write_bytes(store_json_bytes(spec, backend, meta))
-            for root, _, files in os.walk(tmp):
-                for f in files:
-                    fsync_path(Path(root) / f)
-            try:
-                os.rename(tmp, path)  # atomic; fails if another process's store is already there
-                fsync_path(path.parent)
-            except OSError:
-                if not (path / STORE_JSON).exists():
-                    raise StoreError(f"{path} exists and is not a label store; {fix}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _check_same(path, backend, spec, fix)
-    return writer_cls(path)
+    if overwrite:
+        _delete_store(path)
+    for _ in range(3):
+        if (path / STORE_JSON).exists() or _build(path, spec, backend, manifest, meta, init):
+            break
+        if (path / STORE_JSON).exists():
+            break  # another process's store won the rename
+        why = _not_a_store(path)
+        if why is not None:
+            raise StoreError(f"{path} exists and {why}; use a new --out")
+        if not overwrite:
+            raise StoreError(f"{path} holds a half-made label store (no {STORE_JSON}: a writer stopped while its "
+                             "store was rebuilt?); rebuild it with --overwrite")
+        _delete_store(path)  # a stopped writer's last files reappeared between our delete and rename
+    else:
+        raise StoreError(f"{path}: another process keeps writing here; stop it, then rerun with --overwrite")
+    d = read_store_json(path)
+    _check_same(path, backend, spec, fix, d)
+    writer = writer_cls(path)
+    if writer.generation != d.get("generation"):  # rebuilt between the check and the open: check what was opened
+        _check_same(path, backend, spec, fix, writer._json)
+    return writer
 
 
 def open_store(path, expect: StoreSpec | None = None):

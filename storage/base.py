@@ -9,6 +9,12 @@ Layout of a store directory (both backends):
 
 A backend subclass implements how a unit's arrays are written and found again
 (_write_unit, _read_view_block, _unit_complete, _complete_units, _check_unit).
+
+store.json holds a ``generation``, a random id drawn when the store is created. A writer checks,
+before and after every commit, that store.json still holds the generation it opened: a store
+deleted or rebuilt under it (``precompute --overwrite`` while another precompute still runs) stops
+the old writer with one line instead of letting it commit labels of other settings into the new
+store; a commit that raced the rebuild is taken back.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import decode_values, encode_values, pad_slots
-from .fsutil import atomic_write
+from .fsutil import atomic_write, read_if_exists
 from .spec import INVALID, WRITTEN, Labels, Problem, StoreError, StoreSpec
 
 FORMAT = "deit-lockstep-labels"
-FORMAT_VERSION = 2  # 2: optional tail_lse array (StoreSpec.taus)
+FORMAT_VERSION = 2  # 2: optional tail_lse array (StoreSpec.taus); a generation id in store.json; the manifest
+#    records each sample's size and crc32c
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
 
@@ -78,10 +85,23 @@ def read_store_json(path: Path) -> dict:
     return d
 
 
-def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None) -> bytes:
+class StoreReplaced(StoreError):
+    """The store a writer opened was deleted or rebuilt by another process while it wrote."""
+
+
+def store_generation(path: Path) -> str | None:
+    """The generation id in path/store.json now; None when there is no readable store.json."""
+    try:
+        return json.loads((Path(path) / STORE_JSON).read_bytes()).get("generation")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generation: str = "") -> bytes:
     d = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "generation": generation,
         "backend": backend,
         "spec": spec.to_json(),
         "versions": library_versions(),
@@ -99,6 +119,7 @@ class _StoreBase(ABC):
         self.path = Path(path)
         self._json = read_store_json(self.path)
         self.spec = StoreSpec.from_json(self._json["spec"])
+        self.generation = self._json.get("generation")
         self.units_dir = self.path / "units"
 
     def units(self) -> list[tuple[int, int]]:
@@ -124,13 +145,28 @@ class _StoreBase(ABC):
 class StoreWriter(_StoreBase):
     """Commits whole work units; safe to use from many processes on disjoint or identical units."""
 
+    def check_generation(self) -> None:
+        """Raise StoreReplaced unless path/store.json still holds the generation this writer opened."""
+        if store_generation(self.path) != self.generation:
+            raise StoreReplaced(
+                f"store at {self.path} was deleted or rebuilt by another process (precompute --overwrite?) while "
+                "this one was writing it; this process stopped without committing more units: rerun precompute "
+                "to resume the store that is there now"
+            )
+
     def set_meta(self, key: str, value) -> None:
-        """Extra JSON metadata (probe hashes, versions...). Written atomically to meta/<key>.json."""
+        """Extra JSON metadata (probe hashes, versions...). Written atomically to meta/<key>.json.
+
+        Equal metadata already there is left alone: resuming a complete (even read-only) store writes nothing."""
         if not key.replace("_", "").replace("-", "").isalnum():
             raise StoreError(f"meta key {key!r} must be alphanumeric (with - or _), it names a file")
         data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+        path = self.path / "meta" / f"{key}.json"
+        if read_if_exists(path) == data:
+            return
+        self.check_generation()
         (self.path / "meta").mkdir(exist_ok=True)
-        atomic_write(self.path / "meta" / f"{key}.json", data)
+        atomic_write(path, data)
 
     def write_unit(self, shard: int, view_block: int, *, values, ids, valid, tail_lse=None) -> None:
         """Store one unit: arrays in slot order shaped [views_in_block, shard_size, ...].
@@ -197,16 +233,26 @@ class StoreWriter(_StoreBase):
         elif tail_lse is not None:
             raise StoreError(f"{where}: tail_lse given but the store keeps no taus (create it with taus)")
         cap = spec.capacity
-        self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap), tail)
+        self.check_generation()
+        committed = self._write_unit(shard, view_block, enc, pad_slots(ids, cap), pad_slots(valid, cap), tail)
+        if committed is not None and store_generation(self.path) != self.generation:
+            # Rebuilt between our last check and the commit: our record may sit in the new store. Take it
+            # back (only if it is still ours, byte for byte), then stop.
+            record, data = committed
+            if read_if_exists(record) == data:
+                record.unlink(missing_ok=True)
+            self.check_generation()
 
     def retract(self, shard: int, view_block: int) -> None:
         """Mark a unit not complete (found damaged): readers stop trusting it, precompute redoes it."""
         self.spec.check_unit(shard, view_block)
+        self.check_generation()
         self._retract(shard, view_block)
 
     @abstractmethod
-    def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse) -> None:
-        """Each backend implements this."""
+    def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse) -> tuple[Path, bytes] | None:
+        """Each backend implements this: commit the unit, and return its completion record's path and
+        bytes (None when the unit was already there with these labels and nothing was written)."""
 
     @abstractmethod
     def _retract(self, shard, block) -> None:

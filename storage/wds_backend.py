@@ -98,8 +98,9 @@ class WdsWriter(_WdsMixin, StoreWriter):
         data = _tar_bytes(unit_name(shard, block), header, blobs)
         path = self._tar(shard, block)
         if read_if_exists(path) == data:
-            return  # same labels, same bytes: leave the file alone
+            return None  # same labels, same bytes: leave the file alone
         atomic_write(path, data)
+        return path, data
 
 
 class WdsReader(_WdsMixin, StoreReader):

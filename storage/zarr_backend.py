@@ -26,7 +26,7 @@ import zarr
 import zarr.codecs as zc
 
 from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
-from .fsutil import atomic_write, fsync_path
+from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full
 from .spec import Problem, StoreCorrupt, StoreSpec
 
 ARRAYS_DIR = "labels.zarr"
@@ -136,14 +136,19 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         if marker.exists():
             old = self._read_unit(shard, block)
             if all(np.array_equal(old[k], v) for k, v in new.items()):
-                return  # same labels: touch nothing, so the bytes stay identical
+                return None  # same labels: touch nothing, so the bytes stay identical
             # Different labels (a non-deterministic teacher): retract the unit first, so that a
             # crash mid-rewrite leaves it absent rather than half old, half new.
             os.unlink(marker)
             fsync_path(self.units_dir)
         sel = self._unit_selection(shard, block)
-        for name, data in new.items():
-            self._arrays[name][sel] = data[:, None]
+        try:
+            for name, data in new.items():
+                self._arrays[name][sel] = data[:, None]
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path / ARRAYS_DIR) from None
+            raise
         chunks = {}
         for name in sorted(new):
             p = self._chunk_path(name, shard, block)
@@ -154,8 +159,11 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
             chunks[name] = {"key": key, "nbytes": len(data), "crc32c": crc32c.crc32c(data)}
         views = self.spec.block_views(block)
         record = {"unit": [shard, block], "views": [views.start, views.stop], "chunks": chunks}
+        self.check_generation()  # the chunks took a while: is this still the store we opened?
         self.units_dir.mkdir(exist_ok=True)
-        atomic_write(marker, (json.dumps(record, sort_keys=True) + "\n").encode())
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        atomic_write(marker, data)
+        return marker, data
 
 
 class ZarrReader(_ZarrMixin, StoreReader):

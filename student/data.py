@@ -41,7 +41,17 @@ import numpy as np
 import torch
 
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
-from pipeline.sources import Manifest, check_same_classes, decode_image, index_source
+from pipeline.sources import (
+    Manifest,
+    SourceError,
+    check_same_classes,
+    check_sample,
+    decode_image,
+    index_source,
+    permission_error,
+    read_regular_file,
+    source_errors_in_one_line,
+)
 from pipeline.views import ViewRenderer, epoch_shard_order, mixed_target
 from storage import WRITTEN, open_store
 
@@ -68,7 +78,8 @@ class SampleFiles:
             self.paths = t.column("path").to_numpy(zero_copy_only=False)
         else:
             self.offsets = t.column("offset").to_numpy()
-            self.nbytes = t.column("size").to_numpy()
+        self.nbytes = t.column("size").to_numpy()
+        self.crcs = t.column("crc32c").to_numpy()  # the bytes precompute labelled (-1: not recorded)
         self._open: tuple[int, object] | None = None
 
     def __getstate__(self):
@@ -81,20 +92,30 @@ class SampleFiles:
         return int(self.starts[shard] + position)
 
     def read(self, shard: int, position: int) -> bytes:
+        """A sample's bytes, checked against the size and crc32c indexed (SourceChanged if they differ)."""
         i = self.row(shard, position)
         if self.kind == "imagefolder":
+            path = os.path.join(self.root, self.paths[i])
             try:
-                with open(os.path.join(self.root, self.paths[i]), "rb") as f:
-                    return f.read()
+                data = read_regular_file(path)
+            except SourceError:
+                raise
             except OSError:
-                return b""  # undecodable, like an empty file: the view is skipped and counted
-        if self._open is None or self._open[0] != shard:
-            if self._open is not None:
-                self._open[1].close()
-            self._open = (shard, open(os.path.join(self.root, self.shards[shard]), "rb"))
-        f = self._open[1]
-        f.seek(int(self.offsets[i]))
-        return f.read(int(self.nbytes[i]))
+                data = b""  # undecodable, like an empty file: the view is skipped and counted
+        else:
+            path = os.path.join(self.root, self.shards[shard])
+            if self._open is None or self._open[0] != shard:
+                if self._open is not None:
+                    self._open[1].close()
+                try:
+                    self._open = (shard, open(path, "rb"))
+                except PermissionError:
+                    raise permission_error(path) from None
+            f = self._open[1]
+            f.seek(int(self.offsets[i]))
+            data = f.read(int(self.nbytes[i]))
+        check_sample(str(self.keys[i]), path, data, int(self.nbytes[i]), int(self.crcs[i]))
+        return data
 
 
 # ---- what a run trains on ------------------------------------------------------------------
@@ -139,16 +160,18 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
     if labels is None:
         r = create_recipe(recipe or "deit", overrides)
         seed = 0 if seed is None else seed
-        return TrainData(index_source(data, shard_size=shard_size, seed=seed), r, seed)
+        return TrainData(index_source(data, shard_size=shard_size, seed=seed, checksums=False), r, seed)
 
     reader = open_store(labels)
     spec = reader.spec
     stored = Manifest.from_bytes(reader.manifest_bytes)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
-    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed)
+    # Names and labels only (no full read of the source at every start); reads check content below.
+    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, checksums=False)
     if manifest.fingerprint != spec.manifest_fingerprint:
         raise TrainError(f"--data {data} is not the source the store {labels} was made from: "
                          f"{_manifest_difference(manifest, stored)}; point --data at that source")
+    manifest = manifest.with_checksums_of(stored)  # each read checks the bytes the teacher labelled
     if spec.num_classes != manifest.num_classes:
         raise TrainError(f"store {labels} has {spec.num_classes} classes, --data {data} has "
                          f"{manifest.num_classes}; recompute the store for this source")
@@ -309,6 +332,8 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             if (shard, position) not in decoded:
                 try:
                     decoded[shard, position] = decode_image(files.read(shard, position))
+                except SourceError:  # changed or unreadable source: stop, never train on other images
+                    raise
                 except Exception:  # any undecodable image: its views are skipped and counted
                     decoded[shard, position] = None
             return decoded[shard, position]
@@ -404,7 +429,7 @@ class EpochIter:
             ds, batch_size=None, num_workers=lo.workers, worker_init_fn=_single_thread_worker,
             pin_memory=lo.pin_memory, prefetch_factor=4 if lo.workers else None,
             generator=torch.Generator().manual_seed(p.epoch))  # never draw from the global RNG
-        for item in dl:
+        for item in source_errors_in_one_line(dl):  # a worker's SourceChanged: its line, not torch's text
             batch = Batch(**item)
             self.skipped += batch.skipped
             if p.labels is not None:
@@ -446,6 +471,8 @@ class EvalImages(torch.utils.data.Dataset):
             self._transform = ViewRenderer(self.recipe).eval_transform()
         try:
             img = decode_image(self.files.read(shard, row - int(self.files.starts[shard])))
+        except SourceError:  # an unreadable file (permission): an error, never a silently dropped image
+            raise
         except Exception:
             return None
         return self._transform(img), int(self.files.labels[row])
@@ -462,8 +489,22 @@ def _collate_valid(items):
 def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, world: int = 1,
                 workers: int = 0, shard_size: int = 1024, pin_memory: bool = False):
     """Batches (images, labels) of the validation source, this rank's share; same classes as training."""
-    manifest = index_source(val, shard_size=shard_size, seed=train.seed)
+    manifest = index_source(val, shard_size=shard_size, seed=train.seed, checksums=False)
     check_same_classes(train.manifest, manifest, val_src=val)
     ds = EvalImages(manifest, train.recipe, rank, world)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
-                                       worker_init_fn=_single_thread_worker, pin_memory=pin_memory)
+    return _OneLineSourceErrors(torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
+        worker_init_fn=_single_thread_worker, pin_memory=pin_memory))
+
+
+class _OneLineSourceErrors:
+    """A DataLoader whose workers' SourceErrors surface as their own one line (see source_errors_in_one_line)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return source_errors_in_one_line(self.loader)
