@@ -53,6 +53,7 @@ class PrecomputeConfig:
     seed: int = 0
     input_size: int | None = None
     shard_size: int = 1024
+    shards: str = "auto"          # shard layout (sources.index_source): auto, as-is, shuffle
     views_per_unit: int = 10
     batch_size: int = 256
     workers: int = 8
@@ -240,7 +241,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     rank, world = fleet_position(cfg.rank, cfg.world_size)
     overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size else [])
     recipe = create_recipe(cfg.recipe, overrides)
-    manifest = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
+    manifest = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards)
     if not cfg.hard and cfg.topk > manifest.num_classes:
         raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
                               f"use --topk <= {manifest.num_classes} or --hard")
