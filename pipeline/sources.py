@@ -243,7 +243,11 @@ def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str
         raise SourceError(f"--shards {shards!r} is not one of {', '.join(SHARD_LAYOUTS)}")
     if os.path.isdir(src) and not _tar_files_in(src):
         return _index_imagefolder(src, shard_size=shard_size, seed=seed, shuffle=shards != "as-is")
-    m = _index_wds(src)
+    return apply_layout(_index_wds(src), shards=shards, shard_size=shard_size, seed=seed)
+
+
+def apply_layout(m: Manifest, *, shards: str = "auto", shard_size: int = 1024, seed: int = 0) -> Manifest:
+    """A wds manifest of the tars as-is -> the layout asked for (``index_source``'s ``shards``)."""
     if shards == "shuffle" or (shards == "auto" and is_class_skewed(m)):
         return recut_shards(m, shard_size=shard_size, seed=seed)
     return m

@@ -151,7 +151,10 @@ def test_tiny_student_loss_falls_and_accuracy_rises(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and summary["distillation"] == "none"
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
-    assert rows[-1]["val"]["avg_top1"] > rows[0]["val"]["avg_top1"]
+    # From chance (33%) to >= 80%. Since batches span shards (the epoch stream's interleave) one epoch
+    # already gets there on this easy data (96.7% after epoch 0, 93.3% at the end: one image of 30),
+    # so "higher than after epoch 0" is no longer what learning looks like here; staying there is.
+    assert min(r["val"]["avg_top1"] for r in rows) >= 80
     assert summary["final"]["val"]["avg_top1"] >= 80
     assert set(rows[-1]["val"]) >= {"cls_top1", "cls_top5", "dist_top1", "dist_top5", "avg_top1", "avg_top5"}
 
