@@ -54,61 +54,72 @@ def old_slot_order(seed: int, view: int, shard: int, n: int, repeats: int = 1) -
     return slots
 
 
-def old_epoch(labels_sizes: list[int], epoch: int, global_batch: int, seed: int = 0) -> EpochSample:
+def old_epoch(sizes: list[int], epoch: int, global_batch: int, seed: int = 0,
+              max_steps: int | None = None) -> EpochSample:
     """Old plan_epoch: shards in a seeded order, each shard's slots in order; tars as-is."""
-    sizes = np.asarray(labels_sizes)
+    sizes = np.asarray(sizes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    sample, pairs = [], []
+    sample, pairs, total = [], [], 0
+    limit = None if max_steps is None else max_steps * global_batch
     for j in epoch_shard_order(seed, epoch, len(sizes)):
         order = old_slot_order(seed, epoch, int(j), int(sizes[j]), R) + starts[j]
         sample.append(order)
         pairs.append(order[: len(order) // 2 * 2].reshape(-1, 2))
+        total += len(order)
+        if limit is not None and total >= limit:
+            break
     sample = np.concatenate(sample)
-    steps = len(sample) // global_batch
-    return EpochSample([sample[t * global_batch:(t + 1) * global_batch] for t in range(steps)], np.concatenate(pairs))
+    steps = len(sample) // global_batch if max_steps is None else min(len(sample) // global_batch, max_steps)
+    pairs = np.concatenate(pairs)[: steps * global_batch // 2]
+    return EpochSample([sample[t * global_batch:(t + 1) * global_batch] for t in range(steps)], pairs)
 
 
-def mean(f, epochs):
-    return float(np.mean([f(e) for e in epochs]))
+SHAPES = ((8, 32), (4, 16), (1, 256), (8, 128))
+
+
+def measure(title, labels, per_tar, epochs, max_steps=None):
+    n = len(labels)
+    new_m = project_manifest(labels, per_tar)
+    new_labels = new_m.samples.column("label").to_numpy().astype(np.int64)
+    streams = {
+        "DeiT/timm": (lambda e, w, b: timm_epoch(n, e, w, b, max_steps=max_steps), labels),
+        "old": (lambda e, w, b: old_epoch([per_tar] * (n // per_tar) + ([n % per_tar] if n % per_tar else []),
+                                          e, w * b, max_steps=max_steps), labels),
+        "new": (lambda e, w, b: project_epoch(new_m, e, w * b, max_steps=max_steps), new_labels),
+    }
+    rows = []
+    for name, (make, lab) in streams.items():
+        copies = {k: float(np.mean([copies_in_one_step(make(e, *k)) for e in epochs])) for k in SHAPES}
+        big = [make(e, 8, 128) for e in epochs]
+        rows.append((name, copies, np.mean([same_class_partner_rate(e, lab) for e in big]),
+                     np.mean([classes_per_step(e, lab).mean() for e in big]),
+                     np.mean([distinct_per_step(e).mean() for e in big]),
+                     None if max_steps else np.mean([coverage(e, n) for e in big])))
+    distinct = rows[-1][4]
+    rows.append(("random", None, same_class_probability(labels), expected_classes(labels, int(round(distinct)))[0],
+                 distinct, None))
+    print(f"\n{title} (layout chosen: {new_m.layout})")
+    print(f"{'stream':<11}{'copies 8x32':>12}{'4x16':>7}{'1x256':>7}{'8x128':>7}"
+          f"{'same-class':>12}{'classes/1024':>14}{'distinct':>10}{'coverage':>10}")
+    for name, copies, same, classes, dist, cov in rows:
+        c = ("".join(f"{copies[k]:>{wd}.3f}" for k, wd in zip(SHAPES, (12, 7, 7, 7), strict=True))
+             if copies else f"{'-':>12}{'-':>7}{'-':>7}{'-':>7}")
+        print(f"{name:<11}{c}{same:>12.4f}{classes:>14.1f}{dist:>10.1f}{'-' if cov is None else f'{cov:.3f}':>10}")
 
 
 def main():
-    rows = []
+    print(f"stream fidelity, R={R}: copies = samples whose {R} copies share an optimizer step (world x per-rank "
+          "batch); same-class = mixing partners of one class; classes/1024 = distinct classes in a global batch "
+          "of 1024 (8 x 128); random = a random draw of that many distinct samples")
     for class_sorted in (True, False):
-        labels = synthetic_labels(N, CLASSES, class_sorted=class_sorted)
-        new_m = project_manifest(labels, PER_TAR)
-        new_labels = new_m.samples.column("label").to_numpy().astype(np.int64)
-        q = same_class_probability(labels)
-        streams = {
-            "DeiT/timm": (lambda e, w, b: timm_epoch(N, e, w, b), labels),
-            "old": (lambda e, w, b: old_epoch([PER_TAR] * (N // PER_TAR), e, w * b), labels),
-            "new": (lambda e, w, b: project_epoch(new_m, e, w * b), new_labels),
-        }
-        for name, (make, lab) in streams.items():
-            copies = {}
-            for w, b in ((8, 32), (4, 16), (1, 256), (8, 128)):
-                copies[w, b] = mean(lambda e: copies_in_one_step(make(e, w, b)), EPOCHS)  # noqa: B023
-            big = [make(e, 8, 128) for e in EPOCHS]
-            classes = np.mean([classes_per_step(e, lab).mean() for e in big])
-            distinct = np.mean([distinct_per_step(e).mean() for e in big])
-            rows.append((class_sorted, name, copies, np.mean([same_class_partner_rate(e, lab) for e in big]),
-                         classes, distinct, np.mean([coverage(e, N) for e in big])))
-        rows.append((class_sorted, "random", None, q, expected_classes(labels, int(round(distinct)))[0], distinct,
-                     None))
-    head = (f"{'tars':<8}{'stream':<11}{'copies 8x32':>12}{'4x16':>7}{'1x256':>7}{'8x128':>7}"
-            f"{'same-class':>12}{'classes/1024':>14}{'distinct':>10}{'coverage':>10}")
-    print(f"stream fidelity: {N} samples, {N // PER_TAR} tars of {PER_TAR}, {CLASSES} classes, R={R}, "
-          f"mean of {len(EPOCHS)} epochs")
-    print(head)
-    for class_sorted, name, copies, same, classes, distinct, cov in rows:
-        c = ("".join(f"{copies[k]:>{wd}.3f}" for k, wd in zip(((8, 32), (4, 16), (1, 256), (8, 128)),
-                                                               (12, 7, 7, 7), strict=True))
-             if copies else f"{'-':>12}{'-':>7}{'-':>7}{'-':>7}")
-        print(f"{'sorted' if class_sorted else 'shuffled':<8}{name:<11}{c}{same:>12.4f}{classes:>14.1f}"
-              f"{distinct:>10.1f}{'-' if cov is None else f'{cov:.3f}':>10}")
-    print("copies: samples whose 3 copies share an optimizer step (world x per-rank batch); same-class: mixing "
-          "partners of one class; classes/1024: distinct classes in a global batch of 1024 (8 x 128), "
-          "'random' = a random draw of that many distinct samples")
+        measure(f"{N} samples in {N // PER_TAR} tars of {PER_TAR}, {CLASSES} classes, "
+                f"{'tars in class order' if class_sorted else 'shuffled tars'}, mean of {len(EPOCHS)} epochs",
+                synthetic_labels(N, CLASSES, class_sorted=class_sorted), PER_TAR, EPOCHS)
+    measure(f"{N} samples in {N // PER_TAR} tars of {PER_TAR}, 10 classes, tars in class order, mean of "
+            f"{len(EPOCHS)} epochs", synthetic_labels(N, 10, class_sorted=True), PER_TAR, EPOCHS)
+    measure("ImageNet-like: 1000 classes x 1281 samples in 1251 tars of 1024 in class order, epoch 0, first 64 "
+            "steps of each shape", synthetic_labels(1000 * 1281, 1000, class_sorted=True), PER_TAR, (0,),
+            max_steps=64)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def project_manifest(labels: np.ndarray, per_tar: int, *, shards: str = "auto", 
 
 
 # ---- the two streams -------------------------------------------------------------------------
-def project_epoch(manifest: Manifest, epoch: int, global_batch: int, *, repeats: int = 3, seed: int = 0) -> EpochSample:
+def project_epoch(manifest: Manifest, epoch: int, global_batch: int, *, repeats: int = 3, seed: int = 0,
+                  max_steps: int | None = None) -> EpochSample:
     """The project's training stream (student.data.plan_epoch, no store), cut into global batches."""
     from pipeline.views import slot_order
     from student.data import TrainData, plan_epoch
@@ -61,16 +62,20 @@ def project_epoch(manifest: Manifest, epoch: int, global_batch: int, *, repeats:
     plan = plan_epoch(data, epoch, global_batch)
     sizes = np.asarray(manifest.shard_sizes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    orders = [slot_order(seed, plan.view, j, int(sizes[j]), repeats) for j in range(len(sizes))]
-    used = plan.stream[:plan.steps * global_batch]
-    sample = np.array([starts[j] + orders[j][s] for j, s in used.tolist()], dtype=np.int64)
-    steps = [sample[t * global_batch:(t + 1) * global_batch] for t in range(plan.steps)]
-    lead = [(j, s) for j, s in used.tolist() if s % 2 == 0 and s + 1 < sizes[j]]
-    pairs = np.array([(starts[j] + orders[j][s], starts[j] + orders[j][s + 1]) for j, s in lead], dtype=np.int64)
-    return EpochSample(steps, pairs.reshape(-1, 2))
+    # flat[starts[j] + s] = the manifest row slot s of shard j holds in this view
+    flat = np.concatenate([starts[j] + slot_order(seed, plan.view, j, int(sizes[j]), repeats)
+                           for j in range(len(sizes))])
+    steps = plan.steps if max_steps is None else min(plan.steps, max_steps)
+    used = plan.stream[:steps * global_batch]
+    idx = starts[used[:, 0]] + used[:, 1]
+    sample = flat[idx]
+    lead = (used[:, 1] % 2 == 0) & (used[:, 1] + 1 < sizes[used[:, 0]])
+    pairs = np.stack([flat[idx[lead]], flat[idx[lead] + 1]], axis=1)
+    return EpochSample([sample[t * global_batch:(t + 1) * global_batch] for t in range(steps)], pairs)
 
 
-def timm_epoch(n: int, epoch: int, world: int, batch: int, *, repeats: int = 3) -> EpochSample:
+def timm_epoch(n: int, epoch: int, world: int, batch: int, *, repeats: int = 3,
+               max_steps: int | None = None) -> EpochSample:
     """timm's RepeatAugSampler (DeiT's RASampler) on each rank, batches of ``batch`` (drop_last, as
     DeiT's loader), and timm's Mixup pairing inside each rank's batch: i with the flipped i."""
     from timm.data.distributed_sampler import RepeatAugSampler
@@ -81,6 +86,7 @@ def timm_epoch(n: int, epoch: int, world: int, batch: int, *, repeats: int = 3) 
         s.set_epoch(epoch)
         per_rank.append(np.fromiter(iter(s), dtype=np.int64))
     num_steps = min(len(r) for r in per_rank) // batch
+    num_steps = num_steps if max_steps is None else min(num_steps, max_steps)
     steps, pairs = [], []
     for t in range(num_steps):
         local = [r[t * batch:(t + 1) * batch] for r in per_rank]
