@@ -51,7 +51,7 @@ import torch
 
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import Manifest, check_same_classes, decode_image, index_source
-from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_target, window_slots
+from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
 from storage import WRITTEN, open_store
 
 from .errors import TrainError
@@ -326,7 +326,8 @@ class ReplayBatches(torch.utils.data.IterableDataset):
         order = lru_cache(maxsize=64)(lambda shard: renderer.slot_order(self.seed, self.view, shard,
                                                                         int(self.files.sizes[shard])))
 
-        def plan(shard: int, slot: int):
+        @lru_cache(maxsize=1024)  # a pair's lead slot is asked for twice
+        def plan(shard: int, slot: int):  # slot 2m: the pair (2m, 2m+1), rendered and mixed at once
             return renderer.slot_view(self.seed, self.view, shard, slot, order(shard))
 
         for t in range(wid, len(self.batches), nw):
@@ -334,7 +335,8 @@ class ReplayBatches(torch.utils.data.IterableDataset):
 
     def render(self, renderer: ViewRenderer, plan, step: int, rows: np.ndarray) -> dict:
         files, smoothing = self.files, self.recipe.label_smoothing
-        images, targets, keep, decoded, pairs = [], [], [], {}, {}
+        images, keep, decoded, pairs = [], [], {}, {}
+        own, other, lams = [], [], []  # per kept view: its label, its partner's (-1: none), lambda (NaN: unmixed)
 
         def image(shard, position):
             if (shard, position) not in decoded:
@@ -345,8 +347,7 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             return decoded[shard, position]
 
         for i, (shard, slot) in enumerate(rows.tolist()):
-            sv = plan(shard, slot)
-            lead = sv if slot % 2 == 0 else plan(shard, slot & ~1)  # slot 2m renders the pair (2m, 2m+1) at once
+            lead = plan(shard, slot & ~1)  # slot 2m+1 is the pair's other half: same mix, positions swapped
             if (shard, lead.slot) not in pairs:
                 a = image(shard, lead.position)
                 b = None if lead.partner_position is None else image(shard, lead.partner_position)
@@ -356,16 +357,19 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             if pair is None:
                 continue
             images.append(pair[slot - lead.slot])
-            partner_label = None if sv.partner_position is None else files.labels[files.row(shard, sv.partner_position)]
-            targets.append(mixed_target(int(files.labels[files.row(shard, sv.position)]),
-                                        None if partner_label is None else int(partner_label),
-                                        sv.mix, self.num_classes, smoothing))
+            position, partner = ((lead.position, lead.partner_position) if slot == lead.slot
+                                 else (lead.partner_position, lead.position))
+            own.append(files.labels[files.row(shard, position)])
+            other.append(-1 if partner is None else files.labels[files.row(shard, partner)])
+            lams.append(np.nan if lead.mix.mode == "none" else lead.mix.lam)
             keep.append(i)
         size = self.recipe.input_size
+        targets = mixed_targets(np.asarray(own, np.int64), np.asarray(other, np.int64), np.asarray(lams, np.float64),
+                                self.num_classes, smoothing)  # views.mixed_target, the whole batch at once
         return {
             "step": step,
             "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
-            "targets": torch.stack(targets) if targets else torch.zeros(0, self.num_classes),
+            "targets": torch.from_numpy(targets),
             "rows": torch.from_numpy(rows[keep]) if keep else torch.zeros(0, 2, dtype=torch.int64),
             "skipped": len(rows) - len(keep),
         }

@@ -308,3 +308,20 @@ def test_repeats_one_is_the_plain_permutation():
     assert create_recipe("crop-flip").repeats == 1 and create_recipe("deit").repeats == 3
     with pytest.raises(RecipeError, match="repeats must be >= 1"):
         create_recipe("deit", ["repeats=0"])
+
+
+def test_batched_targets_are_the_same_bytes_as_one_by_one():
+    """The loader builds a batch's targets at once (mixed_targets); they must be mixed_target's bytes."""
+    from pipeline.views import mixed_targets
+
+    g = np.random.Generator(np.random.Philox(key=9))
+    for num_classes, smoothing in ((10, 0.1), (1000, 0.1), (3, 0.0)):
+        n = 64
+        labels, partners = g.integers(0, num_classes, n), g.integers(-1, num_classes, n)
+        lams = np.where(g.random(n) < 0.2, np.nan, g.beta(0.8, 0.8, n))
+        batch = mixed_targets(labels, partners, lams, num_classes, smoothing)
+        for i in range(n):
+            mix = MixParams() if np.isnan(lams[i]) else MixParams("mixup", float(lams[i]))
+            one = mixed_target(int(labels[i]), None if partners[i] < 0 else int(partners[i]), mix, num_classes,
+                               smoothing)
+            assert one.numpy().tobytes() == batch[i].tobytes(), i
