@@ -196,14 +196,18 @@ class Manifest:
 
 
 def _iter_recut(root: str, tars: list[str], shard: int, rows: list[dict]) -> Iterator[Sample]:
-    data = {}
-    for r in sorted(rows, key=lambda r: (r["tar"], r["offset"])):  # each tar read forwards
+    data = {r["position"]: b"" for r in rows}  # unreadable stays empty: undecodable, its views flagged
+    by_tar: dict[int, list[dict]] = {}
+    for r in rows:
+        by_tar.setdefault(r["tar"], []).append(r)
+    for tar, members in sorted(by_tar.items()):  # each tar opened once, read forwards
         try:
-            with open(os.path.join(root, tars[r["tar"]]), "rb") as f:
-                f.seek(r["offset"])
-                data[r["position"]] = f.read(r["size"])
+            with open(os.path.join(root, tars[tar]), "rb") as f:
+                for r in sorted(members, key=lambda r: r["offset"]):
+                    f.seek(r["offset"])
+                    data[r["position"]] = f.read(r["size"])
         except OSError:
-            data[r["position"]] = b""  # undecodable: its views are flagged, the run goes on
+            pass
     for r in rows:
         yield Sample(r["key"], r["label"], shard, r["position"], data[r["position"]])
 
