@@ -150,3 +150,13 @@ def expected_classes(labels: np.ndarray, draw: int) -> tuple[float, float]:
                        for c in counts])
     present = 1.0 - absent
     return float(present.sum()), float((present * absent).sum())
+
+
+def same_shard_rate(e: EpochSample, shard_of: np.ndarray) -> float:
+    """P(two distinct samples of a global batch come from one shard), averaged over the steps."""
+    rates = []
+    for s in e.steps:
+        counts = np.bincount(shard_of[np.unique(s)]).astype(np.float64)
+        d = counts.sum()
+        rates.append((counts * (counts - 1)).sum() / (d * (d - 1)))
+    return float(np.mean(rates))

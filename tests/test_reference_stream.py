@@ -15,6 +15,12 @@ Tolerances are derived, not tuned (5 standard errors, or exact bounds), and stat
   q = sum_c n_c (n_c - 1) / (N (N - 1)); pairs inside one window (ours) or one repeated
   triple (timm) may be dependent, so the standard error counts windows (resp. pairs / R),
   not pairs: SE = sqrt(q (1 - q) / units).
+- batch-mates across shards: a global shuffle puts two distinct samples of a batch in one shard
+  with probability p = (n - 1) / (N - 1); a sample's d - 1 batch-mates are hypergeometric
+  draws, so the per-step mean has variance at most p (1 - p) / (d - 1) (a mean of dependent
+  terms), and the T steps are independent: SE = sqrt(p (1 - p) / ((d - 1) T)). The stream
+  interleaves groups of 8 shards, so this holds while S <= 8 (as here); beyond, the rate is
+  about 1/8, not 1/S.
 - classes per global batch: the distinct classes of d distinct random samples have mean
   sum_c 1 - C(N - n_c, d) / C(N, d) and variance at most sum_c q_c (1 - q_c) (negatively
   correlated indicators); summed over the steps.
@@ -34,6 +40,7 @@ from reference_stream_support import (
     project_manifest,
     same_class_partner_rate,
     same_class_probability,
+    same_shard_rate,
     synthetic_labels,
     synthetic_wds,
     timm_epoch,
@@ -150,3 +157,16 @@ def test_classes_per_global_batch_are_a_random_samplers(class_sorted, world, bat
         shortfall = sum(expected_classes(lab, int(d))[0] - k
                         for k, d in zip(classes_per_step(e, lab), distinct_per_step(e), strict=True))
         assert shortfall > 5 * math.sqrt(sum(expected_classes(lab, int(d))[1] for d in distinct_per_step(e)))
+
+
+def test_batch_mates_come_from_across_the_shards_as_with_a_global_shuffle():
+    """A global batch draws from several shards at once (the interleave), as timm's global shuffle does."""
+    m, _ = source(1000, True)
+    shard_of = m.samples.column("shard").to_numpy()
+    p = (PER_TAR - 1) / (N - 1)
+    for name, epochs in (("ours", [project_epoch(m, e, 1024) for e in EPOCHS]),
+                         ("timm", [timm_epoch(N, e, 8, 128) for e in EPOCHS])):
+        rate = np.mean([same_shard_rate(e, shard_of if name == "ours" else np.arange(N) // PER_TAR) for e in epochs])
+        steps = sum(len(e.steps) for e in epochs)
+        d = np.mean([distinct_per_step(e).mean() for e in epochs])
+        assert abs(rate - p) <= 5 * math.sqrt(p * (1 - p) / ((d - 1) * steps)), (name, rate, p)
