@@ -1,7 +1,8 @@
 """Stage one: run the teacher over every view of every sample and store its answers.
 
 Work is cut into units ``(shard, block of views)``. A unit is independent and idempotent:
-its DataLoader worker reads the shard once, decodes each image once, renders all the unit's
+its DataLoader worker reads the shard once (a tar front to back; a virtual shard by one seek per
+sample), decodes each image once, renders all the unit's
 views from the decoded images, and the main process runs the teacher and writes the unit in
 one atomic commit. Ranks take disjoint units (unit i goes to rank i mod world) and skip units
 already complete, so a fleet needs no coordinator and rerunning the same command resumes.

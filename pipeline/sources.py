@@ -60,7 +60,7 @@ class Sample:
 class Manifest:
     kind: str                 # "imagefolder" or "wds"
     root: str                 # directory the relative paths start from
-    shards: list[str]         # tar file names (wds) or virtual shard names (imagefolder)
+    shards: list[str]         # tar file names (wds as-is) or virtual shard names (imagefolder, re-cut wds)
     class_names: list[str]
     samples: pa.Table         # key, label, shard, position, path, offset, size
     shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
