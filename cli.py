@@ -86,7 +86,11 @@ def main():
 @click.option("--input-size", default=None, type=int, help="View size in pixels [recipe: 224].")
 @click.option("--repeats", default=None, type=int,
               help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
-@click.option("--shard-size", default=1024, show_default=True, type=int, help="ImageFolder virtual shard size.")
+@click.option("--shard-size", default=1024, show_default=True, type=int,
+              help="Virtual shard size (ImageFolder, re-cut WebDataset).")
+@click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
+              help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
+                   "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
 @click.option("--views-per-unit", default=10, show_default=True, type=int, help="Views per work unit.")
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--workers", default=8, show_default=True, type=int, help="DataLoader workers rendering views.")
@@ -242,7 +246,11 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
                    "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "
                    "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
                    "scaled lr (flat), 1e-8, 0.")
-@click.option("--shard-size", default=1024, show_default=True, type=int, help="ImageFolder virtual shard size.")
+@click.option("--shard-size", default=1024, show_default=True, type=int,
+              help="Virtual shard size (ImageFolder, re-cut WebDataset).")
+@click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
+              help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
+                   "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
 @click.option("--log-every", default=50, show_default=True, type=int, help="Progress bar update, in steps.")
 @click.option("--max-steps-per-epoch", default=None, type=int, help="Cap every epoch at N steps (smoke runs).")
 @click.option("--stop-after-epochs", default=None, type=int, help="End this run after N epochs; --resume goes on.")

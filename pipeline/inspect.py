@@ -78,7 +78,8 @@ def source_manifest(reader, data: str | None) -> Manifest:
     stored = stored_manifest(reader)
     if data is None:
         return stored
-    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed, checksums=False)
+    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed, shards=stored.layout,
+                     checksums=False)
     if m.fingerprint != reader.spec.manifest_fingerprint:
         raise InspectError(
             f"{data} is not the source this store was made from (manifest fingerprint "
@@ -141,6 +142,12 @@ class Summary:
     teacher: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     probes: int = 0
+    # the shards behind the store: layout, and distinct classes per shard vs a random draw of that size
+    shard_layout: str = ""
+    tars: int = 0                                  # a re-cut WebDataset: its tar files
+    classes_per_shard: float | None = None         # mean distinct classes per shard
+    classes_per_shard_min: int | None = None
+    classes_per_shard_random: float | None = None  # expected for random shards of the same sizes
     seconds: float = 0.0
     taus: list[float] = field(default_factory=list)  # temperatures whose tempered tail mass is stored
 
@@ -242,12 +249,25 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
         versions=meta.get("versions") or reader.versions, probes=len(meta.get("probes", {})),
         taus=list(spec.taus),
     )
+    _shard_diversity(reader, s)
     readable = done - set(flags.unreadable)
     blocks = sample_blocks(spec, readable, max_blocks, max_views, seed)
     if blocks:
         _label_statistics(reader, s, blocks)
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def _shard_diversity(reader, s: Summary) -> None:
+    """Class-sorted shards make same-class mixing partners and one-class batches: show it."""
+    from .sources import class_diversity
+
+    manifest = stored_manifest(reader)
+    d = class_diversity(manifest)
+    s.shard_layout, s.tars = manifest.layout, len(manifest.tars)
+    s.classes_per_shard = float(d.observed.mean())
+    s.classes_per_shard_min = int(d.observed.min())
+    s.classes_per_shard_random = float(d.expected.mean())
 
 
 def _label_statistics(reader, s: Summary, blocks: list[tuple[int, int]]) -> None:
@@ -328,6 +348,13 @@ def format_summary(s: Summary) -> str:
         lines.append(f"unreadable  units (shard,view_block): {_units_text(sorted(set(s.unreadable_units)))}; "
                      "run verify --full")
     share = s.invalid_views / max(s.written_views + s.invalid_views, 1)
+    if s.classes_per_shard is not None:
+        cut = f", re-cut from {s.tars} tars" if s.tars else ""
+        ratio = s.classes_per_shard / max(s.classes_per_shard_random, 1e-12)
+        warn = "; class-skewed: precompute with --shards shuffle" if ratio < 0.5 else ""
+        lines.append(f"shards      layout {s.shard_layout}{cut}; distinct classes per shard mean "
+                     f"{s.classes_per_shard:.1f} (min {s.classes_per_shard_min}), random shards "
+                     f"{s.classes_per_shard_random:.1f} (ratio {ratio:.2f}){warn}")
     lines += [
         f"invalid     {s.invalid_views:,} views ({_pct(share)}) of undecodable images; train skips them",
         f"disk        {s.nbytes:,} bytes{bpv}",

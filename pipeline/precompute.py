@@ -1,7 +1,8 @@
 """Stage one: run the teacher over every view of every sample and store its answers.
 
 Work is cut into units ``(shard, block of views)``. A unit is independent and idempotent:
-its DataLoader worker reads the shard once, decodes each image once, renders all the unit's
+its DataLoader worker reads the shard once (a tar front to back; a virtual shard by one seek per
+sample), decodes each image once, renders all the unit's
 views from the decoded images, and the main process runs the teacher and writes the unit in
 one atomic commit. Ranks take disjoint units (unit i goes to rank i mod world) and skip units
 already complete, so a fleet needs no coordinator and rerunning the same command resumes.
@@ -66,6 +67,7 @@ class PrecomputeConfig:
     seed: int = 0
     input_size: int | None = None
     shard_size: int = 1024
+    shards: str = "auto"          # shard layout (sources.index_source): auto, as-is, shuffle
     views_per_unit: int = 10
     batch_size: int = 256
     workers: int = 8
@@ -165,10 +167,10 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
         except (StoreError, OSError, ValueError, KeyError):
             stored = None  # no store there yet (or not one of ours: create_store says so)
         if stored is not None:
-            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, checksums=False)
+            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards, checksums=False)
             # another source: create_store refuses it (manifest fingerprint), no need for checksums
             return m.with_checksums_of(stored) if m.fingerprint == stored.fingerprint else m
-    return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed)
+    return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards)
 
 
 def _check(cfg: PrecomputeConfig) -> None:

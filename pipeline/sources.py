@@ -17,12 +17,17 @@ sockets, dangling links) named like images are skipped, counted and reported, ne
 
 An ImageFolder is cut into fixed-size virtual shards after one seeded shuffle, so every shard
 mixes classes (a shard is the unit of work and of streaming; a shard of one class would feed a
-batch of one class). The manifest is a parquet table with the rest in its schema metadata, so a
+batch of one class). WebDataset tars written in class order are re-cut the same way
+(``recut_shards``): a seeded permutation of all samples into virtual shards, each sample keeping
+its tar, offset and size, so it is read by one seek. ``--shards auto`` (default) re-cuts when
+the tars hold far fewer classes than a random draw of their size would (``class_diversity``);
+``as-is`` and ``shuffle`` force either way. The manifest is a parquet table with the rest in its schema metadata, so a
 label store can carry it inside and ``train`` can tell a foreign source from the right one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -33,7 +38,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crc32c
 import numpy as np
@@ -44,8 +49,12 @@ from PIL import Image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LABEL_EXT = ".cls"
-MANIFEST_VERSION = 2  # 2: size and crc32c of every sample
+MANIFEST_VERSION = 2  # 2: size and crc32c of every sample; the shard layout (re-cut tars)
 NO_CRC = -1  # crc32c column value of a sample whose bytes were not read at indexing
+SHARD_LAYOUTS = ("auto", "as-is", "shuffle")
+# --shards auto re-cuts tars whose mean distinct classes per shard is under this fraction of a
+# random draw's: class-sorted tars sit near 1 / (that draw's count), a shuffled tar near 1.0.
+SKEW_THRESHOLD = 0.5
 
 log = logging.getLogger("deit_lockstep.sources")
 
@@ -84,12 +93,18 @@ class Sample:
 class Manifest:
     kind: str                 # "imagefolder" or "wds"
     root: str                 # directory the relative paths start from
-    shards: list[str]         # tar file names (wds) or virtual shard names (imagefolder)
+    shards: list[str]         # tar file names (wds as-is) or virtual shard names (imagefolder, re-cut wds)
     class_names: list[str]
     samples: pa.Table         # key, label, shard, position, path, offset, size, crc32c
     shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
     seed: int = 0             # imagefolder: the shuffle seed
+    layout: str = ""          # "shuffle" (seeded virtual shards) or "as-is"; "" = the kind's default
+    tars: list[str] = field(default_factory=list)  # a re-cut wds: its tar files (column "tar" indexes them)
     skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
+
+    def __post_init__(self):
+        if not self.layout:
+            self.layout = "shuffle" if self.kind == "imagefolder" else "as-is"
 
     # ---- derived views ------------------------------------------------------------------
     @property
@@ -114,7 +129,9 @@ class Manifest:
         """
         h = hashlib.sha256()
         h.update(json.dumps([self.kind, self.shards, self.class_names, self.shard_size, self.seed]).encode())
-        for col in ("key", "label", "shard", "position", "path"):
+        if self.tars:  # the shard layout: a store made from the tars as-is is not one for their re-cut
+            h.update(json.dumps(["layout", self.layout, self.tars]).encode())
+        for col in ("key", "label", "shard", "position", "path") + (("tar",) if self.tars else ()):
             arr = self.samples.column(col).combine_chunks()
             for buf in arr.buffers():
                 if buf is not None:
@@ -145,8 +162,7 @@ class Manifest:
         t = self.samples
         for c in cols:
             t = t.set_column(t.schema.get_field_index(c), c, stored.samples.column(c))
-        return Manifest(self.kind, self.root, self.shards, self.class_names, t, self.shard_size, self.seed,
-                        self.skipped)
+        return dataclasses.replace(self, samples=t)
 
     def first_changed_sample(self, other: Manifest) -> str | None:
         """Where two manifests of the same source (same fingerprint) disagree on content, in words."""
@@ -163,7 +179,7 @@ class Manifest:
         meta = {
             "version": MANIFEST_VERSION, "kind": self.kind, "root": self.root, "shards": self.shards,
             "class_names": self.class_names, "shard_size": self.shard_size, "seed": self.seed,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "layout": self.layout, "tars": self.tars,
         }
         table = self.samples.replace_schema_metadata({b"deit_lockstep": json.dumps(meta).encode()})
         sink = io.BytesIO()
@@ -178,7 +194,8 @@ class Manifest:
             table = table.append_column("crc32c", pa.array(np.full(table.num_rows, NO_CRC, np.int64)))
         return cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
                    class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
-                   shard_size=meta["shard_size"], seed=meta["seed"])
+                   shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
+                   tars=meta.get("tars", []))
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}"
@@ -199,7 +216,7 @@ class Manifest:
             path = os.path.join(self.root, row["path"])
             data = _read_file(path)
         else:
-            path = os.path.join(self.root, self.shards[shard])
+            path = os.path.join(self.root, self.tar_of(shard, row))
             try:
                 with open(path, "rb") as f:
                     f.seek(row["offset"])
@@ -209,9 +226,17 @@ class Manifest:
         check_sample(row["key"], path, data, row["size"], row["crc32c"])
         return Sample(row["key"], row["label"], shard, position, data)
 
+    def tar_of(self, shard: int, row: dict) -> str:
+        """The tar file holding a sample (a row of ``samples``)."""
+        return self.tars[row["tar"]] if self.tars else self.shards[shard]
+
     def iter_shard(self, shard: int) -> Iterator[Sample]:
-        """A whole shard in position order; a tar is read once, front to back, no seeks."""
+        """A whole shard in position order; a tar is read once, front to back, no seeks (a
+        re-cut shard: one seek per sample, in file order, yielded in position order)."""
         rows = self.shard_table(shard).to_pylist()
+        if self.tars:
+            yield from _iter_recut(self.root, self.tars, shard, rows)
+            return
         if self.kind == "imagefolder":
             for r in rows:
                 path = os.path.join(self.root, r["path"])
@@ -262,6 +287,29 @@ def read_regular_file(path: str) -> bytes:
         os.close(fd)
 
 
+def _iter_recut(root: str, tars: list[str], shard: int, rows: list[dict]) -> Iterator[Sample]:
+    """A re-cut shard's samples in position order, each tar opened once and read forwards; every
+    sample's bytes checked against the manifest (a changed sample is SourceChanged)."""
+    data = {r["position"]: b"" for r in rows}  # unreadable stays empty: undecodable, its views flagged
+    by_tar: dict[int, list[dict]] = {}
+    for r in rows:
+        by_tar.setdefault(r["tar"], []).append(r)
+    for tar, members in sorted(by_tar.items()):
+        path = os.path.join(root, tars[tar])
+        try:
+            with open(path, "rb") as f:
+                for r in sorted(members, key=lambda r: r["offset"]):
+                    f.seek(r["offset"])
+                    data[r["position"]] = f.read(r["size"])
+                    check_sample(r["key"], path, data[r["position"]], r["size"], r["crc32c"])
+        except PermissionError:
+            raise permission_error(path) from None
+        except OSError:
+            pass  # a tar cut short or gone: the samples not read stay empty and are flagged
+    for r in rows:
+        yield Sample(r["key"], r["label"], shard, r["position"], data[r["position"]])
+
+
 def _read_file(path: str) -> bytes:
     try:
         return read_regular_file(path)
@@ -309,15 +357,81 @@ _SCHEMA = pa.schema([
 ])
 
 
-def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, checksums: bool = True) -> Manifest:
+def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str = "auto",
+                 checksums: bool = True) -> Manifest:
     """Index an ImageFolder directory or WebDataset shards into a manifest (see module doc).
 
+    ``shards``: "auto" (ImageFolder: seeded virtual shards; WebDataset: re-cut only if its tars
+    are class-skewed), "shuffle" (always re-cut) or "as-is" (the tars, or the folder order).
     checksums=True reads every sample once to record its size and crc32c (precompute); False
     records names and labels only (a train or verify start, which then takes the checksums from
-    the store's manifest: ``Manifest.with_checksums_of``)."""
+    the store's manifest: ``Manifest.with_checksums_of``).
+    """
+    if shards not in SHARD_LAYOUTS:
+        raise SourceError(f"--shards {shards!r} is not one of {', '.join(SHARD_LAYOUTS)}")
     if os.path.isdir(src) and not _tar_files_in(src):
-        return _index_imagefolder(src, shard_size=shard_size, seed=seed, checksums=checksums)
-    return _index_wds(src, checksums=checksums)
+        return _index_imagefolder(src, shard_size=shard_size, seed=seed, shuffle=shards != "as-is",
+                                  checksums=checksums)
+    return apply_layout(_index_wds(src, checksums=checksums), shards=shards, shard_size=shard_size, seed=seed)
+
+
+def apply_layout(m: Manifest, *, shards: str = "auto", shard_size: int = 1024, seed: int = 0) -> Manifest:
+    """A wds manifest of the tars as-is -> the layout asked for (``index_source``'s ``shards``)."""
+    if shards == "shuffle" or (shards == "auto" and is_class_skewed(m)):
+        return recut_shards(m, shard_size=shard_size, seed=seed)
+    return m
+
+
+# ---- class diversity per shard, and the re-cut ------------------------------------------------
+@dataclass(frozen=True)
+class ClassDiversity:
+    """Distinct classes per shard, observed and expected of a random draw of the shard's size."""
+    observed: np.ndarray   # [S] distinct classes in each shard
+    expected: np.ndarray   # [S] sum_c 1 - (1 - p_c)^n_j, p = the source's class frequencies
+
+    @property
+    def ratio(self) -> float:
+        """Mean observed / mean expected: about 1 for shuffled shards, about 1/n_j * C for sorted ones."""
+        return float(self.observed.mean() / max(self.expected.mean(), 1e-12))
+
+
+def class_diversity(m: Manifest) -> ClassDiversity:
+    shard = m.samples.column("shard").to_numpy().astype(np.int64)
+    label = m.samples.column("label").to_numpy().astype(np.int64)
+    c = max(m.num_classes, int(label.max()) + 1 if len(label) else 1)
+    distinct = np.unique(shard * c + label) // c
+    observed = np.bincount(distinct, minlength=len(m.shards)).astype(np.float64)
+    p = np.bincount(label, minlength=c) / max(len(label), 1)
+    p = p[p > 0]
+    n = np.asarray(m.shard_sizes, dtype=np.float64)
+    expected = (1.0 - np.power.outer(1.0 - p, n)).sum(axis=0)
+    return ClassDiversity(observed, expected)
+
+
+def is_class_skewed(m: Manifest) -> bool:
+    """True when the shards hold far fewer classes than random draws of their sizes would."""
+    return len(m.shards) > 1 and class_diversity(m).ratio < SKEW_THRESHOLD
+
+
+def recut_shards(m: Manifest, *, shard_size: int, seed: int) -> Manifest:
+    """A wds manifest -> seeded virtual shards of ``shard_size`` across its tars.
+
+    Every sample keeps its member path, offset and size and gains a ``tar`` column (index into
+    ``Manifest.tars``), so a virtual shard is read by one seek per sample.
+    """
+    if shard_size < 1:
+        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
+    n = m.num_samples
+    order = np.random.Generator(np.random.Philox(key=[seed, 0x5eed])).permutation(n)
+    idx = np.arange(n)
+    t = m.samples.take(pa.array(order))
+    tar = t.column("shard").cast(pa.int32())
+    t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array((idx // shard_size).astype(np.int32)))
+    t = t.set_column(t.schema.get_field_index("position"), "position",
+                     pa.array((idx % shard_size).astype(np.int32)))
+    t = t.append_column("tar", tar)
+    shards = [f"virtual-{i:06d}" for i in range((n + shard_size - 1) // shard_size)]
+    return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards))
 
 
 def _tar_files_in(directory: str) -> list[str]:
@@ -333,7 +447,8 @@ def _report_skipped(root: str, skipped: list[str]) -> None:
                     "link), e.g. %s; they are not images and are never opened", root, len(skipped), skipped[0])
 
 
-def _index_imagefolder(root: str, *, shard_size: int, seed: int, checksums: bool = True) -> Manifest:
+def _index_imagefolder(root: str, *, shard_size: int, seed: int, shuffle: bool = True,
+                       checksums: bool = True) -> Manifest:
     if shard_size < 1:
         raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
     try:
@@ -377,6 +492,8 @@ def _index_imagefolder(root: str, *, shard_size: int, seed: int, checksums: bool
     # One seeded shuffle, then fixed-size virtual shards: every shard mixes classes.
     order = np.random.Generator(np.random.Philox(key=[seed, 0x5eed])).permutation(len(paths))
     n = len(paths)
+    if not shuffle:  # --shards as-is: folder order (class-sorted shards, on request)
+        order = np.arange(n)
     idx = np.arange(n)
     table = pa.table({
         "key": [os.path.splitext(paths[i])[0] for i in order],
@@ -390,7 +507,8 @@ def _index_imagefolder(root: str, *, shard_size: int, seed: int, checksums: bool
     }, schema=_SCHEMA)
     num_shards = (n + shard_size - 1) // shard_size
     shards = [f"virtual-{i:06d}" for i in range(num_shards)]
-    return Manifest("imagefolder", os.path.abspath(root), shards, classes, table, shard_size, seed, tuple(skipped))
+    return Manifest("imagefolder", os.path.abspath(root), shards, classes, table, shard_size, seed,
+                    "shuffle" if shuffle else "as-is", skipped=tuple(skipped))
 
 
 def expand_wds(src: str) -> list[str]:

@@ -8,10 +8,13 @@ A view is a pure function of ``(seed, recipe, view, shard, slot)`` (and the deco
 
 - ``slot_order``: within shard ``j``, view ``v`` visits the shard's samples in a seeded
   permutation; slot ``s`` holds the sample at position ``slot_order(...)[s]``. With repeated
-  augmentation (``recipe.repeats = R > 1``, DeiT's default 3) a view holds a seeded
-  ``ceil(n / R)`` of the samples, each R times (R rounds, each a fresh permutation of the chosen
-  ones), as DeiT's RASampler does per epoch; each repeat is its own slot, hence its own
-  augmentation, and no sample is ever mixed with its own repeat.
+  augmentation (``recipe.repeats = R > 1``, DeiT's default 3) a view holds about ``n / R`` of
+  the samples, each R times, as DeiT's RASampler does per epoch, laid out in windows of a few
+  samples (``ra_window``: R round-robin rounds, 12 slots for R = 3) so that the copies of a
+  sample fall in one optimizer step, each with another mixing partner; each repeat is its own
+  slot, hence its own augmentation, and no sample is ever mixed with itself.
+- ``epoch_stream``: the order training visits (shard, slot) in one epoch; whole windows of a
+  group of shards interleaved, so a global batch spans shards.
 - slots ``(2m, 2m+1)`` are mixing partners. They share one ``MixParams`` (mode, lambda, box):
   slot ``2m`` is ``A`` with ``B`` mixed in, slot ``2m+1`` is ``B`` with ``A`` mixed in (timm's
   Mixup with each pair as a batch of two). Mixing therefore never depends on batch size,
@@ -57,30 +60,95 @@ def generator(seed: int, stream: int, *counter: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(counter=[w & _U64 for w in words], key=[seed & _U64, stream]))
 
 
+def ra_window(repeats: int) -> tuple[int, np.ndarray]:
+    """(w, template): repeated augmentation's window of ``w`` samples laid out in ``R * w`` slots.
+
+    The window is R rounds of a round-robin schedule (the circle method) over w players: each
+    round pairs every player once, so every sample appears R times, each time with another
+    partner, and no pair holds a sample twice. w = R + 1 for odd R (all R rounds of R + 1
+    players: R = 3 is 4 samples, 3 pairings, 12 slots), R + 2 for even R (R of the R + 1
+    rounds), 2 for R = 1 (one pair). ``template[s]`` is the player of slot s; players are
+    numbered by first appearance, so round 0 is ``0, 1, ..., w - 1`` (a window cut short uses
+    its first players first).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    w = 2 if repeats == 1 else repeats + 1 if repeats % 2 else repeats + 2
+    rounds = []
+    for r in range(repeats):  # circle method: player w-1 fixed, the others rotate
+        pairs = [(r % (w - 1), w - 1)] + [((r + i) % (w - 1), (r - i) % (w - 1)) for i in range(1, w // 2)]
+        rounds.extend(p for pair in pairs for p in pair)
+    first = {}
+    for p in rounds:
+        first.setdefault(p, len(first))
+    return w, np.asarray([first[p] for p in rounds], dtype=np.int64)
+
+
+def window_slots(repeats: int) -> int:
+    """Slots per repeated-augmentation window (R * w): the unit the epoch stream moves whole."""
+    w, template = ra_window(repeats)
+    return len(template)
+
+
 def slot_order(seed: int, view: int, shard: int, n: int, repeats: int = 1) -> np.ndarray:
     """Slot -> position within the shard for one view: ``n`` slots.
 
-    repeats = 1: a seeded permutation of the ``n`` samples. repeats = R: the first ``ceil(n / R)``
-    samples of that permutation, laid out as R rounds (each a fresh permutation of them), cut to
-    ``n`` slots (at least two samples are chosen). Pairs (2m, 2m+1) inside a round hold distinct
-    samples; a pair straddling two rounds that would mix a sample with itself swaps its second
-    slot with the next one.
+    repeats = 1: a seeded permutation of the ``n`` samples. repeats = R: the permutation is cut
+    into windows of w samples (``ra_window``), each laid out as R rounds of w / 2 pairs in
+    ``R * w`` consecutive slots, cut to ``n`` slots (a partial last window uses its first
+    samples; about ``n / R`` samples are chosen, as DeiT's RASampler does per epoch). The R
+    copies of a sample are thus at most ``R * w - 1`` slots apart (12 slots for R = 3), so they
+    land in one optimizer step, each copy has another mixing partner (slots ``(2m, 2m+1)``), and
+    no pair holds a sample twice. Each copy is its own slot, hence its own augmentation.
     """
     g = generator(seed, STREAM_ORDER, view, shard)
     order = g.permutation(n)
-    if repeats == 1 or n < 3:
+    if repeats == 1:
         return order
-    chosen = order[:max(2, -(-n // repeats))]  # at least two samples, so no pair mixes a sample with itself
-    slots = np.concatenate([g.permutation(chosen) for _ in range(repeats)])[:n]
-    for m in range(0, n - 2, 2):
-        if slots[m] == slots[m + 1]:  # only at a round boundary: slots[m + 2] is another sample
-            slots[m + 1], slots[m + 2] = slots[m + 2], slots[m + 1]
-    return slots
+    w, template = ra_window(repeats)
+    windows = -(-n // len(template))
+    # Every index is < n: a full window k needs (k + 1) * w <= n samples, a cut one only its first.
+    idx = (np.arange(windows, dtype=np.int64)[:, None] * w + template[None, :]).ravel()[:n]
+    return order[idx]
 
 
 def epoch_shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     """The order in which training visits shards in one epoch."""
     return generator(seed, STREAM_EPOCH, epoch).permutation(num_shards)
+
+
+# Shards whose windows one stretch of the epoch stream interleaves. A global batch then draws
+# from up to this many shards, and which samples share a batch changes every epoch. It is part
+# of the stream (what a run trains on), not of the store: changing it changes training runs.
+STREAM_GROUP_SHARDS = 8
+
+
+def epoch_stream(seed: int, epoch: int, shard_sizes, repeats: int,
+                 group: int = STREAM_GROUP_SHARDS) -> np.ndarray:
+    """The epoch's global stream of (shard, slot), [N, 2] int64, before invalid views are left out.
+
+    The shards, in ``epoch_shard_order``, are cut into groups of ``group``; within a group the
+    windows (``window_slots(repeats)`` consecutive slots; a shard's last may be shorter) of all
+    its shards follow each other in a seeded order. Windows move whole, so a sample's copies and
+    every mixing pair stay contiguous. A pure function of its arguments: the same on every rank.
+    """
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    L = window_slots(repeats)
+    order = epoch_shard_order(seed, epoch, len(sizes))
+    parts = []
+    for gi, start in enumerate(range(0, len(order), group)):
+        shards = order[start:start + group]
+        nwin = -(-sizes[shards] // L)
+        win_shard = np.repeat(shards, nwin)
+        win_start = np.concatenate([np.arange(k, dtype=np.int64) * L for k in nwin]) if len(nwin) else win_shard
+        win_len = np.minimum(L, sizes[win_shard] - win_start)
+        perm = generator(seed, STREAM_EPOCH, epoch, gi + 1).permutation(len(win_shard))
+        win_shard, win_start, win_len = win_shard[perm], win_start[perm], win_len[perm]
+        total = int(win_len.sum())
+        offsets = np.concatenate([[0], np.cumsum(win_len)[:-1]])
+        slot = np.arange(total, dtype=np.int64) - np.repeat(offsets - win_start, win_len)
+        parts.append(np.stack([np.repeat(win_shard, win_len), slot], axis=1))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
 
 
 def partner(slot: int, n: int) -> int | None:
@@ -233,16 +301,18 @@ class ViewRenderer:
     def slot_order(self, seed: int, view: int, shard: int, n: int) -> np.ndarray:
         return slot_order(seed, view, shard, n, self.recipe.repeats)
 
+    def slot_view(self, seed: int, view: int, shard: int, slot: int, order: np.ndarray) -> SlotView:
+        """One slot of one view, given the view's ``slot_order`` (cache it per shard): what a
+        loader needs for the slots of one batch, without planning the whole shard."""
+        n = len(order)
+        p = partner(slot, n)
+        mix = self.mix_params(seed, view, shard, slot // 2) if p is not None else MixParams()
+        return SlotView(view, shard, slot, int(order[slot]), p, None if p is None else int(order[p]), mix)
+
     def plan(self, seed: int, view: int, shard: int, n: int) -> list[SlotView]:
         """Every slot of one view of one shard, in slot order."""
         order = self.slot_order(seed, view, shard, n)
-        out = []
-        for slot in range(n):
-            p = partner(slot, n)
-            mix = self.mix_params(seed, view, shard, slot // 2) if p is not None else MixParams()
-            out.append(SlotView(view, shard, slot, int(order[slot]), p,
-                                None if p is None else int(order[p]), mix))
-        return out
+        return [self.slot_view(seed, view, shard, slot, order) for slot in range(n)]
 
     # -- rendering -------------------------------------------------------------------------
     def apply(self, img: Image.Image, params: SlotParams) -> torch.Tensor:
@@ -333,6 +403,26 @@ def mixed_target(label: int, partner_label: int | None, mix: MixParams, num_clas
     u = torch.full((num_classes,), off, dtype=torch.float32)
     u[partner_label] += 1.0 - smoothing
     return t.mul_(mix.lam).add_(u.mul_(1.0 - mix.lam))
+
+
+def mixed_targets(labels: np.ndarray, partner_labels: np.ndarray, lams: np.ndarray, num_classes: int,
+                  smoothing: float) -> np.ndarray:
+    """``mixed_target`` for a batch at once, the same float32 bytes: [b, C].
+
+    ``partner_labels[i] < 0`` or ``lams[i]`` NaN means unmixed (no partner, or mode "none").
+    """
+    b = len(labels)
+    rows = np.arange(b)
+    t = np.full((b, num_classes), np.float32(smoothing / num_classes), dtype=np.float32)
+    t[rows, labels] += np.float32(1.0 - smoothing)
+    mixed = (partner_labels >= 0) & ~np.isnan(lams)
+    if mixed.any():
+        m = rows[mixed]
+        u = np.full((len(m), num_classes), np.float32(smoothing / num_classes), dtype=np.float32)
+        u[np.arange(len(m)), partner_labels[m]] += np.float32(1.0 - smoothing)
+        lam = lams[m].astype(np.float64)
+        t[m] = t[m] * lam.astype(np.float32)[:, None] + u * (1.0 - lam).astype(np.float32)[:, None]
+    return t
 
 
 # ---- the draws, as timm makes them -------------------------------------------------------

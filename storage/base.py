@@ -33,8 +33,10 @@ from .fsutil import atomic_write, read_if_exists
 from .spec import INVALID, WRITTEN, Labels, Problem, StoreError, StoreSpec
 
 FORMAT = "deit-lockstep-labels"
-FORMAT_VERSION = 2  # 2: optional tail_lse array (StoreSpec.taus); a generation id in store.json; the manifest
-#    records each sample's size and crc32c
+# 2: repeated augmentation laid out in windows (views.slot_order), so slot -> sample differs from 1;
+#    optional tail_lse array (StoreSpec.taus); a generation id in store.json; the manifest records each
+#    sample's size and crc32c and the shard layout.
+FORMAT_VERSION = 2
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
 
@@ -77,9 +79,16 @@ def read_store_json(path: Path) -> dict:
         ) from None
     if d.get("format") != FORMAT:
         raise StoreError(f"{path} holds {d.get('format')!r}, not a {FORMAT} store; check the path")
-    if d.get("format_version") != FORMAT_VERSION:
+    version = d.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        # Its labels belong to another slot layout: replaying them would pair views with wrong labels.
         raise StoreError(
-            f"store at {path} has format version {d.get('format_version')}, this code reads "
+            f"store at {path} has format version {version}, older than this code's {FORMAT_VERSION} "
+            "(its views are laid out differently); re-run precompute into a new --out"
+        )
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"store at {path} has format version {version}, this code reads "
             f"{FORMAT_VERSION}; use the deit-lockstep version that wrote it, or recompute"
         )
     return d

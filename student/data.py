@@ -4,9 +4,15 @@ Epoch ``e`` replays view ``v = e mod V`` of the store (without a store: ``v = e`
 from ``--recipe/--seed``). The epoch is one **global stream** of views, the same on every rank
 and in every worker:
 
-    for shard j in epoch_shard_order(seed, e, S):      # a seeded shard order per epoch
-        for slot s in 0 .. n_j - 1:                     # slot order; (2m, 2m+1) are mixing partners
-            (j, s)                                      # skipped if the store flags it invalid
+    for group in epoch_shard_order(seed, e, S), cut into groups of STREAM_GROUP_SHARDS (8):
+        for window in the windows of the group's shards, in a seeded order per (epoch, group):
+            for slot s in window:                       # R * w consecutive slots of one shard
+                (j, s)                                  # skipped if the store flags it invalid
+
+(``pipeline.views.epoch_stream``). A window holds the R copies of a few samples, each copy
+with another mixing partner (slots (2m, 2m+1)), so copies land in one optimizer step as with
+DeiT's RASampler, and a global batch draws from several shards, so its batch-mates change from
+epoch to epoch as with a global shuffle.
 
 Global step ``t`` takes views ``[t*G, (t+1)*G)`` of the stream (G = batch_size x world); rank
 ``r`` takes the contiguous slice ``[t*G + r*B, t*G + (r+1)*B)``; the stream's tail that does
@@ -19,11 +25,13 @@ not fill a global batch is dropped. So:
 
 DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...),
 which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
-same bytes for 0, 1 or 13 workers. A worker reads each sample it needs by one seek into its
-tar (the manifest records offsets) or one file read, decodes it once per batch, renders each
-mixing pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds
-the mixed, smoothed ground truth (``mixed_target``). The teacher's labels are joined in the
-main process from one ``reader.read(view, shard)`` per shard per epoch.
+same bytes for 0, 1 or 13 workers. A worker plans only the slots of its batch
+(``ViewRenderer.slot_view``, with each shard's slot order cached), reads each sample it needs
+by one seek into its tar (the manifest records tar and offset; a few tars stay open) or one
+file read, decodes it once per batch, renders each mixing pair once
+(``ViewRenderer.render_pair``, the very call precompute labelled), and builds the mixed,
+smoothed ground truth (``mixed_target``). The teacher's labels are joined in the
+main process from one ``reader.read_view(view)`` per epoch.
 
 Invalid views (the store flagged their image, or its mixing partner, undecodable) are left out
 of the stream up front, so batches stay full; an image that fails to decode now (no store, or
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,7 +61,7 @@ from pipeline.sources import (
     read_regular_file,
     source_errors_in_one_line,
 )
-from pipeline.views import ViewRenderer, epoch_shard_order, mixed_target
+from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
 from storage import WRITTEN, open_store
 
 from .errors import TrainError
@@ -63,9 +72,12 @@ class SampleFiles:
     """Bytes and labels of samples by (shard, position), from manifest columns held as arrays.
 
     ``Manifest.read_sample`` re-derives the shard table on every call; a loader reads every
-    sample every epoch, so the columns are pulled out once here. Picklable (workers get a copy);
-    open files are not carried across.
+    sample every epoch, so the columns are pulled out once here. A batch spans several shards
+    (and a re-cut shard spans tars), so the last few tars read stay open. Picklable (workers get
+    a copy); open files are not carried across.
     """
+
+    OPEN_TARS = 16
 
     def __init__(self, manifest: Manifest):
         t = manifest.samples
@@ -78,12 +90,15 @@ class SampleFiles:
             self.paths = t.column("path").to_numpy(zero_copy_only=False)
         else:
             self.offsets = t.column("offset").to_numpy()
+            # Which tar holds each row: the shard itself, or (a re-cut source) the "tar" column.
+            self.tars = list(manifest.tars) or self.shards
+            self.tar_index = (t.column("tar") if manifest.tars else t.column("shard")).to_numpy().astype(np.int64)
         self.nbytes = t.column("size").to_numpy()
         self.crcs = t.column("crc32c").to_numpy()  # the bytes precompute labelled (-1: not recorded)
-        self._open: tuple[int, object] | None = None
+        self._open: OrderedDict[int, object] = OrderedDict()
 
     def __getstate__(self):
-        return {**self.__dict__, "_open": None}
+        return {**self.__dict__, "_open": OrderedDict()}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,15 +118,17 @@ class SampleFiles:
             except OSError:
                 data = b""  # undecodable, like an empty file: the view is skipped and counted
         else:
-            path = os.path.join(self.root, self.shards[shard])
-            if self._open is None or self._open[0] != shard:
-                if self._open is not None:
-                    self._open[1].close()
+            tar = int(self.tar_index[i])
+            path = os.path.join(self.root, self.tars[tar])
+            f = self._open.pop(tar, None)
+            if f is None:
                 try:
-                    self._open = (shard, open(path, "rb"))
+                    f = open(path, "rb")
                 except PermissionError:
                     raise permission_error(path) from None
-            f = self._open[1]
+                while len(self._open) >= self.OPEN_TARS:
+                    self._open.popitem(last=False)[1].close()
+            self._open[tar] = f  # most recently used last
             f.seek(int(self.offsets[i]))
             data = f.read(int(self.nbytes[i]))
         check_sample(str(self.keys[i]), path, data, int(self.nbytes[i]), int(self.crcs[i]))
@@ -143,7 +160,9 @@ class TrainData:
 
     def identity(self) -> dict:
         """What a checkpoint must match on resume: the source, and the store (if any)."""
-        out = {"source": self.manifest.fingerprint, "store": None}
+        # The stream layout (views.epoch_stream) decides which views each step trains on.
+        out = {"source": self.manifest.fingerprint, "store": None,
+               "stream": {"group_shards": STREAM_GROUP_SHARDS, "window_slots": window_slots(self.recipe.repeats)}}
         if self.reader is not None:
             out["store"] = self.reader.spec.to_json()
         return out
@@ -152,22 +171,27 @@ class TrainData:
 def open_train_data(data: str, *, labels: str | None = None, recipe: str | None = None,
                     overrides: list[str] | tuple[str, ...] = (), seed: int | None = None,
                     input_size: int | None = None, shard_size: int = 1024,
-                    check_probes: bool = True, repeats: int | None = None) -> TrainData:
+                    check_probes: bool = True, repeats: int | None = None, shards: str = "auto") -> TrainData:
     """Index ``data`` and, with ``labels``, check it against the store: same source, same recipe
-    and seed (taken from the store), views that still render the same. Raises TrainError."""
+    and seed (taken from the store), views that still render the same. Raises TrainError.
+
+    ``shards`` is the shard layout (``index_source``); with ``labels``, "auto" means the store's."""
     overrides = list(overrides) + ([f"input_size={input_size}"] if input_size else [])
     overrides += [f"repeats={repeats}"] if repeats is not None else []  # --repeats R: recipe.repeats
     if labels is None:
         r = create_recipe(recipe or "deit", overrides)
         seed = 0 if seed is None else seed
-        return TrainData(index_source(data, shard_size=shard_size, seed=seed, checksums=False), r, seed)
+        return TrainData(index_source(data, shard_size=shard_size, seed=seed, shards=shards, checksums=False),
+                         r, seed)
 
     reader = open_store(labels)
     spec = reader.spec
     stored = Manifest.from_bytes(reader.manifest_bytes)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
     # Names and labels only (no full read of the source at every start); reads check content below.
-    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, checksums=False)
+    layout = stored.layout if shards == "auto" else shards
+    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, shards=layout,
+                            checksums=False)
     if manifest.fingerprint != spec.manifest_fingerprint:
         raise TrainError(f"--data {data} is not the source the store {labels} was made from: "
                          f"{_manifest_difference(manifest, stored)}; point --data at that source")
@@ -207,6 +231,9 @@ def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
         return f"class {i} is {mine.class_names[i]!r} here, {stored.class_names[i]!r} in the store"
     if mine.kind != stored.kind:
         return f"it is {mine.kind}, the store's source was {stored.kind}"
+    if mine.layout != stored.layout:
+        return (f"its shards are laid out {mine.layout}, the store's were {stored.layout} "
+                f"(--shards {stored.layout})")
     if mine.shards != stored.shards:
         i = next(i for i, (a, b) in enumerate(zip(mine.shards, stored.shards, strict=True)) if a != b)
         return f"shard {i} is {mine.shards[i]} here, {stored.shards[i]} in the store"
@@ -291,18 +318,15 @@ class EpochPlan:
 def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
     view = data.view_of(epoch)
     sizes = data.manifest.shard_sizes
-    order = epoch_shard_order(data.seed, epoch, len(sizes))
-    parts, labels, invalid = [], None, 0
+    stream = epoch_stream(data.seed, epoch, sizes, data.recipe.repeats)
+    labels, invalid = None, 0
     if data.reader is not None:
-        labels = {int(j): data.reader.read(view, int(j)) for j in order}
-    for j in order:
-        slots = np.arange(sizes[j], dtype=np.int64)
-        if labels is not None:
-            ok = labels[int(j)].valid == WRITTEN
-            invalid += int((~ok).sum())
-            slots = slots[ok]
-        parts.append(np.stack([np.full_like(slots, j), slots], axis=1))
-    stream = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        labels = dict(data.reader.read_view(view))  # one sequential read of the epoch's labels
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        valid = np.concatenate([labels[j].valid[:sizes[j]] for j in range(len(sizes))]) == WRITTEN
+        ok = valid[starts[stream[:, 0]] + stream[:, 1]]
+        invalid = int((~ok).sum())
+        stream = stream[ok]
     return EpochPlan(epoch, view, stream, invalid, labels, global_batch)
 
 
@@ -319,14 +343,22 @@ class ReplayBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         renderer = ViewRenderer(self.recipe)
-        plan = lru_cache(maxsize=4)(lambda shard: renderer.plan(self.seed, self.view, shard,
-                                                                int(self.files.sizes[shard])))
+        # Only the slots a batch renders are planned (slot_view); the slot order of each shard
+        # is cached: a batch spans up to STREAM_GROUP_SHARDS shards, and the next batches the same.
+        order = lru_cache(maxsize=64)(lambda shard: renderer.slot_order(self.seed, self.view, shard,
+                                                                        int(self.files.sizes[shard])))
+
+        @lru_cache(maxsize=1024)  # a pair's lead slot is asked for twice
+        def plan(shard: int, slot: int):  # slot 2m: the pair (2m, 2m+1), rendered and mixed at once
+            return renderer.slot_view(self.seed, self.view, shard, slot, order(shard))
+
         for t in range(wid, len(self.batches), nw):
             yield self.render(renderer, plan, t, self.batches[t])
 
     def render(self, renderer: ViewRenderer, plan, step: int, rows: np.ndarray) -> dict:
         files, smoothing = self.files, self.recipe.label_smoothing
-        images, targets, keep, decoded, pairs = [], [], [], {}, {}
+        images, keep, decoded, pairs = [], [], {}, {}
+        own, other, lams = [], [], []  # per kept view: its label, its partner's (-1: none), lambda (NaN: unmixed)
 
         def image(shard, position):
             if (shard, position) not in decoded:
@@ -339,8 +371,7 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             return decoded[shard, position]
 
         for i, (shard, slot) in enumerate(rows.tolist()):
-            sv = plan(shard)[slot]
-            lead = plan(shard)[slot & ~1]  # slot 2m renders the pair (2m, 2m+1) at once
+            lead = plan(shard, slot & ~1)  # slot 2m+1 is the pair's other half: same mix, positions swapped
             if (shard, lead.slot) not in pairs:
                 a = image(shard, lead.position)
                 b = None if lead.partner_position is None else image(shard, lead.partner_position)
@@ -350,16 +381,19 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             if pair is None:
                 continue
             images.append(pair[slot - lead.slot])
-            partner_label = None if sv.partner_position is None else files.labels[files.row(shard, sv.partner_position)]
-            targets.append(mixed_target(int(files.labels[files.row(shard, sv.position)]),
-                                        None if partner_label is None else int(partner_label),
-                                        sv.mix, self.num_classes, smoothing))
+            position, partner = ((lead.position, lead.partner_position) if slot == lead.slot
+                                 else (lead.partner_position, lead.position))
+            own.append(files.labels[files.row(shard, position)])
+            other.append(-1 if partner is None else files.labels[files.row(shard, partner)])
+            lams.append(np.nan if lead.mix.mode == "none" else lead.mix.lam)
             keep.append(i)
         size = self.recipe.input_size
+        targets = mixed_targets(np.asarray(own, np.int64), np.asarray(other, np.int64), np.asarray(lams, np.float64),
+                                self.num_classes, smoothing)  # views.mixed_target, the whole batch at once
         return {
             "step": step,
             "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
-            "targets": torch.stack(targets) if targets else torch.zeros(0, self.num_classes),
+            "targets": torch.from_numpy(targets),
             "rows": torch.from_numpy(rows[keep]) if keep else torch.zeros(0, 2, dtype=torch.int64),
             "skipped": len(rows) - len(keep),
         }

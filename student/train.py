@@ -87,6 +87,7 @@ class TrainConfig:
     input_size: int | None = None
     repeats: int | None = None          # repeated augmentation, recipe.repeats (deit preset: 3)
     shard_size: int = 1024
+    shards: str = "auto"                # shard layout: auto, as-is, shuffle (pipeline.sources.index_source)
     # run control
     log_every: int = 50
     max_steps_per_epoch: int | None = None  # cap each epoch (smoke tests, benchmarks)
@@ -204,6 +205,9 @@ def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
     if have["source"] != identity["source"]:
         raise TrainError(f"--resume: --data {cfg.data} is not the source {cfg.out} was trained on "
                          "(manifest fingerprint differs); point --data at that source")
+    if have.get("stream") != identity["stream"]:
+        raise TrainError(f"--resume: {cfg.out} was trained on another epoch stream ({have.get('stream')} vs "
+                         f"{identity['stream']}, another deit-lockstep version); use a new --out")
     if have["store"] != identity["store"]:
         raise TrainError(f"--resume: --labels {cfg.labels} is not the label store {cfg.out} was trained from "
                          "(store spec differs); point --labels at that store")
@@ -252,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg, ckpt = load_checkpoint(cfg)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,
-                           repeats=cfg.repeats)
+                           repeats=cfg.repeats, shards=cfg.shards)
     mode = resolve_mode(cfg, data)
     soft_note = soft_target_note(cfg, data.reader, mode)
     if soft_note and d.main:

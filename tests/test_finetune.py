@@ -251,9 +251,9 @@ def test_repeats_3_epoch_holds_each_chosen_sample_three_times_in_any_world_size(
     by_sample = collections.defaultdict(list)
     for i, (shard, slot) in enumerate(rows):
         by_sample[shard, renderer.plan(data.seed, 0, shard, 8)[slot].position].append(i)
-    # 8 slots per shard, ceil(8/3) = 3 samples per shard this epoch: 3 + 3 + 2 appearances
-    assert len(by_sample) == 9 and sorted(collections.Counter(map(len, by_sample.values())).items()) == [(2, 3),
-                                                                                                          (3, 6)]
+    # 8 slots per shard: the first 8 of a 12-slot window (4 samples x 3 copies), so 4 samples per shard,
+    # each twice this epoch (a shard of 1024 holds 85 whole windows: 340 samples x 3, plus a cut one)
+    assert len(by_sample) == 12 and sorted(collections.Counter(map(len, by_sample.values())).items()) == [(2, 12)]
     for appearances in by_sample.values():  # every appearance a different view
         views = {images[i].numpy().tobytes() for i in appearances}
         assert len(views) == len(appearances)

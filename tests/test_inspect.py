@@ -73,6 +73,11 @@ def test_summary_text_and_json(stores, backend):
     assert 0 < d["mean_top1_prob"] <= 1 and 0 <= d["mean_tail_mass"] < 0.01
     assert d["nbytes"] == open_store(stores[backend]).nbytes() and d["bytes_per_view"] == d["nbytes"] / 80
     assert d["teacher"]["model_kwargs"] == {"num_classes": 3}
+    # labels i % 3 in shards of 8, 8, 4: every shard holds all 3 classes; random shards of those sizes
+    # would hold 3 (1 - (2/3)^n) on average (2.88, 2.88, 2.41 with these class frequencies, about)
+    assert "shards      layout as-is; distinct classes per shard mean 3.0 (min 3)" in res.output, res.output
+    assert d["shard_layout"] == "as-is" and d["tars"] == 0 and d["classes_per_shard"] == 3.0
+    assert abs(d["classes_per_shard_random"] - (2 * 3 * (1 - (2 / 3) ** 8) + 3 * (1 - (2 / 3) ** 4)) / 3) < 0.02
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,7 @@ from pipeline.sources import write_wds_shards
 from pipeline.teacher import create_teacher
 from pipeline.views import ViewRenderer
 from student.data import LockstepLoader, open_train_data
+from student.errors import TrainError
 
 TEACHER = "resnet10t"
 
@@ -176,3 +177,33 @@ def test_invalid_views_are_skipped_and_counted(broken):
     it = LockstepLoader(plain, batch_size=4, workers=2).epoch(0)
     sizes = [len(b) for b in it]
     assert it.skipped == flagged and sum(sizes) == 16 - flagged and min(sizes) < 4
+
+
+@pytest.fixture(scope="module")
+def recut(tmp_path_factory, tiny):
+    """24 samples in 3 tars written in class order: auto re-cuts them into virtual shards of 8."""
+    from test_sources import write_sorted_wds
+
+    root = tmp_path_factory.mktemp("recut")
+    data = write_sorted_wds(root / "wds")
+    store = make_store(data, root / "store", tiny["weights"], shard_size=8)
+    return {"data": data, "store": store}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_recut_source_replays_the_labelled_views_across_tars(recut, tiny):
+    data = open_train_data(recut["data"], labels=recut["store"])
+    assert data.manifest.layout == "shuffle" and len(data.manifest.tars) == 3
+    teacher = create_teacher(TEACHER, weights=tiny["weights"], num_classes=3, model_kwargs={"num_classes": 3},
+                             device=torch.device("cpu"))
+    runs = [epoch_batches(data, 1, batch_size=6, workers=w) for w in (0, 2)]
+    x = cat(runs[0], "images")
+    values, ids = torch.log_softmax(teacher(x, data.recipe.mean, data.recipe.std).float(), dim=1).topk(3, dim=1)
+    assert torch.equal(ids, cat(runs[0], "teacher_ids")) and torch.equal(values.half(), cat(runs[0], "teacher_values"))
+    assert cat(runs[0], "images").numpy().tobytes() == cat(runs[1], "images").numpy().tobytes()
+    # a batch spans shards (the interleave), and its labels are not all one class
+    assert any(len(set(b.rows[:, 0].tolist())) > 1 for b in runs[0])
+    assert all(len(set(b.targets.argmax(1).tolist())) > 1 for b in runs[0])
+    # the same tars indexed as-is are another source: refused with the layout named
+    with pytest.raises(TrainError, match="laid out as-is, the store's were shuffle"):
+        open_train_data(recut["data"], labels=recut["store"], shards="as-is")

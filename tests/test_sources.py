@@ -105,3 +105,60 @@ def test_train_and_val_classes_must_match(tmp_path):
     check_same_classes(train, index_source(write_imagefolder(tmp_path / "val2")), val_src="val2")
     with pytest.raises(SourceError, match="zigzag"):
         check_same_classes(train, val, val_src=str(tmp_path / "val"))
+
+
+# ---- shard layout: class-sorted tars re-cut into seeded virtual shards -------------------------
+def write_sorted_wds(root, n=24, per_shard=8):
+    """Tars written in class order (labels 0.. then 1.. then 2..): every tar holds one class."""
+    from conftest import encode, make_image
+
+    from pipeline.sources import write_wds_shards
+
+    k = len(CLASSES)
+    samples = [(f"s{i:05d}", encode(make_image(i * k // n, i)), "png", i * k // n) for i in range(n)]
+    write_wds_shards(samples, str(root), per_shard=per_shard, class_names=list(CLASSES))
+    return str(root)
+
+
+def test_class_sorted_tars_are_recut_by_default(tmp_path):
+    from pipeline.sources import class_diversity
+
+    src = write_sorted_wds(tmp_path / "sorted")
+    as_is = index_source(src, shards="as-is")
+    assert as_is.layout == "as-is" and class_diversity(as_is).observed.tolist() == [1, 1, 1]
+    m = index_source(src, shard_size=6, seed=3)  # auto: one class per tar, a random 8 would hold ~3
+    assert m.layout == "shuffle" and m.tars == as_is.shards and m.shard_sizes == (6, 6, 6, 6)
+    assert m.shards == [f"virtual-{i:06d}" for i in range(4)]
+    assert sum(len(set(m.labels(j).tolist())) for j in range(4)) > 4, "virtual shards mix classes"
+    # every sample once, its bytes read by a seek into its own tar, in position order when streamed
+    by_key = {s.key: s for j in range(3) for s in as_is.read_shard(j)}
+    assert sorted(m.samples.column("key").to_pylist()) == sorted(by_key)
+    for j in range(4):
+        seq = m.read_shard(j)
+        assert [s.position for s in seq] == list(range(6)) and [s.key for s in seq] == m.keys(j)
+        for s in seq:
+            assert s.data == by_key[s.key].data and s.label == by_key[s.key].label
+            assert m.read_sample(j, s.position).data == s.data
+    # seeded, and the layout is part of the fingerprint: a store made as-is is not one for the re-cut
+    assert index_source(src, shard_size=6, seed=3).to_bytes() == m.to_bytes()
+    assert index_source(src, shard_size=6, seed=4).fingerprint != m.fingerprint
+    assert index_source(src, shards="shuffle", shard_size=8, seed=0).fingerprint != as_is.fingerprint
+    back = Manifest.from_bytes(m.to_bytes())
+    assert back.fingerprint == m.fingerprint and back.layout == "shuffle" and back.tars == m.tars
+
+
+def test_shuffled_tars_stay_as_they_are_unless_asked(wds_dir):
+    m = index_source(wds_dir)  # labels i % 3: every tar already mixes classes
+    assert m.layout == "as-is" and not m.tars and m.shards == ["shard-000000.tar", "shard-000001.tar",
+                                                                "shard-000002.tar"]
+    forced = index_source(wds_dir, shards="shuffle", shard_size=5)
+    assert forced.layout == "shuffle" and forced.shard_sizes == (5, 5, 5, 5)
+    with pytest.raises(SourceError, match="--shards 'sideways' is not one of auto, as-is, shuffle"):
+        index_source(wds_dir, shards="sideways")
+
+
+def test_imagefolder_as_is_keeps_folder_order(tmp_path):
+    root = write_imagefolder(tmp_path / "f", per_class=8)
+    m = index_source(root, shard_size=8, shards="as-is")
+    assert m.layout == "as-is" and [len(set(m.labels(j).tolist())) for j in range(3)] == [1, 1, 1]
+    assert m.fingerprint != index_source(root, shard_size=8).fingerprint

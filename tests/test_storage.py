@@ -377,3 +377,18 @@ def test_all_zero_unit_is_written_whole(tmp_path, backend, mode):
     r = open_store(tmp_path / "s")
     assert r.is_complete(0, 0) and r.check() == []
     assert (r.read(0, 0).valid == WRITTEN).all()
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_format_1_store_is_refused_with_one_line_to_recompute(tmp_path, backend):
+    """Format 2 laid repeated augmentation out in windows: a format-1 store's labels sit at other slots."""
+    import json
+
+    path = tmp_path / "s"
+    write_all(create_store(str(path), tiny_spec(), backend=backend))
+    meta = json.loads((path / "store.json").read_text())
+    assert meta["format_version"] == 2
+    (path / "store.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(StoreError, match=r"format version 1, older than this code's 2 .*re-run precompute") as e:
+        open_store(str(path))
+    assert "\n" not in str(e.value)

@@ -151,7 +151,11 @@ def test_tiny_student_loss_falls_and_accuracy_rises(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and summary["distillation"] == "none"
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
-    assert rows[-1]["val"]["avg_top1"] > rows[0]["val"]["avg_top1"]
+    # From chance (33%) to >= 80% at the end, and above the run's mean. Not "above epoch 0": with batches
+    # that span shards (the epoch stream's interleave), epoch 0 at lr 0.05 lands on 96.7% by luck, drops
+    # to 66.7% and climbs back (93.3%): 30 validation images, one image is 3.3 points.
+    accuracy = [r["val"]["avg_top1"] for r in rows]
+    assert accuracy[-1] > sum(accuracy) / len(accuracy)
     assert summary["final"]["val"]["avg_top1"] >= 80
     assert set(rows[-1]["val"]) >= {"cls_top1", "cls_top5", "dist_top1", "dist_top5", "avg_top1", "avg_top5"}
 
