@@ -39,7 +39,11 @@ from .model import _bare, create_student, eval_logits
 log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = "checkpoint.pth"
 # What save writes and resume needs; a checkpoint without them is refused before anything is read from it.
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
+# The EMA weights sit under timm's name, so `timm.models.load_checkpoint(model, path, use_ema=True)` takes
+# them (and falls back to "model" when a run kept none: the entry is then None). Checkpoints written
+# before this held them under "ema", as ModelEmaV3's own state_dict ("module." prefixes); both resume.
+EMA_KEY, OLD_EMA_KEY = "state_dict_ema", "ema"
 
 
 def _first_line(e: Exception) -> str:
@@ -174,6 +178,8 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
         raise TrainError(f"--resume: {path} is not a readable checkpoint of this tool ({type(e).__name__}: "
                          f"{_first_line(e)}); restore it or delete it to start over") from None
     lacks = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else sorted(CHECKPOINT_KEYS)
+    if isinstance(ckpt, dict) and EMA_KEY not in ckpt and OLD_EMA_KEY not in ckpt:
+        lacks.append(EMA_KEY)
     if lacks or not isinstance(ckpt["config"], dict):
         raise TrainError(f"--resume: {path} is not a checkpoint written by `cli.py train` (it lacks "
                          f"{', '.join(lacks) or 'a config'}); use a new --out, or --finetune to start from its weights")
@@ -195,6 +201,17 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     if overridden:
         log.warning("--resume: the checkpoint's settings win: %s", "; ".join(overridden))
     return merged, ckpt
+
+
+def load_ema(ema: ModelEmaV3, ckpt: dict) -> None:
+    """The EMA weights of a checkpoint, under the current key or the one older checkpoints used."""
+    if ckpt.get(EMA_KEY) is not None:
+        ema.module.load_state_dict(ckpt[EMA_KEY])
+    elif ckpt.get(OLD_EMA_KEY) is not None:
+        ema.load_state_dict(ckpt[OLD_EMA_KEY])  # ModelEmaV3's own state_dict: "module."-prefixed keys
+    else:
+        raise TrainError("--resume: the checkpoint's config says ema=True but it holds no EMA weights; "
+                         "restore the checkpoint or use a new --out")
 
 
 def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
@@ -270,7 +287,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+            load_ema(ema, ckpt)
         step = ckpt["step"]
     net = model
     if d.world > 1:
@@ -300,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 metrics["val_ema"] = evaluate(ema.module, val, d, run.autocast)
         if d.main:
-            state = {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+            state = {"model": model.state_dict(), EMA_KEY: None if ema is None else ema.module.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
                      "config": dataclasses.asdict(cfg), "identity": data.identity()}
