@@ -266,6 +266,22 @@ def train(**kw):
                       f"{final['avg_top1']:.2f}" if final else ""))
 
 
+@main.command()
+@click.argument("run")
+@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write.")
+@click.option("--ema/--no-ema", default=True, show_default=True,
+              help="The EMA weights when the run kept them; --no-ema: the raw weights.")
+@click.option("--config", "config_path", default=None, metavar="CONFIG.json",
+              help="timm config to write [config.json beside --out].")
+def export(run, out, ema, config_path):
+    """A run's student as safetensors plus timm's config.json: timm.create_model loads it alone."""
+    from student.export import export_run
+
+    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path))
+    click.echo(f"wrote {done.weights} ({done.which} weights of {done.architecture}, {done.tensors} tensors, "
+               f"{done.num_classes} classes) and {done.config}")
+
+
 # ---- the whole thing on real data ----------------------------------------------------------
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller run (under 3 minutes on 2 CPU cores).")

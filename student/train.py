@@ -320,7 +320,9 @@ def train(cfg: TrainConfig) -> dict:
             state = {"model": model.state_dict(), EMA_KEY: None if ema is None else ema.module.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                     "config": dataclasses.asdict(cfg), "identity": data.identity()}
+                     "config": dataclasses.asdict(cfg), "identity": data.identity(),
+                     # what `cli.py export` writes into the timm config, without needing the source or store
+                     "recipe": data.recipe.to_dict(), "class_names": list(data.manifest.class_names)}
             save_checkpoint(os.path.join(cfg.out, CHECKPOINT), state)
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
