@@ -282,6 +282,28 @@ def export(run, out, ema, config_path):
                f"{done.num_classes} classes) and {done.config}")
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png", help="Figure to write.")
+@click.option("--title", default="", help="Figure title.")
+def plot(runs, out, title):
+    """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
+    from student.curves import RunError, plot_run_dirs
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
+                   err=True)
+        sys.exit(2)
+    try:
+        plot_run_dirs(list(runs), out, title)
+    except RunError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {out}: {len(runs)} run(s)")
+
+
 # ---- the whole thing on real data ----------------------------------------------------------
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller run (under 3 minutes on 2 CPU cores).")

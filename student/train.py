@@ -31,6 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
 from .errors import TrainError
 from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
@@ -326,6 +327,7 @@ def train(cfg: TrainConfig) -> dict:
             save_checkpoint(os.path.join(cfg.out, CHECKPOINT), state)
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            append_summary(cfg.out, metrics)  # timm's summary.csv, the same numbers as a table
         if d.world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is whole
 
