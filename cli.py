@@ -4,6 +4,7 @@
     python cli.py precompute --data SRC --out STORE --teacher MODEL ...   # stage one: the teacher, once
     python cli.py train --data SRC --labels STORE --out RUN ...           # stage two: the student
     python cli.py inspect STORE / python cli.py verify STORE --data SRC   # look at and trust the labels
+    python cli.py export RUN --out model.safetensors / python cli.py plot RUN ...   # use and look at runs
     python cli.py demo                                                    # the whole thing on Fashion-MNIST
 
 This file only parses, calls and reports; the work lives in pipeline/, storage/ and student/.
