@@ -32,12 +32,44 @@ def summary_columns(metrics: dict) -> tuple[dict, dict]:
     return train, evals
 
 
+def _row(metrics: dict) -> dict:
+    """The row update_summary writes for these metrics (same names, same order)."""
+    train, evals = summary_columns(metrics)
+    row = {"epoch": metrics["epoch"], **{f"train_{k}": v for k, v in train.items()},
+           **{f"eval_{k}": v for k, v in evals.items()}}
+    if metrics.get("lr") is not None:
+        row["lr"] = metrics["lr"]
+    return row
+
+
 def append_summary(run: str, metrics: dict) -> None:
-    """One row of RUN/summary.csv, written by timm's own update_summary (header when the file is new)."""
+    """One row of RUN/summary.csv, written by timm's own update_summary (header when the file is new).
+
+    A resumed run may change its columns (--val is a runtime option: added or dropped on --resume).
+    Appending under the old header would misalign the table, so then the file is rewritten from
+    metrics.jsonl (which already holds this epoch) under the union of the columns, blanks where an
+    epoch has no value."""
+    import csv
+
     from timm.utils import update_summary
 
-    train, evals = summary_columns(metrics)
-    update_summary(metrics["epoch"], train, evals, os.path.join(run, "summary.csv"), lr=metrics.get("lr"))
+    path = os.path.join(run, "summary.csv")
+    header = None
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header is None or header == list(_row(metrics)):
+        train, evals = summary_columns(metrics)
+        update_summary(metrics["epoch"], train, evals, path, lr=metrics.get("lr"))
+        return
+    rows = [_row(m) for m in read_epochs(run)]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 class RunError(ValueError):

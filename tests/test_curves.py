@@ -57,6 +57,23 @@ def test_summary_csv_is_timms_table_of_the_metrics(runs):
     assert header[0] == "epoch" and header[-1] == "lr" and header[1].startswith("train_")
 
 
+def test_summary_csv_stays_one_table_when_a_resume_adds_val(runs, tmp_path):
+    """--val is a runtime option: epoch 0 without it, epoch 1 with it. The columns grow; the table is
+    rewritten under one header with blanks, never appended misaligned."""
+    base = dict(data=os.path.join(runs["root"], "wds"), labels=os.path.join(runs["root"], "store"), model=MODEL,
+                model_kwargs=TINY, epochs=2, batch_size=8, workers=0, warmup_epochs=0, lr=0.05, drop_path=0.0,
+                progress=False, ema=False, out=str(tmp_path / "run"), max_steps_per_epoch=1)
+    train(TrainConfig(stop_after_epochs=1, **base))
+    first = open(tmp_path / "run" / "summary.csv").read().splitlines()
+    assert not any(c.startswith("eval_") for c in first[0].split(","))
+    train(TrainConfig(resume=True, val=os.path.join(runs["root"], "val"), **base))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert rows[0]["eval_avg_top1"] == "" and float(rows[1]["eval_avg_top1"]) >= 0
+    assert rows[0]["train_loss"] == first[1].split(",")[1]  # epoch 0's numbers kept as they were written
+    assert all(None not in r for r in rows)  # no row longer than the header
+
+
 def test_plot_draws_several_runs_on_one_figure(runs, tmp_path):
     from PIL import Image
 
