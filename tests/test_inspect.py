@@ -149,6 +149,9 @@ def test_export_rows_equal_the_reader(stores, backend, tmp_path):
                 p = np.exp(lab.values[slot].astype(np.float32))
                 assert row["top1_prob"] == pytest.approx(p[0], rel=1e-6)
                 assert row["tail_mass"] == pytest.approx(max(0.0, 1 - p.sum()), abs=1e-6)
+                # the whole stored label, not only its top-1
+                assert row["topk_ids"] == lab.ids[slot].tolist() and len(row["topk_ids"]) == 3
+                assert np.float32(row["topk_probs"]).tobytes() == p.tobytes()
                 partner = slot ^ 1
                 if partner < n and row["mix"] != "none":
                     assert row["partner_key"] == keys[order[partner]] and 0 <= row["lam"] <= 1
@@ -232,3 +235,27 @@ def test_sample_under_repeated_augmentation_lists_every_repeat(tmp_path, tiny_te
     absent = counts.index(0)
     with pytest.raises(InspectError, match="repeated augmentation"):
         describe_sample(reader, str(key_index), views=(absent,))
+
+
+def test_export_carries_whole_labels_nulls_on_invalid_views_and_hard_stores(stores, tmp_path):
+    store, invalid = _synthetic_store(tmp_path, "zarr", stores)
+    out = tmp_path / "synthetic.parquet"
+    assert run_cli("inspect", store, "--export", out).exit_code == 0
+    rows = pq.read_table(out).to_pylist()
+    bad = [r for r in rows if r["valid"] != WRITTEN]
+    assert len(bad) == invalid > 0 and all(r["topk_ids"] is None and r["topk_probs"] is None for r in bad)
+    for r in rows:
+        if r["valid"] == WRITTEN:
+            t = r["top1"]
+            assert r["topk_ids"] == [t, (t + 1) % 3, (t + 2) % 3]
+            want = np.exp(np.log(np.float32([0.7, 0.2, 0.05])).astype(np.float16).astype(np.float32))
+            assert np.float32(r["topk_probs"]).tobytes() == want.tobytes()
+    # A hard store: the argmax as a one-element list, no probabilities.
+    hard = str(tmp_path / "hard")
+    run_precompute(PrecomputeConfig(
+        data=stores["data"], out=hard, teacher="resnet10t", teacher_weights=stores["weights"],
+        model_kwargs={"num_classes": 3}, views=1, views_per_unit=1, hard=True, input_size=32, batch_size=16,
+        workers=0, overrides=["repeats=1"], progress=False))
+    assert run_cli("inspect", hard, "--export", tmp_path / "hard.parquet").exit_code == 0
+    rows = pq.read_table(tmp_path / "hard.parquet").to_pylist()
+    assert len(rows) == 20 and all(r["topk_ids"] == [r["top1"]] and r["topk_probs"] is None for r in rows)

@@ -98,6 +98,21 @@ def test_train_checkpoint_prefers_model_over_ema(tmp_path, resnet_state, referen
     assert torch.equal(only_ema["fc.weight"], ema["fc.weight"])
 
 
+@pytest.mark.parametrize("filename", ["bare.pth", "ckpt.safetensors"])
+def test_weights_file_sets_the_class_count(tmp_path, resnet_state, reference_logits, filename):
+    """A 10-class weights file makes a 10-class teacher without --model-kwargs repeating it, and the same
+    teacher (fingerprint) as with it; a source of another class count is still refused."""
+    path = _save(tmp_path / filename, resnet_state)
+    teacher = create_teacher("resnet10t", weights=path, num_classes=10)
+    logits = teacher(_norm(_images(), IMAGENET_MEAN, IMAGENET_STD), IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+    said = create_teacher("resnet10t", weights=path, model_kwargs={"num_classes": 10}, num_classes=10)
+    assert teacher.identity["fingerprint"] == said.identity["fingerprint"] and teacher.identity["num_classes"] == 10
+    with pytest.raises(TeacherError) as e:
+        create_teacher("resnet10t", weights=path, num_classes=7)
+    assert "has 10 classes, the source has 7" in _one_line_error(e)
+
+
 def test_identity_tells_weights_apart(tmp_path, resnet_state):
     other = {k: v * 2 if v.is_floating_point() else v for k, v in resnet_state.items()}
     a = create_teacher(
@@ -224,9 +239,10 @@ def test_weights_of_another_model(tmp_path, resnet_state):
     msg = _one_line_error(e)
     assert "missing key 'cls_token'" in msg and "unexpected key 'conv1.0.weight'" in msg
     assert "--model-kwargs" in msg
-    # Right architecture, wrong head: the shape mismatch is named.
+    # Right architecture, a head --model-kwargs says is another size: the shape mismatch is named.
+    # (Without num_classes in --model-kwargs the file's head decides: test_weights_file_sets_the_class_count.)
     with pytest.raises(TeacherError) as e:
-        create_teacher("resnet10t", weights=path)
+        create_teacher("resnet10t", weights=path, model_kwargs={"num_classes": 1000})
     msg = _one_line_error(e)
     assert "'fc.weight' is (10, 512) in the file, (1000, 512) in the model" in msg
 

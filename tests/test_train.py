@@ -104,12 +104,39 @@ def test_two_epochs_equal_one_epoch_stop_resume_one_epoch(tiny, tmp_path):
     assert resumed["finished"] and resumed["epochs_this_run"] == 1 and resumed["step"] == straight["step"] == 6
     a, b = checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b")
     assert state_bytes(a["model"]) == state_bytes(b["model"])
-    assert state_bytes(a["ema"]) == state_bytes(b["ema"])
+    assert state_bytes(a["state_dict_ema"]) == state_bytes(b["state_dict_ema"])
     opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     assert a["scheduler"] == b["scheduler"]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+def test_checkpoint_ema_is_where_timm_looks_and_old_ema_key_still_resumes(tiny, tmp_path):
+    """timm's load_checkpoint(use_ema=True) takes our EMA weights (use_ema=False: the raw ones), and a
+    checkpoint in the old layout (EMA under "ema", ModelEmaV3's "module." keys) resumes to the same bytes."""
+    import timm
+    from timm.models import load_checkpoint
+
+    straight = tmp_path / "straight"
+    train(config(tiny, straight, model_ema_decay=0.5))
+    old = tmp_path / "old"
+    train(config(tiny, old, model_ema_decay=0.5, stop_after_epochs=1))
+    ckpt = checkpoint(old)
+    net = timm.create_model(MODEL, num_classes=3, **TINY)
+    load_checkpoint(net, str(old / "checkpoint.pth"), use_ema=True)
+    assert state_bytes(net.state_dict()) == state_bytes(ckpt["state_dict_ema"])
+    assert state_bytes(ckpt["state_dict_ema"]) != state_bytes(ckpt["model"])  # decay 0.5: they differ
+    load_checkpoint(net, str(old / "checkpoint.pth"), use_ema=False)
+    assert state_bytes(net.state_dict()) == state_bytes(ckpt["model"])
+
+    # Rewrite it as the previous version wrote it, then resume.
+    ckpt["ema"] = {f"module.{k}": v for k, v in ckpt.pop("state_dict_ema").items()}
+    torch.save(ckpt, old / "checkpoint.pth")
+    train(config(tiny, old, model_ema_decay=0.5, resume=True))
+    a, b = checkpoint(straight), checkpoint(old)
+    assert "ema" not in b and state_bytes(a["state_dict_ema"]) == state_bytes(b["state_dict_ema"])
+    assert state_bytes(a["model"]) == state_bytes(b["model"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,117 @@
+"""Your own training loop on a label store: the lockstep batches and DeiT's loss, nothing else.
+
+    from student.api import open_lockstep
+
+    ls = open_lockstep("SRC", "STORE", batch_size=64, rank=rank, world=world, workers=8)
+    model = timm.create_model("deit_small_distilled_patch16_224", num_classes=ls.num_classes)
+    model.set_distilled_training(True)            # a distilled DeiT returns (class, distillation) logits
+    for epoch in range(epochs):
+        for batch in ls.epoch(epoch):             # this rank's share of the epoch's global batches
+            out = model(batch.images.to(device))
+            loss = ls.loss(out, batch)            # DeiT's loss against the stored teacher labels
+            ...                                   # backward, step: yours
+
+Each ``batch`` is a ``student.data.Batch``: ``images`` [b, 3, H, W] (the very views the teacher
+labelled), ``targets`` [b, C] (mixed, label-smoothed ground truth), ``teacher_ids`` /
+``teacher_values`` (the stored labels) and ``rows`` ((shard, slot) of each view). The stream is
+the one ``cli.py train`` replays: the same views in the same order for any worker count, and
+the same global batch for any world size with the same ``batch_size x world``. What is yours:
+the model, optimizer, schedule, precision, DDP wrapping, checkpoints. What stays ours: which
+views, in which order, with which labels (``student/data.py``), and the loss
+(``student/losses.py``).
+
+This module is a facade and stays thin on purpose: it opens and checks (``open_train_data``,
+``check_complete``), iterates (``LockstepLoader``) and computes (``deit_loss``), and exposes
+those objects for anything it does not wrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Batch, EpochIter, LockstepLoader, TrainData, check_complete, open_train_data
+from .errors import TrainError
+from .losses import MODES, TeacherLabels, deit_loss
+
+__all__ = ["Lockstep", "open_lockstep", "Batch", "TeacherLabels", "TrainError"]
+
+
+@dataclass
+class Lockstep:
+    """One rank's view of a store: ``.epoch(e)`` batches, ``.loss(outputs, batch)``."""
+
+    data: TrainData
+    loader: LockstepLoader
+    mode: str                       # none | hard | soft
+    alpha: float = 0.5
+    tau: float = 1.0
+    kd_reduction: str = "batchmean"
+    _checked: set = field(default_factory=set, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def input_size(self) -> int:
+        return self.data.recipe.input_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of an epoch with no invalid view: what a scheduler's updates-per-epoch wants."""
+        return self.loader.nominal_steps()
+
+    def epoch(self, epoch: int) -> EpochIter:
+        """This rank's batches of ``epoch`` (view ``epoch mod V`` of the store), on the CPU.
+
+        The first call for a view checks that the store holds every unit it reads, whole
+        (TrainError naming the missing or damaged units otherwise)."""
+        view = self.data.view_of(epoch)
+        if view not in self._checked:
+            check_complete(self.data, range(epoch, epoch + 1))
+            self._checked.add(view)
+        return self.loader.epoch(epoch)
+
+    def teacher(self, batch: Batch, device: torch.device | str | None = None) -> TeacherLabels | None:
+        """The stored teacher labels of ``batch`` as deit_loss takes them (None without distillation)."""
+        if self.mode == "none":
+            return None
+        ids = batch.teacher_ids.to(device)
+        if self.mode == "hard":
+            return TeacherLabels.hard(ids[:, 0] if ids.dim() == 2 else ids)
+        return TeacherLabels.from_topk(batch.teacher_values.to(device), ids, self.num_classes, tau=self.tau)
+
+    def loss(self, outputs, batch: Batch) -> torch.Tensor:
+        """DeiT's loss of the student's ``outputs`` on ``batch`` (the same function ``cli.py train`` uses).
+
+        ``outputs``: [b, C] logits, or a distilled DeiT's (class, distillation) pair in training mode.
+        Targets and teacher labels are moved to the outputs' device."""
+        device = (outputs[0] if isinstance(outputs, (tuple, list)) else outputs).device
+        loss, _ = deit_loss(outputs, batch.targets.to(device), self.teacher(batch, device), mode=self.mode,
+                            alpha=self.alpha, tau=self.tau, kd_reduction=self.kd_reduction)
+        return loss
+
+
+def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
+                  *, distillation: str | None = None, alpha: float = 0.5, tau: float = 1.0,
+                  kd_reduction: str = "batchmean", pin_memory: bool = False, **train_data) -> Lockstep:
+    """Open ``data`` (the source) with its label store ``labels`` for rank ``rank`` of ``world``.
+
+    ``batch_size`` is per rank. ``distillation`` defaults to what ``cli.py train`` does: hard with a
+    store (a top-k store's argmax), none without; "soft" needs a top-k store. ``train_data`` goes to
+    ``student.data.open_train_data`` (e.g. ``recipe``, ``overrides``, ``seed``, ``input_size`` without
+    a store). Raises TrainError (one line: cause and fix) for a store that does not fit the source."""
+    opened = open_train_data(data, labels=labels, **train_data)
+    if distillation is None:
+        distillation = "none" if opened.reader is None else "hard"  # as `cli.py train`: DeiT's best setting
+    if distillation not in MODES:
+        raise TrainError(f"distillation must be one of {', '.join(MODES)}, got {distillation!r}")
+    if distillation != "none" and opened.reader is None:
+        raise TrainError(f"distillation {distillation!r} needs teacher labels: pass labels=STORE")
+    if distillation == "soft" and opened.reader.spec.mode == "hard":
+        raise TrainError(f"the store {labels} holds hard labels only: use distillation='hard'")
+    loader = LockstepLoader(opened, batch_size=batch_size, rank=rank, world=world, workers=workers,
+                            pin_memory=pin_memory)
+    return Lockstep(opened, loader, distillation, alpha, tau, kd_reduction)

@@ -1,0 +1,155 @@
+"""`cli.py export RUN --out model.safetensors`: a trained student as plain timm weights.
+
+Writes two files:
+
+    OUT                  the student's state_dict as safetensors (the EMA weights when the run kept
+                         them, else, or with --no-ema, the raw ones)
+    config.json beside   timm's own model config (``timm.models.save_config_for_hf``): architecture,
+                         model_args (the kwargs that rebuild it, num_classes included), label_names,
+                         and a pretrained_cfg holding the evaluation preprocessing of the run's recipe
+                         (input size, mean, std, crop_pct, interpolation)
+
+so that timm alone loads it, either from the folder::
+
+    timm.create_model("local-dir:DIR", pretrained=True)     # DIR/config.json + DIR/model.safetensors
+
+or, with any file name, from the config's parts::
+
+    cfg = json.load(open("config.json"))
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="model.safetensors"),
+                              **cfg["model_args"])
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+(the overlay carries num_classes: without it timm compares the file with the architecture's
+default 1000 classes and drops the heads). In eval mode a distilled DeiT returns the average of
+its two heads, which is what ``cli.py train``'s evaluation calls the "avg" head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TrainError
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class Exported:
+    weights: str
+    config: str
+    architecture: str
+    which: str          # "ema" or "model"
+    tensors: int
+    num_classes: int
+
+
+def _read_checkpoint(run: str) -> dict:
+    from .train import CHECKPOINT, EMA_KEY, OLD_EMA_KEY
+
+    path = run if os.path.isfile(run) else os.path.join(run, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise TrainError(f"export: no {CHECKPOINT} in {run}; pass a run directory of `cli.py train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise TrainError(f"export: {path} is not a readable checkpoint ({type(e).__name__}); "
+                         "pass a run directory of `cli.py train`") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise TrainError(f"export: {path} is not a checkpoint written by `cli.py train` (no model and config)")
+    if ckpt.get(EMA_KEY) is None and ckpt.get(OLD_EMA_KEY) is not None:  # the layout before state_dict_ema
+        ckpt[EMA_KEY] = {k.removeprefix("module."): v for k, v in ckpt[OLD_EMA_KEY].items()}
+    return ckpt
+
+
+def _recipe_and_classes(ckpt: dict):
+    """The run's recipe and class names: saved in the checkpoint, or (older runs) re-read from its store/source."""
+    from pipeline.recipes import Recipe, create_recipe
+
+    cfg = ckpt["config"]
+    if ckpt.get("recipe") is not None and ckpt.get("class_names") is not None:
+        return Recipe.from_dict(ckpt["recipe"]), list(ckpt["class_names"])
+    try:
+        if cfg.get("labels"):
+            from pipeline.sources import Manifest
+            from storage import open_store
+
+            reader = open_store(cfg["labels"])
+            return Recipe.from_dict(reader.spec.recipe), Manifest.from_bytes(reader.manifest_bytes).class_names
+        from pipeline.sources import index_source
+
+        overrides = list(cfg.get("overrides") or [])
+        overrides += [f"input_size={cfg['input_size']}"] if cfg.get("input_size") else []
+        overrides += [f"repeats={cfg['repeats']}"] if cfg.get("repeats") is not None else []
+        recipe = create_recipe(cfg.get("recipe") or "deit", overrides)
+        return recipe, index_source(cfg["data"], shard_size=cfg.get("shard_size", 1024)).class_names
+    except Exception as e:  # noqa: BLE001 - any reason the old store/source cannot be read
+        where = cfg.get("labels") or cfg.get("data")
+        raise TrainError(f"export: this checkpoint predates saved recipes and its store/source {where} cannot be "
+                         f"read ({type(e).__name__}); make it reachable at that path and rerun") from None
+
+
+def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None = None) -> Exported:
+    """Write OUT (safetensors) and config.json beside it (or at ``config_path``). Raises TrainError."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    from .train import EMA_KEY
+
+    if not out.endswith(".safetensors"):
+        raise TrainError(f"export: --out {out} must end in .safetensors (timm picks the loader by extension)")
+    ckpt = _read_checkpoint(run)
+    cfg = ckpt["config"]
+    which = "ema" if ema and ckpt.get(EMA_KEY) is not None else "model"
+    state = ckpt[EMA_KEY] if which == "ema" else ckpt["model"]
+    recipe, class_names = _recipe_and_classes(ckpt)
+    # Rebuild arguments only: the class count comes from the data, drop rates are training-time settings.
+    kwargs = {k: v for k, v in (cfg.get("model_kwargs") or {}).items()
+              if k != "num_classes" and not k.endswith("drop_rate")}
+    try:
+        model = timm.create_model(cfg["model"], num_classes=len(class_names), **kwargs)
+        model.load_state_dict(state)  # strict: the weights must rebuild exactly this architecture
+    except Exception as e:  # noqa: BLE001 - a timm/torch error naming what does not match
+        raise TrainError(f"export: cannot rebuild {cfg['model']} with {kwargs} from {run} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    data_config = {"input_size": (3, recipe.input_size, recipe.input_size), "mean": tuple(recipe.mean),
+                   "std": tuple(recipe.std), "crop_pct": recipe.eval_crop_pct, "interpolation": recipe.interpolation,
+                   "crop_mode": "center"}
+    config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(out)), CONFIG_NAME)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(config_path)), exist_ok=True)
+    # Both files appear whole or not at all: written beside, renamed into place.
+    tmp_w, tmp_c = f"{out}.tmp{os.getpid()}", f"{config_path}.tmp{os.getpid()}"
+    try:
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, tmp_w, metadata={"format": "pt", "architecture": cfg["model"], "weights": which})
+        save_config_for_hf(model, tmp_c, model_config={"label_names": list(class_names),
+                                                        # not the architecture's default tag (e.g. DeiT's fb_in1k)
+                                                        "pretrained_cfg": {"tag": "deit_lockstep"}},
+                           model_args=kwargs, data_config=data_config)
+        os.replace(tmp_w, out)
+        os.replace(tmp_c, config_path)
+    finally:
+        for tmp in (tmp_w, tmp_c):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return Exported(out, config_path, cfg["model"], which, len(tensors), len(class_names))
+
+
+def load_exported(weights: str, config: str | None = None):
+    """What a timm user writes (kept here so the README's snippet is tested): the model, in eval mode."""
+    import timm
+
+    config = config or os.path.join(os.path.dirname(os.path.abspath(weights)), CONFIG_NAME)
+    with open(config) as f:
+        cfg = json.load(f)
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=weights),
+                              **cfg.get("model_args", {}))
+    return model.eval()
