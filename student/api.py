@@ -76,12 +76,8 @@ class Lockstep:
 
     def teacher(self, batch: Batch, device: torch.device | str | None = None) -> TeacherLabels | None:
         """The stored teacher labels of ``batch`` as deit_loss takes them (None without distillation)."""
-        if self.mode == "none":
-            return None
-        ids = batch.teacher_ids.to(device)
-        if self.mode == "hard":
-            return TeacherLabels.hard(ids[:, 0] if ids.dim() == 2 else ids)
-        return TeacherLabels.from_topk(batch.teacher_values.to(device), ids, self.num_classes, tau=self.tau)
+        spec = None if self.data.reader is None else self.data.reader.spec
+        return TeacherLabels.from_batch(batch, spec, self.mode, self.tau, device)
 
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
         """DeiT's loss of the student's ``outputs`` on ``batch`` (the same function ``cli.py train`` uses).

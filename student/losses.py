@@ -78,6 +78,21 @@ class TeacherLabels:
         """From a hard store's rows: the teacher's argmax per view."""
         return cls(ids=ids.long())
 
+    @classmethod
+    def from_batch(cls, batch, spec, mode: str, tau: float = 1.0, device=None) -> TeacherLabels | None:
+        """The stored labels of a lockstep ``Batch`` (student.data) from a store with ``spec``, as
+        ``deit_loss`` takes them for ``mode``: None without distillation, the argmax for hard, and
+        for soft the tempered rebuild, with the store's exact tail mass when it keeps this tau."""
+        if mode == "none":
+            return None
+        ids = batch.teacher_ids.to(device, non_blocking=True)
+        if mode == "hard":
+            return cls.hard(ids[:, 0] if ids.dim() == 2 else ids)
+        values = batch.teacher_values.to(device, non_blocking=True)
+        col = spec.tau_index(tau)
+        tail = None if col is None else batch.teacher_tail_lse[:, col].to(device, non_blocking=True)
+        return cls.from_topk(values, ids, spec.num_classes, tau=tau, tail_lse=tail)
+
     def to(self, device, non_blocking: bool = False) -> TeacherLabels:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return replace(self, ids=move(self.ids), log_probs=move(self.log_probs))

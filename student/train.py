@@ -397,16 +397,8 @@ class Run:
         return torch.autocast(self.d.device.type, dtype=self.amp_dtype)
 
     def teacher(self, batch) -> TeacherLabels | None:
-        if self.mode == "none":
-            return None
-        dev, spec = self.d.device, self.data.reader.spec
-        ids = batch.teacher_ids.to(dev, non_blocking=True)
-        if self.mode == "hard":
-            return TeacherLabels.hard(ids[:, 0] if ids.dim() == 2 else ids)
-        values = batch.teacher_values.to(dev, non_blocking=True)
-        col = spec.tau_index(self.cfg.tau)  # the store's exact tempered tail mass at this tau, if it keeps it
-        tail = None if col is None else batch.teacher_tail_lse[:, col].to(dev, non_blocking=True)
-        return TeacherLabels.from_topk(values, ids, spec.num_classes, tau=self.cfg.tau, tail_lse=tail)
+        spec = None if self.data.reader is None else self.data.reader.spec
+        return TeacherLabels.from_batch(batch, spec, self.mode, self.cfg.tau, self.d.device)
 
     def train_one_epoch(self, epoch: int, batches, step: int) -> dict:
         cfg, d, net, opt = self.cfg, self.d, self.net, self.optimizer
