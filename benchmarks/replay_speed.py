@@ -49,7 +49,7 @@ def main():
             img = timm_decode(data)
             try:
                 timm_tf(img)
-            except ValueError:  # Pillow 13 refuses timm's 0-bit posterize (DESIGN.md, known pitfalls)
+            except ValueError:  # Pillow 13 refuses timm's 0-bit posterize (docs/DESIGN.md, known pitfalls)
                 crashes[0] += 1
                 timm_tf(img)
 

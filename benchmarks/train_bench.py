@@ -98,7 +98,7 @@ def main():
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu" and "MALLOC_MMAP_MAX_" not in os.environ:
-        print(f"note: run with {MALLOC_ENV} for stable CPU numbers (DESIGN.md)")
+        print(f"note: run with {MALLOC_ENV} for stable CPU numbers (docs/DESIGN.md, known pitfalls)")
     teachers = args.teachers.split(",")
     tmp = tempfile.mkdtemp(prefix="train_bench-")
     w, h = (int(v) for v in args.image_size.split(","))

@@ -2,7 +2,7 @@
 
 If Pillow, timm or torch change how a view renders (an upgrade, another platform), the stored
 labels no longer describe the views the student sees. Re-rendering a handful of views and
-comparing sha256 of their bytes catches that before a GPU-month is spent (DESIGN.md, point 5).
+comparing sha256 of their bytes catches that before a GPU-month is spent (docs/DESIGN.md, "Drift is detected").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Augmentation recipes as data: a named preset plus ``key=value`` overrides.
 
-The numbers of the ``deit`` preset are the official DeiT repo's defaults (see DESIGN.md).
+The numbers of the ``deit`` preset are the official DeiT repo's defaults (docs/DESIGN.md, "Recipe defaults").
 A recipe is part of a label store's identity: the stored teacher labels are only valid for
 views rendered with exactly this recipe.
 """

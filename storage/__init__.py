@@ -1,7 +1,7 @@
 """Label stores: the teacher's labels for every (view, shard, slot), written by unit, read by view.
 
-Two backends behind one interface: zarr v3 (default) and webdataset tars. See DESIGN.md,
-"The lockstep contract", points 4 and 5.
+Two backends behind one interface: zarr v3 (default) and webdataset tars. See docs/DESIGN.md,
+"The label store".
 """
 
 from .api import BACKENDS, create_store, open_store

@@ -1,4 +1,4 @@
-"""Fault injection: each reliability promise of DESIGN.md, attacked (issue 8).
+"""Fault injection: each reliability promise of docs/DESIGN.md, attacked (issue 8).
 
 1. precompute SIGKILLed at 20 moments, resumed: the store equals an uninterrupted run's, byte for byte
 2. train SIGKILLed mid-epoch and mid-checkpoint, resumed: the uninterrupted run's weights, byte for byte
