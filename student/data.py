@@ -134,7 +134,7 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
                     check_probes: bool = True, repeats: int | None = None) -> TrainData:
     """Index ``data`` and, with ``labels``, check it against the store: same source, same recipe
     and seed (taken from the store), views that still render the same. Raises TrainError."""
-    overrides = list(overrides) + ([f"input_size={input_size}"] if input_size else [])
+    overrides = list(overrides) + ([f"input_size={input_size}"] if input_size is not None else [])
     overrides += [f"repeats={repeats}"] if repeats is not None else []  # --repeats R: recipe.repeats
     if labels is None:
         r = create_recipe(recipe or "deit", overrides)

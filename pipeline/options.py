@@ -1,0 +1,94 @@
+"""Command-line value checks shared by every subcommand: ranges, finite numbers, devices.
+
+A numeric option is checked by click when the command line is parsed, before any source is
+indexed, any model built or any store created, so a bad value never costs work and never
+leaves anything behind. Recipe values are checked in ``recipes.py`` (one place for every way a
+recipe is made). ``OneLineGroup`` prints every usage error as one line, ``error: ...``, exit 2.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range, and finite: click's FloatRange lets nan through every bound."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        rv = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+def positive(hi: float | None = None) -> FiniteFloat:
+    """x > 0 (and <= hi)."""
+    return FiniteFloat(min=0.0, min_open=True, max=hi)
+
+
+def non_negative(hi: float | None = None) -> FiniteFloat:
+    return FiniteFloat(min=0.0, max=hi)
+
+
+def unit_interval(hi_open: bool = False) -> FiniteFloat:
+    """A probability or fraction: [0, 1] (or [0, 1))."""
+    return FiniteFloat(min=0.0, max=1.0, max_open=hi_open)
+
+
+def at_least(n: int, hi: int | None = None) -> click.IntRange:
+    return click.IntRange(min=n, max=hi)
+
+
+def check_device(ctx, param, value: str | None) -> str | None:
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where one is visible: refused at parse time,
+    not as torch's traceback from the first tensor moved there."""
+    if value is None or value == "auto":
+        return value
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N", ctx, param) from None
+    if dev.type == "cpu":
+        return value
+    if dev.type != "cuda":
+        raise click.BadParameter(f"{value!r}: this tool runs on auto, cpu, cuda or cuda:N", ctx, param)
+    if not torch.cuda.is_available():
+        raise click.BadParameter(f"{value!r}, but no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                                 "use --device cpu (or auto)", ctx, param)
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise click.BadParameter(f"{value!r}, but only {count} CUDA device(s) are visible (cuda:0 to "
+                                 f"cuda:{count - 1}); pick one of them", ctx, param)
+    return value
+
+
+class OneLineGroup(click.Group):
+    """click's usage errors as one line, ``error: ...`` with exit code 2 (no usage block)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            hint = ""
+            plain_usage = not isinstance(e, click.BadParameter) or isinstance(e, click.MissingParameter)
+            if isinstance(e, click.UsageError) and plain_usage and e.ctx is not None:
+                hint = f" (see `{e.ctx.command_path} --help`)"
+            click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Seeds key numpy's Philox generators and are stored in the store's JSON: a non-negative 63-bit int.
+SEED = click.IntRange(min=0, max=2**63 - 1)
