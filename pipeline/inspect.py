@@ -88,16 +88,16 @@ def source_manifest(reader, data: str | None) -> Manifest:
     return m
 
 
-def load_image(manifest: Manifest, shard: int, position: int, data: str | None, flagged: bool = False):
+def load_image(manifest: Manifest, shard: int, position: int, data: str | None, flagged=lambda: False):
     """The decoded image; an InspectError whose fix fits the case: the store flagged the image
-    undecodable at precompute (nothing to show), the file changed since (restore it), or the
-    recorded root no longer holds the source (pass --data)."""
+    undecodable at precompute (``flagged()``: nothing to show), the file changed since (restore it),
+    or the recorded root no longer holds the source (pass --data)."""
     sample = manifest.read_sample(shard, position)
     try:
         return decode_image(sample.data)
     except Exception as e:
         why = type(e).__name__
-        if flagged:
+        if flagged():
             msg = (f"sample {sample.key!r} is undecodable ({why}), as it was at precompute: the store flags its "
                    "views invalid and train skips them, so there is nothing to show; pick another sample")
         elif data:
@@ -107,6 +107,14 @@ def load_image(manifest: Manifest, shard: int, position: int, data: str | None, 
             msg = (f"cannot decode sample {sample.key!r} from the recorded source root {manifest.root} ({why}); "
                    "pass --data SRC pointing at the source given to precompute")
         raise InspectError(msg) from None
+
+
+def _decodes(manifest: Manifest, shard: int, position: int) -> bool:
+    try:
+        decode_image(manifest.read_sample(shard, position).data)
+        return True
+    except Exception:  # noqa: BLE001 - any undecodable image
+        return False
 
 
 # ---- summary -------------------------------------------------------------------------------
@@ -449,8 +457,16 @@ def describe_sample(reader, key_or_index: str, views=(), data: str | None = None
         raise InspectError(f"sample {key!r} is in none of views {list(asked)}: repeated augmentation "
                            f"(repeats={renderer.recipe.repeats}) shows a sample in about 1/repeats of the views; "
                            "ask for more with --view")
-    flagged = any((shard, spec.block_of(view)) in done and reader.read_slot(view, shard, slot).valid[0] == INVALID
-                  for view, slot in visits)
+
+    def flagged() -> bool:
+        """Precompute could not decode this image either: a view of it is flagged while its partner decodes."""
+        for view, slot in visits:
+            if (shard, spec.block_of(view)) in done and reader.read_slot(view, shard, slot).valid[0] == INVALID:
+                other = renderer.plan(spec.seed, view, shard, n)[slot].partner_position
+                if other is None or _decodes(manifest, shard, other):
+                    return True
+        return False
+
     img = load_image(manifest, shard, position, data, flagged=flagged)
     for view, slot in visits:
         sv = renderer.plan(spec.seed, view, shard, n)[slot]

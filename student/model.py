@@ -91,7 +91,7 @@ def check_views_fit(model: nn.Module, input_size: int, device: torch.device | st
     if img_size is not None and not getattr(model, "dynamic_img_size", False) \
             and tuple(img_size) != (input_size, input_size):
         raise TrainError(f"the student is built for {img_size[0]}x{img_size[1]} px, the views are {input_size} px; "
-                         f"set \"img_size\": {input_size} in --model-kwargs")
+                         f"add \"img_size\": {input_size} to --model-kwargs")
     was_training = model.training
     model.eval()
     try:
