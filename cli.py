@@ -16,7 +16,17 @@ import sys
 
 import click
 
-from pipeline.options import SEED, OneLineGroup, at_least, check_device, non_negative, positive, unit_interval
+from pipeline.options import (
+    MAX_EPOCHS,
+    MAX_WORKERS,
+    SEED,
+    OneLineGroup,
+    at_least,
+    check_device,
+    non_negative,
+    positive,
+    unit_interval,
+)
 
 
 class UsageError(ValueError):
@@ -81,7 +91,7 @@ def main():
 @click.option("--out", required=True, help="Label store to create or resume.")
 @click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
 @click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")
-@click.option("--views", default=300, show_default=True, type=at_least(1),
+@click.option("--views", default=300, show_default=True, type=at_least(1, MAX_EPOCHS),
               help="Views per sample (epoch e uses e mod V).")
 @click.option("--topk", default=10, show_default=True, type=at_least(1), help="Soft labels: keep the teacher's top-k.")
 @click.option("--hard", is_flag=True, help="Store only the teacher's argmax.")
@@ -94,7 +104,8 @@ def main():
 @click.option("--shard-size", default=1024, show_default=True, type=at_least(1), help="ImageFolder virtual shard size.")
 @click.option("--views-per-unit", default=10, show_default=True, type=at_least(1), help="Views per work unit.")
 @click.option("--batch-size", default=256, show_default=True, type=at_least(1))
-@click.option("--workers", default=8, show_default=True, type=at_least(0), help="DataLoader workers rendering views.")
+@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
+              help="DataLoader workers rendering views.")
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--format", "backend", default="zarr", show_default=True, type=click.Choice(["zarr", "wds"]))
 @click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model for the teacher.")
@@ -215,12 +226,12 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--tau", default=1.0, show_default=True, type=positive(), help="Soft distillation temperature.")
 @click.option("--kd-reduction", default="batchmean", show_default=True, type=click.Choice(["batchmean", "deit"]),
               help="batchmean: the true KL; deit: the official repo's numel scaling.")
-@click.option("--epochs", default=300, show_default=True, type=at_least(1))
+@click.option("--epochs", default=300, show_default=True, type=at_least(1, MAX_EPOCHS))
 @click.option("--batch-size", default=64, show_default=True, type=at_least(1), help="Per process.")
 @click.option("--lr", default=5e-4, show_default=True, type=positive(), help="For a global batch of 512 (scaled).")
 @click.option("--min-lr", default=1e-5, show_default=True, type=non_negative())
 @click.option("--warmup-lr", default=1e-6, show_default=True, type=non_negative())
-@click.option("--warmup-epochs", default=5, show_default=True, type=at_least(0))
+@click.option("--warmup-epochs", default=5, show_default=True, type=at_least(0, MAX_EPOCHS))
 @click.option("--weight-decay", default=0.05, show_default=True, type=non_negative())
 @click.option("--drop-path", default=0.1, show_default=True, type=unit_interval(hi_open=True))
 @click.option("--clip-grad", default=None, type=positive(), help="Clip the gradient norm to this.")
@@ -228,7 +239,8 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--model-ema-decay", default=0.99996, show_default=True, type=unit_interval())
 @click.option("--val", default=None, help="Validation source, evaluated each epoch (resize, centre crop).")
 @click.option("--eval-batch-size", default=None, type=at_least(1), help="[default: 2 x --batch-size]")
-@click.option("--workers", default=8, show_default=True, type=at_least(0), help="DataLoader workers rendering views.")
+@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
+              help="DataLoader workers rendering views.")
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
@@ -247,7 +259,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--shard-size", default=1024, show_default=True, type=at_least(1), help="ImageFolder virtual shard size.")
 @click.option("--log-every", default=50, show_default=True, type=at_least(1), help="Progress bar update, in steps.")
 @click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
-@click.option("--stop-after-epochs", default=None, type=at_least(1),
+@click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
               help="End this run after N epochs; --resume goes on.")
 def train(**kw):
     """Train a student from stored teacher labels, replaying the stored views (DDP under torchrun)."""

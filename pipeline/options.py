@@ -40,8 +40,19 @@ def unit_interval(hi_open: bool = False) -> FiniteFloat:
     return FiniteFloat(min=0.0, max=1.0, max_open=hi_open)
 
 
-def at_least(n: int, hi: int | None = None) -> click.IntRange:
-    return click.IntRange(min=n, max=hi)
+class IntIn(click.IntRange):
+    name = "integer"  # click's own says "'x' is not a valid integer range."
+
+
+def at_least(n: int, hi: int | None = None) -> IntIn:
+    return IntIn(min=n, max=hi)
+
+
+# Upper bounds where a larger value is a typo that would hang or overflow rather than run:
+# epochs and views (DeiT: 300) make per-epoch tables and timm's scheduler overflows past 2**63;
+# each DataLoader worker is a process.
+MAX_EPOCHS = 1_000_000
+MAX_WORKERS = 1024
 
 
 def check_device(ctx, param, value: str | None) -> str | None:
@@ -91,4 +102,4 @@ class OneLineGroup(click.Group):
 
 
 # Seeds key numpy's Philox generators and are stored in the store's JSON: a non-negative 63-bit int.
-SEED = click.IntRange(min=0, max=2**63 - 1)
+SEED = IntIn(min=0, max=2**63 - 1)

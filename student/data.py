@@ -225,7 +225,7 @@ def check_complete(data: TrainData, epochs: range) -> None:
     if data.reader is None or not len(epochs):
         return
     spec = data.reader.spec
-    views = sorted({e % spec.views for e in epochs})
+    views = sorted({e % spec.views for e in epochs[:spec.views]})  # V epochs already visit every view they can
     blocks = sorted({spec.block_of(v) for v in views})
     missing = [(s, b) for b in blocks for s in range(spec.num_shards) if not data.reader.is_complete(s, b)]
     if missing:
