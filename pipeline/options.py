@@ -14,6 +14,37 @@ import sys
 import click
 
 
+class OptionValueError(click.BadParameter):
+    """A value out of its option's range, said the project's way: ``--views must be >= 1, got 0``."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _bounds(r) -> str:
+    def num(x):
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    parts = []
+    if r.min is not None:
+        parts.append(f"{'>' if r.min_open else '>='} {num(r.min)}")
+    if r.max is not None:
+        parts.append(f"{'<' if r.max_open else '<='} {num(r.max)}")
+    return " and ".join(parts)
+
+
+def _name(param) -> str:
+    return max(param.opts, key=len) if param is not None and param.opts else "the value"
+
+
+def _check_range(r, rv, value, param):
+    lo_bad = r.min is not None and (rv <= r.min if r.min_open else rv < r.min)
+    hi_bad = r.max is not None and (rv >= r.max if r.max_open else rv > r.max)
+    if lo_bad or hi_bad:
+        raise OptionValueError(f"{_name(param)} must be {_bounds(r)}, got {value}", param=param)
+    return rv
+
+
 class FiniteFloat(click.FloatRange):
     """A float in a range, and finite: click's FloatRange lets nan through every bound."""
 
@@ -22,8 +53,9 @@ class FiniteFloat(click.FloatRange):
     def convert(self, value, param, ctx):
         rv = click.types.FloatParamType.convert(self, value, param, ctx)
         if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return super().convert(rv, param, ctx)
+            raise OptionValueError(f"{_name(param)} must be a finite number {_bounds(self)}, got {value}",
+                                   param=param)
+        return _check_range(self, rv, value, param)
 
 
 def positive(hi: float | None = None) -> FiniteFloat:
@@ -42,6 +74,10 @@ def unit_interval(hi_open: bool = False) -> FiniteFloat:
 
 class IntIn(click.IntRange):
     name = "integer"  # click's own says "'x' is not a valid integer range."
+
+    def convert(self, value, param, ctx):
+        rv = click.types.IntParamType.convert(self, value, param, ctx)
+        return _check_range(self, rv, value, param)
 
 
 def at_least(n: int, hi: int | None = None) -> IntIn:

@@ -146,8 +146,11 @@ def _number(key: str, value, kind=float) -> float:
 def _in(key: str, value, lo: float, hi: float, lo_open=False, hi_open=False, kind=float, why: str = "") -> None:
     v = _number(key, value, kind)
     if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise RecipeError(f"recipe {key} must lie in {interval}{why}, got {value!r}; fix --set {key}=...")
+        if math.isinf(hi):
+            where = f"be {'>' if lo_open else '>='} {lo:g}"
+        else:
+            where = f"lie in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise RecipeError(f"recipe {key} must {where}{why}, got {value!r}; fix --set {key}=...")
 
 
 def _pair(key: str, value, n: int = 2) -> tuple:

@@ -161,7 +161,7 @@ def test_stored_views_reproduce_the_teacher(tmp_path, data, tiny_teacher):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--views", "0"], "'--views': 0 is not in the range x>=1"),
+    (["--views", "0"], "--views must be >= 1"),
     (["--topk", "5"], "--topk 5 is more than the source's 3 classes"),
     (["--set", "colour=1"], "unknown recipe key 'colour'"),
 ])

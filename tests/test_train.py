@@ -249,10 +249,10 @@ def train_flags(tiny, out, *extra):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--clip-grad", "-1"], "'--clip-grad': -1.0 is not in the range x>0"),  # used to flip the gradient's sign
+    (["--clip-grad", "-1"], "--clip-grad must be > 0, got -1"),  # used to flip the gradient's sign
     (["--clip-grad", "0"], "--clip-grad"),
     (["--tau", "0", "--distillation", "soft"], "--tau"),
-    (["--lr", "nan"], "not a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
     (["--lr", "0"], "--lr"),
     (["--model-ema-decay", "1.5"], "--model-ema-decay"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"),

@@ -109,7 +109,7 @@ def test_foreign_source_and_other_teacher_are_one_line_errors(stores, tmp_path):
     (["--device", "bogus"], "'bogus' is not a device"),
     (["--batch-size", "0"], "--batch-size"),
     (["--n", "-1"], "--n"),
-    (["--atol", "nan"], "not a finite number"),
+    (["--atol", "nan"], "--atol must be a finite number"),
     (["--seed", "-1"], "--seed"),
 ])
 def test_bad_options_are_one_line(stores, flags, fragment):
