@@ -17,6 +17,18 @@ import sys
 
 import click
 
+from pipeline.options import (
+    MAX_EPOCHS,
+    MAX_WORKERS,
+    SEED,
+    OneLineGroup,
+    at_least,
+    check_device,
+    non_negative,
+    positive,
+    unit_interval,
+)
+
 
 class UsageError(ValueError):
     """A bad option combination caught before any work: exit code 2."""
@@ -40,15 +52,20 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def run_reporting_errors(fn, *args, **kwargs):
+RESUME_HINT = "nothing partial was marked complete, rerun the same command to resume"
+READ_ONLY_HINT = "the store was only read, nothing in it changed; fix the path or free space and run it again"
+
+
+def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, **kwargs):
     try:
         return fn(*args, **kwargs)
     except _input_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except OSError as e:  # disk full, unwritable output...: a runtime failure, still one line
-        click.echo(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or ''}); nothing partial was "
-                   "marked complete, rerun the same command to resume", err=True)
+        where = getattr(e, "filename", "") or ""
+        click.echo(f"error: {' '.join(str(e.strerror or e).split())}{f' ({where})' if where else ''}; "
+                   f"{os_error_hint}", err=True)
         sys.exit(1)
 
 
@@ -64,7 +81,7 @@ def _json_option(value: str | None, flag: str) -> dict:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Offline DeiT distillation: precompute the teacher once, train students in lockstep."""
 
@@ -75,32 +92,34 @@ def main():
 @click.option("--out", required=True, help="Label store to create or resume.")
 @click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
 @click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")
-@click.option("--views", default=300, show_default=True, type=int, help="Views per sample (epoch e uses e mod V).")
-@click.option("--topk", default=10, show_default=True, type=int, help="Soft labels: keep the teacher's top-k.")
+@click.option("--views", default=300, show_default=True, type=at_least(1, MAX_EPOCHS),
+              help="Views per sample (epoch e uses e mod V).")
+@click.option("--topk", default=10, show_default=True, type=at_least(1), help="Soft labels: keep the teacher's top-k.")
 @click.option("--hard", is_flag=True, help="Store only the teacher's argmax.")
-@click.option("--tau", "taus", multiple=True, type=float, metavar="T",
+@click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
               help="Soft labels: also store the tempered tail mass at temperature T (2 bytes/view each; "
                    "repeatable), which makes `train --tau T` targets exact in top-k weights and tail mass.")
 @click.option("--recipe", default="deit", show_default=True, help="Augmentation preset: deit or crop-flip.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--input-size", default=None, type=int, help="View size in pixels [recipe: 224].")
-@click.option("--repeats", default=None, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--input-size", default=None, type=at_least(1), help="View size in pixels [recipe: 224].")
+@click.option("--repeats", default=None, type=at_least(1),
               help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
-@click.option("--shard-size", default=1024, show_default=True, type=int,
+@click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
               help="Virtual shard size (ImageFolder, re-cut WebDataset).")
 @click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
               help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
                    "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
-@click.option("--views-per-unit", default=10, show_default=True, type=int, help="Views per work unit.")
-@click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option("--workers", default=8, show_default=True, type=int, help="DataLoader workers rendering views.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--views-per-unit", default=10, show_default=True, type=at_least(1), help="Views per work unit.")
+@click.option("--batch-size", default=256, show_default=True, type=at_least(1))
+@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
+              help="DataLoader workers rendering views.")
+@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--format", "backend", default="zarr", show_default=True, type=click.Choice(["zarr", "wds"]))
 @click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model for the teacher.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA).")
-@click.option("--rank", default=None, type=int, help="This process's rank (else RANK or SLURM_PROCID).")
-@click.option("--world-size", default=None, type=int, help="Fleet size (else WORLD_SIZE or SLURM_NTASKS).")
+@click.option("--rank", default=None, type=at_least(0), help="This process's rank (else RANK or SLURM_PROCID).")
+@click.option("--world-size", default=None, type=at_least(1), help="Fleet size (else WORLD_SIZE or SLURM_NTASKS).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
 def precompute(**kw):
     """Run the teacher over every view and store its labels (resumable; a fleet under torchrun)."""
@@ -123,7 +142,7 @@ def _report_inspect_errors(fn):
     from pipeline.inspect import InspectError
 
     try:
-        return run_reporting_errors(fn)
+        return run_reporting_errors(fn, os_error_hint=READ_ONLY_HINT)  # inspect/verify resume nothing
     except InspectError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -133,12 +152,12 @@ def _report_inspect_errors(fn):
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--sample", default=None, metavar="KEY_OR_INDEX", help="Show one sample's views: params and labels.")
-@click.option("--view", "views", multiple=True, type=int, help="View(s) to show (repeatable).")
+@click.option("--view", "views", multiple=True, type=at_least(0), help="View(s) to show (repeatable).")
 @click.option("--data", default=None, help="The source given to precompute (else the root the store recorded).")
 @click.option("--render", default=None, metavar="OUT.png", help="Write a contact sheet of replayed views.")
-@click.option("--count", default=16, show_default=True, type=int, help="Tiles on the contact sheet.")
+@click.option("--count", default=16, show_default=True, type=at_least(1), help="Tiles on the contact sheet.")
 @click.option("--export", default=None, metavar="OUT.parquet", help="Write one row per stored view.")
-@click.option("--sample-blocks", default=32, show_default=True, type=int,
+@click.option("--sample-blocks", default=32, show_default=True, type=at_least(1),
               help="Summary: random (view, shard) blocks read for the label statistics.")
 def inspect(store, as_json, sample, views, data, render, count, export, sample_blocks):
     """Summarise a label store, show one sample, render a contact sheet, or export a table."""
@@ -176,13 +195,14 @@ def _plain(obj):
 @click.argument("store")
 @click.option("--data", required=True, help="The source given to precompute.")
 @click.option("--teacher-weights", default=None, help="The teacher's weights file (else the path the store recorded).")
-@click.option("--n", "n", default=64, show_default=True, type=int, help="Random stored views to recompute.")
+@click.option("--n", "n", default=64, show_default=True, type=at_least(0), help="Random stored views to recompute.")
 @click.option("--full", is_flag=True, help="Also check every chunk's checksum, shape and values.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Which random views are recomputed.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--atol", default=None, type=float, help="Log-prob tolerance beyond fp16 rounding [1e-3; 5e-2 on CUDA].")
-@click.option("--tau", "taus", multiple=True, type=float, metavar="T",
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Which random views are recomputed.")
+@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=at_least(1))
+@click.option("--atol", default=None, type=non_negative(),
+              help="Log-prob tolerance beyond fp16 rounding [1e-3; 5e-2 on CUDA].")
+@click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
               help="Also report how far the soft targets rebuilt at temperature T are from the teacher's full "
                    "softmax(z/T) on the recomputed views (total variation, KL); repeatable.")
 def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol, taus):
@@ -214,47 +234,49 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model (e.g. a tiny config).")
 @click.option("--distillation", default=None, type=click.Choice(["none", "hard", "soft"]),
               help="[default: hard with --labels, else none]")
-@click.option("--alpha", default=0.5, show_default=True, type=float, help="Weight of the distillation term.")
-@click.option("--tau", default=1.0, show_default=True, type=float, help="Soft distillation temperature.")
+@click.option("--alpha", default=0.5, show_default=True, type=unit_interval(), help="Weight of the distillation term.")
+@click.option("--tau", default=1.0, show_default=True, type=positive(), help="Soft distillation temperature.")
 @click.option("--kd-reduction", default="batchmean", show_default=True, type=click.Choice(["batchmean", "deit"]),
               help="batchmean: the true KL; deit: the official repo's numel scaling.")
-@click.option("--epochs", default=300, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int, help="Per process.")
-@click.option("--lr", default=5e-4, show_default=True, type=float, help="For a global batch of 512 (scaled).")
-@click.option("--min-lr", default=1e-5, show_default=True, type=float)
-@click.option("--warmup-lr", default=1e-6, show_default=True, type=float)
-@click.option("--warmup-epochs", default=5, show_default=True, type=int)
-@click.option("--weight-decay", default=0.05, show_default=True, type=float)
-@click.option("--drop-path", default=0.1, show_default=True, type=float)
-@click.option("--clip-grad", default=None, type=float, help="Clip the gradient norm to this.")
+@click.option("--epochs", default=300, show_default=True, type=at_least(1, MAX_EPOCHS))
+@click.option("--batch-size", default=64, show_default=True, type=at_least(1), help="Per process.")
+@click.option("--lr", default=5e-4, show_default=True, type=positive(), help="For a global batch of 512 (scaled).")
+@click.option("--min-lr", default=1e-5, show_default=True, type=non_negative())
+@click.option("--warmup-lr", default=1e-6, show_default=True, type=non_negative())
+@click.option("--warmup-epochs", default=5, show_default=True, type=at_least(0, MAX_EPOCHS))
+@click.option("--weight-decay", default=0.05, show_default=True, type=non_negative())
+@click.option("--drop-path", default=0.1, show_default=True, type=unit_interval(hi_open=True))
+@click.option("--clip-grad", default=None, type=positive(), help="Clip the gradient norm to this.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Keep timm's EMA of the weights.")
-@click.option("--model-ema-decay", default=0.99996, show_default=True, type=float)
+@click.option("--model-ema-decay", default=0.99996, show_default=True, type=unit_interval())
 @click.option("--val", default=None, help="Validation source, evaluated each epoch (resize, centre crop).")
-@click.option("--eval-batch-size", default=None, type=int, help="[default: 2 x --batch-size]")
-@click.option("--workers", default=8, show_default=True, type=int, help="DataLoader workers rendering views.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--eval-batch-size", default=None, type=at_least(1), help="[default: 2 x --batch-size]")
+@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
+              help="DataLoader workers rendering views.")
+@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
 @click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pth (its settings win).")
 @click.option("--recipe", default=None, help="Without --labels: augmentation preset [deit].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Without --labels: recipe override.")
-@click.option("--seed", default=None, type=int, help="Without --labels: view seed [0].")
-@click.option("--input-size", default=None, type=int, help="Without --labels: view size [recipe: 224].")
-@click.option("--repeats", default=None, type=int,
+@click.option("--seed", default=None, type=SEED, help="Without --labels: view seed [0].")
+@click.option("--input-size", default=None, type=at_least(1), help="Without --labels: view size [recipe: 224].")
+@click.option("--repeats", default=None, type=at_least(1),
               help="Repeated augmentation R [recipe: 3]; with --labels it must be the store's.")
 @click.option("--finetune", default=None, metavar="CKPT",
               help="Start from a checkpoint's weights (ours or timm/DeiT) at the store's input size and classes "
                    "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "
                    "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
                    "scaled lr (flat), 1e-8, 0.")
-@click.option("--shard-size", default=1024, show_default=True, type=int,
+@click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
               help="Virtual shard size (ImageFolder, re-cut WebDataset).")
 @click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
               help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
                    "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
-@click.option("--log-every", default=50, show_default=True, type=int, help="Progress bar update, in steps.")
-@click.option("--max-steps-per-epoch", default=None, type=int, help="Cap every epoch at N steps (smoke runs).")
-@click.option("--stop-after-epochs", default=None, type=int, help="End this run after N epochs; --resume goes on.")
+@click.option("--log-every", default=50, show_default=True, type=at_least(1), help="Progress bar update, in steps.")
+@click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
+@click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
+              help="End this run after N epochs; --resume goes on.")
 def train(**kw):
     """Train a student from stored teacher labels, replaying the stored views (DDP under torchrun)."""
     from student.train import TrainConfig
@@ -324,7 +346,8 @@ def plot(runs, out, title):
 @main.command()
 @click.option("--quick", is_flag=True, help="A smaller run (under 3 minutes on 2 CPU cores).")
 @click.option("--out", default="demo-out", show_default=True, help="Directory for shards, runs, store, plot.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (a GPU runs a larger demo).")
+@click.option("--device", default="auto", show_default=True, callback=check_device,
+              help="auto, cpu, cuda (a GPU runs a larger demo).")
 def demo(quick, out, device):
     """Fashion-MNIST end to end: shards, ConvNet teacher, precompute, DeiT students with and without distillation."""
     from student.demo import DemoError, run_demo

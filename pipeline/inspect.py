@@ -89,18 +89,35 @@ def source_manifest(reader, data: str | None) -> Manifest:
     return m.with_checksums_of(stored)  # every read checks the bytes precompute labelled
 
 
-def load_image(manifest: Manifest, shard: int, position: int, data: str | None):
+def load_image(manifest: Manifest, shard: int, position: int, data: str | None, flagged=lambda: False):
+    """The decoded image; an InspectError whose fix fits the case: the store flagged the image
+    undecodable at precompute (``flagged()``: nothing to show), the file changed since (restore it),
+    or the recorded root no longer holds the source (pass --data)."""
     sample = manifest.read_sample(shard, position)  # SourceChanged: one line of its own, not "cannot decode"
     try:
         return decode_image(sample.data)
     except SourceError:
         raise
     except Exception as e:
-        where = "--data" if data else f"the recorded source root {manifest.root}"
-        raise InspectError(
-            f"cannot decode sample {sample.key!r} from {where} ({type(e).__name__}); "
-            "pass --data SRC pointing at the source given to precompute"
-        ) from None
+        why = type(e).__name__
+        if flagged():
+            msg = (f"sample {sample.key!r} is undecodable ({why}), as it was at precompute: the store flags its "
+                   "views invalid and train skips them, so there is nothing to show; pick another sample")
+        elif data:
+            msg = (f"sample {sample.key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
+                   "the file was changed or damaged since; restore it from the source given to precompute")
+        else:
+            msg = (f"cannot decode sample {sample.key!r} from the recorded source root {manifest.root} ({why}); "
+                   "pass --data SRC pointing at the source given to precompute")
+        raise InspectError(msg) from None
+
+
+def _decodes(manifest: Manifest, shard: int, position: int) -> bool:
+    try:
+        decode_image(manifest.read_sample(shard, position).data)
+        return True
+    except Exception:  # noqa: BLE001 - any undecodable image
+        return False
 
 
 # ---- summary -------------------------------------------------------------------------------
@@ -463,7 +480,6 @@ def describe_sample(reader, key_or_index: str, views=(), data: str | None = None
     names = class_names(spec)
     labels = manifest.labels(shard)
     keys = manifest.keys(shard)
-    img = load_image(manifest, shard, position, data)
     renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
     n = spec.shard_sizes[shard]
     done = set(reader.completed_units())
@@ -474,6 +490,17 @@ def describe_sample(reader, key_or_index: str, views=(), data: str | None = None
         raise InspectError(f"sample {key!r} is in none of views {list(asked)}: repeated augmentation "
                            f"(repeats={renderer.recipe.repeats}) shows a sample in about 1/repeats of the views; "
                            "ask for more with --view")
+
+    def flagged() -> bool:
+        """Precompute could not decode this image either: a view of it is flagged while its partner decodes."""
+        for view, slot in visits:
+            if (shard, spec.block_of(view)) in done and reader.read_slot(view, shard, slot).valid[0] == INVALID:
+                other = renderer.plan(spec.seed, view, shard, n)[slot].partner_position
+                if other is None or _decodes(manifest, shard, other):
+                    return True
+        return False
+
+    img = load_image(manifest, shard, position, data, flagged=flagged)
     for view, slot in visits:
         sv = renderer.plan(spec.seed, view, shard, n)[slot]
         params = renderer.slot_params(spec.seed, view, shard, slot, img.size)

@@ -8,6 +8,7 @@ views (``sample=``), or the first ``count`` slots of one view, shard by shard.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,15 +77,19 @@ def _tile(reader, renderer, manifest, data, view, shard, slot, names, done, cach
     n = spec.shard_sizes[shard]
     plan = cache.setdefault((view, shard), renderer.plan(spec.seed, view, shard, n))
     sv = plan[slot]
+    labels, keys = manifest.labels(shard), manifest.keys(shard)
+    lab = reader.read_slot(view, shard, slot) if (shard, spec.block_of(view)) in done else None
+    partner_gt = names[labels[sv.partner_position]] if sv.partner_position is not None else None
+    caption = _caption(keys[sv.position], names[labels[sv.position]], sv, partner_gt, lab, names, view)
+    if lab is not None and lab.valid[0] == INVALID:
+        # precompute could not decode this view's image (or its partner's): a grey tile, captioned INVALID
+        size = renderer.recipe.input_size
+        return Tile(view, shard, slot, np.full((size, size, 3), 128, np.uint8), caption)
     img = load_image(manifest, shard, sv.position, data)
     partner = None
     if sv.partner_position is not None and sv.mix.mode != "none":
         partner = load_image(manifest, shard, sv.partner_position, data)
     x = renderer.render_slot(spec.seed, sv, img, partner)
-    labels, keys = manifest.labels(shard), manifest.keys(shard)
-    lab = reader.read_slot(view, shard, slot) if (shard, spec.block_of(view)) in done else None
-    partner_gt = names[labels[sv.partner_position]] if sv.partner_position is not None else None
-    caption = _caption(keys[sv.position], names[labels[sv.position]], sv, partner_gt, lab, names, view)
     return Tile(view, shard, slot, to_display(x, renderer.recipe.mean, renderer.recipe.std), caption)
 
 
@@ -161,6 +166,10 @@ def draw_sheet(tiles: list[Tile], columns: int | None = None) -> Image.Image:
 def render_sheet(reader, out: str, data: str | None, sample=None, views=(), count: int = 16) -> Sheet:
     if count < 1:
         raise InspectError(f"--count must be >= 1, got {count}")
+    ext = os.path.splitext(out)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:  # before any work, not PIL's KeyError after it
+        raise InspectError(f"--render {out}: Pillow writes no image format for the extension {ext or '(none)'!r}; "
+                           "name the file .png (or .jpg, .webp)")
     tiles = collect_tiles(reader, data, sample, views, count)
     sheet = draw_sheet(tiles)
     sheet.save(out, optimize=True)

@@ -291,7 +291,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     t0 = time.perf_counter()
     _check(cfg)
     rank, world = fleet_position(cfg.rank, cfg.world_size)
-    overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size else [])
+    overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size is not None else [])
     recipe = create_recipe(cfg.recipe, overrides)
     manifest = _index(cfg)
     if not cfg.hard and cfg.topk > manifest.num_classes:

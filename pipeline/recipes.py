@@ -8,7 +8,9 @@ views rendered with exactly this recipe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 from dataclasses import dataclass
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -59,12 +61,13 @@ class Recipe:
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {unknown}; known keys: {', '.join(fields)}")
-        recipe = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-        if recipe.repeats < 1:
-            raise RecipeError(f"repeats must be >= 1 (1 turns repeated augmentation off), got {recipe.repeats}")
-        if recipe.input_size < 8:
-            raise RecipeError(f"input_size must be >= 8 pixels, got {recipe.input_size}")
-        return recipe
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(values.get("auto_augment"), str) and values["auto_augment"].strip().lower() in _AA_OFF:
+            values["auto_augment"] = None
+        return cls(**values)
+
+    def __post_init__(self):
+        check_recipe(self)  # every way of making a recipe (preset, --set, a store's JSON) is checked here
 
     @property
     def mixes(self) -> bool:
@@ -106,7 +109,7 @@ def _coerce(key: str, value, default):
     """Parse a string override into the type of the preset's value."""
     if not isinstance(value, str):
         return value
-    if value.lower() in ("none", "null", "off") and key == "auto_augment":
+    if value.strip().lower() in _AA_OFF and key == "auto_augment":
         return None
     try:
         if isinstance(default, bool):
@@ -123,3 +126,107 @@ def _coerce(key: str, value, default):
     except ValueError:
         raise RecipeError(f"--set {key}={value}: expected {type(default).__name__} like {default}") from None
     return value
+
+
+# ---- ranges: a bad value is refused when the recipe is made, before any store or view exists ----
+_AA_OFF = ("", "none", "null", "off")
+MAX_INPUT_SIZE = 4096   # a view is 3 x size^2 float32: 4096 px is 200 MB per view already
+MAX_RE_COUNT = 64       # erasing boxes per view (timm's default is 1)
+
+
+def _number(key: str, value, kind=float) -> float:
+    """A finite number of the field's type (an int field takes ints only; bools are not numbers)."""
+    ok_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+        raise RecipeError(f"recipe {key} must be a finite {'integer' if kind is int else 'number'}, got {value!r}; "
+                          f"fix --set {key}=...")
+    return value
+
+
+def _in(key: str, value, lo: float, hi: float, lo_open=False, hi_open=False, kind=float, why: str = "") -> None:
+    v = _number(key, value, kind)
+    if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+        if math.isinf(hi):
+            where = f"be {'>' if lo_open else '>='} {lo:g}"
+        else:
+            where = f"lie in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise RecipeError(f"recipe {key} must {where}{why}, got {value!r}; fix --set {key}=...")
+
+
+def _pair(key: str, value, n: int = 2) -> tuple:
+    if not isinstance(value, tuple | list) or len(value) != n:
+        raise RecipeError(f"recipe {key} must be {n} numbers, got {value!r}; e.g. --set {key}="
+                          f"{','.join(['0.5'] * n)}")
+    return tuple(_number(key, v) for v in value)
+
+
+def _known_interpolations() -> tuple[str, ...]:
+    # views.py maps the name with both of timm's tables (torchvision for the crop, PIL for RandAugment)
+    from timm.data.transforms import _str_to_pil_interpolation, _str_to_torch_interpolation
+
+    return tuple(k for k in _str_to_torch_interpolation if k in _str_to_pil_interpolation)
+
+
+def check_recipe(r: Recipe) -> None:
+    """Every recipe value against its range; RecipeError (one line, the key and the fix) on the first bad one."""
+    if not isinstance(r.name, str):
+        raise RecipeError(f"recipe name must be a string, got {r.name!r}")
+    _in("input_size", r.input_size, 8, MAX_INPUT_SIZE, kind=int, why=" pixels")
+    lo, hi = _pair("scale", r.scale)
+    if not 0 < lo <= hi <= 1:
+        raise RecipeError(f"recipe scale must be (lo, hi) with 0 < lo <= hi <= 1 (crop area / image area), "
+                          f"got {list(r.scale)}; e.g. --set scale=0.08,1")
+    lo, hi = _pair("ratio", r.ratio)
+    if not 0 < lo <= hi:
+        raise RecipeError(f"recipe ratio must be (lo, hi) with 0 < lo <= hi (crop aspect ratio), got "
+                          f"{list(r.ratio)}; e.g. --set ratio=0.75,1.3333")
+    known = _known_interpolations()
+    if r.interpolation not in known:
+        raise RecipeError(f"recipe interpolation {r.interpolation!r} is not one timm knows; choose one of: "
+                          f"{', '.join(known)}")
+    _in("hflip", r.hflip, 0, 1, why=" (a probability)")
+    mean, std = _pair("mean", r.mean, 3), _pair("std", r.std, 3)
+    if not all(0 <= m <= 1 for m in mean):
+        raise RecipeError(f"recipe mean must be 3 values in [0, 1] (pixel means on a 0-1 scale), got {list(mean)}")
+    if not all(1e-3 <= s <= 1 for s in std):
+        raise RecipeError(f"recipe std must be 3 values in [0.001, 1] (pixel stds on a 0-1 scale), got {list(std)}")
+    _in("re_prob", r.re_prob, 0, 1, why=" (a probability)")
+    _in("re_count", r.re_count, 1, MAX_RE_COUNT, kind=int, why=" (erasing boxes per view)")
+    _in("re_min_area", r.re_min_area, 0, 1, lo_open=True, why=" (a fraction of the view)")
+    _in("re_max_area", r.re_max_area, r.re_min_area, 1, why=" (from re_min_area to the whole view)")
+    _in("re_min_aspect", r.re_min_aspect, 0, 1, lo_open=True, why=" (boxes take aspects from it to its inverse)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _in(key, getattr(r, key), 0, math.inf, hi_open=True, why=" (0 turns it off)")
+    for key in ("mix_prob", "switch_prob"):
+        _in(key, getattr(r, key), 0, 1, why=" (a probability)")
+    _in("label_smoothing", r.label_smoothing, 0, 1, hi_open=True)
+    _in("repeats", r.repeats, 1, math.inf, hi_open=True, kind=int, why=" (1 turns repeated augmentation off)")
+    _in("eval_crop_pct", r.eval_crop_pct, 0, 1, lo_open=True, why=" (the centre crop's share of the resized image)")
+    if r.auto_augment is not None:
+        _check_auto_augment(r.auto_augment, r.input_size, tuple(mean), r.interpolation)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_auto_augment(config: str, input_size: int, mean: tuple, interpolation: str) -> None:
+    """The string must be a RandAugment config timm parses, and every op it makes must apply:
+    each op is tried once at magnitude 0 and at its maximum, both signs, on a small image."""
+    fix = "e.g. rand-m9-mstd0.5-inc1 (DeiT's), or none to turn it off"
+    if not isinstance(config, str) or not config.startswith("rand"):
+        raise RecipeError(f"recipe auto_augment {config!r} is not a RandAugment config; {fix}")
+    from PIL import Image
+
+    from .views import Op, apply_augment_op, build_rand_augment
+
+    try:
+        ra = build_rand_augment(config, input_size, mean, interpolation)
+        if not 0 <= ra.num_layers <= len(ra.ops):
+            raise ValueError(f"n{ra.num_layers}: choose 0 to {len(ra.ops)} ops per view")
+        img = Image.new("RGB", (16, 16), (120, 60, 200))
+        for aug in ra.ops:
+            for magnitude in (0.0, float(aug.magnitude_max or 10.0)):
+                for sign in (1, -1):
+                    apply_augment_op(aug, img, Op(aug.name, magnitude, sign))
+    except Exception as e:  # noqa: BLE001 - timm asserts, raises KeyError/ValueError for bad strings
+        detail = " ".join(str(e).split())[:120] or type(e).__name__
+        raise RecipeError(f"recipe auto_augment {config!r} is not a RandAugment config timm can apply "
+                          f"({detail}); {fix}") from None

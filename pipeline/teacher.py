@@ -241,7 +241,11 @@ def create_teacher(
                 f"cannot fetch pretrained weights for {name} from the hub ({type(e).__name__}: "
                 f"{_one_line(e)}); pass a local file with --teacher-weights FILE"
             ) from e
-        raise
+        # timm's models assert or raise ValueError/RuntimeError on kwargs they take but cannot use
+        raise TeacherError(
+            f"timm cannot build {arch} with model_kwargs {model_kwargs} ({type(e).__name__}: "
+            f"{_one_line(e)}); fix --model-kwargs"
+        ) from e
 
     state = None
     if weights_file is not None and not local_pretrained:
@@ -362,9 +366,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
         raise TeacherError(
-            f"cannot read teacher weights {path} ({type(e).__name__}: {_one_line(e)}); "
+            f"cannot read teacher weights {path} ({type(e).__name__}: {load_error_cause(e)}); "
             "pass a .pth/.pt/.safetensors file holding a state_dict"
-        ) from e
+        ) from None
     state = _unwrap_state_dict(obj)
     if state is None:
         found = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
@@ -592,3 +596,15 @@ def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# The same as student/errors.py's (pipeline/ never imports student/, student/ never imports teacher).
+def load_error_cause(e: BaseException) -> str:
+    """Why torch.load (or safetensors) refused a file, in one line, without torch's advice to retry
+    with weights_only=False: that advice would run the file's code, which this tool never does."""
+    advice = ("weights_only", "trusted source", "documentation", "add_safe_globals", "safe_globals")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if not any(a in ln for a in advice)), type(e).__name__)
+    if "Weights only load failed" in str(e):
+        cause = f"it holds Python objects, not only tensors, and is never unpickled ({cause})"
+    return cause if len(cause) <= 200 else cause[:197] + "..."

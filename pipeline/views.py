@@ -231,10 +231,7 @@ class ViewRenderer:
     def _rand_augment(self):
         """timm's RandAugment, built with the hparams ``timm.data.create_transform`` uses."""
         r = self.recipe
-        hparams = dict(translate_const=int(r.input_size * 0.45),
-                       img_mean=tuple(min(255, round(255 * m)) for m in r.mean),
-                       interpolation=str_to_pil_interp(r.interpolation))
-        return rand_augment_transform(r.auto_augment, hparams)
+        return build_rand_augment(r.auto_augment, r.input_size, r.mean, r.interpolation)
 
     @cached_property
     def _ops_by_name(self):
@@ -342,13 +339,7 @@ class ViewRenderer:
         return x
 
     def _apply_op(self, img: Image.Image, op: Op) -> Image.Image:
-        aug = self._ops_by_name[op.name]
-        args = aug.level_fn(op.magnitude, aug.hparams) if aug.level_fn is not None else ()
-        args = _with_sign(aug.level_fn, args, op.sign)
-        if aug.aug_fn is posterize and args[0] <= 0:
-            # Pillow >= 13 refuses 0 bits; older Pillow (and timm's intent) gave a black image.
-            return Image.new(img.mode, img.size)
-        return aug.aug_fn(img, *args, **aug.kwargs)
+        return apply_augment_op(self._ops_by_name[op.name], img, op)
 
     def render_slot(self, seed: int, sv: SlotView, img: Image.Image, partner_img: Image.Image | None) -> torch.Tensor:
         """The final tensor the teacher labels and the student trains on, for one slot."""
@@ -375,6 +366,24 @@ class ViewRenderer:
         r = self.recipe
         return create_transform(r.input_size, is_training=False, interpolation=r.interpolation,
                                 mean=r.mean, std=r.std, crop_pct=r.eval_crop_pct)
+
+
+def build_rand_augment(config: str, input_size: int, mean, interpolation: str):
+    """timm's RandAugment for a config string, built with the hparams ``timm.data.create_transform`` uses."""
+    hparams = dict(translate_const=int(input_size * 0.45),
+                   img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                   interpolation=str_to_pil_interp(interpolation))
+    return rand_augment_transform(config, hparams)
+
+
+def apply_augment_op(aug, img: Image.Image, op: Op) -> Image.Image:
+    """One timm AugmentOp at our drawn magnitude and sign."""
+    args = aug.level_fn(op.magnitude, aug.hparams) if aug.level_fn is not None else ()
+    args = _with_sign(aug.level_fn, args, op.sign)
+    if aug.aug_fn is posterize and args[0] <= 0:
+        # Pillow >= 13 refuses 0 bits; older Pillow (and timm's intent) gave a black image.
+        return Image.new(img.mode, img.size)
+    return aug.aug_fn(img, *args, **aug.kwargs)
 
 
 def mix_pair(own: torch.Tensor, other: torch.Tensor, mix: MixParams) -> torch.Tensor:

@@ -176,7 +176,7 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
     and seed (taken from the store), views that still render the same. Raises TrainError.
 
     ``shards`` is the shard layout (``index_source``); with ``labels``, "auto" means the store's."""
-    overrides = list(overrides) + ([f"input_size={input_size}"] if input_size else [])
+    overrides = list(overrides) + ([f"input_size={input_size}"] if input_size is not None else [])
     overrides += [f"repeats={repeats}"] if repeats is not None else []  # --repeats R: recipe.repeats
     if labels is None:
         r = create_recipe(recipe or "deit", overrides)
@@ -275,7 +275,7 @@ def check_complete(data: TrainData, epochs: range) -> None:
     if data.reader is None or not len(epochs):
         return
     spec = data.reader.spec
-    views = sorted({e % spec.views for e in epochs})
+    views = sorted({e % spec.views for e in epochs[:spec.views]})  # V epochs already visit every view they can
     blocks = sorted({spec.block_of(v) for v in views})
     missing = [(s, b) for b in blocks for s in range(spec.num_shards) if not data.reader.is_complete(s, b)]
     if missing:

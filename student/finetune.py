@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from .errors import TrainError
+from .errors import TrainError, load_error_cause
 
 log = logging.getLogger("deit_lockstep.finetune")
 
@@ -104,8 +104,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
-        msg = " ".join(str(e).split())[:200]
-        raise TrainError(f"--finetune {path}: cannot read it ({type(e).__name__}: {msg})") from None
+        raise TrainError(f"--finetune {path}: cannot read it ({type(e).__name__}: {load_error_cause(e)}); pass a "
+                         "checkpoint holding tensors (a state_dict)") from None
     state = obj
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         state = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), Mapping)), None)

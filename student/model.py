@@ -9,9 +9,13 @@ and takes both loss terms on it.
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torch
 import torch.nn as nn
+
+from .errors import TrainError
 
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -54,16 +58,49 @@ def create_student(
         if value is None:
             continue
         if key in kwargs and kwargs[key] != value:
-            raise ValueError(
+            raise TrainError(
                 f"{key} given twice for {name}: {value} as an argument, {kwargs[key]} in model_kwargs"
             )
         kwargs[key] = value
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(near)}?" if near else "see timm.list_models() for names"
+        raise TrainError(f"unknown student --model {name!r}; {hint}")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm's models assert, raise TypeError/ValueError/RuntimeError on bad kwargs
+        raise TrainError(f"timm cannot build {name} with {model_kwargs or {}} ({type(e).__name__}: "
+                         f"{_one_line(e)}); fix --model-kwargs") from None
     if has_distillation_token(model):
         # Only affects train mode: there the model returns (cls, dist) for deit_loss; in eval
         # mode it still returns the two heads' average.
         model.set_distilled_training(True)
     return model
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@torch.no_grad()
+def check_views_fit(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> None:
+    """The student must take the views as they are: a ViT is built for one image size (img_size in
+    --model-kwargs), and any other mismatch shows up in one forward of one view, before training."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and not getattr(model, "dynamic_img_size", False) \
+            and tuple(img_size) != (input_size, input_size):
+        raise TrainError(f"the student is built for {img_size[0]}x{img_size[1]} px, the views are {input_size} px; "
+                         f"add \"img_size\": {input_size} to --model-kwargs")
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, input_size, input_size, device=device))
+    except Exception as e:  # noqa: BLE001 - any architecture's complaint, as one line
+        raise TrainError(f"the student cannot take {input_size} px views ({type(e).__name__}: {_one_line(e)}); "
+                         "fix --model/--model-kwargs") from None
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
-from .errors import TrainError
+from .errors import TrainError, load_error_cause
 from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
-from .model import _bare, create_student, eval_logits
+from .model import _bare, check_views_fit, create_student, eval_logits
 
 log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = "checkpoint.pth"
@@ -46,13 +46,6 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step",
 # them (and falls back to "model" when a run kept none: the entry is then None). Checkpoints written
 # before this held them under "ema", as ModelEmaV3's own state_dict ("module." prefixes); both resume.
 EMA_KEY, OLD_EMA_KEY = "state_dict_ema", "ema"
-
-
-def _first_line(e: Exception) -> str:
-    """The cause of a load error, without torch's advice to unpickle with weights_only=False."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    cause = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
-    return cause[:160]
 
 
 @dataclass
@@ -179,7 +172,7 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn, foreign or code-carrying file is never loaded: one line, not torch's advice
         raise TrainError(f"--resume: {path} is not a readable checkpoint of this tool ({type(e).__name__}: "
-                         f"{_first_line(e)}); restore it or delete it to start over") from None
+                         f"{load_error_cause(e)}); restore it or delete it to start over") from None
     lacks = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else sorted(CHECKPOINT_KEYS)
     if isinstance(ckpt, dict) and EMA_KEY not in ckpt and OLD_EMA_KEY not in ckpt:
         lacks.append(EMA_KEY)
@@ -297,6 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(data.seed)  # the same initial weights on every rank and for every world size
     model = create_student(cfg.model, num_classes=data.num_classes, model_kwargs=cfg.model_kwargs,
                            drop_path_rate=cfg.drop_path).to(d.device)
+    check_views_fit(model, data.recipe.input_size, d.device)
     finetuned = None
     if cfg.finetune and ckpt is None:  # a resumed fine-tune continues from its own checkpoint instead
         from .finetune import load_finetune
@@ -419,9 +413,10 @@ class Run:
                 out = net(x)
                 loss, parts = deit_loss(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
                                         kd_reduction=cfg.kd_reduction)
-            if not math.isfinite(parts["base"] + parts["kd"]):
-                raise FloatingPointError(f"loss is {parts} at epoch {epoch}, step {step}; "
-                                         "lower --lr or use --clip-grad")
+            if not math.isfinite(parts["base"] + parts["kd"]):  # diverged: one line, the fix, exit 2
+                bar.close()
+                raise TrainError(f"training diverged: the loss is {parts['base'] + parts['kd']} at epoch {epoch}, "
+                                 f"step {step}; lower --lr (it is {cfg.lr:g}) or set --clip-grad, with a new --out")
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.clip_grad:

@@ -273,3 +273,19 @@ def test_repeats_flag_sets_the_recipe_and_must_agree_with_the_store(ft, tmp_path
     r = cli("precompute", "--data", ft["data"], "--out", tmp_path / "bad", "--teacher", "resnet10t",
             "--teacher-weights", ft["weights"], "--repeats", 0)
     assert r.returncode == 2 and "repeats must be >= 1" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_code_carrying_checkpoint_is_refused_naming_the_cause_not_torchs_advice(tmp_path):
+    from student.errors import TrainError
+    from student.finetune import read_state_dict
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"model": RunsCode()}, tmp_path / "crafted.pth")
+    with pytest.raises(TrainError) as e:
+        read_state_dict(str(tmp_path / "crafted.pth"))
+    msg = str(e.value)
+    assert not (tmp_path / "ran").exists() and "\n" not in msg
+    assert "never unpickled" in msg and "weights_only" not in msg and "Re-running" not in msg

@@ -259,3 +259,64 @@ def test_export_carries_whole_labels_nulls_on_invalid_views_and_hard_stores(stor
     assert run_cli("inspect", hard, "--export", tmp_path / "hard.parquet").exit_code == 0
     rows = pq.read_table(tmp_path / "hard.parquet").to_pylist()
     assert len(rows) == 20 and all(r["topk_ids"] == [r["top1"]] and r["topk_probs"] is None for r in rows)
+
+
+# ---- messages that fit the case -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flagged_store(tmp_path_factory):
+    """8 samples in one shard, s003 a zero-byte image: precompute flags its views (and its partners') invalid."""
+    from conftest import encode, make_image
+
+    from pipeline.sources import write_wds_shards
+
+    root = tmp_path_factory.mktemp("flagged")
+    samples = [(f"s{i:03d}", encode(make_image(i % 3, i)), "png", i % 3) for i in range(8)]
+    samples[3] = ("s003", b"", "png", 0)
+    write_wds_shards(samples, str(root / "bad"), per_shard=8)
+    torch.manual_seed(0)
+    weights = str(root / "teacher.pth")
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), weights)
+    run_precompute(PrecomputeConfig(
+        data=str(root / "bad"), out=str(root / "store"), teacher="resnet10t", teacher_weights=weights,
+        model_kwargs={"num_classes": 3}, views=2, views_per_unit=2, topk=3, input_size=32, batch_size=16,
+        workers=0, overrides=["repeats=1"], progress=False))
+    return {"data": str(root / "bad"), "store": str(root / "store")}
+
+
+def test_a_flagged_image_is_named_as_such_not_a_missing_data(flagged_store, tmp_path):
+    from cli_support import invoke, one_line_error
+
+    store, data = flagged_store["store"], flagged_store["data"]
+    for extra in ([], ["--data", data]):
+        line = one_line_error(invoke("inspect", store, "--sample", "s003", *extra), "s003", "undecodable",
+                              "as it was at precompute")
+        assert "pass --data" not in line
+    # the contact sheet shows the flagged views as grey INVALID tiles instead of failing
+    res = invoke("inspect", store, "--render", tmp_path / "sheet.png", "--data", data, "--count", "8")
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "sheet.png").size[0] > 0
+
+
+def test_a_file_damaged_after_precompute_says_so_when_data_is_passed(flagged_store, tmp_path):
+    from cli_support import invoke, one_line_error
+
+    data = tmp_path / "data"
+    shutil.copytree(flagged_store["data"], data)
+    shard = data / "shard-000000.tar"
+    blob = bytearray(shard.read_bytes())
+    start = blob.index(b"\x89PNG", blob.index(b"s005.png"))  # the PNG of s005, a decodable image
+    blob[start:start + 64] = bytes(64)
+    shard.write_bytes(bytes(blob))
+    line = one_line_error(invoke("inspect", flagged_store["store"], "--sample", "s005", "--data", data),
+                          "s005", "changed or damaged since", "restore it")
+    assert "pass --data" not in line
+
+
+def test_render_to_an_unknown_extension_and_export_into_a_directory_are_one_line(stores, tmp_path):
+    from cli_support import invoke, one_line_error
+
+    one_line_error(invoke("inspect", stores["zarr"], "--render", tmp_path / "x.xyz"), "'.xyz'", ".png")
+    assert not (tmp_path / "x.xyz").exists()
+    line = one_line_error(invoke("inspect", stores["zarr"], "--export", tmp_path), code=1)
+    assert "resume" not in line and "only read" in line
+    one_line_error(invoke("inspect", stores["zarr"], "--count", "0", "--render", tmp_path / "y.png"), "--count")

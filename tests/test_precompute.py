@@ -183,3 +183,50 @@ def test_a_different_teacher_cannot_resume_a_store(tmp_path, data, tiny_teacher)
     from storage import StoreMismatch
     with pytest.raises(StoreMismatch, match="teacher"):
         run_precompute(config(data, out, str(other), views=2))
+
+
+# ---- bad values are refused before any work: one line, exit 2, no store ------------------------
+def test_a_bad_recipe_value_is_refused_before_the_store_exists_and_the_fix_then_runs(tmp_path, data, tiny_teacher):
+    from cli_support import escaped, invoke, one_line_error
+
+    out = str(tmp_path / "store")
+    for bad, fragment in [("interpolation=foo", "interpolation 'foo'"), ("auto_augment=garbage", "auto_augment"),
+                          ("scale=2,1", "recipe scale"), ("ratio=0,0", "recipe ratio"), ("re_count=0", "re_count"),
+                          ("std=0,0,0", "recipe std"), ("label_smoothing=1", "label_smoothing")]:
+        one_line_error(invoke("precompute", *cli_args(data, out, tiny_teacher, "--set", bad)), fragment)
+        assert not os.path.exists(out), bad  # nothing created: the corrected command is not "made with other settings"
+    res = invoke("precompute", *cli_args(data, out, tiny_teacher, "--views", "2"))
+    assert res.exit_code == 0 and escaped(res) is None, res.output
+    assert open_store(out).spec.recipe["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--device", "bogus"], "'bogus' is not a device"),
+    (["--input-size", "0"], "--input-size"),     # used to mean 224, silently
+    (["--views", "0"], "--views"),
+    (["--workers", "-1"], "--workers"),
+    (["--seed", "-3"], "--seed"),
+    (["--rank", "-1"], "--rank"),
+])
+def test_bad_options_are_one_line_errors_before_any_work(tmp_path, data, tiny_teacher, flags, fragment):
+    from cli_support import invoke, one_line_error
+
+    out = str(tmp_path / "store")
+    one_line_error(invoke("precompute", *cli_args(data, out, tiny_teacher, *flags)), fragment)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, data, tiny_teacher):
+    from cli_support import invoke, one_line_error
+
+    one_line_error(invoke("precompute", *cli_args(data, str(tmp_path / "s"), tiny_teacher, "--device", "cuda")),
+                   "no CUDA GPU is visible", "--device cpu")
+
+
+def test_teacher_kwargs_timm_cannot_build_are_one_line(tmp_path, data):
+    from cli_support import invoke, one_line_error
+
+    one_line_error(invoke("precompute", "--data", data, "--out", tmp_path / "s", "--teacher", "vit_tiny_patch16_224",
+                          "--hard", "--workers", "0", "--model-kwargs", '{"num_classes": 3, "embed_dim": 10}'),
+                   "timm cannot build vit_tiny_patch16_224", "--model-kwargs")

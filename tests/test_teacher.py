@@ -224,6 +224,26 @@ def test_unreadable_file(tmp_path, filename):
     assert "cannot read teacher weights" in _one_line_error(e)
 
 
+class _RunsCode:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def test_code_carrying_weights_are_refused_naming_the_cause_not_torchs_advice(tmp_path):
+    """torch's message advises retrying with weights_only=False, which would run the file's code."""
+    marker = tmp_path / "ran"
+    torch.save({"model": _RunsCode(f"touch {marker}")}, tmp_path / "crafted.pth")
+    with pytest.raises(TeacherError) as e:
+        create_teacher("resnet10t", weights=tmp_path / "crafted.pth")
+    msg = _one_line_error(e)
+    assert not marker.exists()
+    assert "cannot read teacher weights" in msg and "never unpickled" in msg and "GLOBAL" in msg
+    assert "weights_only" not in msg and "Re-running" not in msg and "trusted source" not in msg
+
+
 def test_file_without_state_dict(tmp_path):
     path = _save(tmp_path / "opt.pth", {"optimizer": {"lr": 0.1}, "epoch": 3})
     with pytest.raises(TeacherError) as e:

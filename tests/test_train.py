@@ -265,8 +265,64 @@ def test_resume_loads_a_checkpoint_as_data_only_and_refuses_code_or_a_bare_state
     assert not marker.exists(), "unpickling the checkpoint ran its code"
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "not a readable checkpoint" in r.stderr and "weights_only=False" not in r.stderr
+    assert "weights_only" not in r.stderr and "Re-running" not in r.stderr  # never torch's advice to unpickle code
 
     torch.save({"pos_embed": torch.zeros(1, 3, 4)}, run / "checkpoint.pth")  # a bare state_dict
     r = cli("cli.py", "train", *flags)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "not a checkpoint written by `cli.py train`" in r.stderr and "config" in r.stderr
+
+
+# ---- bad values: one line, exit 2, before the first step ----------------------------------------
+def train_flags(tiny, out, *extra):
+    return ["train", "--data", tiny["data"], "--labels", tiny["store"], "--out", out, "--model", MODEL,
+            "--model-kwargs", json.dumps(TINY), "--epochs", "1", "--batch-size", "8", "--workers", "0", *extra]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--clip-grad", "-1"], "--clip-grad must be > 0, got -1"),  # used to flip the gradient's sign
+    (["--clip-grad", "0"], "--clip-grad"),
+    (["--tau", "0", "--distillation", "soft"], "--tau"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "0"], "--lr"),
+    (["--model-ema-decay", "1.5"], "--model-ema-decay"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--drop-path", "1"], "--drop-path"),
+    (["--workers", "-2"], "--workers"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"),
+    (["--alpha", "inf"], "--alpha"),
+    (["--device", "bogus"], "'bogus' is not a device"),
+    (["--model", "deit_tiny_distiled_patch16_224"], "unknown student --model"),
+    (["--model-kwargs", json.dumps({**TINY, "img_size": 48})], 'add "img_size": 32 to --model-kwargs'),
+    (["--model-kwargs", json.dumps({**TINY, "num_heads": 3})], "timm cannot build"),
+])
+def test_bad_values_are_one_line_before_the_first_step(tiny, tmp_path, flags, fragment):
+    from cli_support import invoke, one_line_error
+
+    out = tmp_path / "run"
+    one_line_error(invoke(*train_flags(tiny, str(out), *flags)), fragment)
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_clip_grad_clips_by_norm(tiny, tmp_path):
+    """A positive --clip-grad still trains (a negative one is refused above)."""
+    from cli_support import invoke
+
+    res = invoke(*train_flags(tiny, str(tmp_path / "c"), "--clip-grad", "0.5", "--max-steps-per-epoch", "1"))
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tiny, tmp_path):
+    from cli_support import invoke, one_line_error
+
+    one_line_error(invoke(*train_flags(tiny, str(tmp_path / "r"), "--device", "cuda")), "no CUDA GPU is visible")
+
+
+def test_a_diverging_loss_is_one_line_advising_a_lower_lr(tiny, tmp_path):
+    from cli_support import invoke, one_line_error
+
+    line = one_line_error(invoke(*train_flags(tiny, str(tmp_path / "r"), "--lr", "1e30", "--warmup-epochs", "0")),
+                          "training diverged", "lower --lr")
+    assert "nan" in line or "inf" in line

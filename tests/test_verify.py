@@ -103,3 +103,23 @@ def test_foreign_source_and_other_teacher_are_one_line_errors(stores, tmp_path):
     res = verify(stores["zarr"], "--data", stores["data"], "--teacher-weights", path)
     assert res.exit_code == 2 and "is not the store's teacher" in res.output and "--teacher-weights" in res.output
     assert res.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--device", "bogus"], "'bogus' is not a device"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--n", "-1"], "--n"),
+    (["--atol", "nan"], "--atol must be a finite number"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_bad_options_are_one_line(stores, flags, fragment):
+    from cli_support import one_line_error
+
+    one_line_error(verify(stores["zarr"], "--data", stores["data"], *flags), fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(stores):
+    from cli_support import one_line_error
+
+    one_line_error(verify(stores["zarr"], "--data", stores["data"], "--device", "cuda"), "no CUDA GPU is visible")

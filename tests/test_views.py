@@ -3,6 +3,7 @@
 import hashlib
 import math
 import random
+import re
 import subprocess
 import sys
 
@@ -325,3 +326,38 @@ def test_batched_targets_are_the_same_bytes_as_one_by_one():
             one = mixed_target(int(labels[i]), None if partners[i] < 0 else int(partners[i]), mix, num_classes,
                                smoothing)
             assert one.numpy().tobytes() == batch[i].tobytes(), i
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("scale=2,1", "recipe scale"), ("scale=0,1", "recipe scale"), ("scale=0.5,0.2", "recipe scale"),
+    ("ratio=0,0", "recipe ratio"), ("ratio=2,1", "recipe ratio"), ("ratio=nan,1", "finite"),
+    ("interpolation=foo", "interpolation 'foo'"), ("interpolation=random", "interpolation 'random'"),
+    ("auto_augment=garbage", "auto_augment 'garbage'"), ("auto_augment=rand-x9", "auto_augment"),
+    ("auto_augment=rand-n99", "choose 0 to"),
+    ("hflip=1.5", "hflip"), ("hflip=-0.1", "hflip"), ("re_prob=2", "re_prob"), ("re_count=0", "re_count"),
+    ("re_min_area=0", "re_min_area"), ("re_max_area=0.01", "re_max_area"), ("re_max_area=1.5", "re_max_area"),
+    ("re_min_aspect=0", "re_min_aspect"), ("re_min_aspect=3", "re_min_aspect"),
+    ("mixup_alpha=-1", "mixup_alpha"), ("cutmix_alpha=inf", "cutmix_alpha"), ("mix_prob=1.1", "mix_prob"),
+    ("switch_prob=-1", "switch_prob"), ("label_smoothing=1", "label_smoothing"),
+    ("label_smoothing=-0.1", "label_smoothing"), ("mean=0.5,0.5", "mean"), ("mean=2,0,0", "recipe mean"),
+    ("std=0,1,1", "recipe std"), ("std=nan,1,1", "finite"), ("input_size=0", "input_size"),
+    ("input_size=7", "input_size"), ("repeats=0", "repeats"), ("eval_crop_pct=0", "eval_crop_pct"),
+    ("eval_crop_pct=1.2", "eval_crop_pct"),
+])
+def test_every_recipe_value_is_checked_against_its_range(override, fragment):
+    with pytest.raises(RecipeError, match=re.escape(fragment)) as e:
+        create_recipe("deit", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_boundaries_are_accepted_and_a_stored_bad_recipe_is_refused():
+    r = create_recipe("deit", ["scale=1,1", "ratio=1,1", "hflip=1", "re_prob=0", "label_smoothing=0",
+                               "mixup_alpha=0", "cutmix_alpha=0", "eval_crop_pct=1", "input_size=8",
+                               "auto_augment=rand-n0", "interpolation=nearest", "re_max_area=1"])
+    assert r.scale == (1.0, 1.0) and r.auto_augment == "rand-n0" and not r.mixes
+    assert create_recipe("deit", ["auto_augment="]).auto_augment is None
+    d = create_recipe("deit").to_dict()
+    with pytest.raises(RecipeError, match="recipe scale"):
+        type(r).from_dict({**d, "scale": [2, 1]})          # e.g. a store.json edited by hand
+    with pytest.raises(RecipeError, match="integer"):
+        type(r).from_dict({**d, "re_count": 1.5})
