@@ -132,6 +132,9 @@ def _coerce(key: str, value, default):
 _AA_OFF = ("", "none", "null", "off")
 MAX_INPUT_SIZE = 4096   # a view is 3 x size^2 float32: 4096 px is 200 MB per view already
 MAX_RE_COUNT = 64       # erasing boxes per view (timm's default is 1)
+# Repeated augmentation lays R copies of R + 1 samples into an R * (R + 1)-slot window (views.ra_window):
+# the window grows as R squared, and past a few dozen copies a view is mostly repeats of few samples.
+MAX_REPEATS = 64
 
 
 def _number(key: str, value, kind=float) -> float:
@@ -200,7 +203,7 @@ def check_recipe(r: Recipe) -> None:
     for key in ("mix_prob", "switch_prob"):
         _in(key, getattr(r, key), 0, 1, why=" (a probability)")
     _in("label_smoothing", r.label_smoothing, 0, 1, hi_open=True)
-    _in("repeats", r.repeats, 1, math.inf, hi_open=True, kind=int, why=" (1 turns repeated augmentation off)")
+    _in("repeats", r.repeats, 1, MAX_REPEATS, kind=int, why=" (1 turns repeated augmentation off; DeiT uses 3)")
     _in("eval_crop_pct", r.eval_crop_pct, 0, 1, lo_open=True, why=" (the centre crop's share of the resized image)")
     if r.auto_augment is not None:
         _check_auto_augment(r.auto_augment, r.input_size, tuple(mean), r.interpolation)

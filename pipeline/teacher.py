@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.models import split_model_name_tag
 
+from storage.fsutil import load_error_cause
+
 __all__ = [
     "PYPI_EFFICIENTNET_LITE0",
     "Teacher",
@@ -596,15 +598,3 @@ def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-# The same as student/errors.py's (pipeline/ never imports student/, student/ never imports teacher).
-def load_error_cause(e: BaseException) -> str:
-    """Why torch.load (or safetensors) refused a file, in one line, without torch's advice to retry
-    with weights_only=False: that advice would run the file's code, which this tool never does."""
-    advice = ("weights_only", "trusted source", "documentation", "add_safe_globals", "safe_globals")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    cause = next((ln for ln in lines if not any(a in ln for a in advice)), type(e).__name__)
-    if "Weights only load failed" in str(e):
-        cause = f"it holds Python objects, not only tensors, and is never unpickled ({cause})"
-    return cause if len(cause) <= 200 else cause[:197] + "..."

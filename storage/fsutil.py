@@ -72,3 +72,15 @@ def read_if_exists(path: Path) -> bytes | None:
         return Path(path).read_bytes()
     except FileNotFoundError:
         return None
+
+
+def load_error_cause(e: BaseException) -> str:
+    """Why torch.load (or safetensors) refused a file, in one line, leaving out torch's advice to
+    retry with unpickling switched on: that would run the file's code, which this tool never does.
+    Shared by the teacher (pipeline/) and checkpoints (student/), which may not import each other."""
+    advice = ("weights_only", "trusted source", "documentation", "add_safe_globals", "safe_globals")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in lines if not any(a in ln for a in advice)), type(e).__name__)
+    if "Weights only load failed" in str(e):
+        cause = f"it holds Python objects, not only tensors, and is never unpickled ({cause})"
+    return cause if len(cause) <= 200 else cause[:197] + "..."

@@ -43,7 +43,9 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from .errors import TrainError, load_error_cause
+from storage.fsutil import load_error_cause
+
+from .errors import TrainError
 
 log = logging.getLogger("deit_lockstep.finetune")
 

@@ -32,9 +32,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from storage.fsutil import load_error_cause
+
 from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
-from .errors import TrainError, load_error_cause
+from .errors import TrainError
 from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
 from .model import _bare, check_views_fit, create_student, eval_logits
 

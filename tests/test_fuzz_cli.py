@@ -29,7 +29,7 @@ from conftest import make_image, write_wds
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline.recipes import Recipe, RecipeError, create_recipe
+from pipeline.recipes import MAX_REPEATS, Recipe, RecipeError, create_recipe
 from pipeline.views import ViewRenderer
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
@@ -152,9 +152,10 @@ def fresh(tiny, name: str) -> str:
 PRECOMPUTE = {
     "--views": ("int", ranged("int", 1, 10**6)), "--topk": ("int", ranged("int", 1, 3)),  # the source has 3 classes
     "--seed": ("int", ranged("int", 0, 2**63 - 1)), "--input-size": ("int", ranged("int", 8, 4096)),
-    "--repeats": ("int", ranged("int", 1)), "--shard-size": ("int", ranged("int", 1)),
+    "--repeats": ("int", ranged("int", 1, MAX_REPEATS)), "--shard-size": ("int", ranged("int", 1)),
     "--views-per-unit": ("int", ranged("int", 1)), "--batch-size": ("int", ranged("int", 1)),
     "--workers": ("int", ranged("int", 0, 1024)), "--rank": ("int", None), "--world-size": ("int", None),
+    "--tau": ("float", ranged("float", 0, lo_open=True)),
 }
 
 
@@ -308,7 +309,8 @@ def test_train_valid_values_train_for_real(tiny, lr, clip, alpha, tau, drop, dec
 
 # ---- verify, inspect, demo ---------------------------------------------------------------------
 VERIFY = {"--n": ("int", ranged("int", 0)), "--seed": ("int", ranged("int", 0, 2**63 - 1)),
-          "--batch-size": ("int", ranged("int", 1)), "--atol": ("float", ranged("float", 0))}
+          "--batch-size": ("int", ranged("int", 1)), "--atol": ("float", ranged("float", 0)),
+          "--tau": ("float", ranged("float", 0, lo_open=True))}
 
 
 @settings(max_examples=EXAMPLES["verify"])

@@ -341,8 +341,8 @@ def test_batched_targets_are_the_same_bytes_as_one_by_one():
     ("switch_prob=-1", "switch_prob"), ("label_smoothing=1", "label_smoothing"),
     ("label_smoothing=-0.1", "label_smoothing"), ("mean=0.5,0.5", "mean"), ("mean=2,0,0", "recipe mean"),
     ("std=0,1,1", "recipe std"), ("std=nan,1,1", "finite"), ("input_size=0", "input_size"),
-    ("input_size=7", "input_size"), ("repeats=0", "repeats"), ("eval_crop_pct=0", "eval_crop_pct"),
-    ("eval_crop_pct=1.2", "eval_crop_pct"),
+    ("input_size=7", "input_size"), ("repeats=0", "repeats"), ("repeats=65", "repeats"),
+    ("eval_crop_pct=0", "eval_crop_pct"), ("eval_crop_pct=1.2", "eval_crop_pct"),
 ])
 def test_every_recipe_value_is_checked_against_its_range(override, fragment):
     with pytest.raises(RecipeError, match=re.escape(fragment)) as e:
