@@ -307,8 +307,10 @@ def test_a_file_damaged_after_precompute_says_so_when_data_is_passed(flagged_sto
     start = blob.index(b"\x89PNG", blob.index(b"s005.png"))  # the PNG of s005, a decodable image
     blob[start:start + 64] = bytes(64)
     shard.write_bytes(bytes(blob))
+    # The manifest's crc32c catches the edit before decoding: "source changed", not store damage.
     line = one_line_error(invoke("inspect", flagged_store["store"], "--sample", "s005", "--data", data),
-                          "s005", "changed or damaged since", "restore it")
+                          "s005", "changed since it was indexed", "the label store is not damaged",
+                          "restore the original file")
     assert "pass --data" not in line
 
 
