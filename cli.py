@@ -81,6 +81,17 @@ def _json_option(value: str | None, flag: str) -> dict:
     return out
 
 
+
+def shard_layout_options(command):
+    """--shard-size and --shards: how a source is cut into shards; precompute and train must agree."""
+    layouts = click.Choice(["auto", "as-is", "shuffle"])  # pipeline.sources.SHARD_LAYOUTS, without importing it
+    command = click.option("--shards", default="auto", show_default=True, type=layouts,
+                           help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size "
+                                "(read by seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes "
+                                "than random ones.")(command)
+    return click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
+                        help="Virtual shard size (ImageFolder, re-cut WebDataset).")(command)
+
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Offline DeiT distillation: precompute the teacher once, train students in lockstep."""
@@ -105,11 +116,7 @@ def main():
 @click.option("--input-size", default=None, type=at_least(1), help="View size in pixels [recipe: 224].")
 @click.option("--repeats", default=None, type=at_least(1),
               help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
-@click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
-              help="Virtual shard size (ImageFolder, re-cut WebDataset).")
-@click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
-              help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
-                   "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
+@shard_layout_options
 @click.option("--views-per-unit", default=10, show_default=True, type=at_least(1), help="Views per work unit.")
 @click.option("--batch-size", default=256, show_default=True, type=at_least(1))
 @click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
@@ -268,11 +275,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
                    "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "
                    "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
                    "scaled lr (flat), 1e-8, 0.")
-@click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
-              help="Virtual shard size (ImageFolder, re-cut WebDataset).")
-@click.option("--shards", default="auto", show_default=True, type=click.Choice(["auto", "as-is", "shuffle"]),
-              help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by "
-                   "seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes than random ones.")
+@shard_layout_options
 @click.option("--log-every", default=50, show_default=True, type=at_least(1), help="Progress bar update, in steps.")
 @click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
 @click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
