@@ -162,3 +162,15 @@ def test_imagefolder_as_is_keeps_folder_order(tmp_path):
     m = index_source(root, shard_size=8, shards="as-is")
     assert m.layout == "as-is" and [len(set(m.labels(j).tolist())) for j in range(3)] == [1, 1, 1]
     assert m.fingerprint != index_source(root, shard_size=8).fingerprint
+
+
+def test_cli_shard_layouts_are_the_sources_own():
+    """cli.py spells the --shards choices out (it imports no data code to parse); they must be these."""
+    import click
+
+    import cli
+    from pipeline.sources import SHARD_LAYOUTS
+
+    for command in (cli.precompute, cli.train):
+        option = next(p for p in command.params if p.name == "shards")
+        assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == SHARD_LAYOUTS
