@@ -39,11 +39,11 @@ from storage import (
 from storage.base import library_versions
 from storage.soft import recorded_soft_error
 
-from .probes import probe_hashes
-from .recipes import create_recipe
-from .sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..probes import probe_hashes
+from ..recipes import create_recipe
+from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..views import ViewRenderer
 from .teacher import create_teacher
-from .views import ViewRenderer
 
 log = logging.getLogger("deit_lockstep.precompute")
 
