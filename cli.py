@@ -30,26 +30,12 @@ from pipeline.options import (
 )
 
 
-class UsageError(ValueError):
-    """A bad option combination caught before any work: exit code 2."""
-
-
 def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: printed as one line, exit code 2, no traceback."""
-    from pipeline.recipes import RecipeError
-    from pipeline.sources import SourceError
-    from pipeline.stage1.precompute import PrecomputeError
-    from pipeline.stage1.teacher import TeacherError
-    from storage import StoreError
+    """Errors that mean bad input: printed as one line, exit code 2, no traceback. Every error of ours
+    that a user can fix is a ``storage.errors.UserError``; the rest are the builtins a bad path raises."""
+    from storage.errors import UserError
 
-    errors = [UsageError, PrecomputeError, RecipeError, SourceError, TeacherError, StoreError, FileNotFoundError,
-              PermissionError, json.JSONDecodeError]
-    try:
-        from student.errors import TrainError
-        errors.append(TrainError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UserError, FileNotFoundError, PermissionError, json.JSONDecodeError)
 
 
 RESUME_HINT = "nothing partial was marked complete, rerun the same command to resume"
@@ -145,14 +131,8 @@ def precompute(**kw):
 
 # ---- look at and trust the labels -----------------------------------------------------------
 def _report_inspect_errors(fn):
-    """run_reporting_errors plus inspect/verify's own input errors (one line, exit 2)."""
-    from pipeline.tools.lookup import InspectError
-
-    try:
-        return run_reporting_errors(fn, os_error_hint=READ_ONLY_HINT)  # inspect/verify resume nothing
-    except InspectError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    """run_reporting_errors for commands that only read a store: an OSError changed nothing in it."""
+    return run_reporting_errors(fn, os_error_hint=READ_ONLY_HINT)
 
 
 @main.command()
@@ -334,7 +314,7 @@ def export(run, out, ema, config_path):
 @click.option("--title", default="", help="Figure title.")
 def plot(runs, out, title):
     """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
-    from student.curves import RunError, plot_run_dirs
+    from student.curves import plot_run_dirs
 
     try:
         import matplotlib  # noqa: F401
@@ -342,11 +322,7 @@ def plot(runs, out, title):
         click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
                    err=True)
         sys.exit(2)
-    try:
-        plot_run_dirs(list(runs), out, title)
-    except RunError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_reporting_errors(plot_run_dirs, list(runs), out, title)
     click.echo(f"wrote {out}: {len(runs)} run(s)")
 
 
@@ -358,13 +334,9 @@ def plot(runs, out, title):
               help="auto, cpu, cuda (a GPU runs a larger demo).")
 def demo(quick, out, device):
     """Fashion-MNIST end to end: shards, ConvNet teacher, precompute, DeiT students with and without distillation."""
-    from demo import DemoError, run_demo
+    from demo import run_demo
 
-    try:
-        run_demo(out=out, quick=quick, device=device)
-    except DemoError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_reporting_errors(run_demo, out=out, quick=quick, device=device)
 
 
 if __name__ == "__main__":

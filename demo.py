@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from storage.errors import UserError
+
 FASHION_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -42,7 +44,7 @@ CLI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli.py")
 RECIPE_SET = ["scale=0.35,1"]
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """A demo that cannot run (missing data, a failed stage): one line, cause and fix."""
 
 

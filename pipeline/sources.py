@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from PIL import Image
 
+from storage.errors import UserError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LABEL_EXT = ".cls"
 MANIFEST_VERSION = 2  # 2: size and crc32c of every sample; the shard layout (re-cut tars)
@@ -59,7 +61,7 @@ SKEW_THRESHOLD = 0.5
 log = logging.getLogger("deit_lockstep.sources")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """Bad input: the message is one line naming the path and the fix."""
 
 

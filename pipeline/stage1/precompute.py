@@ -37,6 +37,7 @@ from storage import (
     topk_logprobs,
 )
 from storage.base import library_versions
+from storage.errors import UserError
 from storage.soft import recorded_soft_error
 
 from ..probes import probe_hashes
@@ -48,7 +49,7 @@ from .teacher import create_teacher
 log = logging.getLogger("deit_lockstep.precompute")
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(UserError, ValueError):
     """Bad settings for a precompute run: one line, cause and fix."""
 
 

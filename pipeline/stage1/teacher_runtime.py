@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from storage.errors import UserError
 
-class TeacherError(Exception):
+
+class TeacherError(UserError):
     """A teacher that cannot be built as asked; the message is one line: cause, then fix."""
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from storage import Labels
+from storage.errors import UserError
 
 from ..sources import Manifest, SourceError, decode_image, index_source
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from ..views import ViewRenderer
 
 
-class InspectError(ValueError):
+class InspectError(UserError, ValueError):
     """A question inspect cannot answer as asked: one line, cause and fix."""
 
 
