@@ -28,6 +28,7 @@ from pipeline.options import (
     positive,
     unit_interval,
 )
+from storage.api import BACKENDS, DEFAULT_BACKEND  # already loaded by pipeline.options (storage.errors)
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
@@ -108,7 +109,8 @@ def main():
 @click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
               help="DataLoader workers rendering views.")
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
-@click.option("--format", "backend", default="zarr", show_default=True, type=click.Choice(["zarr", "wds"]))
+@click.option("--format", "backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(list(BACKENDS)),
+              help="Label store backend.")
 @click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model for the teacher.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA).")
 @click.option("--rank", default=None, type=at_least(0), help="This process's rank (else RANK or SLURM_PROCID).")

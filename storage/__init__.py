@@ -4,13 +4,14 @@ Two backends behind one interface: zarr v3 (default) and webdataset tars. See do
 "The label store".
 """
 
-from .api import BACKENDS, create_store, open_store
+from .api import BACKENDS, DEFAULT_BACKEND, create_store, open_store
 from .base import StoreReader, StoreWriter
 from .soft import hard_targets, soft_targets, tail_logsumexp, target_error, topk_logprobs
 from .spec import (
     INVALID,
     PADDING,
     WRITTEN,
+    Flags,
     Labels,
     Problem,
     StoreCorrupt,
@@ -22,9 +23,11 @@ from .spec import (
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKEND",
     "INVALID",
     "PADDING",
     "WRITTEN",
+    "Flags",
     "Labels",
     "Problem",
     "StoreCorrupt",

@@ -28,10 +28,13 @@ from .wds_backend import init_layout as _init_wds
 from .zarr_backend import ZarrReader, ZarrWriter
 from .zarr_backend import init_arrays as _init_zarr
 
+# The backend registry: name -> (writer class, reader class, layout initialiser). The CLI's --format
+# choices and the conformance tests are built from it, so a new backend is one entry here.
 BACKENDS = {
     "zarr": (ZarrWriter, ZarrReader, _init_zarr),
     "wds": (WdsWriter, WdsReader, _init_wds),
 }
+DEFAULT_BACKEND = "zarr"
 
 
 def _backend(name: str, path):
@@ -112,7 +115,7 @@ def create_store(
     path,
     spec: StoreSpec,
     *,
-    backend: str = "zarr",
+    backend: str = DEFAULT_BACKEND,
     manifest: bytes = b"",
     meta: dict | None = None,
     overwrite: bool = False,

@@ -7,8 +7,11 @@ Layout of a store directory (both backends):
     meta/<key>.json     set_meta(key, value): probes, versions, anything added after creation
     units/              one completion record per finished unit (the backend decides its form)
 
-A backend subclass implements how a unit's arrays are written and found again
-(_write_unit, _read_view_block, _unit_complete, _complete_units, _check_unit).
+A backend subclass implements how a unit's arrays are written and found again: the abstract
+methods below (_unit_complete, _complete_units; the writer's _write_unit, _retract; the reader's
+_read_view_block, _check_unit, _count_flags). Nothing outside storage/ knows a backend's files:
+adding a backend means a module here, an entry in api.BACKENDS, and its case in the conformance
+tests (tests/test_storage.py).
 
 store.json holds a ``generation``, a random id drawn when the store is created. A writer checks,
 before and after every commit, that store.json still holds the generation it opened: a store
@@ -30,7 +33,7 @@ import numpy as np
 
 from .encoding import decode_values, encode_values, pad_slots
 from .fsutil import atomic_write, read_if_exists
-from .spec import INVALID, WRITTEN, Labels, Problem, StoreError, StoreSpec
+from .spec import INVALID, WRITTEN, Flags, Labels, Problem, StoreError, StoreSpec
 
 FORMAT = "deit-lockstep-labels"
 # 2: repeated augmentation laid out in windows (views.slot_order), so slot -> sample differs from 1;
@@ -366,6 +369,20 @@ class StoreReader(_StoreBase):
                 out.append(Problem(unit, "tail_lse holds NaN or +inf"))
         return out
 
+    def count_flags(self, units=None) -> Flags:
+        """Written and invalid views over the given complete units (default: every complete unit).
+
+        Reads only the validity flags, the smallest array (one byte per view), so that counting
+        invalid views exactly stays cheap on a store of any size. A unit whose flags fail their
+        checksum, do not decode or are missing is named in ``unreadable`` and not counted.
+        """
+        units = self._complete_units() if units is None else set(units)
+        for shard, block in units:
+            self.spec.check_unit(shard, block)
+        flags = self._count_flags(set(units))
+        flags.unreadable.sort()
+        return flags
+
     def nbytes(self) -> int:
         """Bytes on disk under the store directory."""
         total = 0
@@ -386,3 +403,7 @@ class StoreReader(_StoreBase):
     @abstractmethod
     def _check_unit(self, shard, block, full) -> list[Problem]:
         """Each backend implements this."""
+
+    @abstractmethod
+    def _count_flags(self, units: set[tuple[int, int]]) -> Flags:
+        """Each backend implements this: count_flags over these (checked) units, reading the flags alone."""

@@ -219,3 +219,18 @@ class Problem:
     def __str__(self) -> str:
         where = "store" if self.unit is None else f"unit (shard={self.unit[0]}, view_block={self.unit[1]})"
         return f"{where}: {self.what}"
+
+
+@dataclass
+class Flags:
+    """What StoreReader.count_flags found: written and invalid views over the units it read, and the
+    units whose flags did not decode or failed their checksum (named, not counted)."""
+
+    written: int = 0
+    invalid: int = 0
+    unreadable: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, valid: np.ndarray) -> None:
+        counts = np.bincount(np.asarray(valid, np.uint8).ravel(), minlength=3)
+        self.written += int(counts[WRITTEN])
+        self.invalid += int(counts[INVALID])

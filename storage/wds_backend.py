@@ -29,7 +29,7 @@ from numcodecs import Blosc
 
 from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
 from .fsutil import atomic_write, read_if_exists
-from .spec import Problem, StoreCorrupt, StoreSpec
+from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 _BLOSC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
 
@@ -159,3 +159,19 @@ class WdsReader(_WdsMixin, StoreReader):
             return []
         return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
                                    arrays.get("tail_lse"))
+
+    def _count_flags(self, units):
+        out = Flags()
+        for shard, block in sorted(units):
+            key = unit_name(shard, block)
+            try:  # extract the header and the valid member only, never the labels
+                with tarfile.open(self._tar(shard, block), mode="r") as tar:
+                    header = json.loads(tar.extractfile(f"{key}.json").read())
+                    blob = tar.extractfile(f"{key}.valid.blosc").read()
+                info = header["arrays"]["valid"]
+                if crc32c.crc32c(blob) != info["crc32c"]:
+                    raise ValueError("valid checksum mismatch")
+                out.add(np.frombuffer(_BLOSC.decode(blob), dtype=info["dtype"]))
+            except Exception:
+                out.unreadable.append((shard, block))
+        return out

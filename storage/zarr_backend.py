@@ -27,7 +27,7 @@ import zarr.codecs as zc
 
 from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
 from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full
-from .spec import Problem, StoreCorrupt, StoreSpec
+from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 ARRAYS_DIR = "labels.zarr"
 
@@ -243,3 +243,26 @@ class ZarrReader(_ZarrMixin, StoreReader):
             return [Problem(unit, f"chunks do not decode ({type(e).__name__}); {fix}")]
         return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
                                    arrays.get("tail_lse"))
+
+    def _count_flags(self, units):
+        spec, out, arr = self.spec, Flags(), self._arrays["valid"]
+        for block in range(spec.num_blocks):
+            shards = [s for s in range(spec.num_shards) if (s, block) in units]
+            # zarr reads a missing chunk as zeros, which would count as neither written nor invalid
+            lost = [s for s in shards if not self._chunk_path("valid", s, block).exists()]
+            out.unreadable += [(s, block) for s in lost]
+            shards = [s for s in shards if s not in lost]
+            if not shards:
+                continue
+            vs = spec.block_views(block)
+            try:
+                flags = arr[vs.start:vs.stop]  # one read of the whole block: every shard's chunk at once
+            except Exception:  # a damaged chunk (crc32c mismatch, undecodable): shard by shard, to name it
+                for s in shards:
+                    try:
+                        out.add(arr[vs.start:vs.stop, s])
+                    except Exception:
+                        out.unreadable.append((s, block))
+                continue
+            out.add(flags[:, shards])
+        return out

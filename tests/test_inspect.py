@@ -19,9 +19,10 @@ from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from pipeline.tools.lookup import dominant_targets, stored_manifest
 from pipeline.tools.summary import summarize
 from pipeline.views import ViewRenderer, slot_order
+from storage import BACKENDS as _REGISTRY
 from storage import INVALID, WRITTEN, StoreSpec, create_store, open_store
 
-BACKENDS = ("zarr", "wds")
+BACKENDS = tuple(_REGISTRY)
 
 
 def make_stores(root) -> dict:

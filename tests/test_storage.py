@@ -16,6 +16,7 @@ import torch
 from test_storage_support import ROOT, snapshot, tiny_spec, unit_data, write_all
 
 from storage import (
+    BACKENDS,
     INVALID,
     WRITTEN,
     StoreError,
@@ -28,7 +29,6 @@ from storage import (
 )
 from storage.encoding import decode_values, encode_values
 
-BACKENDS = ["zarr", "wds"]
 SUPPORT = os.path.join(ROOT, "tests", "test_storage_support.py")
 
 
@@ -57,7 +57,7 @@ def _assert_same(labels, expected):
         assert labels.values.dtype == np.float16 and labels.values.tobytes() == values.tobytes()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=list(BACKENDS))
 def backend(request):
     return request.param
 
@@ -249,27 +249,31 @@ def test_writer_killed_at_random_moments_never_tears(tmp_path, backend):
                 _assert_same(r.read(v, shard), _expected(spec, v, shard, seed))
 
 
-def _damage(path, backend, unit, how):
-    """Flip one byte in, or drop, the ids data of one unit."""
+def _damage(path, backend, unit, how, array="ids"):
+    """Flip one byte in, or drop, one array's data (ids by default) of one unit.
+
+    The one place in the tests that knows each backend's files: a new backend adds its case here."""
     name = f"{unit[0]:06d}_{unit[1]:04d}"
     if backend == "zarr":
-        key = f"labels.zarr/ids/c/{unit[1]}/{unit[0]}/0/0"
+        key = f"labels.zarr/{array}/c/{unit[1]}/{unit[0]}/" + "/".join(["0"] * (2 if array == "ids" else 1))
         target = path / key
         if how == "drop":
             os.unlink(target)
             return
         offset = target.stat().st_size // 2
-    else:
+    elif backend == "wds":
         target = path / "units" / f"{name}.tar"
         with tarfile.open(target) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith(".ids.blosc"))
+            member = next(m for m in tar.getmembers() if m.name.endswith(f".{array}.blosc"))
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m is not member]
-        if how == "drop":  # rewrite the tar without the ids member: a lost chunk
+        if how == "drop":  # rewrite the tar without that member: a lost chunk
             with tarfile.open(target, "w") as tar:
                 for m, data in members:
                     tar.addfile(m, io.BytesIO(data))
             return
         offset = member.offset_data + member.size // 2
+    else:
+        raise AssertionError(f"_damage knows no files of backend {backend!r}: add them")
     data = bytearray(target.read_bytes())
     data[offset] ^= 0x10
     target.write_bytes(bytes(data))
@@ -289,6 +293,51 @@ def test_check_finds_damage_and_names_unit(tmp_path, backend, how):
     with pytest.raises(StoreError):  # reading the damaged unit fails loudly, never silently
         r.read(4, 1)
     r.read(4, 0)
+
+
+def _expected_flags(spec, units):
+    written = invalid = 0
+    for shard, block in units:
+        valid = unit_data(spec, shard, block)["valid"]
+        written, invalid = written + int((valid == WRITTEN).sum()), invalid + int((valid == INVALID).sum())
+    return written, invalid
+
+
+def test_count_flags_counts_exactly_from_the_flags_alone(tmp_path, backend):
+    spec = tiny_spec()
+    w = create_store(tmp_path / "s", spec, backend=backend)
+    write_all(w)
+    r = open_store(tmp_path / "s")
+    f = r.count_flags()
+    assert (f.written, f.invalid, f.unreadable) == (*_expected_flags(spec, spec.units()), [])
+    assert f.invalid > 0 and f.written > 0
+    some = [(0, 0), (2, 1), (1, 2)]
+    g = r.count_flags(some)
+    assert (g.written, g.invalid, g.unreadable) == (*_expected_flags(spec, some), [])
+    with pytest.raises(StoreError):
+        r.count_flags([(3, 0)])  # no shard 3
+
+
+@pytest.mark.parametrize("how", ["flip", "drop"])
+def test_count_flags_names_a_unit_whose_flags_are_damaged(tmp_path, backend, how):
+    """A flipped byte or a lost valid chunk/member: that unit is named unreadable, the others still count."""
+    spec = tiny_spec()
+    w = create_store(tmp_path / "s", spec, backend=backend)
+    write_all(w)
+    _damage(tmp_path / "s", backend, (1, 2), how, array="valid")
+    f = open_store(tmp_path / "s").count_flags()
+    rest = [u for u in spec.units() if u != (1, 2)]
+    assert (f.written, f.invalid, f.unreadable) == (*_expected_flags(spec, rest), [(1, 2)])
+
+
+def test_cli_format_choices_are_the_backend_registry():
+    import click
+
+    import cli
+
+    option = next(p for p in cli.precompute.params if p.name == "backend")
+    assert isinstance(option.type, click.Choice) and tuple(option.type.choices) == tuple(BACKENDS)
+    assert option.default in BACKENDS
 
 
 def test_wds_tar_is_a_webdataset_shard(tmp_path):
@@ -379,7 +428,7 @@ def test_all_zero_unit_is_written_whole(tmp_path, backend, mode):
     assert (r.read(0, 0).valid == WRITTEN).all()
 
 
-@pytest.mark.parametrize("backend", ["zarr", "wds"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_a_format_1_store_is_refused_with_one_line_to_recompute(tmp_path, backend):
     """Format 2 laid repeated augmentation out in windows: a format-1 store's labels sit at other slots."""
     import json

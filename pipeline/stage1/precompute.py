@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from storage import (
+    DEFAULT_BACKEND,
     INVALID,
     WRITTEN,
     StoreError,
@@ -73,7 +74,7 @@ class PrecomputeConfig:
     batch_size: int = 256
     workers: int = 8
     device: str = "auto"
-    backend: str = "zarr"
+    backend: str = DEFAULT_BACKEND
     model_kwargs: dict = field(default_factory=dict)
     compile: bool = False
     rank: int | None = None

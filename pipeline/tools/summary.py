@@ -17,8 +17,6 @@ import numpy as np
 
 from storage import WRITTEN, Labels, StoreCorrupt
 
-from .flags import count_flags
-
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     pass
 
@@ -161,7 +159,7 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
     t0 = time.perf_counter()
     spec = reader.spec
     done = set(reader.completed_units())
-    flags = count_flags(reader, done)
+    flags = reader.count_flags(done)
     meta = reader.meta
     s = Summary(
         path=str(reader.path), backend=reader.backend, mode=spec.mode, k=spec.k, num_classes=spec.num_classes,
