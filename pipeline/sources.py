@@ -654,20 +654,22 @@ def check_same_classes(train: Manifest, val: Manifest, *, val_src: str) -> None:
 
 def write_wds_shards(samples: list[tuple[str, bytes, str, int]], out_dir: str, *, per_shard: int,
                      prefix: str = "shard", class_names: list[str] | None = None) -> list[str]:
-    """Write (key, image bytes, image ext, label) samples as WebDataset tars; used by the demo and tests."""
+    """Write (key, image bytes, image ext, label) samples as WebDataset tars; used by the demo and tests.
+
+    Each file appears whole or not at all, and durably (storage.fsutil): a demo killed mid-write leaves
+    no torn shard for the next run to index."""
     import webdataset as wds
+
+    from storage.fsutil import atomic_file, atomic_write
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for start in range(0, len(samples), per_shard):
         path = os.path.join(out_dir, f"{prefix}-{start // per_shard:06d}.tar")
-        tmp = path + ".tmp"
-        with wds.TarWriter(tmp) as sink:
+        with atomic_file(path) as f, wds.TarWriter(f) as sink:
             for key, data, ext, label in samples[start:start + per_shard]:
                 sink.write({"__key__": key, ext: data, "cls": str(label).encode()})
-        os.replace(tmp, path)
         paths.append(path)
     if class_names is not None:
-        with open(os.path.join(out_dir, "classes.txt"), "w") as f:
-            f.write("\n".join(class_names) + "\n")
+        atomic_write(os.path.join(out_dir, "classes.txt"), ("\n".join(class_names) + "\n").encode())
     return paths

@@ -21,17 +21,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, then os.replace: readers see the old file or the whole new one, never a part.
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file to write that appears at path whole, or not at all: written under a temporary
+    name, fsynced, then os.replace'd (what atomic_write does, for writers that stream, such as
+    torch.save of a checkpoint too big to hold twice in memory).
 
     The temporary name is unique per call so that two processes writing the same file (two
-    fleets by mistake) never write into each other's temporary.
+    fleets by mistake) never write into each other's temporary. On any failure (an exception in
+    the body, a full disk, a failed rename) the temporary is removed and the old file stays.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +46,12 @@ def atomic_write(path: Path, data: bytes) -> None:
             raise disk_full(path) from None
         raise
     fsync_path(path.parent)  # make the rename itself durable
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, then os.replace: readers see the old file or the whole new one, never a part."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _mount_point(path: Path) -> str:
@@ -72,15 +82,3 @@ def read_if_exists(path: Path) -> bytes | None:
         return Path(path).read_bytes()
     except FileNotFoundError:
         return None
-
-
-def load_error_cause(e: BaseException) -> str:
-    """Why torch.load (or safetensors) refused a file, in one line, leaving out torch's advice to
-    retry with unpickling switched on: that would run the file's code, which this tool never does.
-    Shared by the teacher (pipeline/) and checkpoints (student/), which may not import each other."""
-    advice = ("weights_only", "trusted source", "documentation", "add_safe_globals", "safe_globals")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    cause = next((ln for ln in lines if not any(a in ln for a in advice)), type(e).__name__)
-    if "Weights only load failed" in str(e):
-        cause = f"it holds Python objects, not only tensors, and is never unpickled ({cause})"
-    return cause if len(cause) <= 200 else cause[:197] + "..."

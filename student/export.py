@@ -32,7 +32,8 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
+from storage import checkpoint
+from storage.checkpoint import TrainCheckpoint
 
 from .errors import TrainError
 
@@ -49,31 +50,24 @@ class Exported:
     num_classes: int
 
 
-def _read_checkpoint(run: str) -> dict:
-    from .train import CHECKPOINT, EMA_KEY, OLD_EMA_KEY
-
-    path = run if os.path.isfile(run) else os.path.join(run, CHECKPOINT)
+def _read_checkpoint(run: str) -> TrainCheckpoint:
+    path = run if os.path.isfile(run) else os.path.join(run, checkpoint.FILENAME)
     if not os.path.isfile(path):
-        raise TrainError(f"export: no {CHECKPOINT} in {run}; pass a run directory of `cli.py train`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        raise TrainError(f"export: {path} is not a readable checkpoint ({type(e).__name__}); "
-                         "pass a run directory of `cli.py train`") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise TrainError(f"export: no {checkpoint.FILENAME} in {run}; pass a run directory of `cli.py train`")
+    obj = checkpoint.load_data(path, context=f"export: {path} is not a readable checkpoint", error=TrainError,
+                               fix="pass a run directory of `cli.py train`")
+    if checkpoint.missing(obj, (checkpoint.MODEL, checkpoint.CONFIG)):
         raise TrainError(f"export: {path} is not a checkpoint written by `cli.py train` (no model and config)")
-    if ckpt.get(EMA_KEY) is None and ckpt.get(OLD_EMA_KEY) is not None:  # the layout before state_dict_ema
-        ckpt[EMA_KEY] = {k.removeprefix("module."): v for k, v in ckpt[OLD_EMA_KEY].items()}
-    return ckpt
+    return TrainCheckpoint.from_dict(obj, path)
 
 
-def _recipe_and_classes(ckpt: dict):
+def _recipe_and_classes(ckpt: TrainCheckpoint):
     """The run's recipe and class names: saved in the checkpoint, or (older runs) re-read from its store/source."""
     from pipeline.recipes import Recipe, create_recipe
 
-    cfg = ckpt["config"]
-    if ckpt.get("recipe") is not None and ckpt.get("class_names") is not None:
-        return Recipe.from_dict(ckpt["recipe"]), list(ckpt["class_names"])
+    cfg = ckpt.config
+    if ckpt.recipe is not None and ckpt.class_names is not None:
+        return Recipe.from_dict(ckpt.recipe), list(ckpt.class_names)
     try:
         if cfg.get("labels"):
             from pipeline.sources import Manifest
@@ -100,14 +94,12 @@ def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None 
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
-    from .train import EMA_KEY
-
     if not out.endswith(".safetensors"):
         raise TrainError(f"export: --out {out} must end in .safetensors (timm picks the loader by extension)")
     ckpt = _read_checkpoint(run)
-    cfg = ckpt["config"]
-    which = "ema" if ema and ckpt.get(EMA_KEY) is not None else "model"
-    state = ckpt[EMA_KEY] if which == "ema" else ckpt["model"]
+    cfg = ckpt.config
+    which = "ema" if ema and ckpt.ema is not None else "model"
+    state = ckpt.ema if which == "ema" else ckpt.model
     recipe, class_names = _recipe_and_classes(ckpt)
     # Rebuild arguments only: the class count comes from the data, drop rates are training-time settings.
     kwargs = {k: v for k, v in (cfg.get("model_kwargs") or {}).items()

@@ -12,8 +12,9 @@ size, so fine-tuning with distillation is ordinary training from a store plus th
 What is taken from the checkpoint follows DeiT's main.py ``--finetune`` block:
 
 - the raw weights (our ``RUN/checkpoint.pth``: ``"model"``; a timm/DeiT file: a bare state_dict or one
-  under ``"model"``/``"state_dict"``), never the optimizer, schedule or EMA state: a fine-tune is a
-  new run with its own schedule;
+  under ``"model"``/``"state_dict"``; the EMA weights only in a file that holds nothing else, read by
+  ``storage.checkpoint.unwrap_state_dict`` as the teacher reads its weights), never the optimizer or
+  schedule: a fine-tune is a new run with its own schedule;
 - ``head``/``head_dist`` (any classifier of the model, per timm's ``pretrained_cfg["classifier"]``)
   are dropped when their shape differs from the new model's, i.e. when the class count changed: the
   new model's freshly initialised heads are kept (both of them for a distilled DeiT); with the same
@@ -43,7 +44,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from storage.fsutil import load_error_cause
+from storage import checkpoint
 
 from .errors import TrainError
 
@@ -68,12 +69,6 @@ def finetune_defaults(lr: float, global_batch: int) -> dict:
     """FINETUNE_DEFAULTS with min_lr resolved: the lr after scaling by global_batch / 512 (flat schedule)."""
     return {**FINETUNE_DEFAULTS, "min_lr": lr * global_batch / 512}
 
-# Checkpoint containers: ours ("model", next to "ema"/"optimizer"/"config"), DeiT's ("model"),
-# others' ("state_dict"). Raw weights first, as DeiT's main.py takes checkpoint["model"].
-_CONTAINERS = ("model", "state_dict")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
 @dataclass
 class FinetuneStart:
     """What loading a checkpoint into the new model did (logged, and kept in the run's summary)."""
@@ -94,38 +89,19 @@ class FinetuneStart:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The weights in a checkpoint file: bare, or under "model"/"state_dict"; wrapper prefixes removed."""
+    """The weights in a checkpoint file: bare, or under a container key (storage.checkpoint.CONTAINERS:
+    "model" first, so our checkpoints give their raw weights); wrapper prefixes removed."""
     if not os.path.isfile(path):
         raise TrainError(f"--finetune {path}: no such file; pass a checkpoint (RUN/checkpoint.pth of "
                          "`cli.py train`, or a timm/DeiT .pth/.safetensors file)")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
-    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
-        raise TrainError(f"--finetune {path}: cannot read it ({type(e).__name__}: {load_error_cause(e)}); pass a "
-                         "checkpoint holding tensors (a state_dict)") from None
-    state = obj
-    if isinstance(obj, Mapping) and not _is_state_dict(obj):
-        state = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), Mapping)), None)
-    if not isinstance(state, Mapping) or not _is_state_dict(state):
+    obj = checkpoint.load_data(path, context=f"--finetune {path}: cannot read it", error=TrainError,
+                               fix="pass a checkpoint holding tensors (a state_dict)")
+    state = checkpoint.unwrap_state_dict(obj)
+    if state is None:
         found = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
         raise TrainError(f"--finetune {path}: no state_dict in it (found: {found}); pass a file holding a "
-                         f"bare state_dict or one under {' or '.join(repr(k) for k in _CONTAINERS)}")
-    out = {}
-    for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _is_state_dict(d: Mapping) -> bool:
-    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+                         f"bare state_dict or one under {' or '.join(repr(k) for k in checkpoint.CONTAINERS)}")
+    return state
 
 
 def classifier_keys(model: nn.Module) -> list[str]:

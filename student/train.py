@@ -32,7 +32,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from storage.fsutil import load_error_cause
+from storage import checkpoint
+from storage.checkpoint import TrainCheckpoint
 
 from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
@@ -41,13 +42,7 @@ from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
 from .model import _bare, check_views_fit, create_student, eval_logits
 
 log = logging.getLogger("deit_lockstep.train")
-CHECKPOINT = "checkpoint.pth"
-# What save writes and resume needs; a checkpoint without them is refused before anything is read from it.
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "identity"}
-# The EMA weights sit under timm's name, so `timm.models.load_checkpoint(model, path, use_ema=True)` takes
-# them (and falls back to "model" when a run kept none: the entry is then None). Checkpoints written
-# before this held them under "ema", as ModelEmaV3's own state_dict ("module." prefixes); both resume.
-EMA_KEY, OLD_EMA_KEY = "state_dict_ema", "ema"
+CHECKPOINT = checkpoint.FILENAME  # its schema, save and load: storage/checkpoint.py
 
 
 @dataclass
@@ -162,27 +157,23 @@ def resolve_mode(cfg: TrainConfig, data) -> str:
     return mode
 
 
-def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
+def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, TrainCheckpoint | None]:
     """With --resume and a checkpoint in RUN: its config (which wins) and its state."""
     path = os.path.join(cfg.out, CHECKPOINT)
     if not cfg.resume or not os.path.exists(path):
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s yet, starting from the beginning", cfg.out)
         return cfg, None
-    try:
-        # weights_only: a checkpoint is data (tensors and plain types); unpickling never runs its code.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn, foreign or code-carrying file is never loaded: one line, not torch's advice
-        raise TrainError(f"--resume: {path} is not a readable checkpoint of this tool ({type(e).__name__}: "
-                         f"{load_error_cause(e)}); restore it or delete it to start over") from None
-    lacks = sorted(CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else sorted(CHECKPOINT_KEYS)
-    if isinstance(ckpt, dict) and EMA_KEY not in ckpt and OLD_EMA_KEY not in ckpt:
-        lacks.append(EMA_KEY)
-    if lacks or not isinstance(ckpt["config"], dict):
+    # a torn, foreign or code-carrying file is never loaded: one line, not torch's advice
+    obj = checkpoint.load_data(path, context=f"--resume: {path} is not a readable checkpoint of this tool",
+                               fix="restore it or delete it to start over", error=TrainError)
+    lacks = checkpoint.missing(obj)
+    if lacks:
         raise TrainError(f"--resume: {path} is not a checkpoint written by `cli.py train` (it lacks "
-                         f"{', '.join(lacks) or 'a config'}); use a new --out, or --finetune to start from its weights")
+                         f"{', '.join(lacks)}); use a new --out, or --finetune to start from its weights")
+    ckpt = TrainCheckpoint.from_dict(obj, path)
     try:
-        saved = TrainConfig(**ckpt["config"])
+        saved = TrainConfig(**ckpt.config)
     except TypeError as e:
         raise TrainError(f"--resume: {path} holds a config this version does not know ({e}); use a new --out") from None
     for name in IDENTITY_FIELDS:
@@ -201,20 +192,18 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     return merged, ckpt
 
 
-def load_ema(ema: ModelEmaV3, ckpt: dict) -> None:
-    """The EMA weights of a checkpoint, under the current key or the one older checkpoints used."""
-    if ckpt.get(EMA_KEY) is not None:
-        ema.module.load_state_dict(ckpt[EMA_KEY])
-    elif ckpt.get(OLD_EMA_KEY) is not None:
-        ema.load_state_dict(ckpt[OLD_EMA_KEY])  # ModelEmaV3's own state_dict: "module."-prefixed keys
+def load_ema(ema: ModelEmaV3, ckpt: TrainCheckpoint) -> None:
+    """The EMA weights of a checkpoint (under the current key or, unwrapped, the one older checkpoints used)."""
+    if ckpt.ema is not None:
+        ema.module.load_state_dict(ckpt.ema)
     else:
         raise TrainError("--resume: the checkpoint's config says ema=True but it holds no EMA weights; "
                          "restore the checkpoint or use a new --out")
 
 
-def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
+def check_identity(ckpt: TrainCheckpoint, identity: dict, cfg: TrainConfig) -> None:
     """A resumed run must read the same source and the same store, wherever they now live."""
-    have = ckpt["identity"]
+    have = ckpt.identity
     if have["source"] != identity["source"]:
         raise TrainError(f"--resume: --data {cfg.data} is not the source {cfg.out} was trained on "
                          "(manifest fingerprint differs); point --data at that source")
@@ -224,12 +213,6 @@ def check_identity(ckpt: dict, identity: dict, cfg: TrainConfig) -> None:
     if have["store"] != identity["store"]:
         raise TrainError(f"--resume: --labels {cfg.labels} is not the label store {cfg.out} was trained from "
                          "(store spec differs); point --labels at that store")
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill at any moment leaves the previous checkpoint or this one, whole
 
 
 def soft_target_note(cfg: TrainConfig, reader, mode: str) -> str | None:
@@ -276,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"train: {soft_note}", file=sys.stderr, flush=True)
     if ckpt is not None:
         check_identity(ckpt, data.identity(), cfg)
-    start_epoch = ckpt["epoch"] if ckpt else 0
+    start_epoch = ckpt.epoch if ckpt else 0
     end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     # Only the epochs this run will do: with --stop-after-epochs, training can go ahead on the views a
     # fleet has finished while it still writes later ones (each --resume checks its own epochs).
@@ -314,13 +297,13 @@ def train(cfg: TrainConfig) -> dict:
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.ema else None
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        scaler.load_state_dict(ckpt.scaler)
         if ema is not None:
             load_ema(ema, ckpt)
-        step = ckpt["step"]
+        step = ckpt.step
     net = model
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if cuda else None)
@@ -349,13 +332,12 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 metrics["val_ema"] = evaluate(ema.module, val, d, run.autocast)
         if d.main:
-            state = {"model": model.state_dict(), EMA_KEY: None if ema is None else ema.module.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                     "config": dataclasses.asdict(cfg), "identity": data.identity(),
-                     # what `cli.py export` writes into the timm config, without needing the source or store
-                     "recipe": data.recipe.to_dict(), "class_names": list(data.manifest.class_names)}
-            save_checkpoint(os.path.join(cfg.out, CHECKPOINT), state)
+            checkpoint.save(os.path.join(cfg.out, CHECKPOINT), TrainCheckpoint(
+                model=model.state_dict(), ema=None if ema is None else ema.module.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), identity=data.identity(),
+                # what `cli.py export` writes into the timm config, without needing the source or store
+                recipe=data.recipe.to_dict(), class_names=list(data.manifest.class_names)))
             with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             append_summary(cfg.out, metrics)  # timm's summary.csv, the same numbers as a table

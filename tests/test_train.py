@@ -139,6 +139,30 @@ def test_checkpoint_ema_is_where_timm_looks_and_old_ema_key_still_resumes(tiny, 
     assert state_bytes(a["model"]) == state_bytes(b["model"])
 
 
+def test_a_checkpoint_saved_by_literal_keys_before_the_schema_resumes_to_the_same_bytes(tiny, tmp_path):
+    """storage/checkpoint.py added a format marker: a checkpoint dict as student/train.py wrote it before
+    (literal keys, no marker), torch.save'd, still resumes exactly, and export and a teacher still read it."""
+    from pipeline.stage1.weights import trained_data_config
+    from student.export import export_run
+
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    train(config(tiny, straight, epochs=2, model_ema_decay=0.5))
+    train(config(tiny, old, epochs=2, model_ema_decay=0.5, stop_after_epochs=1))
+    c = checkpoint(old)
+    assert c.pop("format") and c.pop("format_version") == 1
+    state = {"model": c["model"], "state_dict_ema": c["state_dict_ema"], "optimizer": c["optimizer"],
+             "scheduler": c["scheduler"], "scaler": c["scaler"], "epoch": c["epoch"], "step": c["step"],
+             "config": c["config"], "identity": c["identity"], "recipe": c["recipe"], "class_names": c["class_names"]}
+    assert state.keys() == c.keys()  # nothing else was added
+    torch.save(state, old / "checkpoint.pth")
+    assert trained_data_config(old / "checkpoint.pth")["input_size"] == 32
+    assert export_run(str(old), str(tmp_path / "x" / "m.safetensors")).which == "ema"
+    train(config(tiny, old, epochs=2, model_ema_decay=0.5, resume=True))
+    a, b = checkpoint(straight), checkpoint(old)
+    assert state_bytes(a["model"]) == state_bytes(b["model"])
+    assert state_bytes(a["state_dict_ema"]) == state_bytes(b["state_dict_ema"])
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(tiny, tmp_path):
     """A real kill: SIGKILL the CLI as soon as epoch 0's checkpoint exists (wherever it then is,

@@ -154,7 +154,7 @@ def create_teacher(
             # A checkpoint of `cli.py train` knows the views its model was trained on: label at
             # that size and normalisation, not at the architecture's ImageNet default (a 32 px
             # Fashion-MNIST ConvNet must not see its views upsampled to 224).
-            trained = trained_data_config(weights_file)
+            trained = None if None not in (input_size, mean, std) else trained_data_config(weights_file)
             if trained is not None:
                 input_size = trained["input_size"] if input_size is None else input_size
                 mean = trained["mean"] if mean is None else mean

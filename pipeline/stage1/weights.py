@@ -6,93 +6,67 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from storage.fsutil import load_error_cause
+from storage import checkpoint
 
 from .teacher_runtime import TeacherError
-
-# Checkpoint containers, in the order we look inside them. Our own train checkpoints hold
-# both "model" and "ema"; the raw weights ("model") come first because they are what the
-# checkpoint's reported accuracy usually refers to.
-_NESTED_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "ema")
-# Wrappers that rename every key: DistributedDataParallel and torch.compile.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state_dict from a .pth/.pt/.safetensors file: bare, or nested under a container key
-    (``model``, ``state_dict``, ``model_ema``, ``state_dict_ema``, ``ema``), with DDP's
-    ``module.`` and torch.compile's ``_orig_mod.`` prefixes removed."""
+    (storage.checkpoint.CONTAINERS: ``model``, ``state_dict``, ``model_ema``, ``state_dict_ema``,
+    ``ema``), with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes removed."""
     path = check_weights_file(path)
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path, device="cpu")
-        else:
-            # weights_only: a checkpoint is data; never let unpickling run code from it.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types for bad files
-        raise TeacherError(
-            f"cannot read teacher weights {path} ({type(e).__name__}: {load_error_cause(e)}); "
-            "pass a .pth/.pt/.safetensors file holding a state_dict"
-        ) from None
-    state = _unwrap_state_dict(obj)
+    obj = checkpoint.load_data(path, context=f"cannot read teacher weights {path}", error=TeacherError,
+                               fix="pass a .pth/.pt/.safetensors file holding a state_dict")
+    state = checkpoint.unwrap_state_dict(obj)
     if state is None:
         found = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
         raise TeacherError(
             f"teacher weights {path} hold no state_dict (found: {found}); pass a file with a bare "
-            f"state_dict or one under {'/'.join(_NESTED_KEYS)}"
+            f"state_dict or one under {'/'.join(checkpoint.CONTAINERS)}"
         )
-    return _strip_prefixes(state)
+    return state
 
 
 def trained_data_config(path: str | os.PathLike) -> dict | None:
-    """input_size/mean/std of the views a `cli.py train` checkpoint was trained on; None for other files.
+    """input_size/mean/std of the views a `cli.py train` checkpoint was trained on; None for files that
+    are not train checkpoints of ours (bare state_dicts, safetensors, other tools' checkpoints).
 
     Plain training keeps its recipe in the checkpoint's config; training from a label store keeps
-    the store's spec (with its recipe) in the checkpoint's identity.
+    the store's spec (with its recipe) in the checkpoint's identity. A train checkpoint whose config or
+    recipe is missing or does not read is refused in one line: labelling at the architecture's
+    default size instead would give labels of views the teacher never saw.
     """
-    if str(path).endswith(".safetensors"):
+    path = check_weights_file(path)
+    if path.endswith(".safetensors"):
         return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_state_dict_file reports unreadable files
-        return None
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("config"), Mapping):
+    obj = checkpoint.load_data(path, context=f"cannot read teacher weights {path}", error=TeacherError,
+                               fix="pass a .pth/.pt/.safetensors file holding a state_dict")
+    if not checkpoint.is_train_checkpoint(obj):
         return None
     from ..recipes import Recipe, create_recipe
 
-    config, store = obj["config"], (obj.get("identity") or {}).get("store")
-    if isinstance(store, Mapping) and isinstance(store.get("recipe"), Mapping):
-        recipe = Recipe.from_dict(dict(store["recipe"]))
-    else:
-        size = config.get("input_size")
-        recipe = create_recipe(config.get("recipe") or "deit",
-                               list(config.get("overrides") or []) + ([f"input_size={size}"] if size else []))
+    fix = "restore the checkpoint as `cli.py train` wrote it, or train the teacher again"
+    ckpt = checkpoint.TrainCheckpoint.from_dict(obj, path)
+    if checkpoint.missing(obj, (checkpoint.CONFIG,)):
+        raise TeacherError(f"teacher weights {path} are a `cli.py train` checkpoint without its config (the "
+                           f"size and normalisation of the views it was trained on); {fix}")
+    store = (ckpt.identity or {}).get("store") if isinstance(ckpt.identity, Mapping) else None
+    try:
+        if isinstance(store, Mapping) and isinstance(store.get("recipe"), Mapping):
+            recipe = Recipe.from_dict(dict(store["recipe"]))
+        else:
+            config = ckpt.config
+            size = config.get("input_size")
+            recipe = create_recipe(config.get("recipe") or "deit",
+                                   list(config.get("overrides") or []) + ([f"input_size={size}"] if size else []))
+    except Exception as e:  # noqa: BLE001 - a RecipeError, or a TypeError/KeyError of a damaged dict
+        raise TeacherError(f"teacher weights {path} are a `cli.py train` checkpoint whose recipe does not read "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); {fix}") from None
     return {"input_size": recipe.input_size, "mean": tuple(recipe.mean), "std": tuple(recipe.std)}
-
-
-def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    if not isinstance(obj, Mapping):
-        return None
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    for key in _NESTED_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return dict(inner)
-    return None
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str, path: str) -> None:
