@@ -29,7 +29,8 @@ from .zarr_backend import ZarrReader, ZarrWriter
 from .zarr_backend import init_arrays as _init_zarr
 
 # The backend registry: name -> (writer class, reader class, layout initialiser). The CLI's --format
-# choices and the conformance tests are built from it, so a new backend is one entry here.
+# choices, the names --overwrite may delete and the conformance tests are built from it, so a new
+# backend is a module in storage/, one entry here and its case in tests/test_storage.py's _damage.
 BACKENDS = {
     "zarr": (ZarrWriter, ZarrReader, _init_zarr),
     "wds": (WdsWriter, WdsReader, _init_wds),
@@ -43,7 +44,8 @@ def _backend(name: str, path):
     return BACKENDS[name]
 
 
-_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", "labels.zarr"}
+# What a store directory may hold: the shared files, and each backend's own (_StoreBase.layout).
+_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units"} | {n for writer, _, _ in BACKENDS.values() for n in writer.layout}
 
 
 def _not_a_store(path: Path) -> str | None:

@@ -126,6 +126,7 @@ class _StoreBase(ABC):
     """Opened store directory: spec and metadata, plus the unit bookkeeping both roles need."""
 
     backend = ""
+    layout: tuple[str, ...] = ()  # the backend's own top-level names in a store directory, beside units/
 
     def __init__(self, path: Path):
         self.path = Path(path)

@@ -73,6 +73,8 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
 
 
 class _ZarrMixin:
+    layout = (ARRAYS_DIR,)
+
     def _open_arrays(self, mode: str):
         root = str(self.path / ARRAYS_DIR)
         self._arrays = {}
