@@ -187,7 +187,8 @@ class ParquetRows:
         group = self._groups.pop((file, rg), None)
         if group is None:
             try:
-                col = f.read_row_group(rg, columns=["image.bytes"]).column(IMAGE).combine_chunks()
+                col = f.read_row_group(rg, columns=["image.bytes"]).column(IMAGE)
+                col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # no copy of one chunk
             except (pa.ArrowException, OSError):
                 return b""
             group = col.field("bytes")  # kept as arrow: only the rows asked for become Python bytes
