@@ -25,7 +25,8 @@ def sample_bytes(i: int) -> bytes:
     return encode(make_image(i % len(CLASSES), i))
 
 
-def write_parquet(root, n=20, per_file=8, *, order=None, row_group=3, label_feature=None, prefix="train") -> str:
+def write_parquet(root, n=20, per_file=8, *, order=None, row_group=3, label_feature=None, prefix="train",
+                  image_of=sample_bytes) -> str:
     """Samples `order` (default 0..n-1) as parquet files of `per_file` rows, row groups of `row_group`
     rows, through datasets.Dataset.to_parquet (ClassLabel names in the schema metadata)."""
     os.makedirs(root, exist_ok=True)
@@ -33,7 +34,7 @@ def write_parquet(root, n=20, per_file=8, *, order=None, row_group=3, label_feat
     feature = label_feature or ClassLabel(names=list(CLASSES))
     for f, start in enumerate(range(0, len(order), per_file)):
         idx = order[start:start + per_file]
-        columns = {"image": [{"bytes": sample_bytes(i), "path": f"s{i:05d}.png"} for i in idx],
+        columns = {"image": [{"bytes": image_of(i), "path": f"s{i:05d}.png"} for i in idx],
                    "label": [i % len(CLASSES) for i in idx]}
         ds = datasets.Dataset.from_dict(columns, features=Features({"image": Image(), "label": feature}))
         ds.to_parquet(os.path.join(root, f"{prefix}-{f:05d}.parquet"), batch_size=row_group)
@@ -107,9 +108,13 @@ def test_class_sorted_files_are_recut(tmp_path):
     assert min(len(set(m.labels(j))) for j in range(len(m.shards))) >= 2
     assert m.fingerprint != kept.fingerprint
     for shard in range(len(m.shards)):
+        m._rows = None  # a fresh reader: count this shard's row group reads
         for s in m.read_shard(shard):  # every sample is its own bytes, in position order
             file, row = s.key.split("/")
             assert s.data == sample_bytes(by_class[int(file[-1]) * 8 + int(row)])
+        t = m.shard_table(shard).to_pydict()
+        groups = {(f, r // 3) for f, r in zip(t["tar"], t["offset"], strict=True)}  # row groups of 3 rows
+        assert m.parquet_rows().group_reads == len(groups)  # each row group once, not once per sample
     assert index_source(root, shard_size=8, checksums=False).fingerprint == m.fingerprint
 
 
@@ -131,7 +136,7 @@ def test_precompute_labels_equal_those_of_the_same_images_as_tars(tmp_path):
 
 
 def test_precompute_train_inspect_verify_on_parquet(tmp_path):
-    from cli_support import invoke
+    from cli_support import invoke, one_line_error
 
     data = os.path.join(write_parquet(tmp_path / "pq", n=24, per_file=8), "train-*.parquet")
     weights = make_teacher_weights(tmp_path / "teacher.pth")
@@ -153,6 +158,13 @@ def test_precompute_train_inspect_verify_on_parquet(tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1] and all(m["steps"] == 3 for m in metrics)
     assert all(np.isfinite(m["loss"]) and m["skipped_views"] == 0 for m in metrics)
     assert metrics[-1]["val"]["n"] == 24  # the parquet source as validation set too
+    # Other pictures under the same rows, paths and labels: the same fingerprint, so only the
+    # crc32c precompute recorded tells; train stops on "source changed", never on other images' labels.
+    write_parquet(tmp_path / "pq", n=24, per_file=8, image_of=lambda i: encode(make_image(i % 3, i + 100)))
+    line = one_line_error(invoke("train", "--data", data, "--labels", store, "--out", str(tmp_path / "run2"),
+                                 "--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", json.dumps(TINY),
+                                 "--epochs", 1, "--batch-size", 8, "--workers", 0), "changed since it was indexed")
+    assert ".parquet" in line and "re-run precompute" in line
 
 
 # ---- hostile input: files the datasets library writes, which are no image-classification source --------
