@@ -401,7 +401,12 @@ def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str
         return _index_imagefolder(src, shard_size=shard_size, seed=seed, shuffle=shards != "as-is",
                                   checksums=checksums)
     files = expand_files(src)
-    if files and all(f.endswith(PARQUET_EXT) for f in files):
+    parquet = [f.endswith(PARQUET_EXT) for f in files]
+    if any(parquet) and not all(parquet):
+        other = files[parquet.index(False)]
+        raise SourceError(f"{src}: mixes .parquet files with others ({other}); a source is one kind of "
+                          "files: narrow the pattern given to --data")
+    if files and all(parquet):
         m = _index_parquet(src, files, checksums=checksums)
     else:
         m = _index_wds(src, checksums=checksums)

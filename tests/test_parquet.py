@@ -218,6 +218,12 @@ def _plain(root, columns, features):
     datasets.Dataset.from_dict(columns, features=features).to_parquet(os.path.join(root, "train-00000.parquet"))
 
 
+def test_parquet_mixed_with_tars_is_refused(tmp_path, pq_dir):
+    tar = write_wds(tmp_path / "wds", n=3, per_shard=3)
+    with pytest.raises(SourceError, match="mixes .parquet files with others"):
+        index_source(f"{{{pq_dir}/train-00000.parquet,{tar}/shard-000000.tar}}")
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_parquet_is_one_line_exit_2(tmp_path, case):
     from cli_support import invoke, one_line_error
