@@ -48,6 +48,8 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from PIL import Image
 
+from storage.errors import UserError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 PARQUET_EXT = ".parquet"
 LABEL_EXT = ".cls"
@@ -61,7 +63,7 @@ SKEW_THRESHOLD = 0.5
 log = logging.getLogger("deit_lockstep.sources")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """Bad input: the message is one line naming the path and the fix."""
 
 

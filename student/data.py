@@ -40,7 +40,6 @@ a file damaged after precompute) is dropped from its batch. Both are counted.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -282,10 +281,7 @@ def check_probe_drift(data: TrainData) -> None:
     if not stored:
         return
     renderer = ViewRenderer(data.recipe)
-    args = [stored, renderer, data.manifest, data.seed]
-    if "views" in inspect.signature(drifted_probes).parameters:  # pipeline.probes before it re-rendered by key
-        args.append(data.reader.spec.views)
-    drifted = drifted_probes(*args)
+    drifted = drifted_probes(stored, renderer, data.manifest, data.seed)
     if not drifted:
         return
     then = meta.get("versions") or data.reader.versions

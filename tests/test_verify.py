@@ -127,7 +127,7 @@ def test_cuda_without_a_gpu_is_one_line(stores):
 
 def _store_with_weights(root, weights: str, data: str) -> str:
     """A tiny store whose teacher came from `weights` (as given: relative paths stay relative)."""
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
     out = str(root / "store")
     run_precompute(PrecomputeConfig(

@@ -37,18 +37,19 @@ from storage import (
     topk_logprobs,
 )
 from storage.base import library_versions
+from storage.errors import UserError
 from storage.soft import recorded_soft_error
 
-from .probes import probe_hashes
-from .recipes import create_recipe
-from .sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..probes import probe_hashes
+from ..recipes import create_recipe
+from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..views import ViewRenderer
 from .teacher import create_teacher
-from .views import ViewRenderer
 
 log = logging.getLogger("deit_lockstep.precompute")
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(UserError, ValueError):
     """Bad settings for a precompute run: one line, cause and fix."""
 
 
