@@ -143,7 +143,7 @@ def test_precompute_train_inspect_verify_on_parquet(tmp_path):
     store = str(tmp_path / "store")
     res = invoke("precompute", "--data", data, "--out", store, "--teacher", "resnet10t", "--teacher-weights", weights,
                  "--views", 2, "--views-per-unit", 1, "--topk", 3, "--input-size", 32, "--batch-size", 16,
-                 "--workers", 0)
+                 "--workers", 2)  # workers get the manifest pickled, without its open parquet files
     assert res.exit_code == 0, res.output
     res = invoke("inspect", store)
     assert res.exit_code == 0 and "3 shards" in res.output, res.output
