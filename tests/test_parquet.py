@@ -7,6 +7,7 @@ to those of the same images as WebDataset tars, and hostile files refused in one
 import json
 import os
 
+import datasets  # a dev dependency (pyproject.toml, constraints.txt): make test installs it; never skipped
 import numpy as np
 import pytest
 from conftest import CLASSES, encode, make_image, write_wds
@@ -14,7 +15,6 @@ from test_loader import make_store, make_teacher_weights
 
 from pipeline.sources import SourceError, index_source
 
-datasets = pytest.importorskip("datasets")  # a dev dependency (pyproject.toml); make test installs it
 Features, Image, ClassLabel, Value = datasets.Features, datasets.Image, datasets.ClassLabel, datasets.Value
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
