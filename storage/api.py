@@ -14,18 +14,22 @@ place (a store on another disk linked into a project keeps working).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from .base import FORMAT, MANIFEST, STORE_JSON, read_store_json, store_json_bytes
-from .fsutil import fsync_path
+from .fsutil import atomic_write, fsync_path
+from .leases import LEASES_DIR
 from .spec import StoreError, StoreMismatch, StoreSpec, mismatch_error
 from .wds_backend import WdsReader, WdsWriter
 from .wds_backend import init_layout as _init_wds
 from .zarr_backend import ZarrReader, ZarrWriter
+from .zarr_backend import grow_arrays as _grow_zarr
 from .zarr_backend import init_arrays as _init_zarr
 
 BACKENDS = {
@@ -40,7 +44,7 @@ def _backend(name: str, path):
     return BACKENDS[name]
 
 
-_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", "labels.zarr"}
+_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", "labels.zarr", LEASES_DIR}
 
 
 def _not_a_store(path: Path) -> str | None:
@@ -166,3 +170,57 @@ def open_store(path, expect: StoreSpec | None = None):
         if err is not None:
             raise err
     return reader_cls(path)
+
+
+_GROW = {"zarr": _grow_zarr, "wds": lambda root, old, new: None}  # wds: one tar per unit, nothing sized
+
+
+def grow_store(path, views: int, *, lock_wait: float = 600.0) -> bool:
+    """Give a store made with V views ``views`` > V views: views V..views-1 become pending units, and the
+    store then holds exactly what a store made with ``views`` from the start would hold once they are
+    done (the plan of view v depends on the seed, the recipe and v, never on V). True if it grew.
+
+    Under an exclusive lock file (fleet members started together all ask): zarr arrays are resized;
+    the units of a last view block that was partial (V not a multiple of views_per_unit) are retracted,
+    because their block now spans more views, and are recomputed whole; then store.json takes the
+    new spec and a new generation, so a writer still running with the old V stops at its next commit
+    instead of writing a unit of the old shape. Shrinking is not done here (the caller refuses it)."""
+    path = Path(path)
+    lock = path / LEASES_DIR / ".grow.lock"
+    lock.parent.mkdir(exist_ok=True)
+    deadline = time.monotonic() + lock_wait
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - lock.stat().st_mtime > 120  # a grower killed mid-way: growing takes seconds
+            except FileNotFoundError:
+                continue
+            if stale:
+                lock.unlink(missing_ok=True)
+            elif time.monotonic() > deadline:
+                raise StoreError(f"store at {path}: another process has been growing it for {lock_wait:.0f}s; "
+                                 f"if none is, delete {lock} and rerun") from None
+            else:
+                time.sleep(0.1)
+    try:
+        d = read_store_json(path)
+        old = StoreSpec.from_json(d["spec"])
+        if old.views >= views:
+            return False  # another fleet member grew it first
+        new = dataclasses.replace(old, views=views)
+        writer_cls, _, _ = _backend(d["backend"], path)
+        writer = writer_cls(path)
+        _GROW[d["backend"]](path, old, new)
+        last = old.num_blocks - 1
+        if len(old.block_views(last)) < old.views_per_unit:
+            for shard in range(old.num_shards):
+                writer.retract(shard, last)
+        d["spec"] = new.to_json()
+        d["generation"] = uuid.uuid4().hex
+        atomic_write(path / STORE_JSON, (json.dumps(d, indent=1, sort_keys=True) + "\n").encode())
+        return True
+    finally:
+        lock.unlink(missing_ok=True)

@@ -243,3 +243,14 @@ class ZarrReader(_ZarrMixin, StoreReader):
             return [Problem(unit, f"chunks do not decode ({type(e).__name__}); {fix}")]
         return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
                                    arrays.get("tail_lse"))
+
+
+def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
+    """Resize every array from old.views to new.views along the view axis (store growth, see
+    api.grow_store). Chunks of the views already there are untouched; zarr.json then reads as a store
+    made with new.views from the start (same shape, same chunking)."""
+    if new.views < old.views:
+        raise ValueError("zarr arrays only grow here")
+    group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+", zarr_format=3)
+    for name, (shape, _) in _array_shapes(new).items():
+        group[name].resize(shape)
