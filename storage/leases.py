@@ -96,6 +96,8 @@ class Leases:
         self.dir = Path(store_path) / LEASES_DIR
         self.worker = worker or new_worker_id()
         self.ttl = float(ttl)
+        # the process that owns the book: a DataLoader worker claiming on its behalf records its parent
+        self.host, self.pid = socket.gethostname(), os.getpid()
 
     def path(self, unit: tuple[int, int]) -> Path:
         return self.dir / f"{unit_name(*unit)}.json"
@@ -153,7 +155,7 @@ class Leases:
         return self._create(path)
 
     def _create(self, path: Path) -> bool:
-        body = {"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+        body = {"worker": self.worker, "host": self.host, "pid": self.pid, "since": time.time(),
                 "ttl": self.ttl}
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
