@@ -386,7 +386,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                 if leases is not None and not any(leases.free(u) for u in pending):
                     # Every unit left is leased by a live worker: wait for its commit, or for its lease to
                     # expire (a frozen or lost worker) and take it over.
-                    time.sleep(min(max(cfg.lease_ttl / 8, 0.05), 2.0))
+                    time.sleep(min(max(cfg.lease_ttl / 8, 0.05), 0.5))
                     run.show_fleet()
                     continue
                 run.one_pass(pending)
