@@ -30,26 +30,12 @@ from pipeline.options import (
 )
 
 
-class UsageError(ValueError):
-    """A bad option combination caught before any work: exit code 2."""
-
-
 def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: printed as one line, exit code 2, no traceback."""
-    from pipeline.precompute import PrecomputeError
-    from pipeline.recipes import RecipeError
-    from pipeline.sources import SourceError
-    from pipeline.teacher import TeacherError
-    from storage import StoreError
+    """Errors that mean bad input: printed as one line, exit code 2, no traceback. Every error of ours
+    that a user can fix is a ``storage.errors.UserError``; the rest are the builtins a bad path raises."""
+    from storage.errors import UserError
 
-    errors = [UsageError, PrecomputeError, RecipeError, SourceError, TeacherError, StoreError, FileNotFoundError,
-              PermissionError, json.JSONDecodeError]
-    try:
-        from student.errors import TrainError
-        errors.append(TrainError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UserError, FileNotFoundError, PermissionError, json.JSONDecodeError)
 
 
 RESUME_HINT = "nothing partial was marked complete, rerun the same command to resume"
@@ -138,7 +124,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
 def precompute(**kw):
     """Run the teacher over every view and store its labels (resumable; a fleet under torchrun)."""
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
     kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
@@ -153,14 +139,8 @@ def precompute(**kw):
 
 # ---- look at and trust the labels -----------------------------------------------------------
 def _report_inspect_errors(fn):
-    """run_reporting_errors plus inspect/verify's own input errors (one line, exit 2)."""
-    from pipeline.inspect import InspectError
-
-    try:
-        return run_reporting_errors(fn, os_error_hint=READ_ONLY_HINT)  # inspect/verify resume nothing
-    except InspectError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    """run_reporting_errors for commands that only read a store: an OSError changed nothing in it."""
+    return run_reporting_errors(fn, os_error_hint=READ_ONLY_HINT)
 
 
 @main.command()
@@ -178,24 +158,29 @@ def inspect(store, as_json, sample, views, data, render, count, export, sample_b
     """Summarise a label store, show one sample, render a contact sheet, or export a table."""
 
     def go():
-        from pipeline import inspect as ins
         from storage import open_store
 
         reader = open_store(store)
         if render:
-            from pipeline.inspect_render import render_sheet
+            from pipeline.tools.render import render_sheet
 
             sheet = render_sheet(reader, render, data, sample=sample, views=views, count=count)
             click.echo(f"wrote {sheet.path}: {sheet.tiles} views, {sheet.size[0]}x{sheet.size[1]} px")
         elif export:
-            rows = ins.export_parquet(reader, export)
+            from pipeline.tools.export import export_parquet
+
+            rows = export_parquet(reader, export)
             click.echo(f"wrote {export}: {rows} rows (one per stored view)")
         elif sample is not None:
-            report = ins.describe_sample(reader, sample, views=views, data=data)
-            click.echo(json.dumps(_plain(report), indent=1) if as_json else ins.format_sample(report))
+            from pipeline.tools.sample import describe_sample, format_sample
+
+            report = describe_sample(reader, sample, views=views, data=data)
+            click.echo(json.dumps(_plain(report), indent=1) if as_json else format_sample(report))
         else:
-            summary = ins.summarize(reader, max_blocks=sample_blocks)
-            click.echo(json.dumps(summary.to_json(), indent=1) if as_json else ins.format_summary(summary))
+            from pipeline.tools.summary import format_summary, summarize
+
+            summary = summarize(reader, max_blocks=sample_blocks)
+            click.echo(json.dumps(summary.to_json(), indent=1) if as_json else format_summary(summary))
 
     _report_inspect_errors(go)
 
@@ -224,7 +209,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
     """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
 
     def go():
-        from pipeline.verify import verify_store
+        from pipeline.tools.verify import verify_store
 
         return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
                             device=device, batch_size=batch_size, atol=atol, taus=taus)
@@ -234,7 +219,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     report = _report_inspect_errors(go)
-    from pipeline.verify import format_report
+    from pipeline.tools.verify import format_report
 
     click.echo(format_report(report))
     sys.exit(0 if report.passed else 1)
@@ -337,7 +322,7 @@ def export(run, out, ema, config_path):
 @click.option("--title", default="", help="Figure title.")
 def plot(runs, out, title):
     """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
-    from student.curves import RunError, plot_run_dirs
+    from student.curves import plot_run_dirs
 
     try:
         import matplotlib  # noqa: F401
@@ -345,11 +330,7 @@ def plot(runs, out, title):
         click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
                    err=True)
         sys.exit(2)
-    try:
-        plot_run_dirs(list(runs), out, title)
-    except RunError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_reporting_errors(plot_run_dirs, list(runs), out, title)
     click.echo(f"wrote {out}: {len(runs)} run(s)")
 
 
@@ -361,13 +342,9 @@ def plot(runs, out, title):
               help="auto, cpu, cuda (a GPU runs a larger demo).")
 def demo(quick, out, device):
     """Fashion-MNIST end to end: shards, ConvNet teacher, precompute, DeiT students with and without distillation."""
-    from student.demo import DemoError, run_demo
+    from demo import run_demo
 
-    try:
-        run_demo(out=out, quick=quick, device=device)
-    except DemoError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    run_reporting_errors(run_demo, out=out, quick=quick, device=device)
 
 
 if __name__ == "__main__":

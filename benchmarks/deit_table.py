@@ -13,7 +13,7 @@ label store, so every run sees the same pixels in the same order):
 - hard distillation with the distillation token (``deit_tiny_distilled_patch16_224``): one run,
   evaluated with the class head, the distillation head, and both averaged.
 
-The data and the teacher are the demo's (``student/demo.py``): Fashion-MNIST as WebDataset shards,
+The data and the teacher are the demo's (``demo.py``): Fashion-MNIST as WebDataset shards,
 a ConvNet trained with ``cli.py train --distillation none``. A teacher already trained by
 ``cli.py demo`` on the same shards is reused (``--data-dir``, default ``demo-out``).
 """
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from student import demo  # noqa: E402
+import demo  # noqa: E402
 
 
 def reusable_teacher(run: str, train_dir: str, size: demo.Size) -> bool:

@@ -41,7 +41,7 @@ def _worker(cfg_path: str, wait: float, go: str) -> None:
     """One fleet member (run as a child process of this script)."""
     import torch
 
-    import pipeline.precompute as pc
+    import pipeline.stage1.precompute as pc
 
     torch.set_num_threads(1)  # N processes share the CPU: one thread each
     cfg = pc.PrecomputeConfig(**json.load(open(cfg_path)))

@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyarrow as pa  # noqa: E402
 
-from pipeline.inspect import format_summary, summarize  # noqa: E402
 from pipeline.recipes import create_recipe  # noqa: E402
 from pipeline.sources import Manifest  # noqa: E402
+from pipeline.tools.summary import format_summary, summarize  # noqa: E402
 from storage import StoreSpec, create_store, open_store  # noqa: E402
 
 CLASSES, K = 1000, 10

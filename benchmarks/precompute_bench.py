@@ -22,10 +22,10 @@ import time
 import torch
 from common import photo_like_jpegs
 
-from pipeline.precompute import PrecomputeConfig, UnitViews, run_precompute
 from pipeline.recipes import create_recipe
 from pipeline.sources import index_source, write_wds_shards
-from pipeline.teacher import create_teacher
+from pipeline.stage1.precompute import PrecomputeConfig, UnitViews, run_precompute
+from pipeline.stage1.teacher import create_teacher
 
 
 def main():

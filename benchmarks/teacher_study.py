@@ -9,7 +9,7 @@ teacher (DeiT-B) of about the same accuracy, and credits the ConvNet's inductive
 through distillation. Here, on Fashion-MNIST (Debian's ``dataset-fashion-mnist``) at 32 px, every
 stage is a ``cli.py`` command as a user types it (printed before it runs):
 
-1. the shards: ``student.demo.write_fashion_mnist`` (the demo's converter);
+1. the shards: ``demo.write_fashion_mnist`` (the demo's converter);
 2. two teachers trained with ``cli.py train --distillation none``: a ConvNet (``resnet10t``) and a
    transformer (by default the student's own architecture without distillation token, as the
    paper's DeiT-B teacher for a DeiT-B student); the ConvNet gets fewer epochs, because it learns
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from student import demo  # noqa: E402
+import demo  # noqa: E402
 
 STUDENT_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
 

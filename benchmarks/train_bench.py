@@ -108,7 +108,7 @@ def main():
                      class_names=[f"c{i}" for i in range(args.classes)])
 
     # Label stores from the real precompute (one view; labels' values do not change the speed).
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
     stores = {}
     for mode, hard in (("hard", True), ("soft", False)):

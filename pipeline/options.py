@@ -13,8 +13,10 @@ import sys
 
 import click
 
+from storage.errors import UserError
 
-class OptionValueError(click.BadParameter):
+
+class OptionValueError(UserError, click.BadParameter):
     """A value out of its option's range, said the project's way: ``--views must be >= 1, got 0``."""
 
     def format_message(self) -> str:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from storage.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     """Unknown preset or key, or a value of the wrong type: one line, with the fix."""
 
 

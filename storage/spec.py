@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from .errors import UserError
+
 MODES = ("topk", "hard")
 
 # Validity flags, one uint8 per (view, shard, slot).
@@ -21,7 +23,7 @@ WRITTEN = 1  # a teacher label is stored
 INVALID = 2  # the image could not be decoded; train skips it
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A label store cannot do what was asked. Messages are one line: cause, where, and the fix."""
 
 

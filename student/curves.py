@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from storage.errors import UserError
+
 HEADS = ("avg", "cls", "dist")
 HEAD_STYLE = {"avg": "-", "cls": "--", "dist": ":"}
 HEAD_NAME = {"avg": "averaged", "cls": "class", "dist": "distillation"}
@@ -72,7 +74,7 @@ def append_summary(run: str, metrics: dict) -> None:
     os.replace(tmp, path)
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run directory that cannot be plotted: one line, exit code 2."""
 
 

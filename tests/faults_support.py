@@ -41,7 +41,7 @@ def _install(point: str, n: int) -> None:
     """Monkeypatch the forked child so that it SIGKILLs itself at the n-th time it reaches point."""
     import pathlib
 
-    import pipeline.precompute as pc
+    import pipeline.stage1.precompute as pc
     import storage.zarr_backend as zb
 
     hits = [0]
@@ -96,7 +96,7 @@ def _install(point: str, n: int) -> None:
 def kill_precompute(config_path: str, kills: int, seed: int, max_delay: float = 0.8) -> list:
     import torch
 
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
     cfg = PrecomputeConfig(**json.load(open(config_path)))
     rng = random.Random(seed)
@@ -143,7 +143,7 @@ def kill_precompute(config_path: str, kills: int, seed: int, max_delay: float = 
 def slow_precompute(config_path: str, seconds: float) -> None:
     """A fleet member whose teacher takes `seconds` longer per batch: a slow GPU, so that other
     processes can act while it is still writing."""
-    import pipeline.precompute as pc
+    import pipeline.stage1.precompute as pc
 
     cfg = pc.PrecomputeConfig(**json.load(open(config_path)))
     orig = pc._label

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from student import demo
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def test_teacher_from_train_checkpoint_labels_at_its_training_size(tmp_path):
     import timm
     import torch
 
-    from pipeline.teacher import create_teacher
+    from pipeline.stage1.teacher import create_teacher
 
     model = timm.create_model("test_resnet", num_classes=10)
     ckpt = tmp_path / "checkpoint.pth"

@@ -33,8 +33,8 @@ from conftest import encode, make_image, write_wds
 from test_storage_support import snapshot
 
 from cli import main
-from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.sources import write_wds_shards
+from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from storage import open_store
 from student.train import TrainConfig, train
 

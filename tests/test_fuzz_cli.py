@@ -125,7 +125,7 @@ def outcome(res) -> str:
 # ---- tiny sources and a store ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from pipeline.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
     root = tmp_path_factory.mktemp("fuzz")
     data = write_wds(root / "wds", n=8, per_shard=8)
@@ -170,7 +170,7 @@ def precompute_args(tiny, out, *extra, input_size: bool = True):
 @settings(max_examples=EXAMPLES["precompute"])
 @given(drawn=fuzz_options(PRECOMPUTE))
 def test_precompute_options(tiny, monkeypatch, drawn):
-    monkeypatch.setattr("pipeline.precompute.create_teacher", reached_work)
+    monkeypatch.setattr("pipeline.stage1.precompute.create_teacher", reached_work)
     out = fresh(tiny, "p")
     got = outcome(invoke(*precompute_args(tiny, out, *flags_of(drawn))))
     assert got in ("work", "refused")
@@ -214,7 +214,7 @@ def recipe_overrides(draw):
 @settings(max_examples=EXAMPLES["recipe"])
 @given(preset=st.sampled_from(["deit", "crop-flip"]), overrides=recipe_overrides())
 def test_recipe_values_through_precompute(tiny, monkeypatch, preset, overrides):
-    monkeypatch.setattr("pipeline.precompute.create_teacher", reached_work)
+    monkeypatch.setattr("pipeline.stage1.precompute.create_teacher", reached_work)
     out = fresh(tiny, "r")
     flags = [a for o in overrides for a in ("--set", o)]
     got = outcome(invoke(*precompute_args(tiny, out, "--recipe", preset, *flags, input_size=False)))
@@ -317,7 +317,7 @@ VERIFY = {"--n": ("int", ranged("int", 0)), "--seed": ("int", ranged("int", 0, 2
 @settings(max_examples=EXAMPLES["verify"])
 @given(drawn=fuzz_options(VERIFY), device=st.sampled_from([None, "cpu", "auto", "bogus", "cuda:99", "", "meta"]))
 def test_verify_options(tiny, monkeypatch, drawn, device):
-    monkeypatch.setattr("pipeline.verify._teacher_for", reached_work)
+    monkeypatch.setattr("pipeline.tools.verify._teacher_for", reached_work)
     extra = [] if device is None else [f"--device={device}"]
     got = outcome(invoke("verify", tiny["store"], "--data", tiny["data"], *flags_of(drawn), *extra))
     device_ok = device in (None, "cpu", "auto")
@@ -350,7 +350,7 @@ def test_inspect_options(tiny, drawn, action):
 @settings(max_examples=EXAMPLES["demo"])
 @given(device=st.one_of(st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "bogus", "", "cpu:0", "mps"]), JUNK))
 def test_demo_device(monkeypatch, device):
-    monkeypatch.setattr("student.demo.run_demo", reached_work)
+    monkeypatch.setattr("demo.run_demo", reached_work)
     got = outcome(invoke("demo", f"--device={device}"))
     cpu_like = device in ("auto", "cpu", "cpu:0") or (device.startswith("cuda") and torch.cuda.is_available())
     assert got == ("work" if cpu_like else "refused"), (device, got)

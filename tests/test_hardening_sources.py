@@ -436,7 +436,7 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
 
     for mod in (sb, fs, zb):
         monkeypatch.setattr(mod, "atomic_write", read_only)
-    import pipeline.precompute as pc
+    import pipeline.stage1.precompute as pc
 
     indexed, real_index = [], pc.index_source
 
@@ -454,7 +454,7 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
 SLOW_CLI = """
 import sys, time
 sys.path.insert(0, {root!r})
-import pipeline.precompute as pc
+import pipeline.stage1.precompute as pc
 real = pc._label
 def slow(*a, **kw):
     time.sleep({seconds})  # a slow GPU: the other process acts while this one still writes

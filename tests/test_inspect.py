@@ -14,9 +14,10 @@ from conftest import write_wds
 from PIL import Image
 
 from cli import main
-from pipeline.inspect import dominant_targets, stored_manifest, summarize
-from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.recipes import Recipe
+from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+from pipeline.tools.lookup import dominant_targets, stored_manifest
+from pipeline.tools.summary import summarize
 from pipeline.views import ViewRenderer, slot_order
 from storage import INVALID, WRITTEN, StoreSpec, create_store, open_store
 
@@ -181,7 +182,7 @@ def test_sample_shows_params_and_labels(stores, backend):
 
 def test_sample_params_equal_the_view_contract(stores):
     reader = open_store(stores["zarr"])
-    from pipeline.inspect import describe_sample
+    from pipeline.tools.sample import describe_sample
 
     rep = describe_sample(reader, "s00012", views=(2,))
     v = rep.views[0]
@@ -223,7 +224,8 @@ def test_sample_under_repeated_augmentation_lists_every_repeat(tmp_path, tiny_te
     reader = open_store(out)
     renderer = ViewRenderer(Recipe.from_dict(reader.spec.recipe))
     assert renderer.recipe.repeats == 3
-    from pipeline.inspect import InspectError, describe_sample
+    from pipeline.tools.lookup import InspectError
+    from pipeline.tools.sample import describe_sample
 
     for key_index in range(12):
         counts = [int(np.sum(renderer.slot_order(0, v, 0, 12) == key_index)) for v in range(3)]

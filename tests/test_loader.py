@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import encode, make_image, write_wds
 
-from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.sources import write_wds_shards
-from pipeline.teacher import create_teacher
+from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+from pipeline.stage1.teacher import create_teacher
 from pipeline.views import ViewRenderer
 from student.data import LockstepLoader, open_train_data
 from student.errors import TrainError

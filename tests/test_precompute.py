@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import TINY_TEACHER_KWARGS, encode, make_image, write_wds
 
-from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.recipes import Recipe
 from pipeline.sources import Manifest, decode_image, write_wds_shards
-from pipeline.teacher import create_teacher
+from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+from pipeline.stage1.teacher import create_teacher
 from pipeline.views import ViewRenderer
 from storage import INVALID, WRITTEN, open_store
 

@@ -17,7 +17,7 @@ from test_inspect import BACKENDS
 from test_storage_support import tiny_spec, unit_data, write_all
 
 from cli import main
-from pipeline.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from pipeline.stage1.precompute import PrecomputeConfig, PrecomputeError, run_precompute
 from storage import (
     StoreError,
     StoreMismatch,

@@ -1,4 +1,4 @@
-"""pipeline.teacher: loading, normalisation, resizing, errors, and a real ImageNet teacher."""
+"""pipeline.stage1.teacher: loading, normalisation, resizing, errors, and a real ImageNet teacher."""
 
 import os
 
@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.teacher import (
+from pipeline.stage1.teacher import (
     PYPI_EFFICIENTNET_LITE0,
     TeacherError,
-    TeacherSpec,
     create_teacher,
     efficientnet_lite0_state_dict,
     load_state_dict_file,
@@ -190,12 +189,11 @@ def test_data_config_comes_from_the_pretrained_cfg():
     assert teacher.num_classes == 10
 
 
-def test_safetensors_vit_and_spec(tmp_path):
+def test_safetensors_vit(tmp_path):
     torch.manual_seed(1)
     model = timm.create_model("deit_tiny_patch16_224", **TINY_VIT).eval()
     path = _save(tmp_path / "vit.safetensors", model.state_dict())
-    spec = TeacherSpec("deit_tiny_patch16_224", weights=path, model_kwargs=TINY_VIT, num_classes=10)
-    teacher = spec.build()
+    teacher = create_teacher("deit_tiny_patch16_224", weights=path, model_kwargs=TINY_VIT, num_classes=10)
     views = _norm(_images(size=224), IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         expected = model(views)

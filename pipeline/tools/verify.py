@@ -29,7 +29,7 @@ import numpy as np
 from storage import WRITTEN, StoreCorrupt, open_store, soft_targets, target_error
 from storage.base import unit_name
 
-from .inspect import InspectError, source_manifest
+from .lookup import InspectError, source_manifest
 
 FP16_HALF_ULP = 2.0 ** -11  # relative rounding of a float16 value
 
@@ -113,14 +113,12 @@ class VerifyReport:
 
 
 def _teacher_for(reader, weights: str | None, device: str):
-    from .teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
+    from ..stage1.teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
 
     spec, ident = reader.spec, reader.meta.get("teacher_identity", {})
     name = ident.get("name") or spec.teacher.get("name")
-    if weights is None and name != PYPI_EFFICIENTNET_LITE0:
-        recorded = ident.get("weights")
-        if recorded and os.path.isfile(str(recorded)):
-            weights = str(recorded)
+    if weights is None and name != PYPI_EFFICIENTNET_LITE0 and ident.get("weights_sha256_of") == "file":
+        weights = recorded_weights(ident)
     teacher = create_teacher(name, weights=weights, num_classes=spec.num_classes,
                              model_kwargs=ident.get("model_kwargs") or {}, device=device)
     want = spec.teacher.get("fingerprint")
@@ -131,6 +129,31 @@ def _teacher_for(reader, weights: str | None, device: str):
             "precompute used with --teacher-weights FILE"
         )
     return teacher
+
+
+def recorded_weights(ident: dict) -> str:
+    """The weights file precompute loaded the teacher from (its recorded path), checked against the
+    recorded sha256: verify without --teacher-weights checks the store against that very teacher, never
+    against a teacher with random weights. One line naming the path when it is gone or other bytes."""
+    from ..stage1.weights import file_sha256
+
+    want = str(ident.get("weights_sha256", ""))
+    paths = [p for p in (ident.get("weights_abspath"), ident.get("weights")) if p]  # abspath: newer stores
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise VerifyError(f"the store's teacher weights file {paths[0] if paths else '(not recorded)'} is not "
+                          f"there any more; pass the file precompute used (sha256 {want[:12]}) with "
+                          "--teacher-weights FILE")
+    try:
+        have = file_sha256(path)
+    except OSError as e:
+        raise VerifyError(f"the store's teacher weights file {path} cannot be read ({e.strerror}); pass the file "
+                          "precompute used with --teacher-weights FILE") from None
+    if have != want:
+        raise VerifyError(f"the store's teacher weights file {path} has changed since precompute (sha256 "
+                          f"{want[:12]} then, {have[:12]} now); pass the file precompute used with "
+                          "--teacher-weights FILE")
+    return path
 
 
 def pick_views(spec, done, n: int, seed: int) -> list[tuple[int, int, int]]:
@@ -153,9 +176,9 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
     """Stored labels and recomputed log-probabilities for the picked views that hold a label."""
     import torch
 
-    from .recipes import Recipe
-    from .sources import decode_image
-    from .views import ViewRenderer
+    from ..recipes import Recipe
+    from ..sources import decode_image
+    from ..views import ViewRenderer
 
     spec = reader.spec
     recipe = Recipe.from_dict(spec.recipe)
@@ -224,9 +247,9 @@ def compare(spec, rows, logp, atol: float, report: VerifyReport) -> None:
 def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n: int = 64, full: bool = False,
                  seed: int = 0, device: str = "cpu", batch_size: int = 32, atol: float | None = None,
                  taus=()) -> VerifyReport:
-    from .probes import drifted_probes
-    from .recipes import Recipe
-    from .views import ViewRenderer
+    from ..probes import drifted_probes
+    from ..recipes import Recipe
+    from ..views import ViewRenderer
 
     if n < 0:
         raise VerifyError(f"--n must be >= 0, got {n}")

@@ -40,19 +40,20 @@ from storage import (
 )
 from storage.api import grow_store
 from storage.base import library_versions
+from storage.errors import UserError
 from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
 from storage.soft import recorded_soft_error
 
-from .probes import probe_hashes
-from .recipes import create_recipe
-from .sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..probes import probe_hashes
+from ..recipes import create_recipe
+from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..views import ViewRenderer
 from .teacher import create_teacher
-from .views import ViewRenderer
 
 log = logging.getLogger("deit_lockstep.precompute")
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(UserError, ValueError):
     """Bad settings for a precompute run: one line, cause and fix."""
 
 
@@ -180,6 +181,14 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
             # another source: create_store refuses it (manifest fingerprint), no need for checksums
             return m.with_checksums_of(stored) if m.fingerprint == stored.fingerprint else m
     return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards)
+
+
+def _identity_with_path(identity: dict) -> dict:
+    """The teacher's identity plus the absolute path of its weights file (when it came from one), so
+    ``verify`` run from another directory finds the file a relative --teacher-weights named."""
+    if identity.get("weights_sha256_of") == "file" and identity.get("weights") and os.path.isfile(identity["weights"]):
+        return {**identity, "weights_abspath": os.path.abspath(identity["weights"])}
+    return identity
 
 
 def _check(cfg: PrecomputeConfig) -> None:
@@ -342,7 +351,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     if not cfg.overwrite:
         _grow_if_asked(cfg.out, spec)
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
-                          meta={"teacher_identity": teacher.identity}, overwrite=cfg.overwrite)
+                          meta={"teacher_identity": _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
     changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage import INVALID, WRITTEN
 
-from .inspect import (
+from .lookup import (
     InspectError,
     class_names,
     find_sample,
@@ -105,8 +105,8 @@ def _slots_for_view(spec, done, view, count) -> list[tuple[int, int]]:
 
 
 def collect_tiles(reader, data, sample=None, views=(), count=16) -> list[Tile]:
-    from .recipes import Recipe
-    from .views import ViewRenderer
+    from ..recipes import Recipe
+    from ..views import ViewRenderer
 
     spec = reader.spec
     manifest = source_manifest(reader, data)

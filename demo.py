@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from storage.errors import UserError
+
 FASHION_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -38,11 +40,11 @@ FASHION_FILES = {
 CLASS_NAMES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle_boot"]
 INSTALL_HINT = "install it with: sudo apt-get install -y dataset-fashion-mnist"
-CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cli.py")
+CLI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli.py")
 RECIPE_SET = ["scale=0.35,1"]
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """A demo that cannot run (missing data, a failed stage): one line, cause and fix."""
 
 
@@ -246,7 +248,7 @@ def table(rows: list[tuple[str, dict, str]], store: dict) -> str:
 
 def plot_curves(runs: list[tuple[str, dict, str]], path: str, title: str) -> None:
     """The demo's figure is `cli.py plot`'s: loss and every head's top-1 per epoch, all runs on one figure."""
-    from .curves import plot_runs
+    from student.curves import plot_runs
 
     plot_runs([(name, run["epochs"]) for name, run, _ in runs], path, title)
 

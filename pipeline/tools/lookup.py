@@ -1,0 +1,150 @@
+"""What inspect, verify and the contact sheet all need to find: the source behind a store, a sample by key
+or index, the slots a sample fills in a view, class names and ground truth.
+
+Everything the store does not hold (which sample a slot is, its augmentation, its mixing partner and
+lambda) is re-derived from the seed through ``pipeline.views``, the contract both stages use, so what
+these tools show is what the teacher labelled and the student will see.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from storage import Labels
+from storage.errors import UserError
+
+from ..sources import Manifest, SourceError, decode_image, index_source
+
+if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
+    from ..views import ViewRenderer
+
+
+class InspectError(UserError, ValueError):
+    """A question inspect cannot answer as asked: one line, cause and fix."""
+
+
+# ---- class names and ground truth ----------------------------------------------------------
+def class_names(spec) -> list[str]:
+    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names."""
+    if spec.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    if spec.class_names:
+        return list(spec.class_names)
+    return [str(i) for i in range(spec.num_classes)]
+
+
+def dominant_targets(labels: np.ndarray, plan) -> tuple[np.ndarray, np.ndarray]:
+    """(ground-truth class of each slot's dominant source, mixed flag) for one view of one shard.
+
+    Unmixed slots: the sample's own label. Mixed slots: the own label when lambda >= 0.5, else
+    the partner's (the source that covers most of the view).
+    """
+    target = np.empty(len(plan), dtype=np.int64)
+    mixed = np.zeros(len(plan), dtype=bool)
+    for sv in plan:
+        own = labels[sv.position]
+        if sv.mix.mode == "none" or sv.partner_position is None:
+            target[sv.slot] = own
+        else:
+            mixed[sv.slot] = True
+            target[sv.slot] = own if sv.mix.lam >= 0.5 else labels[sv.partner_position]
+    return target, mixed
+
+
+# ---- the source behind a store -------------------------------------------------------------
+def stored_manifest(reader) -> Manifest:
+    return Manifest.from_bytes(reader.manifest_bytes)
+
+
+def source_manifest(reader, data: str | None) -> Manifest:
+    """The manifest to read images from: --data indexed the way the store's was, else the stored one
+    (whose recorded root must still hold the files). A foreign source is refused."""
+    stored = stored_manifest(reader)
+    if data is None:
+        return stored
+    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed, shards=stored.layout,
+                     checksums=False)
+    if m.fingerprint != reader.spec.manifest_fingerprint:
+        raise InspectError(
+            f"{data} is not the source this store was made from (manifest fingerprint "
+            f"{m.fingerprint[:12]} != store's {reader.spec.manifest_fingerprint[:12]}; "
+            f"{m.num_samples} vs {stored.num_samples} samples); pass the --data given to precompute"
+        )
+    return m.with_checksums_of(stored)  # every read checks the bytes precompute labelled
+
+
+def load_image(manifest: Manifest, shard: int, position: int, data: str | None, flagged=lambda: False):
+    """The decoded image; an InspectError whose fix fits the case: the store flagged the image
+    undecodable at precompute (``flagged()``: nothing to show), the file changed since (restore it),
+    or the recorded root no longer holds the source (pass --data)."""
+    sample = manifest.read_sample(shard, position)  # SourceChanged: one line of its own, not "cannot decode"
+    try:
+        return decode_image(sample.data)
+    except SourceError:
+        raise
+    except Exception as e:
+        why = type(e).__name__
+        if flagged():
+            msg = (f"sample {sample.key!r} is undecodable ({why}), as it was at precompute: the store flags its "
+                   "views invalid and train skips them, so there is nothing to show; pick another sample")
+        elif data:
+            msg = (f"sample {sample.key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
+                   "the file was changed or damaged since; restore it from the source given to precompute")
+        else:
+            msg = (f"cannot decode sample {sample.key!r} from the recorded source root {manifest.root} ({why}); "
+                   "pass --data SRC pointing at the source given to precompute")
+        raise InspectError(msg) from None
+
+
+def _decodes(manifest: Manifest, shard: int, position: int) -> bool:
+    try:
+        decode_image(manifest.read_sample(shard, position).data)
+        return True
+    except Exception:  # noqa: BLE001 - any undecodable image
+        return False
+
+
+
+def find_sample(manifest: Manifest, key_or_index: str) -> tuple[int, int, str]:
+    """(shard, position, key) of a sample given by key, or by its index in manifest order."""
+    keys = manifest.samples.column("key").to_pylist()
+    if key_or_index in keys:
+        i = keys.index(key_or_index)
+    elif key_or_index.lstrip("-").isdigit() and 0 <= int(key_or_index) < len(keys):
+        i = int(key_or_index)
+    else:
+        raise InspectError(f"no sample {key_or_index!r} in the store's manifest; give a key (e.g. {keys[0]!r}) "
+                           f"or an index in 0..{len(keys) - 1}")
+    shard = int(manifest.samples.column("shard")[i].as_py())
+    position = int(manifest.samples.column("position")[i].as_py())
+    return shard, position, keys[i]
+
+
+def slots_of(renderer: ViewRenderer, seed: int, view: int, shard: int, n: int, position: int) -> list[int]:
+    """The slots of a view holding the sample: one, or with repeated augmentation 0 or R of them."""
+    return [int(s) for s in np.flatnonzero(renderer.slot_order(seed, view, shard, n) == position)]
+
+
+def pick_views(spec, done: set, shard: int, views: tuple[int, ...] | list[int], default: int) -> list[int]:
+    """The asked views (checked), or the first ``default`` complete views of the shard."""
+    for v in views:
+        spec.check_view(v)
+    if views:
+        return list(views)
+    ok = [v for v in range(spec.views) if (shard, spec.block_of(v)) in done]
+    if not ok:
+        raise InspectError(f"shard {shard} has no complete view yet; run precompute (it resumes)")
+    return ok[:default]
+
+
+def top_labels(lab: Labels, names: list[str], n: int | None = None) -> list[tuple[str, float | None]]:
+    """(name, probability) of one slot's stored labels, best first."""
+    if lab.values is None:
+        return [(names[int(lab.ids[0])], None)]
+    ids, vals = lab.ids[0], np.exp(lab.values[0].astype(np.float32))
+    return [(names[int(i)], float(p)) for i, p in list(zip(ids, vals, strict=True))[:n]]
