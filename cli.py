@@ -115,6 +115,14 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA).")
 @click.option("--rank", default=None, type=at_least(0), help="This process's rank (else RANK or SLURM_PROCID).")
 @click.option("--world-size", default=None, type=at_least(1), help="Fleet size (else WORLD_SIZE or SLURM_NTASKS).")
+@click.option("--join", is_flag=True,
+              help="No rank or world size: claim pending units until none is left (any number of processes, "
+                   "started at any time, on machines sharing the store's filesystem).")
+@click.option("--claim/--no-claim", default=True, show_default=True,
+              help="After this rank's own share, take over other ranks' pending units through leases "
+                   "(--no-claim: the static split, unit i on rank i mod world only).")
+@click.option("--lease-ttl", default=120.0, show_default=True, type=positive(), metavar="SECONDS",
+              help="A lease not renewed for this long (a frozen or lost worker) may be taken over.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
 def precompute(**kw):
     """Run the teacher over every view and store its labels (resumable; a fleet under torchrun)."""

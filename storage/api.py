@@ -14,26 +14,40 @@ place (a store on another disk linked into a project keeps working).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from .base import FORMAT, MANIFEST, STORE_JSON, read_store_json, store_json_bytes
-from .fsutil import fsync_path
+from .fsutil import atomic_write, fsync_path
+from .leases import LEASES_DIR
 from .spec import StoreError, StoreMismatch, StoreSpec, mismatch_error
 from .wds_backend import WdsReader, WdsWriter
 from .wds_backend import init_layout as _init_wds
 from .zarr_backend import ZarrReader, ZarrWriter
+from .zarr_backend import grow_arrays as _grow_zarr
 from .zarr_backend import init_arrays as _init_zarr
 
-# The backend registry: name -> (writer class, reader class, layout initialiser). The CLI's --format
-# choices, the names --overwrite may delete and the conformance tests are built from it, so a new
-# backend is a module in storage/, one entry here and its case in tests/test_storage.py's _damage.
+
+class Backend(NamedTuple):
+    writer: type
+    reader: type
+    init: Callable  # (root, spec): lay out a new store's backend files in its temporary directory
+    grow: Callable  # (root, old spec, new spec): make room for more views (grow_store)
+
+
+# The backend registry. The CLI's --format choices, the names --overwrite may delete and the
+# conformance tests are built from it, so a new backend is a module in storage/, one entry here and
+# its case in tests/test_storage.py's _damage.
 BACKENDS = {
-    "zarr": (ZarrWriter, ZarrReader, _init_zarr),
-    "wds": (WdsWriter, WdsReader, _init_wds),
+    "zarr": Backend(ZarrWriter, ZarrReader, _init_zarr, _grow_zarr),
+    "wds": Backend(WdsWriter, WdsReader, _init_wds, lambda root, old, new: None),  # one tar per unit: nothing sized
 }
 DEFAULT_BACKEND = "zarr"
 
@@ -45,7 +59,7 @@ def _backend(name: str, path):
 
 
 # What a store directory may hold: the shared files, and each backend's own (_StoreBase.layout).
-_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units"} | {n for writer, _, _ in BACKENDS.values() for n in writer.layout}
+_LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", LEASES_DIR} | {n for b in BACKENDS.values() for n in b.writer.layout}
 
 
 def _not_a_store(path: Path) -> str | None:
@@ -130,7 +144,8 @@ def create_store(
     path = Path(path)
     if path.is_symlink():  # rebuild where the link points; the link itself stays
         path = Path(os.path.realpath(path))
-    writer_cls, _, init = _backend(backend, path)
+    chosen = _backend(backend, path)
+    writer_cls, init = chosen.writer, chosen.init
     fix = "use a new --out or --overwrite"
     if overwrite:
         _delete_store(path)
@@ -160,7 +175,7 @@ def open_store(path, expect: StoreSpec | None = None):
     """Open a store for reading; with expect, refuse one made with a different spec."""
     path = Path(path)
     d = read_store_json(path)
-    _, reader_cls, _ = _backend(d["backend"], path)
+    reader_cls = _backend(d["backend"], path).reader
     if expect is not None:
         err = mismatch_error(
             path,
@@ -171,3 +186,54 @@ def open_store(path, expect: StoreSpec | None = None):
         if err is not None:
             raise err
     return reader_cls(path)
+
+
+def grow_store(path, views: int, *, lock_wait: float = 600.0) -> bool:
+    """Give a store made with V views ``views`` > V views: views V..views-1 become pending units, and the
+    store then holds exactly what a store made with ``views`` from the start would hold once they are
+    done (the plan of view v depends on the seed, the recipe and v, never on V). True if it grew.
+
+    Under an exclusive lock file (fleet members started together all ask): zarr arrays are resized;
+    the units of a last view block that was partial (V not a multiple of views_per_unit) are retracted,
+    because their block now spans more views, and are recomputed whole; then store.json takes the
+    new spec and a new generation, so a writer still running with the old V stops at its next commit
+    instead of writing a unit of the old shape. Shrinking is not done here (the caller refuses it)."""
+    path = Path(path)
+    lock = path / LEASES_DIR / ".grow.lock"
+    lock.parent.mkdir(exist_ok=True)
+    deadline = time.monotonic() + lock_wait
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            try:
+                stale = time.time() - lock.stat().st_mtime > 120  # a grower killed mid-way: growing takes seconds
+            except FileNotFoundError:
+                continue
+            if stale:
+                lock.unlink(missing_ok=True)
+            elif time.monotonic() > deadline:
+                raise StoreError(f"store at {path}: another process has been growing it for {lock_wait:.0f}s; "
+                                 f"if none is, delete {lock} and rerun") from None
+            else:
+                time.sleep(0.1)
+    try:
+        d = read_store_json(path)
+        old = StoreSpec.from_json(d["spec"])
+        if old.views >= views:
+            return False  # another fleet member grew it first
+        new = dataclasses.replace(old, views=views)
+        backend = _backend(d["backend"], path)
+        writer = backend.writer(path)
+        backend.grow(path, old, new)
+        last = old.num_blocks - 1
+        if len(old.block_views(last)) < old.views_per_unit:
+            for shard in range(old.num_shards):
+                writer.retract(shard, last)
+        d["spec"] = new.to_json()
+        d["generation"] = uuid.uuid4().hex
+        atomic_write(path / STORE_JSON, (json.dumps(d, indent=1, sort_keys=True) + "\n").encode())
+        return True
+    finally:
+        lock.unlink(missing_ok=True)

@@ -162,7 +162,8 @@ class StoreWriter(_StoreBase):
         """Raise StoreReplaced unless path/store.json still holds the generation this writer opened."""
         if store_generation(self.path) != self.generation:
             raise StoreReplaced(
-                f"store at {self.path} was deleted or rebuilt by another process (precompute --overwrite?) while "
+                f"store at {self.path} was deleted, grown or rebuilt by another process (precompute --overwrite, "
+                "or --views with more views?) while "
                 "this one was writing it; this process stopped without committing more units: rerun precompute "
                 "to resume the store that is there now"
             )

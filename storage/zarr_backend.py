@@ -268,3 +268,13 @@ class ZarrReader(_ZarrMixin, StoreReader):
                 continue
             out.add(flags[:, shards])
         return out
+
+def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
+    """Resize every array from old.views to new.views along the view axis (store growth, see
+    api.grow_store). Chunks of the views already there are untouched; zarr.json then reads as a store
+    made with new.views from the start (same shape, same chunking)."""
+    if new.views < old.views:
+        raise ValueError("zarr arrays only grow here")
+    group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+", zarr_format=3)
+    for name, (shape, _) in _array_shapes(new).items():
+        group[name].resize(shape)

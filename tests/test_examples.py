@@ -60,7 +60,7 @@ def test_api_refuses_in_one_line(tiny, tmp_path):
     with pytest.raises(TrainError, match="not the source the store"):
         open_lockstep(other, tiny["store"], 4)
     half = make_store(tiny["data"], tmp_path / "half", make_teacher_weights(tmp_path / "t.pth"), views=2, rank=0,
-                      world_size=2)
+                      world_size=2, claim=False)  # the static split: rank 0 leaves rank 1's units
     ls = open_lockstep(tiny["data"], half, 4)
     with pytest.raises(TrainError, match=r"missing \d+ of the units epochs 1-1 read .*\(shard 1, views 1-1\)"):
         for epoch in (0, 1):  # the half a rank of two wrote: some view-1 units are missing

@@ -156,6 +156,7 @@ PRECOMPUTE = {
     "--views-per-unit": ("int", ranged("int", 1)), "--batch-size": ("int", ranged("int", 1)),
     "--workers": ("int", ranged("int", 0, 1024)), "--rank": ("int", None), "--world-size": ("int", None),
     "--tau": ("float", ranged("float", 0, lo_open=True)),
+    "--lease-ttl": ("float", ranged("float", 0, lo_open=True)),
 }
 
 

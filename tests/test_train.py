@@ -232,7 +232,8 @@ def test_refuses_a_store_from_another_source(tiny, tmp_path):
 
 
 def test_refuses_an_incomplete_store_naming_the_missing_units(tiny, tmp_path):
-    half = make_store(tiny["data"], tmp_path / "half", tiny["weights"], views=2, rank=0, world_size=2)
+    half = make_store(tiny["data"], tmp_path / "half", tiny["weights"], views=2, rank=0, world_size=2,
+                      claim=False)  # the static split: rank 0 leaves rank 1's units
     msg = refusal(config(tiny, tmp_path / "r", labels=half))
     assert "missing 3 of the units" in msg and "(shard 1, views 1-1)" in msg
 

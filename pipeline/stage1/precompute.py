@@ -15,6 +15,8 @@ only a unit's last chunk may be short).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -37,8 +39,10 @@ from storage import (
     target_error,
     topk_logprobs,
 )
+from storage.api import grow_store
 from storage.base import library_versions
 from storage.errors import UserError
+from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
 from storage.soft import recorded_soft_error
 
 from ..probes import probe_hashes
@@ -79,6 +83,9 @@ class PrecomputeConfig:
     compile: bool = False
     rank: int | None = None
     world_size: int | None = None
+    claim: bool = True             # after its own share, take over other ranks' pending units (leases)
+    join: bool = False             # no rank or world size: claim pending units until none is left
+    lease_ttl: float = DEFAULT_TTL  # seconds a lease lives without renewal before others may take it over
     overwrite: bool = False
     progress: bool = True
 
@@ -98,11 +105,13 @@ class PrecomputeSummary:
     stored_views: int        # views in complete units, whole store
     seconds: float
     soft_error: dict = field(default_factory=dict)  # tau -> storage.soft.recorded_soft_error (this rank's)
+    worker: str = ""         # a --join process: its worker id (it has no rank)
 
     def report(self) -> str:
         bpv = self.store_bytes / max(self.stored_views, 1)
         lines = [
-            f"precompute: {self.views_written} views written by rank {self.rank}/{self.world_size} "
+            f"precompute: {self.views_written} views written by "
+            f"{f'worker {self.worker}' if self.worker else f'rank {self.rank}/{self.world_size}'} "
             f"in {self.seconds:.1f}s ({self.views_written / max(self.seconds, 1e-9):.1f} views/s); "
             f"{self.units_done} units done, {self.units_skipped} already complete",
             f"store: {self.units_complete}/{self.units_total} units complete, {self.store_bytes} bytes, "
@@ -199,6 +208,28 @@ def _check(cfg: PrecomputeConfig) -> None:
     for t in cfg.taus:
         if not (np.isfinite(t) and t > 0):
             raise PrecomputeError(f"--tau must be a finite temperature > 0, got {t}")
+    if not (np.isfinite(cfg.lease_ttl) and cfg.lease_ttl > 0):
+        raise PrecomputeError(f"--lease-ttl must be a finite number of seconds > 0, got {cfg.lease_ttl}")
+    if cfg.join and (cfg.rank is not None or cfg.world_size is not None):
+        raise PrecomputeError("--join takes no rank or world size (each process claims what is left): "
+                              "drop --rank/--world-size, or drop --join")
+    if cfg.join and not cfg.claim:
+        raise PrecomputeError("--join works by claiming units: drop --no-claim, or give --rank/--world-size")
+
+
+def _grow_if_asked(out: str, spec: StoreSpec) -> None:
+    """More views than the store at out holds, all else equal: grow it (storage.api.grow_store); fewer: refuse."""
+    try:
+        on_disk = open_store(out).spec
+    except (StoreError, OSError, ValueError, KeyError):
+        return  # no store there yet (or a damaged one): create_store says what is wrong
+    if on_disk.views == spec.views or dataclasses.replace(on_disk, views=spec.views) != spec:
+        return  # nothing to grow, or other settings too: create_store names the first difference
+    if spec.views < on_disk.views:
+        raise PrecomputeError(f"store at {out} was made with views={on_disk.views}, you asked for views={spec.views}: "
+                              f"a store only grows; pass --views {on_disk.views} or more, or --overwrite to start over")
+    if grow_store(out, spec.views):
+        log.warning("store at %s grown from %d to %d views", out, on_disk.views, spec.views)
 
 
 # ---- rendering: what a DataLoader worker does ------------------------------------------------
@@ -215,15 +246,20 @@ class Chunk:
 class UnitViews(torch.utils.data.IterableDataset):
     """Renders this rank's pending units; DataLoader workers split the units among themselves."""
 
-    def __init__(self, manifest: Manifest, recipe, seed: int, units: list[tuple[int, range]], batch_size: int):
+    def __init__(self, manifest: Manifest, recipe, seed: int, units: list[tuple[int, range]], batch_size: int,
+                 claimer: _Claimer | None = None):
         self.manifest, self.recipe, self.seed = manifest, recipe, seed
         self.units, self.batch_size = units, batch_size
+        self.claimer = claimer  # None: every unit given is ours (the static split)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         renderer = ViewRenderer(self.recipe)
         for u in range(wid, len(self.units), nw):
+            shard, views = self.units[u]
+            if self.claimer is not None and not self.claimer.take(shard, views.start):
+                continue  # done or being done by another worker
             yield from self.render_unit(renderer, u)
 
     def render_unit(self, renderer: ViewRenderer, u: int):
@@ -300,7 +336,7 @@ class _UnitBuffer:
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     t0 = time.perf_counter()
     _check(cfg)
-    rank, world = fleet_position(cfg.rank, cfg.world_size)
+    rank, world = (0, 1) if cfg.join else fleet_position(cfg.rank, cfg.world_size)
     overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size is not None else [])
     recipe = create_recipe(cfg.recipe, overrides)
     manifest = _index(cfg)
@@ -311,8 +347,10 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     teacher = create_teacher(cfg.teacher, weights=cfg.teacher_weights, num_classes=manifest.num_classes,
                              model_kwargs=cfg.model_kwargs, device=device, compile=cfg.compile)
     spec = build_spec(cfg, manifest, recipe, teacher)
-    if cfg.overwrite and rank != 0:
+    if cfg.overwrite and (rank != 0 or cfg.join):
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
+    if not cfg.overwrite:
+        _grow_if_asked(cfg.out, spec)
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
                           meta={"teacher_identity": _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
@@ -326,7 +364,10 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
         writer.set_meta("versions", library_versions())
 
-    mine = [u for i, u in enumerate(spec.units()) if i % world == rank]
+    worker = new_worker_id()
+    leases = Leases(cfg.out, worker, cfg.lease_ttl) if cfg.claim else None
+    everything = spec.units()
+    mine = [u for i, u in enumerate(everything) if i % world == rank]
     # A unit marked complete whose bytes were damaged since (flipped byte, lost chunk, torn marker)
     # would be skipped forever: crc32c-check this rank's complete units on every start and redo the
     # damaged ones. Automatic rather than a flag, because it is cheap: it reads the store's labels
@@ -335,53 +376,123 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
             [u for u in mine if writer.is_complete(*u)])}):
         log.warning("unit (shard=%d, view_block=%d) is damaged: recomputing it", shard, block)
         writer.retract(shard, block)
-    pending = [(shard, block) for shard, block in mine if not writer.is_complete(shard, block)]
-    units = [(shard, spec.block_views(block)) for shard, block in pending]
-    dataset = UnitViews(manifest, recipe, cfg.seed, units, cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=_single_thread_worker,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if cfg.workers else None)
+    skipped = sum(writer.is_complete(*u) for u in mine)
+    # Own share first, front to back; then the others' units from the back of their lists, where
+    # their owners (working front to back) arrive last.
+    order = mine + ([u for i, u in enumerate(everything) if i % world != rank][::-1] if cfg.claim else [])
 
-    total_views = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in spec.units())
+    total_views = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in everything)
     bar = tqdm(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, smoothing=0.05)
     bar.update(_stored_views(writer, spec))
-    buffers: dict[int, _UnitBuffer] = {}
-    soft_error = SoftError.start(spec)
-    written = invalid = 0
-    invalid_keys: list[str] = []
-    last_poll = time.monotonic()
+    run = _Run(cfg, spec, manifest, recipe, teacher, device, writer, leases, bar,
+               fleet=cfg.claim or world > 1)
     try:  # close the bar on any error, so the one-line error starts its own line
+        with Heartbeat(leases) if leases is not None else contextlib.nullcontext():
+            while True:
+                pending = [u for u in order if not writer.is_complete(*u)]
+                if not pending:
+                    break
+                if leases is not None and not any(leases.free(u) for u in pending):
+                    # Every unit left is leased by a live worker: wait for its commit, or for its lease to
+                    # expire (a frozen or lost worker) and take it over.
+                    time.sleep(min(max(cfg.lease_ttl / 8, 0.05), 0.5))
+                    run.show_fleet()
+                    continue
+                run.one_pass(pending)
+                if leases is None:
+                    break  # static split: one pass over our own share
+    finally:
+        bar.close()
+        if leases is not None:
+            for unit in leases.held():  # stopped by an error: free our units for the others at once
+                leases.release(unit)
+    soft_key = f"soft_error_rank{rank:05d}" if not cfg.join else f"soft_error_rank-join-{worker}"
+    run.soft_error.save(writer, "".join(c if c.isalnum() or c in "-_" else "-" for c in soft_key))
+    for key in sorted(set(run.invalid_keys)):
+        log.warning("undecodable image %s: its views are flagged invalid", key)
+    return PrecomputeSummary(
+        rank=rank, world_size=world, units_done=run.units_done, units_skipped=skipped,
+        views_written=run.written, views_invalid=run.invalid, invalid_keys=sorted(set(run.invalid_keys)),
+        units_complete=len(writer.completed_units()), units_total=len(everything),
+        store_bytes=open_store(cfg.out).nbytes(),
+        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0,
+        soft_error=run.soft_error.summary(), worker=worker if cfg.join else "")
+
+
+@dataclass
+class _Claimer:
+    """Decides, inside a DataLoader worker, whether this process renders a unit: it is not complete
+    and the lease on it is ours. Picklable (a path and the lease book), so DataLoader workers claim
+    the unit they are about to render, not the main process ahead of time: a process holds only the
+    leases of units it is actually working on."""
+
+    leases: Leases
+    store: str
+    views_per_unit: int
+
+    def take(self, shard: int, first_view: int) -> bool:
+        unit = (shard, first_view // self.views_per_unit)
+        if self._complete(unit) or not self.leases.claim(unit):
+            return False
+        if self._complete(unit):  # committed and released by another worker just before our claim
+            self.leases.release(unit)
+            return False
+        return True
+
+    def _complete(self, unit) -> bool:
+        if getattr(self, "_reader", None) is None:
+            self._reader = open_store(self.store)
+        return self._reader.is_complete(*unit)
+
+
+class _Run:
+    """One process's labelling loop: DataLoader passes over the pending units, commits, counters."""
+
+    def __init__(self, cfg, spec, manifest, recipe, teacher, device, writer, leases, bar, fleet: bool):
+        self.cfg, self.spec, self.manifest, self.recipe = cfg, spec, manifest, recipe
+        self.teacher, self.device, self.writer, self.leases, self.bar = teacher, device, writer, leases, bar
+        self.fleet = fleet
+        self.soft_error = SoftError.start(spec)
+        self.units_done = self.written = self.invalid = 0
+        self.invalid_keys: list[str] = []
+        self.last_poll = time.monotonic()
+
+    def show_fleet(self, every: float = 10.0) -> None:
+        """Move the bar to the fleet's progress, not ours (at most every `every` seconds)."""
+        if self.fleet and time.monotonic() - self.last_poll > every:
+            self.last_poll = time.monotonic()
+            self.bar.n = max(self.bar.n, _stored_views(self.writer, self.spec))
+            self.bar.refresh()
+
+    def one_pass(self, pending: list[tuple[int, int]]) -> None:
+        cfg, spec = self.cfg, self.spec
+        units = [(shard, spec.block_views(block)) for shard, block in pending]
+        claimer = _Claimer(self.leases, cfg.out, spec.views_per_unit) if self.leases is not None else None
+        dataset = UnitViews(self.manifest, self.recipe, cfg.seed, units, cfg.batch_size, claimer)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=_single_thread_worker,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if cfg.workers else None)
+        buffers: dict[int, _UnitBuffer] = {}
         for chunk in source_errors_in_one_line(loader):
             shard, views = units[chunk.unit]
             buf = buffers.get(chunk.unit)
             if buf is None:
                 buf = buffers[chunk.unit] = _UnitBuffer(len(views), spec.shard_sizes[shard], spec.k, cfg.hard,
                                                         len(spec.taus))
-            ids, values, tail = _label(teacher, chunk, recipe, spec, soft_error)
-            invalid_keys.extend(chunk.invalid_keys)
+            ids, values, tail = _label(self.teacher, chunk, self.recipe, spec, self.soft_error)
+            self.invalid_keys.extend(chunk.invalid_keys)
             if buf.add(chunk.start, ids, values, tail, chunk.valid.numpy()):
-                writer.write_unit(shard, spec.block_of(views.start), **buffers.pop(chunk.unit).arrays())
-                written += buf.valid.size
-                invalid += int((buf.valid == INVALID).sum())
-            bar.update(len(chunk.valid))
-            if world > 1 and time.monotonic() - last_poll > 10:  # show the fleet's progress, not ours
-                last_poll = time.monotonic()
-                bar.n = max(bar.n, _stored_views(writer, spec))
-                bar.refresh()
-    finally:
-        bar.close()
-    soft_error.save(writer, rank)
-    for key in sorted(set(invalid_keys)):
-        log.warning("undecodable image %s: its views are flagged invalid", key)
-    return PrecomputeSummary(
-        rank=rank, world_size=world, units_done=len(pending), units_skipped=len(mine) - len(pending),
-        views_written=written, views_invalid=invalid, invalid_keys=sorted(set(invalid_keys)),
-        units_complete=len(writer.completed_units()), units_total=len(spec.units()),
-        store_bytes=open_store(cfg.out).nbytes(),
-        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0,
-        soft_error=soft_error.summary())
+                block = spec.block_of(views.start)
+                self.writer.write_unit(shard, block, **buffers.pop(chunk.unit).arrays())
+                if self.leases is not None:
+                    self.leases.release((shard, block))
+                self.units_done += 1
+                self.written += buf.valid.size
+                self.invalid += int((buf.valid == INVALID).sum())
+            self.bar.update(len(chunk.valid))
+            self.show_fleet()
 
 
 def _stored_views(writer, spec: StoreSpec) -> int:
@@ -418,7 +529,8 @@ class SoftError:
     """How far the soft targets rebuilt from the store are from the teacher's full softmax(z / tau), at
     each of the store's taus, over the views this rank labelled: total variation and KL(teacher || rebuilt),
     with the stored tail log-sum-exp ("stored") and with the uniform-tail approximation ("uniform").
-    Saved as meta/soft_error_rank<R>.json, added to what an earlier run of the same rank recorded;
+    Saved as meta/soft_error_rank<R>.json (a --join process: soft_error_rank-join-<worker>.json), added
+    to what an earlier run of the same rank recorded;
     `train` prints it (storage/soft.py explains the two rebuilds)."""
 
     num_classes: int
@@ -444,10 +556,10 @@ class SoftError:
         meta = {"soft_error_rank00000": self.sums}
         return {tau: recorded_soft_error(meta, tau) for tau in self.taus if self.sums}
 
-    def save(self, writer, rank: int) -> None:
+    def save(self, writer, key: str) -> None:
+        """key: meta/<key>.json, soft_error_rank<R> (a join process: soft_error_rank-join-<worker>)."""
         if not self.sums:
             return
-        key = f"soft_error_rank{rank:05d}"
         merged = {name: list(v) for name, v in writer_meta(writer).get(key, {}).items()}
         for name, (total, peak, views) in self.sums.items():
             old = merged.get(name, [0.0, 0.0, 0])

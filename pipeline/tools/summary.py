@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from storage import WRITTEN, Labels, StoreCorrupt
+from storage.leases import fleet_status
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     pass
@@ -73,6 +74,7 @@ class Summary:
     classes_per_shard_random: float | None = None  # expected for random shards of the same sizes
     seconds: float = 0.0
     taus: list[float] = field(default_factory=list)  # temperatures whose tempered tail mass is stored
+    fleet: dict = field(default_factory=dict)  # storage.leases.fleet_status: complete/leased/pending, rate, ETA
 
     @property
     def bytes_per_view(self) -> float | None:
@@ -171,6 +173,8 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
         teacher=meta.get("teacher_identity") or dict(spec.teacher),
         versions=meta.get("versions") or reader.versions, probes=len(meta.get("probes", {})),
         taus=list(spec.taus),
+        fleet=fleet_status(reader.path, spec.units(), done,
+                           {(sh, b): len(spec.block_views(b)) * spec.shard_sizes[sh] for sh, b in spec.units()}),
     )
     _shard_diversity(reader, s)
     readable = done - set(flags.unreadable)
@@ -267,6 +271,7 @@ def format_summary(s: Summary) -> str:
     if s.missing_units:
         lines.append(f"missing     units (shard,view_block): {_units_text(s.missing_units)}; "
                      "rerun precompute (it resumes)")
+    lines += _fleet_lines(s.fleet)
     if s.unreadable_units:
         lines.append(f"unreadable  units (shard,view_block): {_units_text(sorted(set(s.unreadable_units)))}; "
                      "run verify --full")
@@ -303,6 +308,34 @@ def format_summary(s: Summary) -> str:
         f"time        {s.seconds:.2f}s",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, sec = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _fleet_lines(f: dict, limit: int = 8) -> list[str]:
+    """Who is working on the store and how fast: shown while units are missing or leases are held."""
+    if not f or (not f["leases"] and not f["units_pending"] and not f["units_leased"]):
+        return []
+    if f["views_per_s"]:
+        pace = (f"{f['recent_units']} units in the last {_duration(f['window_s'])}, {f['views_per_s']:.1f} views/s"
+                + (f", ETA {_duration(f['eta_s'])}" if f["eta_s"] else ""))
+    else:
+        pace = f"no unit completed in the last {_duration(f['window_s'])}"
+    lines = [f"fleet       {f['units_complete']} units complete, {f['units_leased']} leased, "
+             f"{f['units_pending']} pending; {pace}"]
+    now = time.time()
+    for lease in f["leases"][:limit]:
+        state = "EXPIRED (may be taken over)" if lease["expired"] else "renewed"
+        lines.append(f"  lease     unit ({lease['unit'][0]},{lease['unit'][1]}) held by {lease['worker']} "
+                     f"(host {lease['host']}, pid {lease['pid']}) for {_duration(now - lease['since'])}, "
+                     f"{state} {lease['renewed_age_s']:.0f}s ago")
+    if len(f["leases"]) > limit:
+        lines.append(f"  lease     ... (+{len(f['leases']) - limit} more)")
+    return lines
 
 
 def _recipe_text(r: dict) -> str:
