@@ -274,22 +274,13 @@ def train(**kw):
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
     if kw["finetune"]:  # DeiT's fine-tuning recipe for every option left at its default
-        import os
-
-        from student.finetune import FINETUNE_DEFAULTS, finetune_defaults
+        from student.finetune import with_finetune_defaults
 
         source = click.get_current_context().get_parameter_source
-        lr = kw["lr"] if source("lr") != click.core.ParameterSource.DEFAULT else FINETUNE_DEFAULTS["lr"]
-        defaults = finetune_defaults(lr, kw["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
-        kw.update({k: v for k, v in defaults.items() if source(k) == click.core.ParameterSource.DEFAULT})
+        kw = with_finetune_defaults(kw, {k for k in kw if source(k) != click.core.ParameterSource.DEFAULT})
     summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
-    if summary is not None and summary["rank"] == 0:
-        final = summary["final"].get("val") or {}
-        click.echo(f"train: {summary['epochs_this_run']} epochs, {summary['images']} images in "
-                   f"{summary['train_seconds']:.1f}s ({summary['img_per_s']:.1f} img/s); "
-                   f"invalid views skipped: {summary['invalid_views_skipped']}"
-                   + (f"; val top-1 cls/dist/avg {final['cls_top1']:.2f}/{final['dist_top1']:.2f}/"
-                      f"{final['avg_top1']:.2f}" if final else ""))
+    if summary is not None and summary.rank == 0:
+        click.echo(summary.report())
 
 
 @main.command()
