@@ -206,10 +206,9 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
         return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
                             device=device, batch_size=batch_size, atol=atol, taus=taus)
 
-    if device == "auto":
-        import torch
+    from pipeline.devices import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     report = _report_inspect_errors(go)
     from pipeline.tools.verify import format_report
 

@@ -86,9 +86,9 @@ SIZES = {
 
 
 def choose_size(quick: bool, device: str) -> Size:
-    import torch
+    from pipeline.devices import resolve_device
 
-    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpu = resolve_device(device).type == "cuda"
     if gpu:
         return SIZES["gpu-quick" if quick else "gpu"]
     size = SIZES["quick" if quick else "default"]

@@ -38,8 +38,10 @@ from storage import (
 )
 from storage.base import library_versions
 from storage.errors import UserError
+from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
+from ..devices import resolve_device
 from ..probes import probe_hashes
 from ..recipes import create_recipe
 from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
@@ -130,12 +132,6 @@ def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise PrecomputeError(f"rank {rank} is outside a fleet of {world_size}; set --rank in [0, --world-size)")
     return rank, world_size
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> StoreSpec:
@@ -305,7 +301,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     if cfg.overwrite and rank != 0:
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
-                          meta={"teacher_identity": teacher.identity}, overwrite=cfg.overwrite)
+                          meta={TEACHER_IDENTITY: teacher.identity}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
     changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
@@ -314,8 +310,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                             "restore it, or re-run precompute on the new source with --overwrite")
     if rank == 0:
         renderer = ViewRenderer(recipe)
-        writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
-        writer.set_meta("versions", library_versions())
+        writer.set_meta(PROBES, probe_hashes(renderer, manifest, cfg.seed, cfg.views))
+        writer.set_meta(VERSIONS, library_versions())
 
     mine = [u for i, u in enumerate(spec.units()) if i % world == rank]
     # A unit marked complete whose bytes were damaged since (flipped byte, lost chunk, torn marker)
@@ -334,10 +330,10 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
 
-    total_views = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in spec.units())
+    total_views = spec.views_in(spec.units())
     bar = tqdm(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, smoothing=0.05)
-    bar.update(_stored_views(writer, spec))
+    bar.update(spec.views_in(writer.completed_units()))
     buffers: dict[int, _UnitBuffer] = {}
     soft_error = SoftError.start(spec)
     written = invalid = 0
@@ -359,7 +355,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
             bar.update(len(chunk.valid))
             if world > 1 and time.monotonic() - last_poll > 10:  # show the fleet's progress, not ours
                 last_poll = time.monotonic()
-                bar.n = max(bar.n, _stored_views(writer, spec))
+                bar.n = max(bar.n, spec.views_in(writer.completed_units()))
                 bar.refresh()
     finally:
         bar.close()
@@ -371,12 +367,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         views_written=written, views_invalid=invalid, invalid_keys=sorted(set(invalid_keys)),
         units_complete=len(writer.completed_units()), units_total=len(spec.units()),
         store_bytes=open_store(cfg.out).nbytes(),
-        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0,
+        stored_views=spec.views_in(writer.completed_units()), seconds=time.perf_counter() - t0,
         soft_error=soft_error.summary())
-
-
-def _stored_views(writer, spec: StoreSpec) -> int:
-    return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in writer.completed_units())
 
 
 def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec, soft_error: SoftError | None = None):
@@ -432,13 +424,13 @@ class SoftError:
 
     def summary(self) -> dict:
         """tau -> the figures of this run's views, as storage.soft.recorded_soft_error gives them."""
-        meta = {"soft_error_rank00000": self.sums}
+        meta = {soft_error_key(0): self.sums}
         return {tau: recorded_soft_error(meta, tau) for tau in self.taus if self.sums}
 
     def save(self, writer, rank: int) -> None:
         if not self.sums:
             return
-        key = f"soft_error_rank{rank:05d}"
+        key = soft_error_key(rank)
         merged = {name: list(v) for name, v in writer_meta(writer).get(key, {}).items()}
         for name, (total, peak, views) in self.sums.items():
             old = merged.get(name, [0.0, 0.0, 0])
