@@ -32,6 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from pipeline.devices import resolve_device
 from storage.fsutil import load_error_cause
 
 from .curves import append_summary
@@ -118,8 +119,7 @@ class Dist:
 def init_distributed(device: str) -> Dist:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK; a process group only when WORLD_SIZE > 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
@@ -431,6 +431,8 @@ class Run:
             n_steps += 1
             n_images += len(batch) * d.world
             bar.update()
+            if sums.full:  # a long log interval: read back anyway, so that pending tensors stay few
+                self._flush(sums, epoch, bar)
             if n_steps % cfg.log_every == 0 or n_steps == len(batches):
                 self._flush(sums, epoch, bar)
                 rate = n_images / (time.perf_counter() - t0)
@@ -461,7 +463,10 @@ class LossSums:
 
     The per-step (base, kd) tensors wait in ``pending``; ``flush`` reads them all with one sync and
     adds them up in step order as Python floats, so the sums are the very numbers a per-step
-    ``float()`` would have given."""
+    ``float()`` would have given. At most ``MAX_PENDING`` steps wait (``full``): a sync per 1024 steps
+    costs nothing, a pending tensor per step of a long epoch would hold device memory."""
+
+    MAX_PENDING = 1024
 
     def __init__(self, mode: str, alpha: float):
         self.mode, self.alpha = mode, alpha
@@ -469,6 +474,10 @@ class LossSums:
         self.steps: list[int] = []
         self.loss = self.base = self.kd = 0.0
         self.first: float | None = None  # the epoch's first step's loss
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) >= self.MAX_PENDING
 
     def add(self, base: torch.Tensor, kd: torch.Tensor, step: int) -> None:
         self.pending += [base, kd]

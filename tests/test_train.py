@@ -99,9 +99,9 @@ def test_two_epochs_equal_one_epoch_stop_resume_one_epoch(tiny, tmp_path):
     """Bit for bit on CPU: weights, EMA and optimizer state, drop path on (its RNG is reseeded)."""
     straight = train(config(tiny, tmp_path / "a"))
     first = train(config(tiny, tmp_path / "b", stop_after_epochs=1))
-    assert not first["finished"] and first["step"] == 3
+    assert not first.finished and first.step == 3
     resumed = train(config(tiny, tmp_path / "b", resume=True))
-    assert resumed["finished"] and resumed["epochs_this_run"] == 1 and resumed["step"] == straight["step"] == 6
+    assert resumed.finished and resumed.epochs_this_run == 1 and resumed.step == straight.step == 6
     a, b = checkpoint(tmp_path / "a"), checkpoint(tmp_path / "b")
     assert state_bytes(a["model"]) == state_bytes(b["model"])
     assert state_bytes(a["state_dict_ema"]) == state_bytes(b["state_dict_ema"])
@@ -159,7 +159,7 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(tiny,
     r = cli("cli.py", "train", *flags, "--out", str(run), "--resume", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     straight = train(config(tiny, tmp_path / "straight", epochs=4, distillation=None))
-    assert straight["step"] == checkpoint(run)["step"] == 12
+    assert straight.step == checkpoint(run)["step"] == 12
     assert state_bytes(checkpoint(run)["model"]) == state_bytes(checkpoint(tmp_path / "straight")["model"])
     assert epochs_done >= 1
 
