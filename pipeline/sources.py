@@ -1,9 +1,10 @@
 """Sources -> manifests: the fixed list of shards and samples every later stage addresses.
 
-A source is an ImageFolder directory (one sub-folder per class) or WebDataset tar shards (a
-directory of ``.tar`` files, a glob, or a brace pattern). Indexing it once gives a ``Manifest``:
+A source is an ImageFolder directory (one sub-folder per class), WebDataset tar shards (a
+directory of ``.tar`` files, a glob, or a brace pattern) or parquet files in the Hugging Face
+``datasets`` layout (the same ways; ``hf_parquet``). Indexing it once gives a ``Manifest``:
 
-- ``shards``: one row per shard (a tar file, or a virtual shard of an ImageFolder),
+- ``shards``: one row per shard (a tar or parquet file, or a virtual shard),
 - ``samples``: key, label, shard, position, where its bytes live, and their size and crc32c,
 - ``class_names`` and a ``fingerprint`` that changes when any file list, key or label changes.
 
@@ -17,7 +18,7 @@ sockets, dangling links) named like images are skipped, counted and reported, ne
 
 An ImageFolder is cut into fixed-size virtual shards after one seeded shuffle, so every shard
 mixes classes (a shard is the unit of work and of streaming; a shard of one class would feed a
-batch of one class). WebDataset tars written in class order are re-cut the same way
+batch of one class). WebDataset tars (and parquet files) written in class order are re-cut the same way
 (``recut_shards``): a seeded permutation of all samples into virtual shards, each sample keeping
 its tar, offset and size, so it is read by one seek. ``--shards auto`` (default) re-cuts when
 the tars hold far fewer classes than a random draw of their size would (``class_diversity``);
@@ -51,6 +52,7 @@ from storage.errors import UserError
 from storage.spec import shard_starts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+PARQUET_EXT = ".parquet"
 LABEL_EXT = ".cls"
 MANIFEST_VERSION = 2  # 2: size and crc32c of every sample; the shard layout (re-cut tars)
 NO_CRC = -1  # crc32c column value of a sample whose bytes were not read at indexing
@@ -94,7 +96,7 @@ class Sample:
 
 @dataclass
 class Manifest:
-    kind: str                 # "imagefolder" or "wds"
+    kind: str                 # "imagefolder", "wds" or "parquet" (offset = the row in its file)
     root: str                 # directory the relative paths start from
     shards: list[str]         # tar file names (wds as-is) or virtual shard names (imagefolder, re-cut wds)
     class_names: list[str]
@@ -102,12 +104,23 @@ class Manifest:
     shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
     seed: int = 0             # imagefolder: the shuffle seed
     layout: str = ""          # "shuffle" (seeded virtual shards) or "as-is"; "" = the kind's default
-    tars: list[str] = field(default_factory=list)  # a re-cut wds: its tar files (column "tar" indexes them)
+    tars: list[str] = field(default_factory=list)  # a re-cut wds/parquet: its files (column "tar" indexes them)
     skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
 
     def __post_init__(self):
         if not self.layout:
             self.layout = "shuffle" if self.kind == "imagefolder" else "as-is"
+        self._rows = None  # parquet: hf_parquet.ParquetRows, opened on the first read
+
+    def __getstate__(self):  # workers get a copy without open files
+        return {**self.__dict__, "_rows": None}
+
+    def parquet_rows(self):
+        """Row-group reader of a parquet source's files (opened once per manifest copy)."""
+        if self._rows is None:
+            from .hf_parquet import ParquetRows
+            self._rows = ParquetRows(self.root, self.tars or self.shards)
+        return self._rows
 
     # ---- derived views ------------------------------------------------------------------
     @property
@@ -162,7 +175,7 @@ class Manifest:
         manifest recorded: reads then check the bytes precompute labelled. Same fingerprint only."""
         if stored.fingerprint != self.fingerprint:
             raise SourceError("internal: checksums can only come from a manifest of the same source")
-        cols = ["crc32c"] + (["size"] if self.kind == "imagefolder" else [])  # wds sizes come from the tar
+        cols = ["crc32c"] + (["size"] if self.kind != "wds" else [])  # wds sizes come from the tar headers
         t = self.samples
         for c in cols:
             t = t.set_column(t.schema.get_field_index(c), c, stored.samples.column(c))
@@ -208,6 +221,10 @@ class Manifest:
         if self.kind == "imagefolder":
             path = os.path.join(self.root, row["path"])
             data = _read_file(path)
+        elif self.kind == "parquet":
+            file = row["tar"] if self.tars else shard
+            path = self.parquet_rows().path(file)
+            data = self.parquet_rows().image(file, row["offset"])
         else:
             path = os.path.join(self.root, self.tar_of(shard, row))
             try:
@@ -227,6 +244,16 @@ class Manifest:
         """A whole shard in position order; a tar is read once, front to back, no seeks (a
         re-cut shard: one seek per sample, in file order, yielded in position order)."""
         rows = self.shard_table(shard).to_pylist()
+        if self.kind == "parquet":  # by (file, row): each row group read once (hf_parquet.ParquetRows)
+            rs = self.parquet_rows()
+            for r in sorted(rows, key=lambda r: (r.get("tar", shard), r["offset"])):
+                file = r["tar"] if self.tars else shard
+                data = rs.image(file, r["offset"])
+                check_sample(r["key"], rs.path(file), data, r["size"], r["crc32c"])
+                r["data"] = data
+            for r in rows:
+                yield Sample(r["key"], r["label"], shard, r["position"], r.pop("data"))
+            return
         if self.tars:
             yield from _iter_recut(self.root, self.tars, shard, rows)
             return
@@ -349,20 +376,31 @@ _SCHEMA = pa.schema([
 
 def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str = "auto",
                  checksums: bool = True) -> Manifest:
-    """Index an ImageFolder directory or WebDataset shards into a manifest (see module doc).
+    """Index an ImageFolder directory, WebDataset shards or Hugging Face parquet files into a
+    manifest (see module doc).
 
-    ``shards``: "auto" (ImageFolder: seeded virtual shards; WebDataset: re-cut only if its tars
-    are class-skewed), "shuffle" (always re-cut) or "as-is" (the tars, or the folder order).
+    ``shards``: "auto" (ImageFolder: seeded virtual shards; WebDataset and parquet: re-cut only if
+    the files are class-skewed), "shuffle" (always re-cut) or "as-is" (the files, or the folder order).
     checksums=True reads every sample once to record its size and crc32c (precompute); False
     records names and labels only (a train or verify start, which then takes the checksums from
     the store's manifest: ``Manifest.with_checksums_of``).
     """
     if shards not in SHARD_LAYOUTS:
         raise SourceError(f"--shards {shards!r} is not one of {', '.join(SHARD_LAYOUTS)}")
-    if os.path.isdir(src) and not _tar_files_in(src):
+    if os.path.isdir(src) and not _tar_files_in(src) and not _files_in(src, PARQUET_EXT):
         return _index_imagefolder(src, shard_size=shard_size, seed=seed, shuffle=shards != "as-is",
                                   checksums=checksums)
-    return apply_layout(_index_wds(src, checksums=checksums), shards=shards, shard_size=shard_size, seed=seed)
+    files = expand_files(src)
+    parquet = [f.endswith(PARQUET_EXT) for f in files]
+    if any(parquet) and not all(parquet):
+        other = files[parquet.index(False)]
+        raise SourceError(f"{src}: mixes .parquet files with others ({other}); a source is one kind of "
+                          "files: narrow the pattern given to --data")
+    if files and all(parquet):
+        m = _index_parquet(src, files, checksums=checksums)
+    else:
+        m = _index_wds(src, checksums=checksums)
+    return apply_layout(m, shards=shards, shard_size=shard_size, seed=seed)
 
 
 def apply_layout(m: Manifest, *, shards: str = "auto", shard_size: int = 1024, seed: int = 0) -> Manifest:
@@ -424,11 +462,15 @@ def recut_shards(m: Manifest, *, shard_size: int, seed: int) -> Manifest:
     return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards))
 
 
-def _tar_files_in(directory: str) -> list[str]:
+def _files_in(directory: str, ext: str) -> list[str]:
     try:
-        return sorted(f for f in os.listdir(directory) if f.endswith(".tar"))
+        return sorted(f for f in os.listdir(directory) if f.endswith(ext))
     except PermissionError:
         raise permission_error(directory, "list this folder") from None
+
+
+def _tar_files_in(directory: str) -> list[str]:
+    return _files_in(directory, ".tar")
 
 
 def _report_skipped(root: str, skipped: list[str]) -> None:
@@ -503,8 +545,14 @@ def _index_imagefolder(root: str, *, shard_size: int, seed: int, shuffle: bool =
 
 def expand_wds(src: str) -> list[str]:
     """A directory of .tar files, a glob, or a brace pattern -> sorted list of tar paths."""
+    return expand_files(src, ".tar")
+
+
+def expand_files(src: str, ext: str | None = None) -> list[str]:
+    """A directory (its .tar files, else its .parquet files), a glob, a brace pattern or one file -> paths."""
     if os.path.isdir(src):
-        return [os.path.join(src, f) for f in _tar_files_in(src)]
+        names = _files_in(src, ext) if ext else (_tar_files_in(src) or _files_in(src, PARQUET_EXT))
+        return [os.path.join(src, f) for f in names]
     if any(c in src for c in "{}"):
         return [p for p in braceexpand(src)]
     if any(c in src for c in "*?["):
@@ -512,11 +560,8 @@ def expand_wds(src: str) -> list[str]:
     return [src]
 
 
-def _index_wds(src: str, checksums: bool = True) -> Manifest:
-    files = expand_wds(src)
-    if not files:
-        raise SourceError(f"{src}: no such directory or shards; pass an ImageFolder directory or .tar shards "
-                          "(a directory, a glob or a brace pattern)")
+def _check_files(src: str, files: list[str]) -> str:
+    """The files of a tar or parquet source exist, are regular and sit in one directory: that directory."""
     for f in files:
         if not os.path.isfile(f):
             what = "not a regular file (a FIFO or device?)" if os.path.exists(f) else "no such file"
@@ -524,6 +569,63 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
     root = os.path.dirname(os.path.abspath(files[0]))
     if any(os.path.dirname(os.path.abspath(f)) != root for f in files):
         raise SourceError(f"{src}: shards must sit in one directory")
+    return root
+
+
+def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Manifest:
+    """Parquet files in the Hugging Face ``datasets`` layout -> a manifest of the files as-is.
+
+    Key ``<file stem>/<row>``, path the image's own ``path`` field, offset its row in the file. Class
+    names: the ``ClassLabel`` names in the files' ``huggingface`` metadata, else ``classes.txt``
+    beside the files, else "0".."C-1"."""
+    from .hf_parquet import index_file
+
+    root = _check_files(src, files)
+    cols = {name: [] for name in _SCHEMA.names}
+    names, named_by = None, None
+    for shard, path in enumerate(files):
+        rows = index_file(path, checksums)
+        if rows["class_names"] is not None:
+            if names is not None and rows["class_names"] != names:
+                raise SourceError(f"{path}: its ClassLabel names differ from those of {named_by}; all files of "
+                                  "one source need the same classes (re-export them from one dataset)")
+            names, named_by = rows["class_names"], path
+        n = len(rows["labels"])
+        if n and rows["labels"].min() < 0:
+            i = int(np.argmax(rows["labels"] < 0))
+            raise SourceError(f"{path}: row {i} has label {int(rows['labels'][i])}; labels are class indices "
+                              "0..C-1 (-1 is the datasets library's 'no label', e.g. a test split): use a "
+                              "labelled split or drop those rows")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        cols["key"] += [f"{stem}/{r}" for r in range(n)]
+        cols["label"] += rows["labels"].tolist()
+        cols["shard"] += [shard] * n
+        cols["position"] += list(range(n))
+        cols["path"] += rows["paths"]
+        cols["offset"] += list(range(n))
+        cols["size"] += rows["sizes"] if checksums else [0] * n
+        cols["crc32c"] += rows["crcs"] if checksums else [NO_CRC] * n
+        cols.setdefault("file", []).extend([path] * n)
+    if not cols["key"]:
+        raise SourceError(f"{src}: the parquet files hold no rows")
+    files_of = cols.pop("file")
+    labels = np.asarray(cols["label"])
+    if names is None:
+        names = _wds_class_names(root, int(labels.max()) + 1)
+        named_by = os.path.join(root, "classes.txt")
+    if labels.max() >= len(names):
+        i = int(np.argmax(labels >= len(names)))
+        raise SourceError(f"{files_of[i]}: row {cols['offset'][i]} has label {labels[i]}, but {named_by} names "
+                          f"{len(names)} classes (0..{len(names) - 1}); fix the label or the class names")
+    return Manifest("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=_SCHEMA))
+
+
+def _index_wds(src: str, checksums: bool = True) -> Manifest:
+    files = expand_wds(src)
+    if not files:
+        raise SourceError(f"{src}: no such directory or shards; pass an ImageFolder directory, .tar shards or "
+                          ".parquet files (a directory, a glob or a brace pattern)")
+    root = _check_files(src, files)
     cols = {name: [] for name in _SCHEMA.names}
     for shard, path in enumerate(files):
         for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):

@@ -48,6 +48,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.hf_parquet import ParquetRows
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
     Manifest,
@@ -87,7 +88,7 @@ class SampleFiles:
         self.keys = t.column("key").to_numpy(zero_copy_only=False)
         if self.kind == "imagefolder":
             self.paths = t.column("path").to_numpy(zero_copy_only=False)
-        else:
+        else:  # a tar's byte offset, or a parquet file's row
             self.offsets = t.column("offset").to_numpy()
             # Which tar holds each row: the shard itself, or (a re-cut source) the "tar" column.
             self.tars = list(manifest.tars) or self.shards
@@ -95,6 +96,9 @@ class SampleFiles:
         self.nbytes = t.column("size").to_numpy()
         self.crcs = t.column("crc32c").to_numpy()  # the bytes precompute labelled (-1: not recorded)
         self._open: OrderedDict[int, object] = OrderedDict()
+        # parquet: a few files open and the last row groups kept, so a batch's samples from one
+        # row group cost one read of it (hf_parquet.ParquetRows; picklable, caches not carried)
+        self.parquet = ParquetRows(self.root, self.tars, self.OPEN_TARS) if self.kind == "parquet" else None
 
     def __getstate__(self):
         return {**self.__dict__, "_open": OrderedDict()}
@@ -116,6 +120,10 @@ class SampleFiles:
                 raise
             except OSError:
                 data = b""  # undecodable, like an empty file: the view is skipped and counted
+        elif self.parquet is not None:
+            tar = int(self.tar_index[i])
+            path = self.parquet.path(tar)
+            data = self.parquet.image(tar, int(self.offsets[i]))
         else:
             tar = int(self.tar_index[i])
             path = os.path.join(self.root, self.tars[tar])
@@ -132,6 +140,25 @@ class SampleFiles:
             data = f.read(int(self.nbytes[i]))
         check_sample(str(self.keys[i]), path, data, int(self.nbytes[i]), int(self.crcs[i]))
         return data
+
+    def read_many(self, samples: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """Bytes of several (shard, position)s, read in file order: a parquet row group (or a tar
+        region) that several of them share is read once, not once per sample. b"" for a sample
+        that cannot be read now (undecodable: its views are skipped and counted)."""
+        rows = {s: self.row(*s) for s in samples}
+        if self.kind == "imagefolder":
+            order = sorted(rows)
+        else:
+            order = sorted(rows, key=lambda s: (int(self.tar_index[rows[s]]), int(self.offsets[rows[s]])))
+        out = {}
+        for s in order:
+            try:
+                out[s] = self.read(*s)
+            except SourceError:  # changed or unreadable source: stop, never train on other images
+                raise
+            except Exception:  # unreadable now (a tar gone): undecodable, its views skipped and counted
+                out[s] = b""
+        return out
 
 
 # ---- what a run trains on ------------------------------------------------------------------
@@ -357,10 +384,14 @@ class ReplayBatches(torch.utils.data.IterableDataset):
         images, keep, decoded, pairs = [], [], {}, {}
         own, other, lams = [], [], []  # per kept view: its label, its partner's (-1: none), lambda (NaN: unmixed)
 
+        # Every image of the batch read first, in file order (one read per parquet row group).
+        raw = files.read_many(sorted({(shard, pos) for shard, slot in rows.tolist()
+                                      for pos in _pair_positions(plan(shard, slot & ~1))}))
+
         def image(shard, position):
             if (shard, position) not in decoded:
                 try:
-                    decoded[shard, position] = decode_image(files.read(shard, position))
+                    decoded[shard, position] = decode_image(raw.pop((shard, position)))
                 except SourceError:  # changed or unreadable source: stop, never train on other images
                     raise
                 except Exception:  # any undecodable image: its views are skipped and counted
@@ -394,6 +425,10 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             "rows": torch.from_numpy(rows[keep]) if keep else torch.zeros(0, 2, dtype=torch.int64),
             "skipped": len(rows) - len(keep),
         }
+
+
+def _pair_positions(lead) -> tuple[int, ...]:
+    return (lead.position,) if lead.partner_position is None else (lead.position, lead.partner_position)
 
 
 @dataclass

@@ -123,3 +123,49 @@ def test_cuda_without_a_gpu_is_one_line(stores):
     from cli_support import one_line_error
 
     one_line_error(verify(stores["zarr"], "--data", stores["data"], "--device", "cuda"), "no CUDA GPU is visible")
+
+
+def _store_with_weights(root, weights: str, data: str) -> str:
+    """A tiny store whose teacher came from `weights` (as given: relative paths stay relative)."""
+    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+
+    out = str(root / "store")
+    run_precompute(PrecomputeConfig(
+        data=data, out=out, teacher="resnet10t", teacher_weights=weights, model_kwargs={"num_classes": 3},
+        views=2, views_per_unit=2, topk=3, input_size=32, batch_size=16, workers=0,
+        overrides=["repeats=1"], progress=False))
+    return out
+
+
+def test_verify_without_teacher_weights_uses_the_recorded_file(tmp_path, monkeypatch):
+    """precompute ran with a relative --teacher-weights in one directory; verify, from another one and
+    without --teacher-weights, rebuilds that very teacher (the recorded path, its sha256 checked) and
+    passes, instead of rebuilding a teacher with random weights."""
+    data = write_wds(tmp_path / "wds", n=12, per_shard=6)
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(2)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), work / "teacher.pth")
+    monkeypatch.chdir(work)
+    store = _store_with_weights(tmp_path, "teacher.pth", data)
+    monkeypatch.chdir(tmp_path)
+    res = verify(store, "--data", data, "--n", 8)
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1] == "PASS"
+    assert "recompute   8 views: top-1 agreement 8/8" in res.output
+
+
+def test_verify_without_teacher_weights_names_a_missing_or_changed_file(tmp_path):
+    from cli_support import one_line_error
+
+    data = write_wds(tmp_path / "wds", n=12, per_shard=6)
+    weights = str(tmp_path / "teacher.pth")
+    torch.manual_seed(3)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), weights)
+    store = _store_with_weights(tmp_path, weights, data)
+    torch.manual_seed(4)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), weights)  # other bytes, same path
+    one_line_error(verify(store, "--data", data, "--n", 4), weights, "has changed since precompute",
+                   "--teacher-weights")
+    os.remove(weights)
+    one_line_error(verify(store, "--data", data, "--n", 4), weights, "is not there any more", "--teacher-weights")

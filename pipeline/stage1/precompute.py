@@ -170,6 +170,14 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
     return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards)
 
 
+def _identity_with_path(identity: dict) -> dict:
+    """The teacher's identity plus the absolute path of its weights file (when it came from one), so
+    ``verify`` run from another directory finds the file a relative --teacher-weights named."""
+    if identity.get("weights_sha256_of") == "file" and identity.get("weights") and os.path.isfile(identity["weights"]):
+        return {**identity, "weights_abspath": os.path.abspath(identity["weights"])}
+    return identity
+
+
 def _check(cfg: PrecomputeConfig) -> None:
     if cfg.views < 1:
         raise PrecomputeError(f"--views must be >= 1, got {cfg.views}")
@@ -301,7 +309,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     if cfg.overwrite and rank != 0:
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
-                          meta={TEACHER_IDENTITY: teacher.identity}, overwrite=cfg.overwrite)
+                          meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
     changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))

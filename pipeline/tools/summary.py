@@ -70,7 +70,7 @@ class Summary:
     probes: int = 0
     # the shards behind the store: layout, and distinct classes per shard vs a random draw of that size
     shard_layout: str = ""
-    tars: int = 0                                  # a re-cut WebDataset: its tar files
+    tars: int = 0                                  # a re-cut WebDataset or parquet source: its files
     classes_per_shard: float | None = None         # mean distinct classes per shard
     classes_per_shard_min: int | None = None
     classes_per_shard_random: float | None = None  # expected for random shards of the same sizes
@@ -271,7 +271,7 @@ def format_summary(s: Summary) -> str:
                      "run verify --full")
     share = s.invalid_views / max(s.written_views + s.invalid_views, 1)
     if s.classes_per_shard is not None:
-        cut = f", re-cut from {s.tars} tars" if s.tars else ""
+        cut = f", re-cut from {s.tars} files" if s.tars else ""
         ratio = s.classes_per_shard / max(s.classes_per_shard_random, 1e-12)
         warn = "; class-skewed: precompute with --shards shuffle" if ratio < 0.5 else ""
         lines.append(f"shards      layout {s.shard_layout}{cut}; distinct classes per shard mean "

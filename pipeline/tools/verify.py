@@ -118,10 +118,8 @@ def _teacher_for(reader, weights: str | None, device: str):
 
     spec, ident = reader.spec, reader.meta.get(TEACHER_IDENTITY, {})
     name = ident.get("name") or spec.teacher.get("name")
-    if weights is None and name != PYPI_EFFICIENTNET_LITE0:
-        recorded = ident.get("weights")
-        if recorded and os.path.isfile(str(recorded)):
-            weights = str(recorded)
+    if weights is None and name != PYPI_EFFICIENTNET_LITE0 and ident.get("weights_sha256_of") == "file":
+        weights = recorded_weights(ident)
     teacher = create_teacher(name, weights=weights, num_classes=spec.num_classes,
                              model_kwargs=ident.get("model_kwargs") or {}, device=device)
     want = spec.teacher.get("fingerprint")
@@ -132,6 +130,31 @@ def _teacher_for(reader, weights: str | None, device: str):
             "precompute used with --teacher-weights FILE"
         )
     return teacher
+
+
+def recorded_weights(ident: dict) -> str:
+    """The weights file precompute loaded the teacher from (its recorded path), checked against the
+    recorded sha256: verify without --teacher-weights checks the store against that very teacher, never
+    against a teacher with random weights. One line naming the path when it is gone or other bytes."""
+    from ..stage1.weights import file_sha256
+
+    want = str(ident.get("weights_sha256", ""))
+    paths = [p for p in (ident.get("weights_abspath"), ident.get("weights")) if p]  # abspath: newer stores
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise VerifyError(f"the store's teacher weights file {paths[0] if paths else '(not recorded)'} is not "
+                          f"there any more; pass the file precompute used (sha256 {want[:12]}) with "
+                          "--teacher-weights FILE")
+    try:
+        have = file_sha256(path)
+    except OSError as e:
+        raise VerifyError(f"the store's teacher weights file {path} cannot be read ({e.strerror}); pass the file "
+                          "precompute used with --teacher-weights FILE") from None
+    if have != want:
+        raise VerifyError(f"the store's teacher weights file {path} has changed since precompute (sha256 "
+                          f"{want[:12]} then, {have[:12]} now); pass the file precompute used with "
+                          "--teacher-weights FILE")
+    return path
 
 
 def pick_views(spec, done, n: int, seed: int) -> list[tuple[int, int, int]]:

@@ -1,0 +1,200 @@
+"""Parquet sources in the Hugging Face ``datasets`` layout -> the manifest's rows, and reading them back.
+
+ImageNet-1k and most image datasets on the Hugging Face hub ship as parquet shards written by the
+``datasets`` library: an ``image`` column of struct ``{bytes, path}`` (the encoded file, embedded)
+and an integer ``label`` column whose ``ClassLabel`` names sit in the schema metadata under
+``b"huggingface"``. Each file is a shard, as a tar is; a sample's address is (file, row), kept in
+the manifest's ``offset`` column (the row within its file), so a re-cut of class-sorted files
+(``sources.recut_shards``) works as for tars, the ``tar`` column then indexing the files.
+
+Reading is by row group (the unit parquet compresses and stores the image column in): a shard read
+front to back reads each row group once; random reads keep a few files open and the last row
+groups decoded (``ParquetRows``), so the samples of one row group that a loader batch asks for cost
+one read. Only the ``image`` column is read for images and only ``label`` (plus ``image.path``) to
+index without checksums: parquet stores columns apart, so indexing never touches the image bytes
+unless precompute asks for their checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+
+import crc32c
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .sources import SourceError, permission_error
+
+IMAGE, LABEL = "image", "label"
+HF_META = b"huggingface"
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        # memory-mapped, no pre-buffering: a row group's image column is read from the page cache with
+        # one copy (measured ~1.5x faster than the defaults on 4 MB row groups of JPEGs)
+        return pq.ParquetFile(path, memory_map=True, pre_buffer=False)
+    except PermissionError:
+        raise permission_error(path) from None
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); "
+                                 "re-download or re-write it, or remove it from --data") from None
+
+
+def _check_schema(path: str, schema: pa.Schema) -> None:
+    names = schema.names
+    if IMAGE not in names or LABEL not in names:
+        missing = IMAGE if IMAGE not in names else LABEL
+        guess = [n for n in names if n not in (IMAGE, LABEL) and (
+            _is_image_type(schema.field(n).type) if missing == IMAGE else pa.types.is_integer(schema.field(n).type))]
+        raise SourceError(
+            f"{path}: no {missing!r} column (columns: {', '.join(names)}); a parquet source needs the Hugging Face "
+            f"layout, an 'image' column {{bytes, path}} and an integer 'label': rename the column "
+            f"(datasets: ds.rename_column({guess[0] if guess else 'OLD'!r}, {missing!r}))")
+    img = schema.field(IMAGE).type
+    if not _is_image_type(img):
+        raise SourceError(f"{path}: column 'image' is {img}, not struct<bytes: binary, path: string> "
+                                 "(datasets' Image() feature); cast it with datasets: ds.cast_column('image', Image())")
+    lab = schema.field(LABEL).type
+    if not pa.types.is_integer(lab):
+        raise SourceError(f"{path}: column 'label' is {lab}, not an integer class index; encode it "
+                                 "(datasets: ds.class_encode_column('label'))")
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    """datasets' Image() feature as arrow: struct<bytes: binary, path: string>."""
+    return (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+            and (pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type)))
+
+
+def hf_class_names(schema: pa.Schema) -> list[str] | None:
+    """The ``ClassLabel`` names the ``datasets`` library stored for the ``label`` column, if any."""
+    raw = (schema.metadata or {}).get(HF_META)
+    if raw is None:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"][LABEL]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def index_file(path: str, checksums: bool) -> dict:
+    """One file's rows: labels, image paths, and (checksums) each image's size and crc32c.
+
+    Null images (or images stored as a path only, not embedded) and null labels are refused with the
+    row; ``sources`` checks the label range against the class names."""
+    f = _open(path)
+    _check_schema(path, f.schema_arrow)
+    labels, paths, sizes, crcs = [], [], [], []
+    for rg in range(f.num_row_groups):
+        has_path = f.schema_arrow.field(IMAGE).type.get_field_index("path") >= 0
+        cols = [IMAGE] if checksums else (["image.path"] if has_path else [])
+        try:
+            t = f.read_row_group(rg, columns=cols + [LABEL])
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(f"{path}: row group {rg} is unreadable ({str(e).splitlines()[0]}); "
+                                     "re-download or re-write the file") from None
+        lab = t.column(LABEL).combine_chunks()
+        if lab.null_count:
+            row = len(labels) + int(np.flatnonzero(lab.is_null().to_numpy(zero_copy_only=False))[0])
+            raise SourceError(f"{path}: row {row} has no label (null); drop unlabelled rows "
+                                     "(a test split?) or give them a class")
+        labels.append(lab.to_numpy().astype(np.int64))
+        if checksums:
+            img = t.column(IMAGE).combine_chunks()
+            data = img.field("bytes")
+            missing = np.flatnonzero(np.asarray(img.is_null().to_numpy(zero_copy_only=False))
+                                     | np.asarray(data.is_null().to_numpy(zero_copy_only=False)))
+            if len(missing):
+                _null_image(path, sum(len(x) for x in labels[:-1]) + int(missing[0]))
+            blobs = data.to_pylist()
+            sizes.extend(len(b) for b in blobs)
+            crcs.extend(crc32c.crc32c(b) for b in blobs)
+            p = img.field("path") if img.type.get_field_index("path") >= 0 else pa.nulls(len(img), pa.string())
+        else:  # a struct image{path} (read_row_group keeps the nesting) or null paths
+            p = t.column(IMAGE).combine_chunks() if IMAGE in t.column_names else pa.nulls(t.num_rows, pa.string())
+            p = p.field("path") if pa.types.is_struct(p.type) else p
+            _no_null_images_by_statistics(f, path, rg)
+        paths.extend("" if v is None else str(v) for v in p.to_pylist())
+    return {"labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "paths": paths,
+            "sizes": sizes, "crcs": crcs, "class_names": hf_class_names(f.schema_arrow)}
+
+
+def _null_image(path: str, row: int):
+    raise SourceError(f"{path}: row {row} has no image bytes (null, or a path only); embed the images "
+                             "(datasets' to_parquet embeds Image() files) or drop the row")
+
+
+def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None:
+    """Without reading image bytes: the row group's statistics say whether any image is null."""
+    meta = f.metadata.row_group(rg)
+    for c in range(meta.num_columns):
+        col = meta.column(c)
+        if col.path_in_schema == "image.bytes" and col.statistics is not None and col.statistics.has_null_count:
+            if col.statistics.null_count:
+                raise SourceError(f"{path}: row group {rg} has {col.statistics.null_count} rows without "
+                                         "image bytes (null, or a path only); embed the images (datasets' "
+                                         "to_parquet embeds Image() files) or drop those rows")
+
+
+class ParquetRows:
+    """Image bytes by (file, row): a few files open, the last row groups read kept.
+
+    One read per row group while the rows asked for stay in it (a shard read front to back, or the
+    samples of a loader batch from one row group). Picklable: workers start with empty caches."""
+
+    def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8):
+        self.root, self.files = root, list(files)
+        self.open_files, self.row_groups = open_files, row_groups
+        self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self.group_reads = 0  # row groups read (what the benchmark and tests count)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict()}
+
+    def path(self, file: int) -> str:
+        return os.path.join(self.root, self.files[file])
+
+    def _file(self, file: int) -> tuple[pq.ParquetFile, np.ndarray]:
+        hit = self._files.pop(file, None)
+        if hit is None:
+            f = _open(self.path(file))
+            rows = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
+            hit = (f, np.cumsum([0] + rows))  # first row of each row group, then the total
+            while len(self._files) >= self.open_files:
+                self._files.popitem(last=False)
+        self._files[file] = hit  # most recently used last
+        return hit
+
+    def image(self, file: int, row: int) -> bytes:
+        """The image bytes of one row; b"" when the file or row is gone or unreadable (the caller's
+        crc32c check then says the source changed, or the image is undecodable)."""
+        try:
+            f, starts = self._file(file)
+        except SourceError as e:
+            if "permission denied" in str(e):  # unreadable now: an error, never a silently dropped image
+                raise
+            return b""  # gone or no longer parquet
+        rg = int(np.searchsorted(starts, row, side="right")) - 1
+        if not 0 <= rg < len(starts) - 1:
+            return b""
+        group = self._groups.pop((file, rg), None)
+        if group is None:
+            try:
+                col = f.read_row_group(rg, columns=["image.bytes"]).column(IMAGE)
+                col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # no copy of one chunk
+            except (pa.ArrowException, OSError):
+                return b""
+            group = col.field("bytes")  # kept as arrow: only the rows asked for become Python bytes
+            self.group_reads += 1
+            while len(self._groups) >= self.row_groups:
+                self._groups.popitem(last=False)
+        self._groups[file, rg] = group
+        data = group[row - int(starts[rg])].as_py()
+        return b"" if data is None else data
