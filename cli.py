@@ -260,7 +260,9 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
                    "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
                    "scaled lr (flat), 1e-8, 0.")
 @shard_layout_options
-@click.option("--log-every", default=50, show_default=True, type=at_least(1), help="Progress bar update, in steps.")
+@click.option("--log-every", default=50, show_default=True, type=at_least(1),
+              help="Progress bar update, in steps; the loss is read back from the device (and a non-finite one "
+                   "stops the run) only then.")
 @click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
 @click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
               help="End this run after N epochs; --resume goes on.")
