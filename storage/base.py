@@ -8,7 +8,7 @@ Layout of a store directory (both backends):
     units/              one completion record per finished unit (the backend decides its form)
 
 A backend subclass implements how a unit's arrays are written and found again
-(_write_unit, _read_view_block, _unit_complete, _complete_units, _check_unit).
+(_write_unit, _retract, _read_view_block, _unit_complete, _complete_units, _check_unit).
 
 store.json holds a ``generation``, a random id drawn when the store is created. A writer checks,
 before and after every commit, that store.json still holds the generation it opened: a store
@@ -327,7 +327,7 @@ class StoreReader(_StoreBase):
 
     def shard_offsets(self) -> np.ndarray:
         """Start of each shard in read_view_flat's rows."""
-        return np.concatenate([[0], np.cumsum(self.spec.shard_sizes)[:-1]]).astype(np.int64)
+        return self.spec.shard_starts
 
     def read_slot(self, view: int, shard: int, slot: int) -> Labels:
         n = self.spec.shard_sizes[shard] if 0 <= shard < self.spec.num_shards else 0
