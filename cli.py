@@ -216,10 +216,9 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
         return verify_store(store, data, teacher_weights=teacher_weights, n=n, full=full, seed=seed,
                             device=device, batch_size=batch_size, atol=atol, taus=taus)
 
-    if device == "auto":
-        import torch
+    from pipeline.devices import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     report = _report_inspect_errors(go)
     from pipeline.tools.verify import format_report
 
@@ -271,7 +270,9 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
                    "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
                    "scaled lr (flat), 1e-8, 0.")
 @shard_layout_options
-@click.option("--log-every", default=50, show_default=True, type=at_least(1), help="Progress bar update, in steps.")
+@click.option("--log-every", default=50, show_default=True, type=at_least(1),
+              help="Progress bar update, in steps; the loss is read back from the device (and a non-finite one "
+                   "stops the run) only then.")
 @click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
 @click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
               help="End this run after N epochs; --resume goes on.")
@@ -284,22 +285,13 @@ def train(**kw):
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
     if kw["finetune"]:  # DeiT's fine-tuning recipe for every option left at its default
-        import os
-
-        from student.finetune import FINETUNE_DEFAULTS, finetune_defaults
+        from student.finetune import with_finetune_defaults
 
         source = click.get_current_context().get_parameter_source
-        lr = kw["lr"] if source("lr") != click.core.ParameterSource.DEFAULT else FINETUNE_DEFAULTS["lr"]
-        defaults = finetune_defaults(lr, kw["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
-        kw.update({k: v for k, v in defaults.items() if source(k) == click.core.ParameterSource.DEFAULT})
+        kw = with_finetune_defaults(kw, {k for k in kw if source(k) != click.core.ParameterSource.DEFAULT})
     summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
-    if summary is not None and summary["rank"] == 0:
-        final = summary["final"].get("val") or {}
-        click.echo(f"train: {summary['epochs_this_run']} epochs, {summary['images']} images in "
-                   f"{summary['train_seconds']:.1f}s ({summary['img_per_s']:.1f} img/s); "
-                   f"invalid views skipped: {summary['invalid_views_skipped']}"
-                   + (f"; val top-1 cls/dist/avg {final['cls_top1']:.2f}/{final['dist_top1']:.2f}/"
-                      f"{final['avg_top1']:.2f}" if final else ""))
+    if summary is not None and summary.rank == 0:
+        click.echo(summary.report())
 
 
 @main.command()

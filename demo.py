@@ -86,9 +86,9 @@ SIZES = {
 
 
 def choose_size(quick: bool, device: str) -> Size:
-    import torch
+    from pipeline.devices import resolve_device
 
-    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpu = resolve_device(device).type == "cuda"
     if gpu:
         return SIZES["gpu-quick" if quick else "gpu"]
     size = SIZES["quick" if quick else "default"]
@@ -226,12 +226,13 @@ def store_summary(store: str) -> dict:
 
 
 def read_run(run: str, seconds: float) -> dict:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        epochs = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(run, "summary.json")) as f:
-        summary = json.load(f)
-    return {"path": run, "seconds": seconds, "train_seconds": summary["train_seconds"], "epochs": epochs,
-            "final": epochs[-1]["val"]}
+    """What the table and the plot take from a run directory: its epochs' metrics and its summary."""
+    from student.curves import read_epochs
+    from student.results import TrainSummary
+
+    epochs = read_epochs(run)
+    return {"path": run, "seconds": seconds, "train_seconds": TrainSummary.read(run).train_seconds,
+            "epochs": epochs, "final": epochs[-1]["val"]}
 
 
 # ---- the report ----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from pipeline.recipes import create_recipe  # noqa: E402
 from pipeline.sources import Manifest  # noqa: E402
 from pipeline.tools.summary import format_summary, summarize  # noqa: E402
 from storage import StoreSpec, create_store, open_store  # noqa: E402
+from storage.meta import TEACHER_IDENTITY  # noqa: E402
 
 CLASSES, K = 1000, 10
 
@@ -106,7 +107,7 @@ def build(out: str, shards: int, per_shard: int, views: int, workers: int = 2) -
                      shard_sizes=manifest.shard_sizes, views_per_unit=views,
                      recipe=create_recipe("deit").to_dict(), seed=0, manifest_fingerprint=manifest.fingerprint,
                      teacher={"name": "synthetic", "fingerprint": "synthetic"})
-    create_store(out, spec, manifest=manifest.to_bytes(), meta={"teacher_identity": {"name": "synthetic"}})
+    create_store(out, spec, manifest=manifest.to_bytes(), meta={TEACHER_IDENTITY: {"name": "synthetic"}})
     labels = {s: manifest.labels(s) for s in range(shards)}
     todo = [s for s in range(shards) if not open_store(out).is_complete(s, 0)]
     parts = [(out, todo[i::workers], {s: labels[s] for s in todo[i::workers]}, views) for i in range(workers)]

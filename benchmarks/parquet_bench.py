@@ -7,7 +7,7 @@ The same photo-like JPEGs (ImageNet's typical 500x375 by default) in the same or
 (row groups of ``--row-group`` rows; 100 is what ``datasets`` writes for image columns). Timed
 interleaved in one process, warm page cache:
 
-- precompute's read: every shard front to back (``Manifest.read_shard``): a tar is read once, a
+- precompute's read: every shard front to back (``Manifest.iter_shard``): a tar is read once, a
   parquet file once per row group;
 - the loader's read: one epoch of the lockstep stream in batches (``SampleFiles.read_many``, as
   ``ReplayBatches`` calls it), the same for both sources;
@@ -88,7 +88,7 @@ def main():
 
         def shards(m):
             for j in range(len(m.shards)):
-                m.read_shard(j)
+                list(m.iter_shard(j))
 
         def loader(f):
             for b in batches:

@@ -22,6 +22,7 @@ import time
 import torch
 from common import photo_like_jpegs
 
+from pipeline.devices import resolve_device
 from pipeline.recipes import create_recipe
 from pipeline.sources import index_source, write_wds_shards
 from pipeline.stage1.precompute import PrecomputeConfig, UnitViews, run_precompute
@@ -37,8 +38,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     tmp = tempfile.mkdtemp(prefix="precompute-bench-")
     try:
         jpegs = photo_like_jpegs(args.images)

@@ -36,6 +36,7 @@ from reference_stream_support import (  # noqa: E402
 )
 
 from pipeline.views import STREAM_ORDER, epoch_shard_order, generator  # noqa: E402
+from storage.spec import shard_starts  # noqa: E402
 
 N, PER_TAR, R, CLASSES, EPOCHS = 8192, 1024, 3, 1000, (0, 1, 2)
 
@@ -58,7 +59,7 @@ def old_epoch(sizes: list[int], epoch: int, global_batch: int, seed: int = 0,
               max_steps: int | None = None) -> EpochSample:
     """Old plan_epoch: shards in a seeded order, each shard's slots in order; tars as-is."""
     sizes = np.asarray(sizes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    starts = shard_starts(sizes)
     sample, pairs, total = [], [], 0
     limit = None if max_steps is None else max_steps * global_batch
     for j in epoch_shard_order(seed, epoch, len(sizes)):

@@ -7,6 +7,9 @@ teacher running every step. Same student, batch, device and batches.
     .venv/bin/python benchmarks/train_bench.py --input-size 224 --student deit_small_distilled_patch16_224 \\
         --teachers resnet50,regnety_160 --batch-size 128 --images 2048 --workers 8   # a GPU
 
+"(b) store, soft, loss read each step" is (b) soft with --log-every 1: the loss read back on the host
+after every step, as the loop did before; on a GPU that waits for the device once per step.
+
 "step" rows time the train step alone on ready batches from the same lockstep loader (the teacher's
 cost isolated); "end to end" rows include the loader (decode, replay, label join) with --workers.
 Teachers have random weights: speed does not depend on them, and nothing is downloaded.
@@ -25,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import MALLOC_ENV, interleaved, photo_like_jpegs  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.sources import write_wds_shards  # noqa: E402
 from student.data import LockstepLoader, open_train_data  # noqa: E402
 from student.losses import soft_target_cross_entropy  # noqa: E402
@@ -32,7 +36,7 @@ from student.model import create_student  # noqa: E402
 from student.train import Dist, Run, TrainConfig  # noqa: E402
 
 
-def build_run(args, data, mode, device):
+def build_run(args, data, mode, device, log_every=10**9):
     """The training objects `student.train.train` builds, for one mode (fresh student each)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -47,7 +51,7 @@ def build_run(args, data, mode, device):
     sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=300, warmup_epochs=5, warmup_lr=1e-6,
                                    min_lr=1e-5, step_on_epochs=False, updates_per_epoch=100)
     cuda = device.type == "cuda"
-    cfg = TrainConfig(data="", out="", distillation=mode, progress=False, log_every=10**9)
+    cfg = TrainConfig(data="", out="", distillation=mode, progress=False, log_every=log_every)
     return Run(cfg, Dist(0, 1, device), mode, data, model, opt, sched,
                torch.amp.GradScaler("cuda", enabled=False), ModelEmaV3(model, decay=0.99996),
                torch.bfloat16 if cuda else None)
@@ -77,8 +81,7 @@ def online_step_fn(args, teacher_name, mode, device, batches):
             run.optimizer.step()
             step[0] += 1
             run.scheduler.step_update(num_updates=step[0])
-            run.ema.update(run.net, step=step[0])
-            loss.item()  # the same one sync per step as deit_loss's logging
+            run.ema.update(run.net, step=step[0])  # no loss read per step, as in (b)
     return epoch
 
 
@@ -95,8 +98,7 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if device.type == "cpu" and "MALLOC_MMAP_MAX_" not in os.environ:
         print(f"note: run with {MALLOC_ENV} for stable CPU numbers (docs/DESIGN.md, known pitfalls)")
     teachers = args.teachers.split(",")
@@ -124,7 +126,9 @@ def main():
 
     runs = {"(a) plain": build_run(args, plain, "none", device),
             "(b) store, hard": build_run(args, data["hard"], "hard", device),
-            "(b) store, soft": build_run(args, data["soft"], "soft", device)}
+            "(b) store, soft": build_run(args, data["soft"], "soft", device),
+            # the loss read back on the host after every step, as the loop did before issue 15
+            "(b) store, soft, loss read each step": build_run(args, data["soft"], "soft", device, log_every=1)}
     fns = {name: (lambda r=r: r.train_one_epoch(0, batches, 0)) for name, r in runs.items()}
     for t in teachers:
         for mode in ("hard", "soft"):
@@ -146,6 +150,8 @@ def main():
         print(f"  (b {mode})/(a) = {b / rate['(a) plain']:.3f}   (target >= 0.95)")
         for t in teachers:
             print(f"  (b {mode})/(c {mode}, {t}) = {b / rate[f'(c) online {mode}, {t}']:.2f}")
+    print(f"  (b soft)/(b soft, loss read each step) = "
+          f"{rate['(b) store, soft'] / rate['(b) store, soft, loss read each step']:.3f}   (a GPU: > 1; a CPU: ~1)")
 
     # End to end: loader (decode, replay, label join; --workers) + step, one epoch per round.
     def e2e(d, run):

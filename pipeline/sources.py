@@ -49,6 +49,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from storage.errors import UserError
+from storage.spec import shard_starts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 PARQUET_EXT = ".parquet"
@@ -154,12 +155,13 @@ class Manifest:
         return h.hexdigest()
 
     def shard_table(self, shard: int) -> pa.Table:
-        start = self._shard_starts()[shard]
+        start = self.shard_starts[shard]
         return self.samples.slice(start, self.shard_sizes[shard])
 
-    def _shard_starts(self) -> np.ndarray:
+    @property
+    def shard_starts(self) -> np.ndarray:
         # Samples are stored sorted by (shard, position): a shard is a contiguous slice.
-        return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+        return shard_starts(self.shard_sizes)
 
     def labels(self, shard: int) -> np.ndarray:
         return self.shard_table(shard).column("label").to_numpy()
@@ -211,17 +213,6 @@ class Manifest:
                    class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
                    shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
                    tars=meta.get("tars", []))
-
-    def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.to_bytes())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str) -> Manifest:
-        with open(path, "rb") as f:
-            return cls.from_bytes(f.read())
 
     # ---- reading samples ----------------------------------------------------------------
     def read_sample(self, shard: int, position: int) -> Sample:
@@ -289,9 +280,6 @@ class Manifest:
         for r in by_member.values():  # every sample once, so its views are flagged, not lost
             check_sample(r["key"], path, b"", r["size"], r["crc32c"])
             yield Sample(r["key"], r["label"], shard, r["position"], b"")
-
-    def read_shard(self, shard: int) -> list[Sample]:
-        return list(self.iter_shard(shard))
 
 
 def permission_error(path: str, what: str = "read this file") -> SourceError:

@@ -215,7 +215,8 @@ class ViewRenderer:
     """Draws parameters and renders views for one recipe. Holds no random state.
 
     >>> r = ViewRenderer(create_recipe("deit"))
-    >>> x = r.render_slot(seed, view, shard, slot, images_by_position, order)   # exact tensor
+    >>> sv = r.plan(seed, view, shard, n)[slot]       # or r.slot_view(seed, view, shard, slot, order)
+    >>> x = r.render_slot(seed, sv, img, partner_img)  # exact tensor; partner_img: sv.partner_position's image
     """
 
     def __init__(self, recipe: Recipe):

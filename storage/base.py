@@ -331,7 +331,7 @@ class StoreReader(_StoreBase):
 
     def shard_offsets(self) -> np.ndarray:
         """Start of each shard in read_view_flat's rows."""
-        return np.concatenate([[0], np.cumsum(self.spec.shard_sizes)[:-1]]).astype(np.int64)
+        return self.spec.shard_starts
 
     def read_slot(self, view: int, shard: int, slot: int) -> Labels:
         n = self.spec.shard_sizes[shard] if 0 <= shard < self.spec.num_shards else 0

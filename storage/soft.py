@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .meta import SOFT_ERROR
+
 
 def topk_logprobs(logits, k: int):
     """(values float16 [n, k] sorted descending, ids int64 [n, k]) from full logits [n, C].
@@ -161,7 +163,7 @@ def recorded_soft_error(meta: dict, tau: float) -> dict | None:
     {"views", "stored": {"tv_mean", "tv_max", "kl_mean", "kl_max"}, "uniform": {...}}, or None."""
     totals: dict = {}
     for key, entry in meta.items():
-        if not key.startswith("soft_error_rank") or not isinstance(entry, dict):
+        if not key.startswith(SOFT_ERROR) or not isinstance(entry, dict):
             continue
         for name, (total, peak, views) in entry.items():
             t, rebuild, metric = name.split("/")

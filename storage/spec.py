@@ -45,6 +45,14 @@ def _canon(x):
     return json.loads(json.dumps(x, sort_keys=True))
 
 
+
+def shard_starts(shard_sizes) -> np.ndarray:
+    """int64 [num_shards]: the row of each shard's first sample when the shards lie end to end in shard
+    order, as a manifest's samples (sorted by shard, position) and a view read flat do."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     mode: str  # "topk" or "hard"
@@ -57,7 +65,9 @@ class StoreSpec:
     recipe: dict = field(default_factory=dict)  # the augmentation recipe as data
     seed: int = 0
     manifest_fingerprint: str = ""
-    teacher: dict = field(default_factory=dict)  # {"name", "weights_sha256", "input_size", ...}
+    # {"name", "fingerprint"}: the sha256 of what decides the labels (architecture, weights sha256, model
+    # kwargs, input size, mean, std); the full identity sits in meta (storage.meta.TEACHER_IDENTITY)
+    teacher: dict = field(default_factory=dict)
     # Temperatures whose tempered tail mass is stored per view (top-k mode): for each tau, the
     # float16 logsumexp over the classes outside the top-k of l_j / tau (l = log_softmax(z)), which
     # makes soft targets at that tau exact in their top-k weights and their tail mass (storage/soft.py).
@@ -106,6 +116,10 @@ class StoreSpec:
         return max(self.shard_sizes)
 
     @property
+    def shard_starts(self) -> np.ndarray:
+        return shard_starts(self.shard_sizes)
+
+    @property
     def num_blocks(self) -> int:
         return math.ceil(self.views / self.views_per_unit)
 
@@ -124,6 +138,15 @@ class StoreSpec:
     def units(self) -> list[tuple[int, int]]:
         """All work units (shard, view_block), shard-major."""
         return [(s, b) for s in range(self.num_shards) for b in range(self.num_blocks)]
+
+    def unit_views(self, unit: tuple[int, int]) -> int:
+        """Stored views in a unit (shard, view_block): the block's views times the shard's samples."""
+        shard, block = unit
+        return len(self.block_views(block)) * self.shard_sizes[shard]
+
+    def views_in(self, units) -> int:
+        """Stored views in these units (all of the store's: ``views_in(spec.units())``)."""
+        return sum(self.unit_views(u) for u in units)
 
     def tau_index(self, tau: float) -> int | None:
         """Column of tail_lse holding temperature tau (within float rounding), or None if not stored."""

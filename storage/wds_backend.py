@@ -8,7 +8,7 @@ Each tar is a one-sample WebDataset shard (key = the unit's name) with members
     <key>.valid.blosc   uint8 [views_in_block, cap]
     <key>.tail_lse.blosc  float16 [views_in_block, cap, len(taus)]: only when the spec has taus
 
-Arrays are blosc(zstd, bit-shuffle) compressed exactly as the zarr backend's chunks, so the
+Arrays are blosc(zstd, byte-shuffle) compressed exactly as the zarr backend's chunks, so the
 two stay within a tar header of each other in size. The tar is built in memory, written to a
 temporary name, fsynced and os.replace'd: the tar existing *is* the unit being complete.
 Tar headers carry no timestamps or owners, so rewriting a unit with the same labels produces

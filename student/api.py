@@ -33,7 +33,7 @@ import torch
 
 from .data import Batch, EpochIter, LockstepLoader, TrainData, check_complete, open_train_data
 from .errors import TrainError
-from .losses import MODES, TeacherLabels, deit_loss
+from .losses import MODES, TeacherLabels, deit_loss_terms
 
 __all__ = ["Lockstep", "open_lockstep", "Batch", "TeacherLabels", "TrainError"]
 
@@ -85,8 +85,9 @@ class Lockstep:
         ``outputs``: [b, C] logits, or a distilled DeiT's (class, distillation) pair in training mode.
         Targets and teacher labels are moved to the outputs' device."""
         device = (outputs[0] if isinstance(outputs, (tuple, list)) else outputs).device
-        loss, _ = deit_loss(outputs, batch.targets.to(device), self.teacher(batch, device), mode=self.mode,
-                            alpha=self.alpha, tau=self.tau, kd_reduction=self.kd_reduction)
+        # deit_loss_terms, not deit_loss: the parts as floats would make the host wait for the device.
+        loss, _, _ = deit_loss_terms(outputs, batch.targets.to(device), self.teacher(batch, device), mode=self.mode,
+                                     alpha=self.alpha, tau=self.tau, kd_reduction=self.kd_reduction)
         return loss
 
 

@@ -83,7 +83,7 @@ class SampleFiles:
         t = manifest.samples
         self.kind, self.root, self.shards = manifest.kind, manifest.root, list(manifest.shards)
         self.sizes = np.asarray(manifest.shard_sizes, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.starts = manifest.shard_starts
         self.labels = t.column("label").to_numpy().astype(np.int64)
         self.keys = t.column("key").to_numpy(zero_copy_only=False)
         if self.kind == "imagefolder":
@@ -275,16 +275,17 @@ def check_probe_drift(data: TrainData) -> None:
     """Re-render the store's probe views; refuse to train if any renders differently now."""
     from pipeline.probes import drifted_probes
     from storage.base import library_versions
+    from storage.meta import PROBES, VERSIONS
 
     meta = data.reader.meta
-    stored = meta.get("probes")
+    stored = meta.get(PROBES)
     if not stored:
         return
     renderer = ViewRenderer(data.recipe)
     drifted = drifted_probes(stored, renderer, data.manifest, data.seed)
     if not drifted:
         return
-    then = meta.get("versions") or data.reader.versions
+    then = meta.get(VERSIONS) or data.reader.versions
     now = library_versions()
     changed = [f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(now) if then.get(k) != now.get(k)]
     raise TrainError(f"views no longer render the same as when the store {data.labels_path} was made "
@@ -345,7 +346,7 @@ def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
     labels, invalid = None, 0
     if data.reader is not None:
         labels = dict(data.reader.read_view(view))  # one sequential read of the epoch's labels
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        starts = data.manifest.shard_starts
         valid = np.concatenate([labels[j].valid[:sizes[j]] for j in range(len(sizes))]) == WRITTEN
         ok = valid[starts[stream[:, 0]] + stream[:, 1]]
         invalid = int((~ok).sum())

@@ -28,7 +28,6 @@ its two heads, which is what ``cli.py train``'s evaluation calls the "avg" head.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -133,15 +132,3 @@ def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None 
                 os.remove(tmp)
     return Exported(out, config_path, cfg["model"], which, len(tensors), len(class_names))
 
-
-def load_exported(weights: str, config: str | None = None):
-    """What a timm user writes (kept here so the README's snippet is tested): the model, in eval mode."""
-    import timm
-
-    config = config or os.path.join(os.path.dirname(os.path.abspath(weights)), CONFIG_NAME)
-    with open(config) as f:
-        cfg = json.load(f)
-    model = timm.create_model(cfg["architecture"], pretrained=True,
-                              pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=weights),
-                              **cfg.get("model_args", {}))
-    return model.eval()

@@ -69,6 +69,15 @@ def finetune_defaults(lr: float, global_batch: int) -> dict:
     """FINETUNE_DEFAULTS with min_lr resolved: the lr after scaling by global_batch / 512 (flat schedule)."""
     return {**FINETUNE_DEFAULTS, "min_lr": lr * global_batch / 512}
 
+
+def with_finetune_defaults(options: dict, explicit: set[str]) -> dict:
+    """``cli.py train --finetune`` options: DeiT's fine-tuning recipe for every option not in ``explicit``
+    (those the user set). The global batch is this process's batch times torchrun's WORLD_SIZE."""
+    lr = options["lr"] if "lr" in explicit else FINETUNE_DEFAULTS["lr"]
+    defaults = finetune_defaults(lr, options["batch_size"] * int(os.environ.get("WORLD_SIZE", 1)))
+    return {**options, **{k: v for k, v in defaults.items() if k not in explicit}}
+
+
 @dataclass
 class FinetuneStart:
     """What loading a checkpoint into the new model did (logged, and kept in the run's summary)."""

@@ -22,7 +22,7 @@ timm's TokenDistillationTask uses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +93,6 @@ class TeacherLabels:
         tail = None if col is None else batch.teacher_tail_lse[:, col].to(device, non_blocking=True)
         return cls.from_topk(values, ids, spec.num_classes, tau=tau, tail_lse=tail)
 
-    def to(self, device, non_blocking: bool = False) -> TeacherLabels:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
-        return replace(self, ids=move(self.ids), log_probs=move(self.log_probs))
-
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross entropy against a distribution (mixup/cutmix + label smoothing), mean over the batch."""
@@ -123,7 +119,31 @@ def deit_loss(
              the class head only there, which leaves the distillation head random and the
              test-time average of the two heads meaningless; training both keeps all three
              of eval_logits' numbers honest at no cost.
+
+    The floats cost one device sync; a loop that must not wait on the device each step (the train
+    loop) takes ``deit_loss_terms``, the same numbers as tensors.
     """
+    loss, base, kd = deit_loss_terms(outputs, target, teacher, mode=mode, alpha=alpha, tau=tau,
+                                     kd_reduction=kd_reduction)
+    if mode == "none":
+        return loss, {"base": base.item(), "kd": 0.0}
+    # One device sync for both numbers, not two.
+    base_value, kd_value = torch.stack([base, kd]).tolist()
+    return loss, {"base": base_value, "kd": kd_value}
+
+
+def deit_loss_terms(
+    outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    target: torch.Tensor,
+    teacher: TeacherLabels | None,
+    *,
+    mode: str = "hard",
+    alpha: float = 0.5,
+    tau: float = 1.0,
+    kd_reduction: str = "batchmean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``deit_loss`` without leaving the device: (loss, base, kd), base and kd detached 0-d tensors
+    (kd a zero on base's device for mode "none")."""
     if mode not in MODES:
         raise ValueError(f"distillation mode must be one of {MODES}, got {mode!r}")
     if kd_reduction not in KD_REDUCTIONS:
@@ -138,7 +158,7 @@ def deit_loss(
         base = soft_target_cross_entropy(cls_logits, target)
         if two_heads:
             base = (base + soft_target_cross_entropy(dist_logits, target)) / 2
-        return base, {"base": base.item(), "kd": 0.0}
+        return base, base.detach(), torch.zeros((), dtype=base.dtype, device=base.device)
 
     if teacher is None:
         raise ValueError(f"distillation mode {mode!r} needs teacher labels")
@@ -163,6 +183,4 @@ def deit_loss(
         kd = kd / (dist_logits.numel() if kd_reduction == "deit" else dist_logits.shape[0])
 
     loss = (1 - alpha) * base + alpha * kd
-    # One device sync for both numbers, not two.
-    base_value, kd_value = torch.stack([base.detach(), kd.detach()]).tolist()
-    return loss, {"base": base_value, "kd": kd_value}
+    return loss, base.detach(), kd.detach()

@@ -32,14 +32,16 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from pipeline.devices import resolve_device
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
 
 from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
 from .errors import TrainError
-from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss
+from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss_terms
 from .model import _bare, check_views_fit, create_student, eval_logits
+from .results import METRICS_FILE, EpochMetrics, EpochStats, FinalMetrics, TrainSummary
 
 log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = checkpoint.FILENAME  # its schema, save and load: storage/checkpoint.py
@@ -112,8 +114,7 @@ class Dist:
 def init_distributed(device: str) -> Dist:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK; a process group only when WORLD_SIZE > 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
@@ -243,7 +244,7 @@ def soft_target_note(cfg: TrainConfig, reader, mode: str) -> str | None:
 
 
 # ---- the run -----------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig) -> TrainSummary:
     t_start = time.perf_counter()
     d = init_distributed(cfg.device)
     if cfg.finetune and cfg.resume:
@@ -316,21 +317,21 @@ def train(cfg: TrainConfig) -> dict:
         log.info("training %s on %d samples x %d epochs, global batch %d, %d steps/epoch, %s distillation",
                  cfg.model, len(loader.files), cfg.epochs, global_batch, steps_per_epoch, mode)
     images = invalid = skipped = 0
-    train_seconds, metrics = 0.0, {}
+    train_seconds, metrics = 0.0, None
     for epoch in range(start_epoch, end_epoch):
         epoch_iter = loader.epoch(epoch)
         t0 = time.perf_counter()
         stats = run.train_one_epoch(epoch, epoch_iter, step)
         train_seconds += time.perf_counter() - t0
-        step = stats["step"]
-        images += stats["images"]
+        step = stats.step
+        images += stats.images
         invalid += epoch_iter.invalid
         skipped += int(all_sum([epoch_iter.skipped], d)[0])
-        metrics = {"epoch": epoch, **stats, "invalid_views": epoch_iter.invalid, "skipped_views": skipped}
+        metrics = EpochMetrics(epoch, stats, invalid_views=epoch_iter.invalid, skipped_views=skipped)
         if val is not None:
-            metrics["val"] = evaluate(model, val, d, run.autocast)
+            metrics.val = evaluate(model, val, d, run.autocast)
             if ema is not None:
-                metrics["val_ema"] = evaluate(ema.module, val, d, run.autocast)
+                metrics.val_ema = evaluate(ema.module, val, d, run.autocast)
         if d.main:
             checkpoint.save(os.path.join(cfg.out, CHECKPOINT), TrainCheckpoint(
                 model=model.state_dict(), ema=None if ema is None else ema.module.state_dict(),
@@ -338,25 +339,22 @@ def train(cfg: TrainConfig) -> dict:
                 epoch=epoch + 1, step=step, config=dataclasses.asdict(cfg), identity=data.identity(),
                 # what `cli.py export` writes into the timm config, without needing the source or store
                 recipe=data.recipe.to_dict(), class_names=list(data.manifest.class_names)))
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            append_summary(cfg.out, metrics)  # timm's summary.csv, the same numbers as a table
+            row = metrics.to_json()
+            with open(os.path.join(cfg.out, METRICS_FILE), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            append_summary(cfg.out, row)  # timm's summary.csv, the same numbers as a table
         if d.world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is whole
 
-    summary = {
-        "model": cfg.model, "distillation": mode, "epochs": cfg.epochs, "epochs_this_run": end_epoch - start_epoch,
-        "finished": end_epoch == cfg.epochs, "step": step, "global_batch": global_batch, "world": d.world,
-        "rank": d.rank,
-        "device": str(d.device), "images": images, "wall_seconds": time.perf_counter() - t_start,
-        "train_seconds": train_seconds, "img_per_s": images / train_seconds if train_seconds else 0.0,
-        "invalid_views_skipped": invalid + skipped, "first_step_loss": run.first_step_loss,
-        "final": {k: metrics.get(k) for k in ("loss", "val", "val_ema")}, "finetune": finetuned,
-        "soft_targets": soft_note,
-    }
+    summary = TrainSummary(
+        model=cfg.model, distillation=mode, epochs=cfg.epochs, epochs_this_run=end_epoch - start_epoch,
+        finished=end_epoch == cfg.epochs, step=step, global_batch=global_batch, world=d.world, rank=d.rank,
+        device=str(d.device), images=images, wall_seconds=time.perf_counter() - t_start,
+        train_seconds=train_seconds, img_per_s=images / train_seconds if train_seconds else 0.0,
+        invalid_views_skipped=invalid + skipped, first_step_loss=run.first_step_loss,
+        final=FinalMetrics.of(metrics), finetune=finetuned, soft_targets=soft_note)
     if d.main:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        summary.save(cfg.out)
     return summary
 
 
@@ -378,7 +376,7 @@ class Run:
         spec = None if self.data.reader is None else self.data.reader.spec
         return TeacherLabels.from_batch(batch, spec, self.mode, self.cfg.tau, self.d.device)
 
-    def train_one_epoch(self, epoch: int, batches, step: int) -> dict:
+    def train_one_epoch(self, epoch: int, batches, step: int) -> EpochStats:
         cfg, d, net, opt = self.cfg, self.d, self.net, self.optimizer
         net.train()
         # Drop path draws from torch's global RNG: reseed per (epoch, rank) so that a resumed
@@ -387,7 +385,8 @@ class Run:
         channels_last = torch.channels_last if d.device.type == "cuda" else torch.contiguous_format
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and d.main), smoothing=0.1)
-        n_images, loss_sum, base_sum, kd_sum, n_steps = 0, 0.0, 0.0, 0.0, 0
+        sums = LossSums(self.mode, cfg.alpha)
+        n_images, n_steps = 0, 0
         t0 = time.perf_counter()
         for batch in batches:
             x = batch.images.to(d.device, non_blocking=True).contiguous(memory_format=channels_last)
@@ -395,12 +394,11 @@ class Run:
             teacher = self.teacher(batch)
             with self.autocast():
                 out = net(x)
-                loss, parts = deit_loss(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
-                                        kd_reduction=cfg.kd_reduction)
-            if not math.isfinite(parts["base"] + parts["kd"]):  # diverged: one line, the fix, exit 2
-                bar.close()
-                raise TrainError(f"training diverged: the loss is {parts['base'] + parts['kd']} at epoch {epoch}, "
-                                 f"step {step}; lower --lr (it is {cfg.lr:g}) or set --clip-grad, with a new --out")
+                loss, base, kd = deit_loss_terms(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
+                                                 kd_reduction=cfg.kd_reduction)
+            # No float() here: reading the loss would make the host wait for the device every step.
+            # The parts stay on the device until the next log line, where a non-finite one stops the run.
+            sums.add(base, kd, step)
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -412,24 +410,76 @@ class Run:
             self.scheduler.step_update(num_updates=step)
             if self.ema is not None:
                 self.ema.update(_bare(net), step=step)
-
-            value = parts["base"] if self.mode == "none" else (1 - cfg.alpha) * parts["base"] + cfg.alpha * parts["kd"]
-            if self.first_step_loss is None:
-                self.first_step_loss = all_sum([value], d)[0] / d.world
-            loss_sum, base_sum, kd_sum = loss_sum + value, base_sum + parts["base"], kd_sum + parts["kd"]
             n_steps += 1
             n_images += len(batch) * d.world
             bar.update()
+            if sums.full:  # a long log interval: read back anyway, so that pending tensors stay few
+                self._flush(sums, epoch, bar)
             if n_steps % cfg.log_every == 0 or n_steps == len(batches):
+                self._flush(sums, epoch, bar)
                 rate = n_images / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                bar.set_postfix(loss=f"{sums.loss / n_steps:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
                                 img_s=f"{rate:.1f}")
+        self._flush(sums, epoch, bar)  # an iterator that ran short of len(batches)
         bar.close()
         seconds = time.perf_counter() - t0
-        loss, base, kd = (v / d.world / max(n_steps, 1) for v in all_sum([loss_sum, base_sum, kd_sum], d))
-        return {"step": step, "steps": n_steps, "images": n_images, "seconds": seconds,
-                "img_per_s": n_images / seconds if seconds else 0.0, "loss": loss, "base": base, "kd": kd,
-                "lr": opt.param_groups[0]["lr"]}
+        loss, base, kd = (v / d.world / max(n_steps, 1) for v in all_sum([sums.loss, sums.base, sums.kd], d))
+        return EpochStats(step=step, steps=n_steps, images=n_images, seconds=seconds,
+                          img_per_s=n_images / seconds if seconds else 0.0, loss=loss, base=base, kd=kd,
+                          lr=opt.param_groups[0]["lr"])
+
+    def _flush(self, sums: LossSums, epoch: int, bar) -> None:
+        """Bring the pending loss parts to the host (one sync); stop on the first non-finite one."""
+        bad = sums.flush()
+        if self.first_step_loss is None and sums.first is not None:
+            self.first_step_loss = all_sum([sums.first], self.d)[0] / self.d.world
+        if bad is not None:  # diverged: one line, the fix, exit 2
+            bar.close()
+            value, at = bad
+            raise TrainError(f"training diverged: the loss is {value} at epoch {epoch}, step {at}; lower --lr "
+                             f"(it is {self.cfg.lr:g}) or set --clip-grad, with a new --out")
+
+
+class LossSums:
+    """Running sums of one epoch's loss parts, read from the device only when flushed (at log lines).
+
+    The per-step (base, kd) tensors wait in ``pending``; ``flush`` reads them all with one sync and
+    adds them up in step order as Python floats, so the sums are the very numbers a per-step
+    ``float()`` would have given. At most ``MAX_PENDING`` steps wait (``full``): a sync per 1024 steps
+    costs nothing, a pending tensor per step of a long epoch would hold device memory."""
+
+    MAX_PENDING = 1024
+
+    def __init__(self, mode: str, alpha: float):
+        self.mode, self.alpha = mode, alpha
+        self.pending: list[torch.Tensor] = []
+        self.steps: list[int] = []
+        self.loss = self.base = self.kd = 0.0
+        self.first: float | None = None  # the epoch's first step's loss
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) >= self.MAX_PENDING
+
+    def add(self, base: torch.Tensor, kd: torch.Tensor, step: int) -> None:
+        self.pending += [base, kd]
+        self.steps.append(step)
+
+    def flush(self) -> tuple[float, int] | None:
+        """Add the pending steps; (loss, step) of the first whose base + kd is not finite, else None."""
+        if not self.pending:
+            return None
+        values = torch.stack(self.pending).tolist()
+        steps, self.pending, self.steps = self.steps, [], []
+        for i, step in enumerate(steps):
+            base, kd = values[2 * i], values[2 * i + 1]
+            if not math.isfinite(base + kd):
+                return base + kd, step
+            value = base if self.mode == "none" else (1 - self.alpha) * base + self.alpha * kd
+            if self.first is None:
+                self.first = value
+            self.loss, self.base, self.kd = self.loss + value, self.base + base, self.kd + kd
+        return None
 
 
 @torch.no_grad()

@@ -169,13 +169,13 @@ def _install_train(how: str, n: int) -> None:
         return hits[0] >= n
 
     if how == "step":  # inside an epoch: the n-th training step's loss
-        orig_loss = st.deit_loss
+        orig_loss = st.deit_loss_terms
 
         def loss(*a, **kw):
             if hit():
                 _die()
             return orig_loss(*a, **kw)
-        st.deit_loss = loss
+        st.deit_loss_terms = loss
     elif how == "torn-checkpoint":  # the n-th checkpoint half written, then the kill
         orig_save = torch.save
 

@@ -91,3 +91,23 @@ def test_plot_refuses_a_directory_that_is_not_a_run(runs, tmp_path):
     res = CliRunner().invoke(main, ["plot", runs["hard"], str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert res.exit_code == 2 and "has no metrics.jsonl" in res.output and res.output.strip().count("\n") == 0
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_run_files_keep_the_keys_and_order_earlier_versions_wrote(runs):
+    """metrics.jsonl and summary.json are written from dataclasses (student/results.py); their keys, in
+    order, are the files' format that old runs and other tools read: spelled out here as they were."""
+    from student.results import TrainSummary
+
+    rows = [json.loads(x) for x in open(os.path.join(runs["hard"], "metrics.jsonl"))]
+    assert [list(r) for r in rows] == [["epoch", "step", "steps", "images", "seconds", "img_per_s", "loss", "base",
+                                        "kd", "lr", "invalid_views", "skipped_views", "val"]] * 3
+    with open(os.path.join(runs["none"], "summary.json")) as f:
+        summary = json.load(f)
+    assert list(summary) == ["model", "distillation", "epochs", "epochs_this_run", "finished", "step", "global_batch",
+                             "world", "rank", "device", "images", "wall_seconds", "train_seconds", "img_per_s",
+                             "invalid_views_skipped", "first_step_loss", "final", "finetune", "soft_targets"]
+    assert list(summary["final"]) == ["loss", "val", "val_ema"] and summary["final"]["val_ema"] is None
+    last = [json.loads(x) for x in open(os.path.join(runs["none"], "metrics.jsonl"))][-1]
+    assert summary["final"]["loss"] == last["loss"] and summary["final"]["val"] == last["val"]
+    read = TrainSummary.read(runs["none"])
+    assert read.to_json() == summary and read.final.val["avg_top1"] == summary["final"]["val"]["avg_top1"]

@@ -83,4 +83,4 @@ def test_own_loop_example_runs_and_takes_the_trainers_first_step(tiny, tmp_path)
                                 model_kwargs=TINY, epochs=1, batch_size=8, workers=0, drop_path=0.0, ema=False,
                                 max_steps_per_epoch=1, progress=False))
     first = float(lines[0].removeprefix("first step loss "))
-    assert first == pytest.approx(summary["first_step_loss"], rel=1e-6)
+    assert first == pytest.approx(summary.first_step_loss, rel=1e-6)

@@ -128,8 +128,8 @@ def test_pos_embed_resample_is_deits_byte_for_byte_shrinking_and_growing(old_img
 def test_32_to_48_px_loads_timm_resampled_pos_embed_and_trains_from_the_48_px_store(ft, tmp_path):
     src = weights(ft["src"])
     summary = train(config(ft, tmp_path / "zero"))
-    assert summary["step"] == 1 and summary["distillation"] == "hard"
-    assert "4x4 -> 6x6" in summary["finetune"] and "re-initialised" not in summary["finetune"]
+    assert summary.step == 1 and summary.distillation == "hard"
+    assert "4x4 -> 6x6" in summary.finetune and "re-initialised" not in summary.finetune
     got = weights(tmp_path / "zero" / "checkpoint.pth")
     # 32 px / patch 8 = 4x4 grid -> 48 px = 6x6, plus the class and distillation tokens
     assert src["pos_embed"].shape == (1, 2 + 16, 64) and got["pos_embed"].shape == (1, 2 + 36, 64)
@@ -165,7 +165,7 @@ def test_new_class_count_resets_both_heads_and_loads_the_body(ft, tmp_path):
     src4 = weights(ft["src4"])  # 4 classes at 32 px, fine-tuned on 3 classes at 48 px
     summary = train(config(ft, tmp_path / "run", finetune=ft["src4"]))
     heads = ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
-    assert f"re-initialised (new class count): {', '.join(heads)}" in summary["finetune"]
+    assert f"re-initialised (new class count): {', '.join(heads)}" in summary.finetune
     got = weights(tmp_path / "run" / "checkpoint.pth")
     torch.manual_seed(0)  # the store's seed: train() builds the student under it, heads included
     fresh = create_student(MODEL, num_classes=3, model_kwargs=TINY48, drop_path_rate=0.0).state_dict()

@@ -73,7 +73,7 @@ def test_a_shard_is_read_once_per_row_group_and_checked(pq_dir):
     from student.data import SampleFiles
 
     m = index_source(pq_dir, shards="as-is")
-    samples = m.read_shard(0)  # 8 rows in row groups of 3: 3 row groups
+    samples = list(m.iter_shard(0))  # 8 rows in row groups of 3: 3 row groups
     assert [s.data for s in samples] == [sample_bytes(i) for i in range(8)]
     assert m.parquet_rows().group_reads == 3
     files = SampleFiles(m)
@@ -109,7 +109,7 @@ def test_class_sorted_files_are_recut(tmp_path):
     assert m.fingerprint != kept.fingerprint
     for shard in range(len(m.shards)):
         m._rows = None  # a fresh reader: count this shard's row group reads
-        for s in m.read_shard(shard):  # every sample is its own bytes, in position order
+        for s in list(m.iter_shard(shard)):  # every sample is its own bytes, in position order
             file, row = s.key.split("/")
             assert s.data == sample_bytes(by_class[int(file[-1]) * 8 + int(row)])
         t = m.shard_table(shard).to_pydict()

@@ -245,7 +245,7 @@ def _train(tau_stores, store, out, tau, capsys):
                       model_kwargs=TINY, distillation="soft", tau=tau, epochs=1, max_steps_per_epoch=1,
                       batch_size=4, workers=0, ema=False, warmup_epochs=0, progress=False)
     summary = train(cfg)
-    return summary["soft_targets"], capsys.readouterr().err
+    return summary.soft_targets, capsys.readouterr().err
 
 
 def test_train_prints_the_measured_error_or_says_how_to_measure_it(tau_stores, tmp_path, capsys):

@@ -43,8 +43,10 @@ from storage.api import grow_store
 from storage.base import library_versions
 from storage.errors import UserError
 from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
+from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
+from ..devices import resolve_device
 from ..probes import probe_hashes
 from ..recipes import create_recipe
 from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
@@ -140,12 +142,6 @@ def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise PrecomputeError(f"rank {rank} is outside a fleet of {world_size}; set --rank in [0, --world-size)")
     return rank, world_size
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> StoreSpec:
@@ -352,7 +348,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     if not cfg.overwrite:
         _grow_if_asked(cfg.out, spec)
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
-                          meta={"teacher_identity": _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
+                          meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
     changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
@@ -361,8 +357,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                             "restore it, or re-run precompute on the new source with --overwrite")
     if rank == 0:
         renderer = ViewRenderer(recipe)
-        writer.set_meta("probes", probe_hashes(renderer, manifest, cfg.seed, cfg.views))
-        writer.set_meta("versions", library_versions())
+        writer.set_meta(PROBES, probe_hashes(renderer, manifest, cfg.seed, cfg.views))
+        writer.set_meta(VERSIONS, library_versions())
 
     worker = new_worker_id()
     leases = Leases(cfg.out, worker, cfg.lease_ttl) if cfg.claim else None
@@ -381,10 +377,10 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     # their owners (working front to back) arrive last.
     order = mine + ([u for i, u in enumerate(everything) if i % world != rank][::-1] if cfg.claim else [])
 
-    total_views = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in everything)
+    total_views = spec.views_in(everything)
     bar = tqdm(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, smoothing=0.05)
-    bar.update(_stored_views(writer, spec))
+    bar.update(spec.views_in(writer.completed_units()))
     run = _Run(cfg, spec, manifest, recipe, teacher, device, writer, leases, bar,
                fleet=cfg.claim or world > 1)
     try:  # close the bar on any error, so the one-line error starts its own line
@@ -407,8 +403,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         if leases is not None:
             for unit in leases.held():  # stopped by an error: free our units for the others at once
                 leases.release(unit)
-    soft_key = f"soft_error_rank{rank:05d}" if not cfg.join else f"soft_error_rank-join-{worker}"
-    run.soft_error.save(writer, "".join(c if c.isalnum() or c in "-_" else "-" for c in soft_key))
+    run.soft_error.save(writer, soft_error_key(f"join-{worker}" if cfg.join else rank))
     for key in sorted(set(run.invalid_keys)):
         log.warning("undecodable image %s: its views are flagged invalid", key)
     return PrecomputeSummary(
@@ -416,7 +411,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         views_written=run.written, views_invalid=run.invalid, invalid_keys=sorted(set(run.invalid_keys)),
         units_complete=len(writer.completed_units()), units_total=len(everything),
         store_bytes=open_store(cfg.out).nbytes(),
-        stored_views=_stored_views(writer, spec), seconds=time.perf_counter() - t0,
+        stored_views=spec.views_in(writer.completed_units()), seconds=time.perf_counter() - t0,
         soft_error=run.soft_error.summary(), worker=worker if cfg.join else "")
 
 
@@ -462,7 +457,7 @@ class _Run:
         """Move the bar to the fleet's progress, not ours (at most every `every` seconds)."""
         if self.fleet and time.monotonic() - self.last_poll > every:
             self.last_poll = time.monotonic()
-            self.bar.n = max(self.bar.n, _stored_views(self.writer, self.spec))
+            self.bar.n = max(self.bar.n, self.spec.views_in(self.writer.completed_units()))
             self.bar.refresh()
 
     def one_pass(self, pending: list[tuple[int, int]]) -> None:
@@ -493,10 +488,6 @@ class _Run:
                 self.invalid += int((buf.valid == INVALID).sum())
             self.bar.update(len(chunk.valid))
             self.show_fleet()
-
-
-def _stored_views(writer, spec: StoreSpec) -> int:
-    return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in writer.completed_units())
 
 
 def _label(teacher, chunk: Chunk, recipe, spec: StoreSpec, soft_error: SoftError | None = None):
@@ -553,7 +544,7 @@ class SoftError:
 
     def summary(self) -> dict:
         """tau -> the figures of this run's views, as storage.soft.recorded_soft_error gives them."""
-        meta = {"soft_error_rank00000": self.sums}
+        meta = {soft_error_key(0): self.sums}
         return {tau: recorded_soft_error(meta, tau) for tau in self.taus if self.sums}
 
     def save(self, writer, key: str) -> None:

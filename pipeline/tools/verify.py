@@ -28,6 +28,7 @@ import numpy as np
 
 from storage import WRITTEN, StoreCorrupt, open_store, soft_targets, target_error
 from storage.base import unit_name
+from storage.meta import PROBES, TEACHER_IDENTITY
 
 from .lookup import InspectError, source_manifest
 
@@ -115,7 +116,7 @@ class VerifyReport:
 def _teacher_for(reader, weights: str | None, device: str):
     from ..stage1.teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
 
-    spec, ident = reader.spec, reader.meta.get("teacher_identity", {})
+    spec, ident = reader.spec, reader.meta.get(TEACHER_IDENTITY, {})
     name = ident.get("name") or spec.teacher.get("name")
     if weights is None and name != PYPI_EFFICIENTNET_LITE0 and ident.get("weights_sha256_of") == "file":
         weights = recorded_weights(ident)
@@ -159,11 +160,11 @@ def recorded_weights(ident: dict) -> str:
 def pick_views(spec, done, n: int, seed: int) -> list[tuple[int, int, int]]:
     """n distinct random (view, shard, slot) among complete units, seeded, sorted for locality."""
     units = sorted(u for u in done if spec.shard_sizes[u[0]] > 0)
-    total = sum(len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units)
+    total = spec.views_in(units)
     if not units or n <= 0:
         return []
     g = np.random.Generator(np.random.Philox(key=[seed, 0x7e21]))
-    weights = np.array([len(spec.block_views(b)) * spec.shard_sizes[s] for s, b in units], np.float64)
+    weights = np.array([spec.unit_views(u) for u in units], np.float64)
     chosen: set[tuple[int, int, int]] = set()
     while len(chosen) < min(n, total):
         s, b = units[int(g.choice(len(units), p=weights / weights.sum()))]
@@ -266,7 +267,7 @@ def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n:
     done = set(reader.completed_units())
     report = VerifyReport(str(path), tolerance=atol, full=full, units_complete=len(done),
                           units_total=len(spec.units()))
-    stored_probes = reader.meta.get("probes", {})
+    stored_probes = reader.meta.get(PROBES, {})
     report.probes = len(stored_probes)
     renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
     report.drifted = drifted_probes(stored_probes, renderer, manifest, spec.seed) if stored_probes else []

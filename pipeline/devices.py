@@ -1,0 +1,13 @@
+"""``--device`` values as torch devices, for both stages (``pipeline.options.check_device`` refuses a bad
+value at parse time; this turns a good one into a device where the work starts)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" is the first CUDA GPU when one is visible, else the CPU; anything else is torch's own name."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
