@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
+from storage.fsutil import fsync_path
 
 from .errors import TrainError
 
@@ -115,7 +116,7 @@ def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None 
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(out)), CONFIG_NAME)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(config_path)), exist_ok=True)
-    # Both files appear whole or not at all: written beside, renamed into place.
+    # Each file appears whole or not at all: written beside, fsynced, renamed into place (as storage.fsutil).
     tmp_w, tmp_c = f"{out}.tmp{os.getpid()}", f"{config_path}.tmp{os.getpid()}"
     try:
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -124,8 +125,11 @@ def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None 
                                                         # not the architecture's default tag (e.g. DeiT's fb_in1k)
                                                         "pretrained_cfg": {"tag": "deit_lockstep"}},
                            model_args=kwargs, data_config=data_config)
-        os.replace(tmp_w, out)
-        os.replace(tmp_c, config_path)
+        for tmp, final in ((tmp_w, out), (tmp_c, config_path)):  # on disk before the name says it is there
+            fsync_path(tmp)
+            os.replace(tmp, final)
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in (out, config_path)}:
+            fsync_path(folder)
     finally:
         for tmp in (tmp_w, tmp_c):
             if os.path.exists(tmp):
