@@ -17,7 +17,8 @@ use_ema=True)`` takes the EMA weights, and the raw ones when a run kept no EMA),
     recipe, class_names       what export and a teacher need without the source or the store
 
 Checkpoints written before ``format`` existed are ours too when they carry ``identity`` and
-``step``, keys no timm or DeiT checkpoint has; they read as version 1.
+``step``, keys no timm or DeiT checkpoint has, or a ``config`` dict (the rule the teacher read them
+by before this module existed); they read as version 1.
 
 storage/ imports neither pipeline/ nor student/: config, identity and recipe are plain dicts
 here; student/train.py makes a TrainConfig of the config, pipeline/stage1/weights.py a Recipe.
@@ -130,7 +131,9 @@ def is_train_checkpoint(obj: Any) -> bool:
     state_dicts, safetensors and other tools' checkpoints."""
     if not isinstance(obj, Mapping):
         return False
-    return obj.get(FORMAT_KEY) == FORMAT or (IDENTITY in obj and STEP in obj)
+    # Older versions carry no marker: theirs is the identity with a step, or (as the teacher always
+    # read them) a config dict.
+    return obj.get(FORMAT_KEY) == FORMAT or (IDENTITY in obj and STEP in obj) or isinstance(obj.get(CONFIG), Mapping)
 
 
 def missing(obj: Any, need=RESUME_KEYS) -> list[str]:

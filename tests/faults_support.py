@@ -184,9 +184,14 @@ def _install_train(how: str, n: int) -> None:
                 return orig_save(obj, f, *a, **kw)
             buf = io.BytesIO()
             orig_save(obj, buf, *a, **kw)
-            with open(f, "wb") as out:
-                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-                out.flush()
+            half = buf.getvalue()[: len(buf.getvalue()) // 2]
+            if hasattr(f, "write"):  # storage.checkpoint streams into its temporary's open file
+                f.write(half)
+                f.flush()
+            else:
+                with open(f, "wb") as out:
+                    out.write(half)
+                    out.flush()
             _die()
         torch.save = save
     elif how == "before-replace":  # the n-th checkpoint whole in its temporary, not yet in place

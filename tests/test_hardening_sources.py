@@ -514,8 +514,8 @@ def test_a_full_disk_during_precompute_is_one_line_naming_the_disk(tmp_path, tin
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no file name, as a real full disk
         return builtins.open(path, mode, *a, **kw)
 
+    src = write_wds(tmp_path / "wds", n=8, per_shard=8)  # the source is written before the disk fills
     monkeypatch.setattr(fs, "open", full_open, raising=False)
-    src = write_wds(tmp_path / "wds", n=8, per_shard=8)
     out = tmp_path / "store"
     res = CliRunner().invoke(main, ["precompute", "--data", src, "--out", str(out), "--teacher", "resnet10t",
                                     "--teacher-weights", tiny_teacher, "--model-kwargs", '{"num_classes": 3}',
