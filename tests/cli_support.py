@@ -28,3 +28,10 @@ def one_line_error(res, *fragments: str, code: int = 2) -> str:
     for f in fragments:
         assert f in errors[0], (f, errors[0])
     return errors[0]
+
+
+def one_line_message(excinfo) -> str:
+    """The message of a raised error (a pytest.raises excinfo), checked to be one line."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg

