@@ -11,7 +11,8 @@ computed twice, never a wrong label.
 - claim: ``open(O_CREAT | O_EXCL)``: of the workers racing for a free unit exactly one creates the file.
 - renew: ``os.utime`` on a lease whose worker is us (a heartbeat thread, every ttl / 4), so the
   renewal time is the filesystem's mtime, not a field each host writes with its own clock.
-- take over: a lease not renewed for ``ttl`` seconds belongs to a worker that is dead, frozen or cut off.
+- take over: a lease not renewed for ``ttl`` seconds belongs to a worker that is dead, frozen or cut off
+  (a lease whose holder ran on this host and whose process is gone is stale at once: ``holder_gone``).
   The taker renames it aside to a name of its own (of racing takers exactly one rename finds the
   source), checks that what it moved is still the stale lease it judged (a renewal in between: put it
   back with ``os.link``, which, like O_EXCL, refuses to replace a lease someone made meanwhile), then
@@ -59,6 +60,24 @@ class Lease:
 
     def expired(self, ttl: float, now: float | None = None) -> bool:
         return self.age(now) > ttl
+
+    def holder_gone(self) -> bool:
+        """The holder ran on this host and its process no longer exists: the lease is stale now, not
+        after ttl, so rerunning a killed precompute on the same machine resumes at once. A reused pid
+        reads as alive (then the ttl decides: the safe side); a stopped process is alive."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def stale(self, ttl: float, now: float | None = None) -> bool:
+        """May be taken over: not renewed for ttl seconds, or its holder on this host is gone."""
+        return self.expired(ttl, now) or self.holder_gone()
 
 
 def new_worker_id() -> str:
@@ -121,9 +140,9 @@ class Leases:
         return out
 
     def free(self, unit: tuple[int, int], now: float | None = None) -> bool:
-        """No lease, or one that expired: claim() may succeed."""
+        """No lease, or a stale one: claim() may succeed."""
         lease = self.read(unit)
-        return lease is None or lease.expired(self.ttl, now)
+        return lease is None or lease.stale(self.ttl, now)
 
     def claim(self, unit: tuple[int, int]) -> bool:
         """Take the unit if nobody holds it (or its holder's lease expired); True if it is ours now."""
@@ -135,7 +154,7 @@ class Leases:
             return self._create(path)
         if lease.worker == self.worker:
             return True
-        if not lease.expired(self.ttl):
+        if not lease.stale(self.ttl):
             return False
         aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
         try:
@@ -143,7 +162,7 @@ class Leases:
         except FileNotFoundError:
             return False
         moved = _read(aside)
-        if moved is not None and (moved.worker != lease.worker or not moved.expired(self.ttl)):
+        if moved is not None and (moved.worker != lease.worker or not moved.stale(self.ttl)):
             # renewed (or replaced by a fresh claim) between our read and the rename: give it back
             with contextlib.suppress(OSError):
                 os.link(aside, path)
@@ -218,7 +237,7 @@ def fleet_status(store_path, units: list[tuple[int, int]], complete: set[tuple[i
     falling rate, then none); eta_s: the views left at the recent views/s."""
     now = time.time() if now is None else now
     leases = [lease for lease in Leases(store_path).all() if lease.unit not in complete]
-    live = {lease.unit for lease in leases if not lease.expired(lease.ttl or DEFAULT_TTL, now)}
+    live = {lease.unit for lease in leases if not lease.stale(lease.ttl or DEFAULT_TTL, now)}
     recent = [t for t in completion_times(store_path) if t > now - window]
     span = now - recent[0] if recent else 0.0
     # views per unit differ (a short last block, shard sizes): rate in views, from the recent units' share

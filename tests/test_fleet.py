@@ -46,6 +46,33 @@ def test_a_lease_is_exclusive_until_it_expires_and_is_renewed_by_its_holder(tmp_
     assert sum(t.claim(unit) for t in takers) == 1
 
 
+def _move_to_another_host(path, pid=None):
+    """Rewrite a lease file as held on another host (mtime, the last renewal, kept)."""
+    st = os.stat(path)
+    body = json.loads(open(path).read())
+    body["host"] = "a-lost-node"
+    body["pid"] = body["pid"] if pid is None else pid
+    open(path, "w").write(json.dumps(body))
+    os.utime(path, (st.st_atime, st.st_mtime))
+
+
+def test_a_lease_whose_holder_on_this_host_is_gone_is_stale_at_once(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that existed on this host and is gone now
+    unit, forever = (0, 2), 1e9
+    holder = Leases(tmp_path, "killed", ttl=forever)
+    assert holder.claim(unit)
+    body = json.loads(open(holder.path(unit)).read())
+    open(holder.path(unit), "w").write(json.dumps(dict(body, pid=gone.pid)))
+    taker = Leases(tmp_path, "rerun", ttl=forever)
+    assert taker.read(unit).holder_gone() and taker.free(unit) and taker.claim(unit), \
+        "a rerun on the same machine resumes at once, not after the ttl"
+    assert taker.read(unit).worker == "rerun" and not taker.read(unit).holder_gone(), "a live holder is not gone"
+    _move_to_another_host(taker.path(unit), pid=gone.pid)
+    other = Leases(tmp_path, "third", ttl=forever)
+    assert not other.free(unit) and not other.claim(unit), "a holder on another host is judged by its ttl alone"
+
+
 # ---- real processes --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fleet_base(tmp_path_factory, tiny_teacher):
@@ -123,6 +150,7 @@ def test_a_worker_killed_holding_a_lease_is_taken_over_once_it_expires(fleet_bas
     victim.communicate(timeout=60)
     lease = Leases(out).read(unit)
     assert lease is not None and lease.pid == victim.pid and not open_store(out).is_complete(*unit)
+    _move_to_another_host(Leases(out).path(unit))  # a lost node: its process cannot be asked, only its ttl
     summary = precompute(fleet_base["data"], out, fleet_base["teacher"], views=4, backend=backend, join=True,
                          lease_ttl=TTL)
     assert summary.units_complete == summary.units_total == 12 and summary.units_done == 12
