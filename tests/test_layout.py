@@ -175,5 +175,6 @@ def test_the_circle_check_can_fail():
 
 def test_the_graph_sees_lazy_imports():
     # sources imports hf_parquet inside a function only; the graph must still hold that edge
-    assert "pipeline.hf_parquet" in import_graph()["pipeline.sources"]
-    assert "demo" in import_graph()["cli"]
+    graph = import_graph()
+    assert "pipeline.hf_parquet" in graph["pipeline.sources"]
+    assert "demo" in graph["cli"]
