@@ -95,7 +95,7 @@ class LineProgress:
 
     # ---- the line ----------------------------------------------------------------------------
     def format_line(self, now: float, final: bool) -> str:
-        """``desc: n/total units (p%) rate unit/s ETA h:mm:ss postfix``; the last line gives the mean rate since
+        """``desc: n/total units (p%) rate unit/s ETA h:mm:ss, postfix``; the last line gives the mean rate since
         the first line and the time taken instead of an ETA."""
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%)" if self.total
                  else f"{self.desc}: {self.n} {self.unit}s"]
@@ -107,9 +107,7 @@ class LineProgress:
                 parts[-1] += f", {_clock(now - self.start)} in all"
             elif rate and self.total and self.n < self.total:
                 parts.append(f"ETA {_clock((self.total - self.n) / rate)}")
-        if self.postfix:
-            parts.append(self.postfix)
-        return " ".join(parts)
+        return " ".join(parts) + (f", {self.postfix}" if self.postfix else "")
 
     def _print_line(self, final: bool) -> None:
         now = self.clock()

@@ -41,7 +41,7 @@ def test_a_line_at_the_first_update_then_at_most_every_interval_then_at_close():
     clock.now += 10
     bar.set_postfix(loss="0.1234", lr="1.00e-03")
     bar.update(3600)
-    assert lines_of(out)[-1] == "precompute: 4800/4800 views (100%) 360.0 view/s loss=0.1234, lr=1.00e-03"
+    assert lines_of(out)[-1] == "precompute: 4800/4800 views (100%) 360.0 view/s, loss=0.1234, lr=1.00e-03"
     bar.close()  # nothing moved since that line: no repeat
     bar.close()
     assert len(lines_of(out)) == 3
