@@ -1,10 +1,11 @@
-# One command per job. `make test` builds .venv from nothing (pinned by constraints.txt) and runs pytest.
+# One command per job. `make test` builds .venv from nothing (pinned by constraints.txt) and runs pytest;
+# `make test-fast` is the inner loop while editing (a subset, minutes); `make test` is what CI runs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint setup clean demo fashion-mnist
+.PHONY: test test-fast lint setup clean demo fashion-mnist
 
 setup: $(STAMP)
 
@@ -20,6 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 # tests/test_demo.py runs the demo on real Fashion-MNIST, so `make test` needs it as much as `make demo`.
 test: fashion-mnist $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: the tests marked `fast`, a list kept in tests/fast_subset.py (unit tests of every module
+# and one tiny run per stage; not the process-killing, torchrun, fresh-interpreter or real-data tests), so
+# it needs no Fashion-MNIST. `make test-fast PYTEST_ARGS=--touched-modules` also checks that it runs a
+# function of every module under pipeline/, storage/ and student/. Before a commit, still run `make test`.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m fast $(PYTEST_ARGS)
 
 # The README's first command: set up, make sure Fashion-MNIST is here, run the whole pipeline on it.
 demo: fashion-mnist $(STAMP)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sources import SourceError, permission_error
+from .source_errors import SourceError, permission_error
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"

@@ -220,7 +220,7 @@ def _check_auto_augment(config: str, input_size: int, mean: tuple, interpolation
         raise RecipeError(f"recipe auto_augment {config!r} is not a RandAugment config; {fix}")
     from PIL import Image
 
-    from .views import Op, apply_augment_op, build_rand_augment
+    from .augment_ops import Op, apply_augment_op, build_rand_augment
 
     try:
         ra = build_rand_augment(config, input_size, mean, interpolation)

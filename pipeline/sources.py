@@ -48,8 +48,9 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from PIL import Image
 
-from storage.errors import UserError
 from storage.spec import shard_starts
+
+from .source_errors import SourceChanged, SourceError, permission_error  # noqa: F401 - re-exported
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 PARQUET_EXT = ".parquet"
@@ -62,14 +63,6 @@ SHARD_LAYOUTS = ("auto", "as-is", "shuffle")
 SKEW_THRESHOLD = 0.5
 
 log = logging.getLogger("deit_lockstep.sources")
-
-
-class SourceError(UserError, ValueError):
-    """Bad input: the message is one line naming the path and the fix."""
-
-
-class SourceChanged(SourceError):
-    """A sample's bytes differ from those indexed: the source changed (not the label store)."""
 
 
 def source_errors_in_one_line(items):
@@ -280,11 +273,6 @@ class Manifest:
         for r in by_member.values():  # every sample once, so its views are flagged, not lost
             check_sample(r["key"], path, b"", r["size"], r["crc32c"])
             yield Sample(r["key"], r["label"], shard, r["position"], b"")
-
-
-def permission_error(path: str, what: str = "read this file") -> SourceError:
-    return SourceError(f"{path}: permission denied (cannot {what}); fix its permissions "
-                       "(chmod a+rX) or remove it from the source")
 
 
 def read_regular_file(path: str) -> bytes:

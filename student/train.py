@@ -30,9 +30,9 @@ import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from pipeline.devices import resolve_device
+from pipeline.progress import progress_bar
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
 
@@ -383,7 +383,7 @@ class Run:
         # run draws the same masks as an uninterrupted one.
         torch.manual_seed((self.data.seed * 1_000_003 + epoch) * 4096 + d.rank)
         channels_last = torch.channels_last if d.device.type == "cuda" else torch.contiguous_format
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
+        bar = progress_bar(total=len(batches), desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and d.main), smoothing=0.1)
         sums = LossSums(self.mode, cfg.alpha)
         n_images, n_steps = 0, 0

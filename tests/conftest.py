@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest_plugins = ["fast_subset"]  # the `fast` marker of `make test-fast`
 
 CLASSES = ["circle", "square", "stripes"]
 

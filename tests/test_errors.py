@@ -32,7 +32,7 @@ def _error_classes():
 
 def test_the_walk_finds_the_known_errors():
     names = set(_error_classes())
-    for expected in ("storage.spec.StoreError", "pipeline.sources.SourceError", "student.errors.TrainError",
+    for expected in ("storage.spec.StoreError", "pipeline.source_errors.SourceError", "student.errors.TrainError",
                      "pipeline.stage1.teacher_runtime.TeacherError", "demo.DemoError"):
         assert expected in names
 

@@ -75,3 +75,106 @@ def test_the_rule_can_fail():
     assert room_of("pipeline.stage1.teacher") not in ALLOWED["student"]
     assert room_of("pipeline.sources") not in ALLOWED["storage"]
     assert room_of("pipeline.tools.lookup") not in ALLOWED["pipeline.stage1"]
+
+
+# ---- no import circles ------------------------------------------------------------------------------
+# A circle (a imports b, b imports a, at any depth, lazily or not) works only as long as every lazy import
+# stays lazy and every name is defined before the other side asks for it; moving one import breaks it, far
+# from the edit. The rooms above forbid circles between folders; this forbids them inside a folder too.
+def our_modules() -> dict[str, str]:
+    """Every module of ours, cli and demo included: dotted name -> path."""
+    found = dict(modules())
+    for script in ("cli", "demo"):
+        found[script] = os.path.join(ROOT, script + ".py")
+    return found
+
+
+def resolve(name: str, known) -> str | None:
+    """The module an imported dotted name lives in (``pipeline.sources.SourceError`` -> ``pipeline.sources``)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (lazy imports too; a module importing itself is left out)."""
+    mods = our_modules()
+    graph = {}
+    for mod, path in mods.items():
+        targets = {resolve(name, mods) for name in imports_of(mod, path)}
+        graph[mod] = {t for t in targets if t and t != mod}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import circle per strongly connected group of modules (Tarjan), each as a path a -> ... -> a."""
+    index, low, on_stack, stack, groups = {}, {}, set(), [], []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_circle_through(min(group), group, graph) for group in groups]
+
+
+def _circle_through(start: str, group: set[str], graph) -> list[str]:
+    """The shortest path start -> ... -> start inside one strongly connected group (breadth first)."""
+    came_from, frontier = {}, [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & group):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(came_from[path[-1]])
+                    return [*reversed(path), start]
+                if w not in came_from:
+                    came_from[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{sorted(group)} is no strongly connected group")
+
+
+def test_no_import_circles():
+    found = circles(import_graph())
+    assert not found, "import circles: " + "; ".join(" -> ".join(c) for c in found) + (
+        ". Move what both sides need into a leaf module both import (as pipeline/source_errors.py and "
+        "pipeline/augment_ops.py do)")
+
+
+def test_the_circle_check_can_fail():
+    # two circles, one inside a folder and one across, and a diamond that is no circle
+    graph = {"pipeline.a": {"pipeline.b"}, "pipeline.b": {"pipeline.a", "storage.x"},
+             "student.s": {"pipeline.c"}, "pipeline.c": {"storage.y"}, "storage.y": {"student.s"},
+             "cli": {"pipeline.a", "student.s"}, "storage.x": set()}
+    assert sorted(circles(graph)) == [["pipeline.a", "pipeline.b", "pipeline.a"],
+                                      ["pipeline.c", "storage.y", "student.s", "pipeline.c"]]
+    assert circles({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) == []
+
+
+def test_the_graph_sees_lazy_imports():
+    # sources imports hf_parquet inside a function only; the graph must still hold that edge
+    graph = import_graph()
+    assert "pipeline.hf_parquet" in graph["pipeline.sources"]
+    assert "demo" in graph["cli"]

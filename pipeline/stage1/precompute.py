@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from storage import (
     DEFAULT_BACKEND,
@@ -48,6 +47,7 @@ from storage.soft import recorded_soft_error
 
 from ..devices import resolve_device
 from ..probes import probe_hashes
+from ..progress import progress_bar
 from ..recipes import create_recipe
 from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
 from ..views import ViewRenderer
@@ -378,7 +378,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     order = mine + ([u for i, u in enumerate(everything) if i % world != rank][::-1] if cfg.claim else [])
 
     total_views = spec.views_in(everything)
-    bar = tqdm(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
+    bar = progress_bar(total=total_views, unit="view", desc="precompute", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, smoothing=0.05)
     bar.update(spec.views_in(writer.completed_units()))
     run = _Run(cfg, spec, manifest, recipe, teacher, device, writer, leases, bar,
