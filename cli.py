@@ -41,6 +41,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 RESUME_HINT = "nothing partial was marked complete, rerun the same command to resume"
 READ_ONLY_HINT = "the store was only read, nothing in it changed; fix the path or free space and run it again"
+NOTHING_WRITTEN_HINT = "its inputs were only read and no output was left half-written; fix the path or free space"
 
 
 def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, **kwargs):
@@ -158,22 +159,29 @@ def _report_inspect_errors(fn):
               help="Summary: random (view, shard) blocks read for the label statistics.")
 def inspect(store, as_json, sample, views, data, render, count, export, sample_blocks):
     """Summarise a label store, show one sample, render a contact sheet, or export a table."""
+    _check_inspect_options(sample, views, render, export, as_json)
 
     def go():
         from storage import open_store
+        from storage.outputs import check_output_path
 
+        for out, kind, option in ((render, "image", "--render"), (export, "parquet", "--export")):
+            if out:  # before opening anything: an output never lands on an input or inside a store
+                check_output_path(out, kind, option=option, inputs=(store, data))
         reader = open_store(store)
         if render:
             from pipeline.tools.render import render_sheet
 
             sheet = render_sheet(reader, render, data, sample=sample, views=views, count=count)
             click.echo(f"wrote {sheet.path}: {sheet.tiles} views, {sheet.size[0]}x{sheet.size[1]} px")
-        elif export:
+        if export:
             from pipeline.tools.export import export_parquet
 
             rows = export_parquet(reader, export)
             click.echo(f"wrote {export}: {rows} rows (one per stored view)")
-        elif sample is not None:
+        if render or export:
+            return
+        if sample is not None:
             from pipeline.tools.sample import describe_sample, format_sample
 
             report = describe_sample(reader, sample, views=views, data=data)
@@ -185,6 +193,19 @@ def inspect(store, as_json, sample, views, data, render, count, export, sample_b
             click.echo(json.dumps(summary.to_json(), indent=1) if as_json else format_summary(summary))
 
     _report_inspect_errors(go)
+
+
+def _check_inspect_options(sample, views, render, export, as_json) -> None:
+    """Options that would be ignored in the mode chosen: say so rather than drop them silently."""
+    if views and sample is None and not render:
+        raise click.UsageError("--view picks the views of --sample KEY (or of --render's sheet); "
+                               "add --sample KEY, or drop --view for the store's summary")
+    if export and (sample is not None or views) and not render:
+        raise click.UsageError("--export writes every stored view; --sample/--view choose what --render or the "
+                               "sample report shows: drop them, or add --render OUT.png")
+    if as_json and (render or export):
+        raise click.UsageError("--json prints the summary or a --sample report; --render/--export write files: "
+                               "run them separately")
 
 
 def _plain(obj):
@@ -305,14 +326,15 @@ def export(run, out, ema, config_path):
     """A run's student as safetensors plus timm's config.json: timm.create_model loads it alone."""
     from student.export import export_run
 
-    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path))
-    click.echo(f"wrote {done.weights} ({done.which} weights of {done.architecture}, {done.tensors} tensors, "
-               f"{done.num_classes} classes) and {done.config}")
+    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path),
+                                os_error_hint=NOTHING_WRITTEN_HINT)
+    click.echo(done.report())
 
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png", help="Figure to write.")
+@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png",
+              help="Figure to write: .png, .pdf or .svg, outside the run folders.")
 @click.option("--title", default="", help="Figure title.")
 def plot(runs, out, title):
     """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
@@ -324,7 +346,7 @@ def plot(runs, out, title):
         click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
                    err=True)
         sys.exit(2)
-    run_reporting_errors(plot_run_dirs, list(runs), out, title)
+    run_reporting_errors(plot_run_dirs, list(runs), out, title, os_error_hint=NOTHING_WRITTEN_HINT)
     click.echo(f"wrote {out}: {len(runs)} run(s)")
 
 
