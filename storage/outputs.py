@@ -30,7 +30,8 @@ EXTENSIONS = {
     "image": (".png", ".jpg", ".jpeg", ".webp"),  # Pillow images (inspect --render)
     "safetensors": (".safetensors",),
 }
-ARTICLE = {"parquet": "a", "json": "a", "figure": "a", "image": "an", "safetensors": "a"}
+HOLDS = {"parquet": "a parquet table", "json": "JSON", "figure": "a figure", "image": "an image",
+         "safetensors": "safetensors weights"}
 # A folder holding one of these is a run folder of `cli.py train` (storage.checkpoint.FILENAME and
 # student.results.METRICS_FILE, spelled here so that this check loads neither torch nor student/).
 RUN_FILES = ("checkpoint.pth", "metrics.jsonl")
@@ -73,9 +74,10 @@ def check_output_path(path: str, kind: str, *, option: str = "--out", inputs=())
         raise OutputError(f"{name} is a directory; name a file in it, e.g. {option} "
                           f"{os.path.join(str(path), 'out' + allowed[0])}")
     if ext not in allowed:
-        what = f"{ext!r}" if ext else "no extension"
-        raise OutputError(f"{name}: {ARTICLE[kind]} {kind} output is named {' or '.join(allowed)}, not {what} (the "
-                          f"name says what a file holds); e.g. {option} {os.path.splitext(str(path))[0]}{allowed[0]}")
+        what = f", not {ext!r}" if ext else " (it has no extension)"
+        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise OutputError(f"{name} must end in {names}{what}: the name says what the file holds ({HOLDS[kind]}); "
+                          f"e.g. {option} {os.path.splitext(str(path))[0]}{allowed[0]}")
     given = [str(p) for p in inputs if p]
     for source in given:
         if real == _real(source):

@@ -129,7 +129,7 @@ def fake_run(folder, kd: float, distillation: str | None, epochs: int = 3):
 
 def test_plot_bad_outputs_and_damaged_metrics_are_one_line(tmp_path):
     good = fake_run(tmp_path / "good", 0.0, "none")
-    for out, words in ((tmp_path / "x.pth", ".png or .pdf or .svg"), (tmp_path / "noext", "noext.png"),
+    for out, words in ((tmp_path / "x.pth", "must end in .png, .pdf or .svg"), (tmp_path / "noext", "noext.png"),
                        (tmp_path, "is a directory")):
         line = one_line_error(invoke("plot", good, "--out", out), str(out), words)
         assert "resume" not in line
