@@ -222,8 +222,8 @@ def run_names(runs: list[str]) -> list[str]:
 
 def plot_run_dirs(runs: list[str], out: str, title: str = "") -> None:
     """`cli.py plot`: the figure of these run directories at out (a .png, .pdf or .svg outside every run)."""
+    epochs = [read_epochs(r) for r in runs]  # a folder that is no run is named first: the likelier slip
     check_output_path(out, "figure", inputs=runs)
-    epochs = [read_epochs(r) for r in runs]
     objectives = [objective_of(r, e) for r, e in zip(runs, epochs, strict=True)]
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.{os.getpid()}.tmp")
     try:  # written beside and renamed: a failed plot leaves no half figure under the name
