@@ -150,11 +150,14 @@ def _report_inspect_errors(fn):
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--sample", default=None, metavar="KEY_OR_INDEX", help="Show one sample's views: params and labels.")
-@click.option("--view", "views", multiple=True, type=at_least(0), help="View(s) to show (repeatable).")
+@click.option("--view", "views", multiple=True, type=at_least(0),
+              help="View(s) of --sample or of --render's sheet (repeatable).")
 @click.option("--data", default=None, help="The source given to precompute (else the root the store recorded).")
-@click.option("--render", default=None, metavar="OUT.png", help="Write a contact sheet of replayed views.")
+@click.option("--render", default=None, metavar="OUT.png",
+              help="Write a contact sheet of replayed views (of --sample, else of --view or the first view).")
 @click.option("--count", default=16, show_default=True, type=at_least(1), help="Tiles on the contact sheet.")
-@click.option("--export", default=None, metavar="OUT.parquet", help="Write one row per stored view.")
+@click.option("--export", default=None, metavar="OUT.parquet",
+              help="Write one row per stored view (outside the store; with --render, both are written).")
 @click.option("--sample-blocks", default=32, show_default=True, type=at_least(1),
               help="Summary: random (view, shard) blocks read for the label statistics.")
 def inspect(store, as_json, sample, views, data, render, count, export, sample_blocks):
@@ -317,11 +320,12 @@ def train(**kw):
 
 @main.command()
 @click.argument("run")
-@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write.")
+@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write (outside the run).")
 @click.option("--ema/--no-ema", default=True, show_default=True,
-              help="The EMA weights when the run kept them; --no-ema: the raw weights.")
+              help="The EMA weights when the run kept them; --no-ema: the raw weights (train's final line reports "
+                   "the raw weights' top-1; export prints both when the run was validated).")
 @click.option("--config", "config_path", default=None, metavar="CONFIG.json",
-              help="timm config to write [config.json beside --out].")
+              help="timm config to write [config.json beside --out]. Neither file may be an input or inside a run.")
 def export(run, out, ema, config_path):
     """A run's student as safetensors plus timm's config.json: timm.create_model loads it alone."""
     from student.export import export_run

@@ -73,11 +73,6 @@ def check_output_path(path: str, kind: str, *, option: str = "--out", inputs=())
     if os.path.isdir(real):
         raise OutputError(f"{name} is a directory; name a file in it, e.g. {option} "
                           f"{os.path.join(str(path), 'out' + allowed[0])}")
-    if ext not in allowed:
-        what = f", not {ext!r}" if ext else " (it has no extension)"
-        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
-        raise OutputError(f"{name} must end in {names}{what}: the name says what the file holds ({HOLDS[kind]}); "
-                          f"e.g. {option} {os.path.splitext(str(path))[0]}{allowed[0]}")
     given = [str(p) for p in inputs if p]
     for source in given:
         if real == _real(source):
@@ -93,3 +88,8 @@ def check_output_path(path: str, kind: str, *, option: str = "--out", inputs=())
         folder = _real(source)
         if os.path.isdir(folder) and real.startswith(folder.rstrip(os.sep) + os.sep):
             raise OutputError(f"{name} is inside the input folder {source}; write it outside it")
+    if ext not in allowed:
+        what = f", not {ext!r}" if ext else " (it has no extension)"
+        names = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise OutputError(f"{name} must end in {names}{what}: the name says what the file holds ({HOLDS[kind]}); "
+                          f"e.g. {option} {os.path.splitext(str(path))[0]}{allowed[0]}")

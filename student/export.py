@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
 from storage.fsutil import fsync_path
-from storage.outputs import check_output_path
+from storage.outputs import OutputError, check_output_path
 
 from .errors import TrainError
 from .results import TrainSummary
@@ -97,8 +97,7 @@ def _weights_choice(ckpt: TrainCheckpoint, ema: bool) -> tuple[str, str]:
     if not ema:
         return "model", "the raw weights, as --no-ema asks"
     if ckpt.ema is not None:
-        return "ema", ("the EMA of the weights, the default when the run kept one (DeiT evaluates it too); "
-                       "--no-ema exports the raw weights")
+        return "ema", "the EMA of the weights, the default when the run kept one; --no-ema exports the raw weights"
     return "model", "the raw weights: the run kept no EMA (trained with --no-ema)"
 
 
@@ -137,7 +136,8 @@ def _recipe_and_classes(ckpt: TrainCheckpoint):
 
 
 def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None = None) -> Exported:
-    """Write OUT (safetensors) and config.json beside it (or at ``config_path``). Raises TrainError."""
+    """Write OUT (safetensors) and config.json beside it (or at ``config_path``). Raises TrainError, or
+    OutputError (before reading anything) for an output that would land on an input or inside a run."""
     import timm
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
@@ -146,7 +146,10 @@ def export_run(run: str, out: str, *, ema: bool = True, config_path: str | None 
     inputs = (run, os.path.join(run, checkpoint.FILENAME))
     # Before reading anything: neither file may land on the checkpoint, the run folder or each other.
     check_output_path(out, "safetensors", inputs=inputs)  # timm also picks its loader by the extension
-    check_output_path(config_path, "json", option="--config", inputs=(*inputs, out))
+    if os.path.realpath(config_path) == os.path.realpath(out):
+        raise OutputError(f"export: --config {config_path} and --out name the same file; the weights and the "
+                          "config are two files, e.g. --config config.json beside --out")
+    check_output_path(config_path, "json", option="--config", inputs=inputs)
     ckpt = _read_checkpoint(run)
     cfg = ckpt.config
     which, why = _weights_choice(ckpt, ema)

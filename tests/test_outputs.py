@@ -42,9 +42,10 @@ def test_export_refuses_a_config_on_the_checkpoint_or_on_the_weights(run, tmp_pa
     ckpt = os.path.join(run["run"], "checkpoint.pth")
     before = snapshot(run["run"])
     out = tmp_path / "m.safetensors"
-    one_line_error(invoke("export", run["run"], "--out", out, "--config", ckpt), "--config", "checkpoint.pth",
-                   ".json")
-    one_line_error(invoke("export", run["run"], "--out", out, "--config", out), "--config", ".json")
+    one_line_error(invoke("export", run["run"], "--out", out, "--config", ckpt), "--config", "is the input",
+                   "checkpoint.pth")
+    one_line_error(invoke("export", run["run"], "--out", out, "--config", out), "--config", "the same file")
+    one_line_error(invoke("export", run["run"], "--out", out, "--config", tmp_path / "c.txt"), "--config", ".json")
     one_line_error(invoke("export", run["run"], "--out", os.path.join(run["run"], "m.safetensors")),
                    "inside the run folder")
     assert snapshot(run["run"]) == before and not os.path.exists(out)

@@ -322,7 +322,8 @@ def format_report(r: VerifyReport) -> str:
         lines.append(f"  bad unit (shard={unit[0]}, view_block={unit[1]}): {what}")
     lines += [s.line() for s in r.soft]
     if r.full:
-        lines.append(f"chunks      {'all complete units intact' if not r.problems else f'{len(r.problems)} problems'}")
+        n = len(r.problems)
+        lines.append(f"chunks      {f'{n} problem' + 's' * (n != 1) if n else 'all complete units intact'}")
         lines += [f"  {p}" for p in r.problems]
     if r.passed:
         lines.append("PASS")
