@@ -41,6 +41,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 RESUME_HINT = "nothing partial was marked complete, rerun the same command to resume"
 READ_ONLY_HINT = "the store was only read, nothing in it changed; fix the path or free space and run it again"
+NOTHING_WRITTEN_HINT = "its inputs were only read and no output was left half-written; fix the path or free space"
 
 
 def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, **kwargs):
@@ -149,31 +150,41 @@ def _report_inspect_errors(fn):
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--sample", default=None, metavar="KEY_OR_INDEX", help="Show one sample's views: params and labels.")
-@click.option("--view", "views", multiple=True, type=at_least(0), help="View(s) to show (repeatable).")
+@click.option("--view", "views", multiple=True, type=at_least(0),
+              help="View(s) of --sample or of --render's sheet (repeatable).")
 @click.option("--data", default=None, help="The source given to precompute (else the root the store recorded).")
-@click.option("--render", default=None, metavar="OUT.png", help="Write a contact sheet of replayed views.")
+@click.option("--render", default=None, metavar="OUT.png",
+              help="Write a contact sheet of replayed views (of --sample, else of --view or the first view).")
 @click.option("--count", default=16, show_default=True, type=at_least(1), help="Tiles on the contact sheet.")
-@click.option("--export", default=None, metavar="OUT.parquet", help="Write one row per stored view.")
+@click.option("--export", default=None, metavar="OUT.parquet",
+              help="Write one row per stored view (outside the store; with --render, both are written).")
 @click.option("--sample-blocks", default=32, show_default=True, type=at_least(1),
               help="Summary: random (view, shard) blocks read for the label statistics.")
 def inspect(store, as_json, sample, views, data, render, count, export, sample_blocks):
     """Summarise a label store, show one sample, render a contact sheet, or export a table."""
+    _check_inspect_options(sample, views, render, export, as_json)
 
     def go():
         from storage import open_store
+        from storage.outputs import check_output_path
 
+        for out, kind, option in ((render, "image", "--render"), (export, "parquet", "--export")):
+            if out:  # before opening anything: an output never lands on an input or inside a store
+                check_output_path(out, kind, option=option, inputs=(store, data))
         reader = open_store(store)
         if render:
             from pipeline.tools.render import render_sheet
 
             sheet = render_sheet(reader, render, data, sample=sample, views=views, count=count)
             click.echo(f"wrote {sheet.path}: {sheet.tiles} views, {sheet.size[0]}x{sheet.size[1]} px")
-        elif export:
+        if export:
             from pipeline.tools.export import export_parquet
 
             rows = export_parquet(reader, export)
             click.echo(f"wrote {export}: {rows} rows (one per stored view)")
-        elif sample is not None:
+        if render or export:
+            return
+        if sample is not None:
             from pipeline.tools.sample import describe_sample, format_sample
 
             report = describe_sample(reader, sample, views=views, data=data)
@@ -185,6 +196,19 @@ def inspect(store, as_json, sample, views, data, render, count, export, sample_b
             click.echo(json.dumps(summary.to_json(), indent=1) if as_json else format_summary(summary))
 
     _report_inspect_errors(go)
+
+
+def _check_inspect_options(sample, views, render, export, as_json) -> None:
+    """Options that would be ignored in the mode chosen: say so rather than drop them silently."""
+    if views and sample is None and not render:
+        raise click.UsageError("--view picks the views of --sample KEY (or of --render's sheet); "
+                               "add --sample KEY, or drop --view for the store's summary")
+    if export and (sample is not None or views) and not render:
+        raise click.UsageError("--export writes every stored view; --sample/--view choose what --render or the "
+                               "sample report shows: drop them, or add --render OUT.png")
+    if as_json and (render or export):
+        raise click.UsageError("--json prints the summary or a --sample report; --render/--export write files: "
+                               "run them separately")
 
 
 def _plain(obj):
@@ -296,23 +320,25 @@ def train(**kw):
 
 @main.command()
 @click.argument("run")
-@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write.")
+@click.option("--out", required=True, metavar="MODEL.safetensors", help="Weights file to write (outside the run).")
 @click.option("--ema/--no-ema", default=True, show_default=True,
-              help="The EMA weights when the run kept them; --no-ema: the raw weights.")
+              help="The EMA weights when the run kept them; --no-ema: the raw weights (train's final line reports "
+                   "the raw weights' top-1; export prints both when the run was validated).")
 @click.option("--config", "config_path", default=None, metavar="CONFIG.json",
-              help="timm config to write [config.json beside --out].")
+              help="timm config to write [config.json beside --out]. Neither file may be an input or inside a run.")
 def export(run, out, ema, config_path):
     """A run's student as safetensors plus timm's config.json: timm.create_model loads it alone."""
     from student.export import export_run
 
-    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path))
-    click.echo(f"wrote {done.weights} ({done.which} weights of {done.architecture}, {done.tensors} tensors, "
-               f"{done.num_classes} classes) and {done.config}")
+    done = run_reporting_errors(lambda: export_run(run, out, ema=ema, config_path=config_path),
+                                os_error_hint=NOTHING_WRITTEN_HINT)
+    click.echo(done.report())
 
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png", help="Figure to write.")
+@click.option("--out", default="curves.png", show_default=True, metavar="OUT.png",
+              help="Figure to write: .png, .pdf or .svg, outside the run folders.")
 @click.option("--title", default="", help="Figure title.")
 def plot(runs, out, title):
     """Training loss and validation top-1 (averaged, class and distillation heads) per epoch of RUN(s)."""
@@ -324,7 +350,7 @@ def plot(runs, out, title):
         click.echo("error: plot needs matplotlib: pip install 'deit-lockstep[demo]' (or pip install matplotlib)",
                    err=True)
         sys.exit(2)
-    run_reporting_errors(plot_run_dirs, list(runs), out, title)
+    run_reporting_errors(plot_run_dirs, list(runs), out, title, os_error_hint=NOTHING_WRITTEN_HINT)
     click.echo(f"wrote {out}: {len(runs)} run(s)")
 
 

@@ -6,10 +6,11 @@ an existing store, throw their copy away and open the winner's after checking it
 
 ``overwrite=True`` first moves the old store aside in one rename (so the path is free at once and
 a writer still running on the old store sees its generation gone at its next commit, see base.py),
-then deletes it. It deletes only what is a label store of ours, complete or half made (a folder
-holding nothing but store.json, manifest.parquet, meta/, units/, labels.zarr/ and our temporaries);
-anything else is refused. A symlink given as the path stays: the store it points to is rebuilt in
-place (a store on another disk linked into a project keeps working).
+then deletes it. It deletes only what is a label store of ours: one by its store.json, or a half-made
+one (no readable store.json) whose every file, at any depth, is a name the store format lists (see
+``_LAYOUT_FILES``); anything else is refused, and nothing in it is touched. A symlink given as the
+path stays: the store it points to is rebuilt in place (a store on another disk linked into a
+project keeps working).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -60,10 +62,23 @@ def _backend(name: str, path):
 
 # What a store directory may hold: the shared files, and each backend's own (_StoreBase.layout).
 _LAYOUT = {STORE_JSON, MANIFEST, "meta", "units", LEASES_DIR} | {n for b in BACKENDS.values() for n in b.writer.layout}
+# ... and every path under it, as regexes of the path relative to the store (for a half-made store, which
+# has no store.json to say whose it is): meta/<key>.json, one record per unit named <shard>_<block>.<ext>
+# (storage.base.unit_name), leases and the grow lock, each backend's own files (_StoreBase.layout_files),
+# and the hidden temporaries our atomic writes and lease takeovers leave (storage.fsutil, storage.leases).
+_LAYOUT_FILES = re.compile("|".join(f"(?:{p})" for p in (
+    re.escape(STORE_JSON), re.escape(MANIFEST), "meta", r"meta/[\w-]+\.json", "units", r"units/\d+_\d+(\.\w+)+",
+    re.escape(LEASES_DIR), rf"{re.escape(LEASES_DIR)}/(\d+_\d+\.json|\.grow\.lock)",
+    r"(.+/)?\.[^/]+\.(tmp|tmp\d+|stale-[0-9a-f]+)",
+    *(p for b in BACKENDS.values() for p in b.writer.layout_files))))
 
 
 def _not_a_store(path: Path) -> str | None:
-    """Why path is not a label store of ours (complete or half made), or None if it is one."""
+    """Why path is not a label store of ours (complete or half made), or None if it is one.
+
+    A store by its store.json (readable, our format) may hold anything under its layout's names. Without
+    a readable store.json nothing says whose the folder is, so every file and folder in it, at any depth,
+    must be a name the store format lists: a folder that merely has meta/ and units/ is not a store."""
     if not path.is_dir():
         return "is not a directory"
     entries = os.listdir(path)
@@ -72,11 +87,26 @@ def _not_a_store(path: Path) -> str | None:
         return f"holds {foreign[0]!r}, which a label store never does"
     if STORE_JSON in entries:
         try:
-            fmt = json.loads((path / STORE_JSON).read_bytes()).get("format", FORMAT)
+            fmt = json.loads((path / STORE_JSON).read_bytes()).get("format")
         except (OSError, ValueError, AttributeError):
-            fmt = FORMAT  # a damaged store.json in a store's layout: a damaged store of ours
-        if fmt != FORMAT:
+            fmt = None  # damaged: it says nothing, the files must
+        if fmt == FORMAT:
+            return None
+        if fmt is not None:
             return f"holds a {fmt!r} store.json, not a {FORMAT} store"
+    return _foreign_file(path)
+
+
+def _foreign_file(path: Path) -> str | None:
+    """Why a folder without a store.json of ours is not a half-made store: its first path the format
+    does not list (symlinks included, never followed), or None when every path is one of ours."""
+    for root, dirs, files in os.walk(path):
+        for name in sorted(dirs) + sorted(files):
+            rel = (Path(root) / name).relative_to(path).as_posix()
+            if rel == STORE_JSON:
+                continue
+            if not _LAYOUT_FILES.fullmatch(rel) or os.path.islink(Path(root) / name):
+                return f"holds {rel!r}, which a label store never does"
     return None
 
 

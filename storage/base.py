@@ -127,6 +127,7 @@ class _StoreBase(ABC):
 
     backend = ""
     layout: tuple[str, ...] = ()  # the backend's own top-level names in a store directory, beside units/
+    layout_files: tuple[str, ...] = ()  # regexes of every path under those names (what --overwrite may delete)
 
     def __init__(self, path: Path):
         self.path = Path(path)

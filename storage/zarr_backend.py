@@ -74,6 +74,8 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
 
 class _ZarrMixin:
     layout = (ARRAYS_DIR,)
+    # zarr v3: the group's and each array's zarr.json, chunks under <array>/c/<index>/<index>/...
+    layout_files = (r"labels\.zarr(/zarr\.json)?", r"labels\.zarr/\w+(/zarr\.json|/c(/\d+)*)?")
 
     def _open_arrays(self, mode: str):
         root = str(self.path / ARRAYS_DIR)
@@ -207,7 +209,7 @@ class ZarrReader(_ZarrMixin, StoreReader):
             except Exception as e:  # crc32c mismatch or undecodable chunk
                 raise StoreCorrupt(
                     f"store at {self.path}: view {view} of shards {shards[0]}..{shards[-1]} does not decode "
-                    f"({type(e).__name__}: {e}); run check() to find the unit, then recompute it"
+                    f"({type(e).__name__}: {e}); `verify STORE --full` names the unit, rerunning precompute heals it"
                 ) from None
         result = out.get("values"), out["ids"], out["valid"], out.get("tail_lse")
         if whole_block:

@@ -139,10 +139,11 @@ def test_ema_and_raw_exports_hold_those_weights_and_bad_input_is_one_line(run, t
     legacy = {k: v for k, v in ckpt.items() if k not in ("state_dict_ema", "recipe", "class_names")}
     legacy["ema"] = {f"module.{k}": v for k, v in ckpt["state_dict_ema"].items()}
     torch.save(legacy, old / "checkpoint.pth")
-    res = CliRunner().invoke(main, ["export", str(old), "--out", str(old / "m.safetensors")])
+    exported = tmp_path / "old-export"  # beside the run folder: nothing is written into a run (tests/test_outputs.py)
+    res = CliRunner().invoke(main, ["export", str(old), "--out", str(exported / "m.safetensors")])
     assert res.exit_code == 0, res.output
-    assert json.loads((old / "config.json").read_text()) == config
-    assert {k: v.numpy().tobytes() for k, v in load_file(str(old / "m.safetensors")).items()} == {
+    assert json.loads((exported / "config.json").read_text()) == config
+    assert {k: v.numpy().tobytes() for k, v in load_file(str(exported / "m.safetensors")).items()} == {
         k: v.numpy().tobytes() for k, v in ckpt["state_dict_ema"].items()}
     for args, words in (([str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.safetensors")], "no checkpoint.pth"),
                         ([run["run"], "--out", str(tmp_path / "m.pth")], "must end in .safetensors")):

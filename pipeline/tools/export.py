@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
 
 import numpy as np
 
 from storage import WRITTEN
-
-if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
-    pass
+from storage.outputs import check_output_path
 
 from .lookup import stored_manifest
 
 
 # ---- export --------------------------------------------------------------------------------
 def export_parquet(reader, out: str) -> int:
-    """One row per stored view (complete units only), streamed one view at a time. Returns rows."""
+    """One row per stored view (complete units only), streamed one view at a time. Returns rows.
+    Refuses (OutputError) an out that is not .parquet or lies inside the store before writing anything."""
+    check_output_path(out, "parquet", option="--export", inputs=(str(reader.path),))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -35,21 +35,28 @@ def export_parquet(reader, out: str) -> int:
         # no probabilities). Fixed-size lists of k; null on invalid views.
         ("topk_ids", pa.list_(pa.int32(), max(spec.k, 1))), ("topk_probs", pa.list_(pa.float32(), max(spec.k, 1))),
     ])
-    rows = 0
     shard_keys = {s: np.asarray(manifest.keys(s), dtype=object) for s in range(spec.num_shards)}
     shard_labels = {s: manifest.labels(s) for s in range(spec.num_shards)}
-    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-        for view in range(spec.views):
-            parts = []
-            for shard in range(spec.num_shards):
-                if (shard, spec.block_of(view)) not in done or spec.shard_sizes[shard] == 0:
-                    continue
-                parts.append(_export_block(reader, renderer, view, shard, shard_keys[shard],
-                                           shard_labels[shard], schema))
-            if parts:
-                table = pa.concat_tables(parts)
-                writer.write_table(table)
-                rows += table.num_rows
+    # Written beside and renamed into place: an interrupted export leaves no half table under the name.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for view in range(spec.views):
+                parts = []
+                for shard in range(spec.num_shards):
+                    if (shard, spec.block_of(view)) not in done or spec.shard_sizes[shard] == 0:
+                        continue
+                    parts.append(_export_block(reader, renderer, view, shard, shard_keys[shard],
+                                               shard_labels[shard], schema))
+                if parts:
+                    table = pa.concat_tables(parts)
+                    writer.write_table(table)
+                    rows += table.num_rows
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return rows
 
 

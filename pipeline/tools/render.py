@@ -8,13 +8,13 @@ views (``sample=``), or the first ``count`` slots of one view, shard by shard.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from storage import INVALID, WRITTEN
+from storage.outputs import check_output_path
 
 from .lookup import (
     InspectError,
@@ -29,6 +29,7 @@ from .lookup import (
 
 CAPTION_LINES = 6
 LINE_PX = 13
+TEACHER = "teacher"  # the prefix of a caption's teacher lines (its stored top-3)
 PAD = 4
 
 
@@ -68,7 +69,7 @@ def _caption(key, gt, sv, partner_gt, lab, names, view) -> list[str]:
         return [head, *gt_lines, "INVALID (undecodable)"]
     if lab.valid[0] != WRITTEN:
         return [head, *gt_lines, "(no label)"]
-    top = [name if p is None else f"{p:.2f} {name}" for name, p in top_labels(lab, names, 3)]
+    top = [f"{TEACHER} {name}" if p is None else f"{TEACHER} {p:.2f} {name}" for name, p in top_labels(lab, names, 3)]
     return [head, *gt_lines, *top]
 
 
@@ -125,10 +126,14 @@ def collect_tiles(reader, data, sample=None, views=(), count=16) -> list[Tile]:
             raise InspectError("the store has no complete unit yet; run precompute (it resumes)")
         for v in views:
             spec.check_view(v)
-        view = views[0] if views else complete[0]
-        where = [(view, shard, slot) for shard, slot in _slots_for_view(spec, done, view, count)]
-        if not where:
-            raise InspectError(f"view {view} has no complete unit yet; pick another --view or run precompute")
+        asked = list(dict.fromkeys(views)) or complete[:1]
+        per_view = -(-count // len(asked))  # every asked view on the sheet, the tiles shared among them
+        where = []
+        for view in asked:
+            slots = _slots_for_view(spec, done, view, min(per_view, count - len(where)))
+            if not slots:
+                raise InspectError(f"view {view} has no complete unit yet; pick another --view or run precompute")
+            where += [(view, shard, slot) for shard, slot in slots]
     return [_tile(reader, renderer, manifest, data, v, s, slot, names, done, cache) for v, s, slot in where]
 
 
@@ -140,17 +145,18 @@ def _font(size: int):
 
 
 def draw_sheet(tiles: list[Tile], columns: int | None = None) -> Image.Image:
-    """Tiles in a grid, each above its caption; small views are enlarged (nearest) to stay readable."""
+    """Tiles in a grid, each above its caption; small views are enlarged (nearest) to stay readable.
+    A cell is as wide as its longest caption line needs: captions are never cut."""
     side = tiles[0].pixels.shape[0]
     scale = max(1, math.ceil(160 / side))
     tile_px = side * scale
     cols = columns or min(len(tiles), 8, max(1, math.ceil(math.sqrt(len(tiles)))))
     rows = math.ceil(len(tiles) / cols)
-    cell_w, cell_h = tile_px + 2 * PAD, tile_px + CAPTION_LINES * LINE_PX + 2 * PAD
+    font = _font(11)
+    text_px = max(_text_width(font, line) for t in tiles for line in t.caption[:CAPTION_LINES] or [""])
+    cell_w, cell_h = max(tile_px, text_px) + 2 * PAD, tile_px + CAPTION_LINES * LINE_PX + 2 * PAD
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(11)
-    max_chars = max(8, tile_px // 6)
     for i, t in enumerate(tiles):
         x0, y0 = (i % cols) * cell_w + PAD, (i // cols) * cell_h + PAD
         img = Image.fromarray(t.pixels)
@@ -158,18 +164,19 @@ def draw_sheet(tiles: list[Tile], columns: int | None = None) -> Image.Image:
             img = img.resize((tile_px, tile_px), Image.Resampling.NEAREST)
         sheet.paste(img, (x0, y0))
         for j, line in enumerate(t.caption[:CAPTION_LINES]):
-            text = line if len(line) <= max_chars else line[: max_chars - 1] + "~"
-            draw.text((x0, y0 + tile_px + 1 + j * LINE_PX), text, fill="black", font=font)
+            draw.text((x0, y0 + tile_px + 1 + j * LINE_PX), line, fill="black", font=font)
     return sheet
+
+
+def _text_width(font, text: str) -> int:
+    return math.ceil(font.getlength(text)) if hasattr(font, "getlength") else 6 * len(text)
 
 
 def render_sheet(reader, out: str, data: str | None, sample=None, views=(), count: int = 16) -> Sheet:
     if count < 1:
         raise InspectError(f"--count must be >= 1, got {count}")
-    ext = os.path.splitext(out)[1].lower()
-    if Image.registered_extensions().get(ext) not in Image.SAVE:  # before any work, not PIL's KeyError after it
-        raise InspectError(f"--render {out}: Pillow writes no image format for the extension {ext or '(none)'!r}; "
-                           "name the file .png (or .jpg, .webp)")
+    # before any work: an image extension, never an input nor a file inside the store
+    check_output_path(out, "image", option="--render", inputs=(str(reader.path), data))
     tiles = collect_tiles(reader, data, sample, views, count)
     sheet = draw_sheet(tiles)
     sheet.save(out, optimize=True)

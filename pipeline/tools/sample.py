@@ -3,7 +3,7 @@ the teacher's stored labels."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storage import INVALID, WRITTEN
@@ -46,6 +46,8 @@ class SampleReport:
     label: str
     image_size: tuple[int, int]
     views: list[SampleView]
+    absent_views: list[int] = field(default_factory=list)  # asked with --view, but the sample is not in them
+    repeats: int = 1
 
 
 
@@ -93,7 +95,9 @@ def describe_sample(reader, key_or_index: str, views=(), data: str | None = None
         else:
             top, valid = [], 0
         out.append(SampleView(view, shard, slot, valid, params, sv.mix, pkey, plabel, top))
-    return SampleReport(key, shard, position, names[labels[position]], img.size, out)
+    absent = [v for v in asked if v not in {view for view, _ in visits}] if views else []
+    return SampleReport(key, shard, position, names[labels[position]], img.size, out, absent,
+                        renderer.recipe.repeats)
 
 
 def _params_lines(p, mix, partner_key, partner_label) -> list[str]:
@@ -121,4 +125,7 @@ def format_sample(r: SampleReport) -> str:
         if v.valid == WRITTEN:
             lines.append("  teacher  " + ", ".join(
                 name if p is None else f"{name} {p:.3f}" for name, p in v.top))
+    for view in r.absent_views:
+        lines.append(f"view {view}: sample {r.key} is not in this view (repeated augmentation, repeats={r.repeats}, "
+                     f"shows each sample in about 1/{r.repeats} of the views)")
     return "\n".join(lines)

@@ -69,7 +69,8 @@ class Summary:
     probes: int = 0
     # the shards behind the store: layout, and distinct classes per shard vs a random draw of that size
     shard_layout: str = ""
-    tars: int = 0                                  # a re-cut WebDataset or parquet source: its files
+    source_kind: str = ""                          # imagefolder, wds or parquet
+    source_files: int | None = None                # its tars or parquet files (None: an image folder)
     classes_per_shard: float | None = None         # mean distinct classes per shard
     classes_per_shard_min: int | None = None
     classes_per_shard_random: float | None = None  # expected for random shards of the same sizes
@@ -170,8 +171,7 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
         teacher=meta.get(TEACHER_IDENTITY) or dict(spec.teacher),
         versions=meta.get(VERSIONS) or reader.versions, probes=len(meta.get(PROBES, {})),
         taus=list(spec.taus),
-        fleet=fleet_status(reader.path, spec.units(), done,
-                           {(sh, b): len(spec.block_views(b)) * spec.shard_sizes[sh] for sh, b in spec.units()}),
+        fleet=_fleet(reader.path, spec, done),
     )
     _shard_diversity(reader, s)
     readable = done - set(flags.unreadable)
@@ -182,13 +182,25 @@ def summarize(reader, *, max_blocks: int = DEFAULT_SAMPLE_BLOCKS, max_views: int
     return s
 
 
+def _fleet(path, spec, done) -> dict:
+    """fleet_status, without a pace on a store no one works on: a finished store's last commits are history,
+    not a rate (and no ETA)."""
+    f = fleet_status(path, spec.units(), done,
+                     {(sh, b): len(spec.block_views(b)) * spec.shard_sizes[sh] for sh, b in spec.units()})
+    if not f["units_pending"] and not f["units_leased"]:
+        f.update(units_per_s=None, views_per_s=None, eta_s=None)
+    return f
+
+
 def _shard_diversity(reader, s: Summary) -> None:
     """Class-sorted shards make same-class mixing partners and one-class batches: show it."""
     from ..sources import class_diversity
 
     manifest = stored_manifest(reader)
     d = class_diversity(manifest)
-    s.shard_layout, s.tars = manifest.layout, len(manifest.tars)
+    s.shard_layout, s.source_kind = manifest.layout, manifest.kind
+    # a re-cut source lists its files in tars; as-is, each shard is one of them
+    s.source_files = None if manifest.kind == "imagefolder" else len(manifest.tars or manifest.shards)
     s.classes_per_shard = float(d.observed.mean())
     s.classes_per_shard_min = int(d.observed.min())
     s.classes_per_shard_random = float(d.expected.mean())
@@ -274,7 +286,8 @@ def format_summary(s: Summary) -> str:
                      "run verify --full")
     share = s.invalid_views / max(s.written_views + s.invalid_views, 1)
     if s.classes_per_shard is not None:
-        cut = f", re-cut from {s.tars} files" if s.tars else ""
+        recut = s.source_files is not None and s.shard_layout != "as-is"
+        cut = f", re-cut from {s.source_files} {s.source_kind} files" if recut else ""
         ratio = s.classes_per_shard / max(s.classes_per_shard_random, 1e-12)
         warn = "; class-skewed: precompute with --shards shuffle" if ratio < 0.5 else ""
         lines.append(f"shards      layout {s.shard_layout}{cut}; distinct classes per shard mean "

@@ -21,6 +21,7 @@ Every failure names its unit ``(shard, view_block)``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -60,6 +61,8 @@ class SoftReport:
             how = f"top-{self.k} of {self.num_classes} classes (no tail)"
         elif self.stored_tail:
             how = f"top-{self.k} + stored tail mass (split uniformly)"
+        elif self.tau == 1:  # the stored log-probabilities give the tail mass 1 - sum(top-k) exactly
+            how = f"top-{self.k} + exact tail mass (at tau 1 the top-k log-probabilities give it; split uniformly)"
         else:
             how = (f"top-{self.k} + UNIFORM tail approximation: no tail log-sum-exp stored at tau {self.tau:g} "
                    f"(precompute --tau {self.tau:g} stores it)")
@@ -102,6 +105,14 @@ class VerifyReport:
     units_complete: int = 0
     units_total: int = 0
     soft: list[SoftReport] = field(default_factory=list)
+    mode: str = "topk"  # the store's: "topk" or "hard" (no log-probabilities to compare)
+    unreadable: list[tuple[int, int]] = field(default_factory=list)  # units whose labels did not decode
+
+    @property
+    def damaged_units(self) -> list[tuple[int, int]]:
+        """Units whose bytes are damaged (what rerunning precompute detects and recomputes), as opposed to
+        units that decode but hold labels other than the teacher's."""
+        return sorted({p.unit for p in self.problems if p.unit is not None} | set(self.unreadable))
 
     @property
     def bad_units(self) -> list[tuple[int, int]]:
@@ -197,8 +208,9 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
         if (view, shard) not in labels:
             try:
                 labels[(view, shard)] = reader.read(view, shard)
-            except StoreCorrupt as e:
-                broken.append((unit, f"labels unreadable: {e}"))
+            except StoreCorrupt:
+                if unit not in {u for u, _ in broken}:  # one line per damaged unit, not one per view read
+                    broken.append((unit, "its stored labels do not decode (damaged chunks)"))
                 labels[(view, shard)] = None
         lab = labels[(view, shard)]
         if lab is None or lab.valid[slot] != WRITTEN:
@@ -266,18 +278,27 @@ def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n:
         atol = 5e-2 if teacher.device.type == "cuda" else 1e-3
     done = set(reader.completed_units())
     report = VerifyReport(str(path), tolerance=atol, full=full, units_complete=len(done),
-                          units_total=len(spec.units()))
+                          units_total=len(spec.units()), mode=spec.mode)
     stored_probes = reader.meta.get(PROBES, {})
     report.probes = len(stored_probes)
     renderer = ViewRenderer(Recipe.from_dict(spec.recipe))
     report.drifted = drifted_probes(stored_probes, renderer, manifest, spec.seed) if stored_probes else []
     rows, logp, broken = _recompute(reader, manifest, teacher, pick_views(spec, done, n, seed), batch_size)
     report.mismatches += broken
+    report.unreadable = [u for u, _ in broken]
     compare(spec, rows, logp, atol, report)
     report.soft = [soft_report(spec, rows, logp, float(t)) for t in taus]
     if full:
-        report.problems = reader.check(full=True)
+        report.problems = [dataclasses.replace(p, what=_cause(p.what)) for p in reader.check(full=True)]
+        named = {p.unit for p in report.problems}  # said under "chunks" with its cause: not again above
+        report.mismatches = [(u, what) for u, what in report.mismatches if not (u in named and u in report.unreadable)]
     return report
+
+
+def _cause(what: str) -> str:
+    """A storage Problem's cause without its own fix: the report ends with the one fix that heals every
+    damaged unit (rerunning precompute), rather than a file to delete on each line."""
+    return what.split("; ", 1)[0] if "; delete units/" in what or "; run check()" in what else what
 
 
 def format_report(r: VerifyReport) -> str:
@@ -291,21 +312,25 @@ def format_report(r: VerifyReport) -> str:
         lines.append("probes      none recorded in this store")
     if r.views_checked:
         ties = f" (+{r.near_ties} near ties)" if r.near_ties else ""
-        lines.append(f"recompute   {r.views_checked} views: top-1 agreement {r.top1_agree}/{r.views_checked}{ties}, "
-                     f"max |log-prob diff| over stored top-k {r.max_abs_diff:.2e} "
-                     f"(tolerance {r.tolerance:g} + fp16 rounding)")
+        diff = (f", max |log-prob diff| over stored top-k {r.max_abs_diff:.2e} (tolerance {r.tolerance:g} + fp16 "
+                "rounding)" if r.mode == "topk" else " (a hard-label store: its argmax alone is compared)")
+        lines.append(f"recompute   {r.views_checked} views: top-1 agreement {r.top1_agree}/{r.views_checked}{ties}"
+                     + diff)
     else:
         lines.append("recompute   no stored views to check")
     for unit, what in r.mismatches:
         lines.append(f"  bad unit (shard={unit[0]}, view_block={unit[1]}): {what}")
     lines += [s.line() for s in r.soft]
     if r.full:
-        lines.append(f"chunks      {'all complete units intact' if not r.problems else f'{len(r.problems)} problems'}")
+        n = len(r.problems)
+        lines.append(f"chunks      {f'{n} problem' + 's' * (n != 1) if n else 'all complete units intact'}")
         lines += [f"  {p}" for p in r.problems]
     if r.passed:
         lines.append("PASS")
     else:
         units = ", ".join(f"{unit_name(s, b)} (shard={s}, view_block={b})" for s, b in r.bad_units)
         causes = (["probe drift"] if r.drifted else []) + ([f"bad units: {units}"] if units else [])
-        lines.append("FAIL: " + "; ".join(causes))
+        heal = ("; rerun the same precompute command: it re-checks every complete unit and recomputes the damaged "
+                "ones" if r.damaged_units else "")
+        lines.append("FAIL: " + "; ".join(causes) + heal)
     return "\n".join(lines)
