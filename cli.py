@@ -71,7 +71,7 @@ def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, on_interru
 
 
 # Options that take a value, as the command line spells them: rerun_command drops a value with its option.
-_VALUE_OPTIONS = {"--out", "--output", "--experiment"}
+_VALUE_OPTIONS = {"--out", "--output", "--experiment", "--finetune"}
 
 
 def rerun_command(drop: set[str] = frozenset(), add: tuple[str, ...] = ()) -> str:
@@ -359,7 +359,8 @@ def train_interrupted(out: str) -> str:
         return f"no epoch finished, nothing was saved in {out}; rerun the same command to start again"
     epoch = last_saved_epoch(out)
     after = f" (after epoch {epoch})" if epoch is not None else ""
-    resume = rerun_command(drop={"--overwrite", "--resume", "--out", "--output", "--experiment"},
+    # --finetune only starts a run (the checkpoint keeps it); --overwrite would delete what is kept
+    resume = rerun_command(drop={"--overwrite", "--resume", "--out", "--output", "--experiment", "--finetune"},
                            add=("--out", out, "--resume"))
     return f"the last checkpoint, {ckpt}{after}, is kept; resume with: {resume}"
 

@@ -194,6 +194,19 @@ def test_ctrl_c_in_precompute_keeps_finished_units_and_says_rerun_exit_130(tiny,
     assert rerun[:3] == ["python", "cli.py", "precompute"] and "--overwrite" not in rerun  # it would delete them
 
 
+def test_the_resume_command_continues_the_run_whatever_started_it(monkeypatch):
+    """--overwrite would delete the kept run, --finetune refuses --resume, a generated --output name and a
+    --resume PATH elsewhere would point at another folder: the command names RUN and --resume alone."""
+    from cli import rerun_command
+
+    monkeypatch.setattr(sys, "argv", ["cli.py", "train", "--data", "d", "--output=o", "--experiment", "e",
+                                      "--finetune", "f.pth", "--resume", "x/checkpoint.pth", "--overwrite", "-b", "8",
+                                      "--resume", "--epochs", "3"])
+    got = rerun_command(drop={"--overwrite", "--resume", "--out", "--output", "--experiment", "--finetune"},
+                        add=("--out", "o/e", "--resume"))
+    assert got == "python cli.py train --data d -b 8 --epochs 3 --out o/e --resume"
+
+
 # ---- 6. --workers fits the machine ---------------------------------------------------------------
 def test_default_workers_are_this_machines_cpus_capped(monkeypatch):
     import pipeline.options as options
