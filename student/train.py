@@ -211,7 +211,12 @@ def last_saved_epoch(run: str) -> int | None:
         return None
 
 
-def load_checkpoint(cfg: TrainConfig, say=print) -> tuple[TrainConfig, TrainCheckpoint | None]:
+def console(line: str) -> None:
+    """A line for the user: on stderr beside the progress bar, as ``train: ...`` (rank 0 only: see train)."""
+    print(f"train: {line}", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(cfg: TrainConfig, say=console) -> tuple[TrainConfig, TrainCheckpoint | None]:
     """With --resume: the checkpoint's config (which wins) and its state."""
     path = resume_path(cfg)
     if path is None:
@@ -305,9 +310,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise TrainError("--finetune starts a new run from a checkpoint's weights, --resume continues the run in "
                          f"{cfg.out} from its own checkpoint: pass one of them")
 
-    def say(line: str) -> None:  # the console: rank 0 only, on stderr beside the progress bar
+    def say(line: str) -> None:  # rank 0 alone speaks
         if d.main:
-            print(f"train: {line}", file=sys.stderr, flush=True)
+            console(line)
 
     check_run_folder(cfg)
     cfg, ckpt = load_checkpoint(cfg, say)
