@@ -13,20 +13,25 @@ This file only parses, calls and reports; the work lives in pipeline/, storage/ 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 
 import click
 
 from pipeline.options import (
+    INTERRUPTED,
     MAX_EPOCHS,
-    MAX_WORKERS,
     SEED,
     OneLineGroup,
     at_least,
+    batch_size_option,
     check_device,
+    model_kwargs_option,
     non_negative,
     positive,
     unit_interval,
+    workers_option,
 )
 from storage.api import BACKENDS, DEFAULT_BACKEND  # already loaded by pipeline.options (storage.errors)
 
@@ -44,7 +49,10 @@ READ_ONLY_HINT = "the store was only read, nothing in it changed; fix the path o
 NOTHING_WRITTEN_HINT = "its inputs were only read and no output was left half-written; fix the path or free space"
 
 
-def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, **kwargs):
+def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, on_interrupt=None, **kwargs):
+    """Call fn; bad input is one line and exit 2, an OSError one line and exit 1. Ctrl-C, when the command
+    says what survives it (``on_interrupt()``: the lines to print), prints them and exits 130 as shells
+    expect; otherwise it reaches OneLineGroup ("error: interrupted", 130)."""
     try:
         return fn(*args, **kwargs)
     except _input_errors() as e:
@@ -55,19 +63,35 @@ def run_reporting_errors(fn, *args, os_error_hint: str = RESUME_HINT, **kwargs):
         click.echo(f"error: {' '.join(str(e.strerror or e).split())}{f' ({where})' if where else ''}; "
                    f"{os_error_hint}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; one says it
+            click.echo(f"\ninterrupted: {on_interrupt()}", err=True)
+        sys.exit(INTERRUPTED)
 
 
-def _json_option(value: str | None, flag: str) -> dict:
-    if not value:
-        return {}
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not JSON ({e.msg}); e.g. '{{\"depth\": 2}}'", param_hint=flag) from None
-    if not isinstance(out, dict):
-        raise click.BadParameter("must be a JSON object", param_hint=flag)
-    return out
+# Options that take a value, as the command line spells them: rerun_command drops a value with its option.
+_VALUE_OPTIONS = {"--out", "--output", "--experiment", "--finetune"}
 
+
+def rerun_command(drop: set[str] = frozenset(), add: tuple[str, ...] = ()) -> str:
+    """This command line as the user would type it again, without the options in ``drop`` (and their
+    values; ``--resume``'s optional one too), with ``add`` at the end."""
+    argv, kept, i = sys.argv[1:], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        i += 1
+        if name not in drop:
+            kept.append(token)
+        elif "=" not in token and (name in _VALUE_OPTIONS or name == "--resume") and i < len(argv) \
+                and (name != "--resume" or not argv[i].startswith("-")):
+            i += 1  # the dropped option's value
+    prog = sys.argv[0]
+    launcher = ["torchrun", "...", prog] if "TORCHELASTIC_RUN_ID" in os.environ else (
+        ["python", prog] if prog.endswith(".py") else [os.path.basename(prog)])
+    return shlex.join([*launcher, *kept, *add])
 
 
 def shard_layout_options(command):
@@ -106,13 +130,12 @@ def main():
               help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
 @shard_layout_options
 @click.option("--views-per-unit", default=10, show_default=True, type=at_least(1), help="Views per work unit.")
-@click.option("--batch-size", default=256, show_default=True, type=at_least(1))
-@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
-              help="DataLoader workers rendering views.")
+@batch_size_option(256)
+@workers_option
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--format", "backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(list(BACKENDS)),
               help="Label store backend.")
-@click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model for the teacher.")
+@model_kwargs_option("teacher")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA).")
 @click.option("--rank", default=None, type=at_least(0), help="This process's rank (else RANK or SLURM_PROCID).")
 @click.option("--world-size", default=None, type=at_least(1), help="Fleet size (else WORLD_SIZE or SLURM_NTASKS).")
@@ -129,13 +152,14 @@ def precompute(**kw):
     """Run the teacher over every view and store its labels (resumable; a fleet under torchrun)."""
     from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 
-    kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
     kw["taus"] = list(kw["taus"])
     repeats = kw.pop("repeats")
     kw["overrides"] += [f"repeats={repeats}"] if repeats is not None else []  # the recipe's `repeats`
-    summary = run_reporting_errors(lambda: run_precompute(PrecomputeConfig(**kw)))
+    summary = run_reporting_errors(lambda: run_precompute(PrecomputeConfig(**kw)), on_interrupt=lambda: (
+        f"the units already finished are kept in {kw['out']}; rerun the same command to resume: "
+        f"{rerun_command(drop={'--overwrite'})}"))
     if summary is not None and summary.rank == 0:
         click.echo(summary.report())
 
@@ -253,10 +277,15 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 # ---- stage two -----------------------------------------------------------------------------
 @main.command()
 @click.option("--data", required=True, help="Training source: the one the label store was made from.")
-@click.option("--out", required=True, help="Run directory: checkpoint.pth, metrics.jsonl, summary.json.")
+@click.option("--out", default=None, metavar="RUN",
+              help="Run directory: checkpoint.pth, metrics.jsonl, summary.csv, summary.json (a new one, unless "
+                   "--resume or --overwrite).")
+@click.option("--output", default=None, metavar="DIR", help="timm's spelling: the run is DIR/EXPERIMENT.")
+@click.option("--experiment", default=None, metavar="NAME",
+              help="timm's spelling: with --output, the run's name [a timestamp and the model].")
 @click.option("--labels", default=None, help="Label store from `precompute` (recipe and seed come from it).")
 @click.option("--model", default="deit_small_distilled_patch16_224", show_default=True, help="timm student.")
-@click.option("--model-kwargs", default=None, help="JSON passed to timm.create_model (e.g. a tiny config).")
+@model_kwargs_option("student")
 @click.option("--distillation", default=None, type=click.Choice(["none", "hard", "soft"]),
               help="[default: hard with --labels, else none]")
 @click.option("--alpha", default=0.5, show_default=True, type=unit_interval(), help="Weight of the distillation term.")
@@ -264,7 +293,7 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--kd-reduction", default="batchmean", show_default=True, type=click.Choice(["batchmean", "deit"]),
               help="batchmean: the true KL; deit: the official repo's numel scaling.")
 @click.option("--epochs", default=300, show_default=True, type=at_least(1, MAX_EPOCHS))
-@click.option("--batch-size", default=64, show_default=True, type=at_least(1), help="Per process.")
+@batch_size_option(64, help="Per process.")
 @click.option("--lr", default=5e-4, show_default=True, type=positive(), help="For a global batch of 512 (scaled).")
 @click.option("--min-lr", default=1e-5, show_default=True, type=non_negative())
 @click.option("--warmup-lr", default=1e-6, show_default=True, type=non_negative())
@@ -276,12 +305,16 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 @click.option("--model-ema-decay", default=0.99996, show_default=True, type=unit_interval())
 @click.option("--val", default=None, help="Validation source, evaluated each epoch (resize, centre crop).")
 @click.option("--eval-batch-size", default=None, type=at_least(1), help="[default: 2 x --batch-size]")
-@click.option("--workers", default=8, show_default=True, type=at_least(0, MAX_WORKERS),
-              help="DataLoader workers rendering views.")
+@workers_option
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--resume", is_flag=True, help="Continue from RUN/checkpoint.pth (its settings win).")
+@click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[CHECKPOINT]",
+              help="Continue the run from RUN/checkpoint.pth, or from CHECKPOINT (a run's checkpoint.pth or its "
+                   "folder; the run goes on in that folder unless --out says another); its settings win.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that holds a run: its run files (checkpoint.pth, metrics.jsonl, "
+                   "summary.csv, summary.json) are deleted once the new run's checks pass; other files are kept.")
 @click.option("--recipe", default=None, help="Without --labels: augmentation preset [deit].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Without --labels: recipe override.")
 @click.option("--seed", default=None, type=SEED, help="Without --labels: view seed [0].")
@@ -305,17 +338,55 @@ def train(**kw):
     from student.train import TrainConfig
     from student.train import train as run_train
 
-    kw["model_kwargs"] = _json_option(kw["model_kwargs"], "--model-kwargs")
     kw["compile"] = kw.pop("compile_")
     kw["overrides"] = list(kw["overrides"])
+    kw["out"], kw["resume"] = run_folder(kw.pop("out"), kw.pop("output"), kw.pop("experiment"), kw["resume"],
+                                         kw["model"])
     if kw["finetune"]:  # DeiT's fine-tuning recipe for every option left at its default
         from student.finetune import with_finetune_defaults
 
         source = click.get_current_context().get_parameter_source
         kw = with_finetune_defaults(kw, {k for k in kw if source(k) != click.core.ParameterSource.DEFAULT})
-    summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)))
+    summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)),
+                                   on_interrupt=lambda: train_interrupted(kw["out"]))
     if summary is not None and summary.rank == 0:
         click.echo(summary.report())
+
+
+def run_folder(out: str | None, output: str | None, experiment: str | None, resume: str | None,
+               model: str) -> tuple[str, bool | str]:
+    """The run directory and TrainConfig.resume from --out, timm's --output/--experiment and --resume
+    [CHECKPOINT]: (RUN, False) for a new run, (RUN, True) for RUN's own checkpoint, (RUN, path) for another."""
+    if out is not None and (output is not None or experiment is not None):
+        raise click.UsageError("pass --out RUN, or timm's --output DIR --experiment NAME, not both")
+    if output is not None or experiment is not None:  # timm: output/train/<timestamp>-<model> by default
+        import datetime
+
+        name = experiment or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{model}"
+        out = os.path.join(output or os.path.join("output", "train"), name)
+    if not resume:
+        if out is None:
+            raise click.UsageError("missing the run directory: pass --out RUN (or --output DIR --experiment NAME)")
+        return out, resume is not None
+    from student.train import CHECKPOINT
+
+    path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
+    return (out if out is not None else os.path.dirname(path) or "."), path
+
+
+def train_interrupted(out: str) -> str:
+    """What Ctrl-C left of a training run, and the command that continues it."""
+    from student.train import CHECKPOINT, last_saved_epoch
+
+    ckpt = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(ckpt):
+        return f"no epoch finished, nothing was saved in {out}; rerun the same command to start again"
+    epoch = last_saved_epoch(out)
+    after = f" (after epoch {epoch})" if epoch is not None else ""
+    # --finetune only starts a run (the checkpoint keeps it); --overwrite would delete what is kept
+    resume = rerun_command(drop={"--overwrite", "--resume", "--out", "--output", "--experiment", "--finetune"},
+                           add=("--out", out, "--resume"))
+    return f"the last checkpoint, {ckpt}{after}, is kept; resume with: {resume}"
 
 
 @main.command()

@@ -8,7 +8,10 @@ recipe is made). ``OneLineGroup`` prints every usage error as one line, ``error:
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import os
 import sys
 
 import click
@@ -118,6 +121,9 @@ def check_device(ctx, param, value: str | None) -> str | None:
     return value
 
 
+INTERRUPTED = 130  # the exit status shells give a process stopped by Ctrl-C (128 + SIGINT)
+
+
 class OneLineGroup(click.Group):
     """click's usage errors as one line, ``error: ...`` with exit code 2 (no usage block)."""
 
@@ -133,11 +139,98 @@ class OneLineGroup(click.Group):
                 hint = f" (see `{e.ctx.command_path} --help`)"
             click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
+        except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort) or an aborted prompt
+            click.echo("error: interrupted", err=True)
+            sys.exit(INTERRUPTED)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 # Seeds key numpy's Philox generators and are stored in the store's JSON: a non-negative 63-bit int.
 SEED = IntIn(min=0, max=2**63 - 1)
+
+
+# ---- options shared by precompute and train, spelled as timm spells them ------------------------
+WORKERS_CAP = 8  # beyond this the loader rarely renders faster, and each worker is a process with its own memory
+
+
+def default_workers() -> int:
+    """DataLoader workers for this machine: the CPUs this process may use, at most WORKERS_CAP. More
+    workers than CPUs only make torch warn ("suggested max number of worker") and thrash."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity mask
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, WORKERS_CAP))
+
+
+def workers_option(command):
+    """``-j/--workers`` (timm's spelling), defaulting to this machine's CPUs."""
+    return click.option("-j", "--workers", default=default_workers, type=IntIn(min=0, max=MAX_WORKERS),
+                        show_default=f"{default_workers()}: this machine's CPUs, at most {WORKERS_CAP}",
+                        help="DataLoader workers rendering views.")(command)
+
+
+def batch_size_option(default: int, help: str | None = None):
+    """``-b/--batch-size`` (timm's spelling)."""
+    return click.option("-b", "--batch-size", default=default, show_default=True, type=IntIn(min=1), help=help)
+
+
+def parse_model_kwargs(tokens, flag: str = "--model-kwargs") -> dict:
+    """``--model-kwargs`` values: JSON objects (``'{"depth": 2}'``) and timm's ``key=value`` pairs, merged in
+    order (a later key wins). A value is read as timm's ParseKwargs reads it (a Python literal: 2, 0.1, True,
+    (4, 4)), else kept as the string (``act_layer=gelu``)."""
+    out = {}
+    for token in tokens:
+        text = token.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise OptionValueError(f"{flag}: {text[:40]!r} is not JSON ({e.msg}); e.g. '{{\"depth\": 2}}' "
+                                       "or depth=2") from None
+            if not isinstance(value, dict):
+                raise OptionValueError(f"{flag}: {text[:40]!r} must be a JSON object, e.g. '{{\"depth\": 2}}'")
+            out.update(value)
+            continue
+        key, eq, value = text.partition("=")
+        if not eq or not key.isidentifier():
+            raise OptionValueError(f"{flag}: {text[:40]!r} is neither key=value nor a JSON object; "
+                                   "e.g. depth=2 embed_dim=64, or '{\"depth\": 2}'")
+        out[key] = _literal(value)
+    return out
+
+
+def _literal(text: str):
+    """timm's ParseKwargs: ast.literal_eval, falling back to the plain string (no quoting on the command line)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+class GreedyOption(click.Option):
+    """An option that takes every following word up to the next option, as argparse's nargs='*' does
+    (timm: ``--model-kwargs depth=2 embed_dim=64``). Only for commands without positional arguments."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)  # click's parser: no public hook
+            option.process = self._eat_following(option.process)
+
+    @staticmethod
+    def _eat_following(process):
+        def eat(value, state):
+            process(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                process(state.rargs.pop(0), state)
+        return eat
+
+
+def model_kwargs_option(what: str):
+    """``--model-kwargs``: JSON or timm's key=value words, for timm.create_model of ``what``."""
+    return click.option("--model-kwargs", "model_kwargs", cls=GreedyOption, multiple=True,
+                        metavar="KEY=VALUE... | JSON",
+                        callback=lambda ctx, param, value: parse_model_kwargs(value),
+                        help=f"Passed to timm.create_model for the {what}: key=value words as timm takes them "
+                             "(depth=2 embed_dim=64) or a JSON object; repeatable, later keys win.")

@@ -34,7 +34,6 @@ architecture (depth, width, patch size) is a one-line TrainError naming the firs
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -47,8 +46,6 @@ from timm.layers import resample_abs_pos_embed
 from storage import checkpoint
 
 from .errors import TrainError
-
-log = logging.getLogger("deit_lockstep.finetune")
 
 # DeiT's fine-tuning recipe, from the official README (facebookresearch/deit, README_deit.md,
 # "To finetune a DeiT-base on 384 resolution images for 30 epochs"):
@@ -199,5 +196,4 @@ def load_finetune(model: nn.Module, path: str, input_size: int) -> FinetuneStart
     state, start = adapt_state_dict(read_state_dict(path), model, path)
     own = model.state_dict()
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)
-    log.info("--finetune: %s", start.describe())
-    return start
+    return start  # student.train says start.describe() on the console

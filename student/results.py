@@ -17,6 +17,31 @@ from dataclasses import dataclass
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+SUMMARY_CSV = "summary.csv"  # student.curves.append_summary writes it (timm's update_summary)
+
+
+def plural(n: int, word: str) -> str:
+    """"1 epoch", "2 epochs"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def top1(val: dict, distilled: bool | None) -> str:
+    """A validation's top-1 (%): the average of both heads with each head's (a distilled model: DeiT's
+    test-time rule), or the one head's. None (unknown, an older summary): the three figures."""
+    if distilled:
+        return f"{val['avg_top1']:.2f} (cls {val['cls_top1']:.2f}, dist {val['dist_top1']:.2f})"
+    if distilled is None:
+        return f"cls/dist/avg {val['cls_top1']:.2f}/{val['dist_top1']:.2f}/{val['avg_top1']:.2f}"
+    return f"{val['cls_top1']:.2f}"
+
+
+def val_report(val: dict | None, val_ema: dict | None, distilled: bool | None) -> str:
+    """"val top-1 raw X, EMA Y": both weights when the run kept an EMA."""
+    if not val:
+        return "no --val, accuracy not measured"
+    if not val_ema:
+        return f"val top-1 {top1(val, distilled)}"
+    return f"val top-1 raw {top1(val, distilled)}, EMA {top1(val_ema, distilled)}"
 
 
 @dataclass
@@ -44,6 +69,13 @@ class EpochMetrics:
     skipped_views: int  # views skipped so far this run, all ranks
     val: dict | None = None      # student.train.evaluate's top-1/top-5 per head; absent without --val
     val_ema: dict | None = None  # the same for the EMA weights
+
+    def report(self, epochs: int, distilled: bool) -> str:
+        """The console line after each epoch (metrics.jsonl holds the same numbers)."""
+        t = self.train
+        line = (f"epoch {self.epoch} ({self.epoch + 1} of {epochs}): loss {t.loss:.4f}, lr {t.lr:.3g}, "
+                f"{t.img_per_s:.1f} img/s")
+        return line + (f"; {val_report(self.val, self.val_ema, distilled)}" if self.val else "")
 
     def to_json(self) -> dict:
         """The row as metrics.jsonl holds it: epoch, the train stats flat, then val/val_ema when measured."""
@@ -93,6 +125,7 @@ class TrainSummary:
     final: FinalMetrics
     finetune: str | None
     soft_targets: str | None
+    distillation_token: bool | None = None  # the student's; None in summaries written before it was kept
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,8 +143,6 @@ class TrainSummary:
 
     def report(self) -> str:
         """The line ``cli.py train`` prints at the end."""
-        val = self.final.val or {}
-        return (f"train: {self.epochs_this_run} epochs, {self.images} images in {self.train_seconds:.1f}s "
-                f"({self.img_per_s:.1f} img/s); invalid views skipped: {self.invalid_views_skipped}"
-                + (f"; val top-1 cls/dist/avg {val['cls_top1']:.2f}/{val['dist_top1']:.2f}/{val['avg_top1']:.2f}"
-                   if val else ""))
+        return (f"train: {plural(self.epochs_this_run, 'epoch')}, {self.images} images in {self.train_seconds:.1f}s "
+                f"({self.img_per_s:.1f} img/s); invalid views skipped: {self.invalid_views_skipped}; "
+                + val_report(self.final.val, self.final.val_ema, self.distillation_token))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from pipeline.devices import resolve_device
+from pipeline.options import default_workers
 from pipeline.progress import progress_bar
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
@@ -40,11 +40,21 @@ from .curves import append_summary
 from .data import LockstepLoader, check_complete, eval_loader, open_train_data
 from .errors import TrainError
 from .losses import KD_REDUCTIONS, MODES, TeacherLabels, deit_loss_terms
-from .model import _bare, check_views_fit, create_student, eval_logits
-from .results import METRICS_FILE, EpochMetrics, EpochStats, FinalMetrics, TrainSummary
+from .model import _bare, check_views_fit, create_student, eval_logits, has_distillation_token
+from .results import (
+    METRICS_FILE,
+    SUMMARY_CSV,
+    SUMMARY_FILE,
+    EpochMetrics,
+    EpochStats,
+    FinalMetrics,
+    TrainSummary,
+    plural,
+)
 
-log = logging.getLogger("deit_lockstep.train")
 CHECKPOINT = checkpoint.FILENAME  # its schema, save and load: storage/checkpoint.py
+# What a run writes in its folder: a folder holding any of them holds a run (--resume or --overwrite).
+RUN_FILES = (CHECKPOINT, METRICS_FILE, SUMMARY_CSV, SUMMARY_FILE)
 
 
 @dataclass
@@ -71,11 +81,12 @@ class TrainConfig:
     model_ema_decay: float = 0.99996
     val: str | None = None
     eval_batch_size: int | None = None  # default: 2 x batch_size
-    workers: int = 8
+    workers: int = field(default_factory=default_workers)
     device: str = "auto"
     amp: bool = True                    # bf16 autocast on CUDA (fp16 + GradScaler where bf16 is missing)
     compile: bool = False
-    resume: bool = False
+    resume: bool | str = False          # True: RUN's own checkpoint; a path: that checkpoint
+    overwrite: bool = False             # start over in a RUN that holds a run (its run files deleted)
     finetune: str | None = None         # start from this checkpoint's weights (student/finetune.py)
     # plain training (no --labels) draws views from these; with --labels they come from the store
     recipe: str | None = None
@@ -93,7 +104,7 @@ class TrainConfig:
 
 
 # Fields that may differ on --resume without changing what is trained.
-RUNTIME_FIELDS = {"out", "resume", "workers", "device", "progress", "log_every", "stop_after_epochs",
+RUNTIME_FIELDS = {"out", "resume", "overwrite", "workers", "device", "progress", "log_every", "stop_after_epochs",
                   "data", "labels", "val", "eval_batch_size", "compile"}
 # Fields whose change on --resume is an error, not an override.
 IDENTITY_FIELDS = ("model", "model_kwargs")
@@ -158,13 +169,61 @@ def resolve_mode(cfg: TrainConfig, data) -> str:
     return mode
 
 
-def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, TrainCheckpoint | None]:
-    """With --resume and a checkpoint in RUN: its config (which wins) and its state."""
-    path = os.path.join(cfg.out, CHECKPOINT)
-    if not cfg.resume or not os.path.exists(path):
-        if cfg.resume:
-            log.warning("--resume: no checkpoint in %s yet, starting from the beginning", cfg.out)
+def resume_path(cfg: TrainConfig) -> str | None:
+    """The checkpoint --resume continues from: RUN's own, or the one --resume PATH names; None for a new run."""
+    if not cfg.resume:
+        return None
+    return cfg.resume if isinstance(cfg.resume, str) else os.path.join(cfg.out, CHECKPOINT)
+
+
+def run_files(run: str) -> list[str]:
+    """The run files (RUN_FILES) that the folder ``run`` holds."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(run, name))]
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """A new run never writes into another run's folder: its checkpoint would be replaced and its
+    metrics.jsonl and summary.csv appended to, so that `plot` draws the epochs of two runs as one."""
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    continues_here = cfg.resume and os.path.dirname(os.path.abspath(resume_path(cfg))) == os.path.abspath(cfg.out)
+    found = run_files(cfg.out)
+    if found and not continues_here and not cfg.overwrite:
+        raise TrainError(f"--out {cfg.out} already holds a run ({', '.join(found)}); continue it with --resume, "
+                         "start over with --overwrite (deletes those files, keeps the rest), or pass a new --out")
+
+
+def clear_run_files(run: str) -> list[str]:
+    """--overwrite: delete the previous run's files (only RUN_FILES; anything else in the folder stays)."""
+    found = run_files(run)
+    for name in found:
+        os.remove(os.path.join(run, name))
+    return found
+
+
+def last_saved_epoch(run: str) -> int | None:
+    """The epoch of the last line of RUN/metrics.jsonl (written right after its checkpoint), or None."""
+    try:
+        with open(os.path.join(run, METRICS_FILE)) as f:
+            last = f.read().rstrip("\n").rpartition("\n")[2]
+        return int(json.loads(last)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def console(line: str) -> None:
+    """A line for the user: on stderr beside the progress bar, as ``train: ...`` (rank 0 only: see train)."""
+    print(f"train: {line}", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(cfg: TrainConfig, say=console) -> tuple[TrainConfig, TrainCheckpoint | None]:
+    """With --resume: the checkpoint's config (which wins) and its state."""
+    path = resume_path(cfg)
+    if path is None:
         return cfg, None
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume: there is no checkpoint {path}; drop --resume to start a new run"
+                         + ("" if isinstance(cfg.resume, str) else " in --out, or pass --resume RUN/checkpoint.pth"))
     # a torn, foreign or code-carrying file is never loaded: one line, not torch's advice
     obj = checkpoint.load_data(path, context=f"--resume: {path} is not a readable checkpoint of this tool",
                                fix="restore it or delete it to start over", error=TrainError)
@@ -189,7 +248,7 @@ def load_checkpoint(cfg: TrainConfig) -> tuple[TrainConfig, TrainCheckpoint | No
                   for f in dataclasses.fields(cfg)
                   if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
     if overridden:
-        log.warning("--resume: the checkpoint's settings win: %s", "; ".join(overridden))
+        say(f"warning: --resume: the checkpoint's settings win: {'; '.join(overridden)}")
     return merged, ckpt
 
 
@@ -250,14 +309,20 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if cfg.finetune and cfg.resume:
         raise TrainError("--finetune starts a new run from a checkpoint's weights, --resume continues the run in "
                          f"{cfg.out} from its own checkpoint: pass one of them")
-    cfg, ckpt = load_checkpoint(cfg)
+
+    def say(line: str) -> None:  # rank 0 alone speaks
+        if d.main:
+            console(line)
+
+    check_run_folder(cfg)
+    cfg, ckpt = load_checkpoint(cfg, say)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,
                            repeats=cfg.repeats, shards=cfg.shards)
     mode = resolve_mode(cfg, data)
     soft_note = soft_target_note(cfg, data.reader, mode)
-    if soft_note and d.main:
-        print(f"train: {soft_note}", file=sys.stderr, flush=True)
+    if soft_note:
+        say(soft_note)
     if ckpt is not None:
         check_identity(ckpt, data.identity(), cfg)
     start_epoch = ckpt.epoch if ckpt else 0
@@ -282,6 +347,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         from .finetune import load_finetune
 
         finetuned = load_finetune(model, cfg.finetune, data.recipe.input_size).describe()
+        say(f"--finetune: {finetuned}")
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     global_batch = cfg.batch_size * d.world
@@ -312,10 +378,17 @@ def train(cfg: TrainConfig) -> TrainSummary:
         net = torch.compile(net)
 
     run = Run(cfg, d, mode, data, net, optimizer, scheduler, scaler, ema, amp_dtype if use_amp else None)
+    for line in start_banner(cfg, d, data, model, mode, len(loader.files), steps_per_epoch, ckpt, end_epoch):
+        say(line)
+    for line in start_warnings(cfg, data, end_epoch, global_batch):
+        say(f"warning: {line}")
     if d.main:
         os.makedirs(cfg.out, exist_ok=True)
-        log.info("training %s on %d samples x %d epochs, global batch %d, %d steps/epoch, %s distillation",
-                 cfg.model, len(loader.files), cfg.epochs, global_batch, steps_per_epoch, mode)
+        if cfg.overwrite and not cfg.resume:  # every check has passed: the old run goes only now
+            deleted = clear_run_files(cfg.out)
+            if deleted:
+                say(f"--overwrite: deleted the previous run's {', '.join(deleted)} in {cfg.out}")
+    distilled = has_distillation_token(model)
     images = invalid = skipped = 0
     train_seconds, metrics = 0.0, None
     for epoch in range(start_epoch, end_epoch):
@@ -343,6 +416,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             with open(os.path.join(cfg.out, METRICS_FILE), "a") as f:
                 f.write(json.dumps(row) + "\n")
             append_summary(cfg.out, row)  # timm's summary.csv, the same numbers as a table
+            say(metrics.report(cfg.epochs, distilled))
         if d.world > 1:
             dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is whole
 
@@ -352,10 +426,53 @@ def train(cfg: TrainConfig) -> TrainSummary:
         device=str(d.device), images=images, wall_seconds=time.perf_counter() - t_start,
         train_seconds=train_seconds, img_per_s=images / train_seconds if train_seconds else 0.0,
         invalid_views_skipped=invalid + skipped, first_step_loss=run.first_step_loss,
-        final=FinalMetrics.of(metrics), finetune=finetuned, soft_targets=soft_note)
+        final=FinalMetrics.of(metrics), finetune=finetuned, soft_targets=soft_note, distillation_token=distilled)
     if d.main:
         summary.save(cfg.out)
     return summary
+
+
+def start_banner(cfg: TrainConfig, d: Dist, data, model, mode: str, samples: int, steps_per_epoch: int,
+                 ckpt: TrainCheckpoint | None, end_epoch: int) -> list[str]:
+    """What this run is about to do, said before the first step."""
+    global_batch = cfg.batch_size * d.world
+    params = sum(p.numel() for p in model.parameters())
+    token = "with a distillation token" if has_distillation_token(model) else "one head, no distillation token"
+    if data.reader is None:
+        labels = f"no labels (ground truth only), views drawn from recipe {data.recipe.name}, seed {data.seed}"
+    else:
+        labels = f"labels {cfg.labels} ({plural(data.views, 'view')}, {data.reader.spec.mode}), {mode} distillation"
+    ema = f"EMA on (decay {cfg.model_ema_decay:g})" if cfg.ema else "EMA off"
+    lines = [
+        f"model {cfg.model}, {params / 1e6:.2f}M parameters, {token}, {data.num_classes} classes",
+        f"data {cfg.data}: {samples} samples, {data.recipe.input_size} px; {labels}",
+        f"{plural(cfg.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, global batch {global_batch} "
+        f"({cfg.batch_size} x {plural(d.world, 'process')}), lr {cfg.lr * global_batch / 512:.3g} "
+        f"(--lr {cfg.lr:g} x {global_batch}/512), warm-up {plural(cfg.warmup_epochs, 'epoch')}, {ema}",
+        f"device {d.device}, {plural(cfg.workers, 'worker')}; writing {cfg.out}",
+    ]
+    if ckpt is not None and ckpt.epoch >= cfg.epochs:
+        lines.append(f"{resume_path(cfg)} has finished all {plural(cfg.epochs, 'epoch')}: nothing left to train")
+    elif ckpt is not None:
+        lines.append(f"resuming at epoch {ckpt.epoch} of {cfg.epochs} from {resume_path(cfg)}"
+                     + (f", stopping after epoch {end_epoch - 1}" if end_epoch < cfg.epochs else ""))
+    return lines
+
+
+def start_warnings(cfg: TrainConfig, data, end_epoch: int, global_batch: int) -> list[str]:
+    """Settings that run, but not as a user new to them would expect: said once, before the first step."""
+    out = []
+    if 0 < cfg.epochs <= cfg.warmup_epochs:
+        peak = cfg.lr * global_batch / 512
+        reached = cfg.warmup_lr + (peak - cfg.warmup_lr) * cfg.epochs / cfg.warmup_epochs
+        out.append(f"--epochs {cfg.epochs} <= --warmup-epochs {cfg.warmup_epochs}: the whole run is warm-up, the lr "
+                   f"climbs from {cfg.warmup_lr:g} to about {reached:.2g} and never reaches {peak:.2g}; pass "
+                   f"--warmup-epochs {max(cfg.epochs // 5, 0)} (or more --epochs)")
+    if data.views is not None and end_epoch > data.views:
+        out.append(f"--epochs {cfg.epochs} > the store's {plural(data.views, 'view')}: epoch e replays view e mod "
+                   f"{data.views}, so views repeat from epoch {data.views}; precompute --views {cfg.epochs} for a new "
+                   "view every epoch")
+    return out
 
 
 class Run:
@@ -384,44 +501,46 @@ class Run:
         torch.manual_seed((self.data.seed * 1_000_003 + epoch) * 4096 + d.rank)
         channels_last = torch.channels_last if d.device.type == "cuda" else torch.contiguous_format
         bar = progress_bar(total=len(batches), desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and d.main), smoothing=0.1)
-        sums = LossSums(self.mode, cfg.alpha)
-        n_images, n_steps = 0, 0
-        t0 = time.perf_counter()
-        for batch in batches:
-            x = batch.images.to(d.device, non_blocking=True).contiguous(memory_format=channels_last)
-            y = batch.targets.to(d.device, non_blocking=True)
-            teacher = self.teacher(batch)
-            with self.autocast():
-                out = net(x)
-                loss, base, kd = deit_loss_terms(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
-                                                 kd_reduction=cfg.kd_reduction)
-            # No float() here: reading the loss would make the host wait for the device every step.
-            # The parts stay on the device until the next log line, where a non-finite one stops the run.
-            sums.add(base, kd, step)
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-            self.scaler.step(opt)
-            self.scaler.update()
-            step += 1
-            self.scheduler.step_update(num_updates=step)
-            if self.ema is not None:
-                self.ema.update(_bare(net), step=step)
-            n_steps += 1
-            n_images += len(batch) * d.world
-            bar.update()
-            if sums.full:  # a long log interval: read back anyway, so that pending tensors stay few
-                self._flush(sums, epoch, bar)
-            if n_steps % cfg.log_every == 0 or n_steps == len(batches):
-                self._flush(sums, epoch, bar)
-                rate = n_images / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{sums.loss / n_steps:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                                img_s=f"{rate:.1f}")
-        self._flush(sums, epoch, bar)  # an iterator that ran short of len(batches)
-        bar.close()
+                           disable=not (cfg.progress and d.main), smoothing=0.1)
+        try:  # closed on the way out too: a Ctrl-C message must not be followed by a redrawn bar
+            sums = LossSums(self.mode, cfg.alpha)
+            n_images, n_steps = 0, 0
+            t0 = time.perf_counter()
+            for batch in batches:
+                x = batch.images.to(d.device, non_blocking=True).contiguous(memory_format=channels_last)
+                y = batch.targets.to(d.device, non_blocking=True)
+                teacher = self.teacher(batch)
+                with self.autocast():
+                    out = net(x)
+                    loss, base, kd = deit_loss_terms(out, y, teacher, mode=self.mode, alpha=cfg.alpha, tau=cfg.tau,
+                                                     kd_reduction=cfg.kd_reduction)
+                # No float() here: reading the loss would make the host wait for the device every step.
+                # The parts stay on the device until the next log line, where a non-finite one stops the run.
+                sums.add(base, kd, step)
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    self.scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+                self.scaler.step(opt)
+                self.scaler.update()
+                step += 1
+                self.scheduler.step_update(num_updates=step)
+                if self.ema is not None:
+                    self.ema.update(_bare(net), step=step)
+                n_steps += 1
+                n_images += len(batch) * d.world
+                bar.update()
+                if sums.full:  # a long log interval: read back anyway, so that pending tensors stay few
+                    self._flush(sums, epoch, bar)
+                if n_steps % cfg.log_every == 0 or n_steps == len(batches):
+                    self._flush(sums, epoch, bar)
+                    rate = n_images / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{sums.loss / n_steps:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.1f}")
+            self._flush(sums, epoch, bar)  # an iterator that ran short of len(batches)
+        finally:
+            bar.close()
         seconds = time.perf_counter() - t0
         loss, base, kd = (v / d.world / max(n_steps, 1) for v in all_sum([sums.loss, sums.base, sums.kd], d))
         return EpochStats(step=step, steps=n_steps, images=n_images, seconds=seconds,

@@ -20,6 +20,7 @@ the list of (how, n, outcome) per attempt, outcome = "killed" or "finished".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -221,7 +222,8 @@ def kill_train(config_path: str, plan: list) -> list:
             code = 0
             try:  # torch's default threads, as the uninterrupted run: other sums would round otherwise
                 _install_train(how, n)
-                train(cfg)
+                # --resume once there is a checkpoint: with none it is an error, not a fresh start
+                train(dataclasses.replace(cfg, resume=os.path.exists(os.path.join(cfg.out, "checkpoint.pth"))))
             except BaseException as e:  # noqa: BLE001
                 print(f"child failed: {type(e).__name__}: {e}", file=sys.stderr)
                 code = 3

@@ -75,6 +75,7 @@ def test_two_process_torchrun_takes_the_same_first_step_as_one_process(tiny, tmp
     r = cli("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "cli.py", "train", *flags, "--out", str(two), "--batch-size", "4", timeout=300)
     assert r.returncode == 0, [line for line in r.stderr.splitlines() if "rror" in line] or r.stderr[-3000:]
+    assert r.stderr.count("train: model ") == 1 and r.stdout.count("train: 1 epoch,") == 1  # rank 0 speaks alone
     one = tmp_path / "one"
     summary = train(config(tiny, one, epochs=1, max_steps_per_epoch=1, drop_path=0.0, warmup_epochs=0,
                            lr=0.064, ema=False))
