@@ -24,9 +24,10 @@ from collections import OrderedDict
 import crc32c
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .sources import SourceError, permission_error
+from .sources import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
@@ -70,7 +71,7 @@ def _is_image_type(t: pa.DataType) -> bool:
             and (pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type)))
 
 
-def hf_class_names(schema: pa.Schema) -> list[str] | None:
+def hf_class_names(schema: pa.Schema, path: str = "the parquet file") -> list[str] | None:
     """The ``ClassLabel`` names the ``datasets`` library stored for the ``label`` column, if any."""
     raw = (schema.metadata or {}).get(HF_META)
     if raw is None:
@@ -80,7 +81,10 @@ def hf_class_names(schema: pa.Schema) -> list[str] | None:
     except (ValueError, KeyError, TypeError):
         return None
     names = feature.get("names") if isinstance(feature, dict) else None
-    return [str(n) for n in names] if isinstance(names, list) and names else None
+    if not (isinstance(names, list) and names):
+        return None
+    check_class_count(len(names), f"{path}: its ClassLabel")
+    return [str(n) for n in names]
 
 
 def index_file(path: str, checksums: bool) -> dict:
@@ -104,6 +108,7 @@ def index_file(path: str, checksums: bool) -> dict:
             row = len(labels) + int(np.flatnonzero(lab.is_null().to_numpy(zero_copy_only=False))[0])
             raise SourceError(f"{path}: row {row} has no label (null); drop unlabelled rows "
                                      "(a test split?) or give them a class")
+        _check_label_range(path, lab, sum(len(x) for x in labels))
         labels.append(lab.to_numpy().astype(np.int64))
         if checksums:
             img = t.column(IMAGE).combine_chunks()
@@ -122,7 +127,17 @@ def index_file(path: str, checksums: bool) -> dict:
             _no_null_images_by_statistics(f, path, rg)
         paths.extend("" if v is None else str(v) for v in p.to_pylist())
     return {"labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "paths": paths,
-            "sizes": sizes, "crcs": crcs, "class_names": hf_class_names(f.schema_arrow)}
+            "sizes": sizes, "crcs": crcs, "class_names": hf_class_names(f.schema_arrow, path)}
+
+
+def _check_label_range(path: str, lab: pa.Array, first_row: int) -> None:
+    """Labels under MAX_CLASSES, checked in the column's own type: a uint64 of 2**63 is no negative
+    number, and nothing is sized by a label before it passed (sources.check_label_bound)."""
+    bound = pa.scalar(MAX_CLASSES, pa.uint64() if pa.types.is_unsigned_integer(lab.type) else pa.int64())
+    too_big = pc.greater_equal(lab, bound)
+    if pc.any(too_big).as_py():
+        i = int(np.flatnonzero(too_big.to_numpy(zero_copy_only=False))[0])
+        check_label_bound(lab[i].as_py(), f"{path}: row {first_row + i}")
 
 
 def _null_image(path: str, row: int):

@@ -45,10 +45,10 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand, char_range_re, int_range_re, make_char_range
 from PIL import Image
 
-from storage.errors import UserError
+from storage.errors import UserError, printable
 from storage.spec import shard_starts
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -60,6 +60,16 @@ SHARD_LAYOUTS = ("auto", "as-is", "shuffle")
 # --shards auto re-cuts tars whose mean distinct classes per shard is under this fraction of a
 # random draw's: class-sorted tars sit near 1 / (that draw's count), a shuffled tar near 1.0.
 SKEW_THRESHOLD = 0.5
+# At most this many classes, so a label read from a file is range-checked before anything is sized by
+# it (class names, one-hot targets of [batch, C], the classifier): a label of 2**31 would otherwise
+# allocate per class until the OOM killer steps in. ImageNet-21k has 21,841 classes and the largest
+# public classification sets ~10**5; 2**20 leaves room and bounds a [64, C] float32 target at 256 MiB.
+MAX_CLASSES = 1 << 20
+# A brace pattern may name at most this many files: it is counted before it is expanded, so a typo
+# such as {0..99999999} is one line at once, not 10 GB of names and a minute and a half before
+# "no such file". LAION-5B is ~230,000 tars.
+MAX_PATTERN_FILES = 1_000_000
+MAX_LABEL_BYTES = 64  # a .cls holds a class index: a few digits and maybe a newline
 
 log = logging.getLogger("deit_lockstep.sources")
 
@@ -349,12 +359,35 @@ def check_sample(key: str, path: str, data: bytes, size: int, crc: int) -> None:
             "is not damaged; re-run precompute on the new source (--overwrite), or restore the original file")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image, fully loaded. Raises ``OSError``/``ValueError`` on a bad image."""
+@dataclass(frozen=True)
+class Undecodable:
+    """What ``decode_image`` returns for bytes that are no image it can decode (``reason``: the
+    exception's name). A value, not an exception: every reader (precompute, the loader, probes,
+    verify, inspect) flags the image and goes on, and none can miss a kind of failure."""
+    reason: str
+
+
+def decode_image(data: bytes) -> Image.Image | Undecodable:
+    """Bytes -> RGB PIL image, fully loaded; ``Undecodable`` for anything else, never an exception.
+
+    Image bytes are untrusted: Pillow's plugins raise far more than OSError on hostile input
+    (DecompressionBombError for a 20000x20000 PNG of 1 MB, NotImplementedError, SyntaxError,
+    struct.error, ...), so every failure of the decode is caught here, in one place."""
     if not data:
-        raise ValueError("empty image file")
+        return Undecodable("empty file")
+    try:
+        return _to_rgb(_loaded(data))
+    except Exception as e:  # noqa: BLE001 - any failure to decode hostile bytes is the image's, see above
+        return Undecodable(type(e).__name__)
+
+
+def _loaded(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
     # Most photos are RGB already: convert() would only copy them.
     if im.mode == "RGB":
         return im
@@ -554,10 +587,97 @@ def expand_files(src: str, ext: str | None = None) -> list[str]:
         names = _files_in(src, ext) if ext else (_tar_files_in(src) or _files_in(src, PARQUET_EXT))
         return [os.path.join(src, f) for f in names]
     if any(c in src for c in "{}"):
-        return [p for p in braceexpand(src)]
+        return expand_braces(src)
     if any(c in src for c in "*?["):
         return sorted(glob.glob(src))
     return [src]
+
+
+def expand_braces(src: str) -> list[str]:
+    """A brace pattern -> its files, counted before they are expanded (braceexpand builds every name
+    of a range up front) and each named once: a file named twice would repeat all its samples."""
+    try:
+        count = brace_count(src)
+        if count > MAX_PATTERN_FILES:
+            raise SourceError(f"--data {printable(src)}: the pattern names {count:,} files, more than the "
+                              f"{MAX_PATTERN_FILES:,} a source may have; check its ranges")
+        files = list(braceexpand(src))
+    except UnbalancedBracesError:
+        raise SourceError(f"--data {printable(src)}: unbalanced braces in the pattern; close every '{{' "
+                          "with '}' (or escape a literal brace as \\{)") from None
+    seen: dict[str, str] = {}
+    for f in files:
+        same = seen.setdefault(os.path.normpath(os.path.abspath(f)), f)
+        if same is not f:
+            raise SourceError(f"--data {printable(src)}: the pattern names {printable(f)} twice (as {printable(same)} "
+                              "too), which would repeat its samples; name every file once")
+    return files
+
+
+def brace_count(pattern: str) -> int:
+    """How many strings ``braceexpand(pattern)`` yields, without building them; the same grammar
+    (a product of literals and {a,b} / {1..9} / {a..z} items, nested, backslash escapes)."""
+    total, start, pos, depth = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif c == "}":  # as braceexpand: a stray "}" unbalances the pattern
+            depth -= 1
+            if depth == 0:
+                expr = pattern[start + 1:pos]
+                n = _brace_item_count(expr)
+                total *= brace_count(expr) if n is None else n  # no item: literal braces around a pattern
+        pos += 1
+    if depth:
+        raise UnbalancedBracesError(pattern)
+    return total
+
+
+def _brace_item_count(expr: str) -> int | None:
+    """Strings of one brace item: a range or a comma sequence; None when it is neither."""
+    m = int_range_re.match(expr)
+    if m:
+        a, b, step = m.groups()
+        step = (int(step) or 1) if step else 1
+        a, b = int(a), int(b)
+        return len(range(a, b + 1, step) if a < b else range(a, b - 1, -step))
+    m = char_range_re.match(expr)
+    if m:
+        return len(make_char_range(*m.groups()))
+    parts, start, pos, depth = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth or not parts:
+        return None
+    return sum(brace_count(p) for p in parts + [expr[start:]])
+
+
+def check_outside_source(src: str, out: str, option: str = "--out") -> None:
+    """Refuse an output folder (a label store, a train run) inside the source directory ``src``.
+
+    An ImageFolder indexes every sub-folder as a class: a store written inside it becomes one more
+    class, so the next run indexes another source and refuses its own store. Stores and runs belong
+    beside the data, never in it (the rule holds for any source directory, so it is one rule)."""
+    if not os.path.isdir(src):
+        return
+    root, target = os.path.realpath(src), os.path.realpath(out)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise SourceError(f"{option} {printable(out)} is inside the source --data {printable(src)}: the source would "
+                          f"change under it (an ImageFolder would gain a class); put {option} outside {printable(src)}")
 
 
 def _check_files(src: str, files: list[str]) -> str:
@@ -684,15 +804,18 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                         except (tarfile.ReadError, EOFError, OSError):
                             crcs[key] = NO_CRC  # the file ends inside this image (a cut copy): undecodable
                 elif ext == LABEL_EXT:
-                    try:
-                        text = tar.extractfile(m).read().decode().strip()
+                    try:  # a class index is a few digits: a longer .cls is no label, read no more of it
+                        text = tar.extractfile(m).read(min(m.size, MAX_LABEL_BYTES)).decode(errors="replace").strip()
                     except tarfile.ReadError:
                         break  # the file ends inside this label: the tar was cut here
                     try:
+                        if m.size > MAX_LABEL_BYTES:
+                            raise ValueError
                         labels[key] = int(text)
                     except ValueError:
-                        raise SourceError(
-                            f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
+                        raise SourceError(f"{path}: sample {printable(key)!r} has a non-integer label "
+                                          f"{printable(text, 40)!r} in its .cls") from None
+                    check_label_bound(labels[key], f"{path}: sample {printable(key)!r}")
     except tarfile.ReadError as e:
         raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
     except PermissionError:
@@ -724,12 +847,31 @@ def _members_until_cut(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield m
 
 
+def check_label_bound(label: int, where: str) -> None:
+    """Refuse a label that would size per-class structures beyond MAX_CLASSES (why: see there)."""
+    if label >= MAX_CLASSES:
+        raise SourceError(f"{where} has label {label}, more than the {MAX_CLASSES:,} classes a source may have "
+                          f"(labels are class indices 0..C-1): fix the label")
+
+
+def check_class_count(count: int, where: str) -> None:
+    if count > MAX_CLASSES:
+        raise SourceError(f"{where} names {count:,} classes, more than the {MAX_CLASSES:,} a source may have; "
+                          "fix the class names")
+
+
 def _wds_class_names(root: str, num_classes: int) -> list[str]:
-    """Class names from ``classes.txt`` (one per line) beside the shards, else "0".."C-1"."""
+    """Class names from ``classes.txt`` (one per line) beside the shards, else "0".."C-1".
+
+    ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
     if os.path.isfile(path):
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = []
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    names.append(line.strip())
+                    check_class_count(len(names), path)  # stop reading a hostile file early
         return names  # fewer names than labels used: _index_wds names the sample
     return [str(i) for i in range(num_classes)]
 

@@ -53,6 +53,7 @@ from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
     Manifest,
     SourceError,
+    Undecodable,
     check_same_classes,
     check_sample,
     decode_image,
@@ -390,12 +391,9 @@ class ReplayBatches(torch.utils.data.IterableDataset):
 
         def image(shard, position):
             if (shard, position) not in decoded:
-                try:
-                    decoded[shard, position] = decode_image(raw.pop((shard, position)))
-                except SourceError:  # changed or unreadable source: stop, never train on other images
-                    raise
-                except Exception:  # any undecodable image: its views are skipped and counted
-                    decoded[shard, position] = None
+                img = decode_image(raw.pop((shard, position)))
+                # an undecodable image: its views are skipped and counted
+                decoded[shard, position] = None if isinstance(img, Undecodable) else img
             return decoded[shard, position]
 
         for i, (shard, slot) in enumerate(rows.tolist()):
@@ -536,10 +534,13 @@ class EvalImages(torch.utils.data.Dataset):
         if self._transform is None:
             self._transform = ViewRenderer(self.recipe).eval_transform()
         try:
-            img = decode_image(self.files.read(shard, row - int(self.files.starts[shard])))
+            data = self.files.read(shard, row - int(self.files.starts[shard]))
         except SourceError:  # an unreadable file (permission): an error, never a silently dropped image
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - unreadable now (a tar gone): left out, like an undecodable image
+            return None
+        img = decode_image(data)
+        if isinstance(img, Undecodable):
             return None
         return self._transform(img), int(self.files.labels[row])
 

@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from pipeline.devices import resolve_device
+from pipeline.sources import check_outside_source
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
 
@@ -250,6 +251,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if cfg.finetune and cfg.resume:
         raise TrainError("--finetune starts a new run from a checkpoint's weights, --resume continues the run in "
                          f"{cfg.out} from its own checkpoint: pass one of them")
+    check_outside_source(cfg.data, cfg.out)  # a run folder inside an ImageFolder would become one of its classes
     cfg, ckpt = load_checkpoint(cfg)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,

@@ -49,7 +49,15 @@ from storage.soft import recorded_soft_error
 from ..devices import resolve_device
 from ..probes import probe_hashes
 from ..recipes import create_recipe
-from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..sources import (
+    Manifest,
+    SourceChanged,
+    Undecodable,
+    check_outside_source,
+    decode_image,
+    index_source,
+    source_errors_in_one_line,
+)
 from ..views import ViewRenderer
 from .teacher import create_teacher
 
@@ -211,6 +219,7 @@ def _check(cfg: PrecomputeConfig) -> None:
                               "drop --rank/--world-size, or drop --join")
     if cfg.join and not cfg.claim:
         raise PrecomputeError("--join works by claiming units: drop --no-claim, or give --rank/--world-size")
+    check_outside_source(cfg.data, cfg.out)  # a store inside an ImageFolder would become one of its classes
 
 
 def _grow_if_asked(out: str, spec: StoreSpec) -> None:
@@ -262,10 +271,11 @@ class UnitViews(torch.utils.data.IterableDataset):
         shard, views = self.units[u]
         images, bad = {}, {}
         for s in self.manifest.iter_shard(shard):  # one read of the shard, one decode per image
-            try:
-                images[s.position] = decode_image(s.data)
-            except Exception as e:  # any undecodable image: flag its views, keep going
-                bad[s.position] = f"{s.key} ({type(e).__name__})"
+            img = decode_image(s.data)
+            if isinstance(img, Undecodable):  # flag its views, keep going
+                bad[s.position] = f"{s.key} ({img.reason})"
+            else:
+                images[s.position] = img
         n = self.manifest.shard_sizes[shard]
         size = self.recipe.input_size
         buf, ok, keys, start = [], [], [], 0

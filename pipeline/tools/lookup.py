@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from storage import Labels
-from storage.errors import UserError
+from storage.errors import UserError, printable
 
-from ..sources import Manifest, SourceError, decode_image, index_source
+from ..sources import Manifest, Undecodable, decode_image, index_source
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from ..views import ViewRenderer
@@ -83,30 +83,24 @@ def load_image(manifest: Manifest, shard: int, position: int, data: str | None, 
     undecodable at precompute (``flagged()``: nothing to show), the file changed since (restore it),
     or the recorded root no longer holds the source (pass --data)."""
     sample = manifest.read_sample(shard, position)  # SourceChanged: one line of its own, not "cannot decode"
-    try:
-        return decode_image(sample.data)
-    except SourceError:
-        raise
-    except Exception as e:
-        why = type(e).__name__
-        if flagged():
-            msg = (f"sample {sample.key!r} is undecodable ({why}), as it was at precompute: the store flags its "
-                   "views invalid and train skips them, so there is nothing to show; pick another sample")
-        elif data:
-            msg = (f"sample {sample.key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
-                   "the file was changed or damaged since; restore it from the source given to precompute")
-        else:
-            msg = (f"cannot decode sample {sample.key!r} from the recorded source root {manifest.root} ({why}); "
-                   "pass --data SRC pointing at the source given to precompute")
-        raise InspectError(msg) from None
+    img = decode_image(sample.data)
+    if not isinstance(img, Undecodable):
+        return img
+    why, key = img.reason, printable(sample.key)
+    if flagged():
+        msg = (f"sample {key!r} is undecodable ({why}), as it was at precompute: the store flags its "
+               "views invalid and train skips them, so there is nothing to show; pick another sample")
+    elif data:
+        msg = (f"sample {key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
+               "the file was changed or damaged since; restore it from the source given to precompute")
+    else:
+        msg = (f"cannot decode sample {key!r} from the recorded source root {manifest.root} ({why}); "
+               "pass --data SRC pointing at the source given to precompute")
+    raise InspectError(msg)
 
 
 def _decodes(manifest: Manifest, shard: int, position: int) -> bool:
-    try:
-        decode_image(manifest.read_sample(shard, position).data)
-        return True
-    except Exception:  # noqa: BLE001 - any undecodable image
-        return False
+    return not isinstance(decode_image(manifest.read_sample(shard, position).data), Undecodable)
 
 
 

@@ -178,7 +178,7 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
     import torch
 
     from ..recipes import Recipe
-    from ..sources import decode_image
+    from ..sources import Undecodable, decode_image
     from ..views import ViewRenderer
 
     spec = reader.spec
@@ -207,7 +207,13 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
             plans[(view, shard)] = renderer.plan(spec.seed, view, shard, spec.shard_sizes[shard])
         sv = plans[(view, shard)][slot]
         partner = image(shard, sv.partner_position) if sv.partner_position is not None else None
-        x = renderer.render_slot(spec.seed, sv, image(shard, sv.position), partner)
+        own = image(shard, sv.position)
+        if isinstance(own, Undecodable) or isinstance(partner, Undecodable):  # labelled, so it decoded then
+            broken.append((unit, f"view {view} slot {slot} ({manifest.keys(shard)[sv.position]}): its image no longer "
+                                 f"decodes ({(own if isinstance(own, Undecodable) else partner).reason}), but "
+                                 "precompute labelled it: the source file changed; restore it"))
+            continue
+        x = renderer.render_slot(spec.seed, sv, own, partner)
         rows.append((view, shard, slot, manifest.keys(shard)[sv.position], lab[slot:slot + 1], x))
     logps = []
     for i in range(0, len(rows), batch_size):
