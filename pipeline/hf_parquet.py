@@ -157,18 +157,31 @@ def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None
                                          "to_parquet embeds Image() files) or drop those rows")
 
 
+# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own).
+# datasets writes 100 images a row group (~10 MB of ImageNet JPEGs): a few fit, which is what a
+# loader batch drawing from several row groups needs. A file written as one row group (pyarrow's
+# default, a whole 140 MB file) keeps only itself, the one group being read, not 8 such files.
+ROW_GROUP_CACHE_BYTES = 64 << 20
+
+
 class ParquetRows:
     """Image bytes by (file, row): a few files open, the last row groups read kept.
 
     One read per row group while the rows asked for stay in it (a shard read front to back, or the
-    samples of a loader batch from one row group). Picklable: workers start with empty caches."""
+    samples of a loader batch from one row group). The kept groups are bounded by count and by
+    ``cache_bytes`` (the group being read is always kept). Picklable: workers start with empty caches."""
 
-    def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8):
+    def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8,
+                 cache_bytes: int = ROW_GROUP_CACHE_BYTES):
         self.root, self.files = root, list(files)
-        self.open_files, self.row_groups = open_files, row_groups
+        self.open_files, self.row_groups, self.cache_bytes = open_files, row_groups, cache_bytes
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
-        self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(g.nbytes for g in self._groups.values())
 
     def __getstate__(self):
         return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict()}
@@ -208,8 +221,13 @@ class ParquetRows:
                 return b""
             group = col.field("bytes")  # kept as arrow: only the rows asked for become Python bytes
             self.group_reads += 1
-            while len(self._groups) >= self.row_groups:
-                self._groups.popitem(last=False)
+            self._make_room(group.nbytes)
         self._groups[file, rg] = group
         data = group[row - int(starts[rg])].as_py()
         return b"" if data is None else data
+
+    def _make_room(self, incoming: int) -> None:
+        """Drop the least recently used groups until one of ``incoming`` bytes fits both bounds."""
+        held = self.cached_bytes
+        while self._groups and (len(self._groups) >= self.row_groups or held + incoming > self.cache_bytes):
+            held -= self._groups.popitem(last=False)[1].nbytes

@@ -82,6 +82,10 @@ class SourceChanged(SourceError):
     """A sample's bytes differ from those indexed: the source changed (not the label store)."""
 
 
+class ManifestError(SourceError):
+    """A label store's manifest.parquet is cut off, damaged or not one this project wrote."""
+
+
 def source_errors_in_one_line(items):
     """Iterate a DataLoader; a SourceError raised in a worker process is re-raised with its own line.
 
@@ -199,7 +203,7 @@ class Manifest:
             return None
         i = int(differ[0])
         key, path = self.samples.column("key")[i].as_py(), self.samples.column("path")[i].as_py()
-        return (f"sample {key!r} ({path}) has other bytes than when the store was made "
+        return (f"sample {printable(key)!r} ({path}) has other bytes than when the store was made "
                 f"(crc32c {int(b[i]):08x} -> {int(a[i]):08x}; {len(differ)} samples differ)")
 
     def to_bytes(self) -> bytes:
@@ -214,15 +218,36 @@ class Manifest:
         return sink.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        table = pq.read_table(io.BytesIO(data))
-        meta = json.loads(table.schema.metadata[b"deit_lockstep"])
+    def from_bytes(cls, data: bytes, origin: str = "the label store's manifest.parquet") -> Manifest:
+        """The manifest ``to_bytes`` wrote, checked whole before anything uses it (``origin`` names the
+        file in the ManifestError): a cut or foreign file must be one line, not a traceback in
+        inspect, verify, train or precompute, nor an index beyond a shard or a class."""
+        def damaged(why: str) -> ManifestError:
+            return ManifestError(f"{origin}: {why}; the store's manifest is damaged or not one precompute wrote: "
+                                 "restore the store, or re-run precompute with --overwrite")
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise damaged(f"not a readable parquet file ({printable(_first_line(e))})") from None
+        try:
+            meta = json.loads((table.schema.metadata or {})[b"deit_lockstep"])
+        except (KeyError, ValueError):
+            raise damaged("no deit_lockstep metadata (or not JSON)") from None
+        why = _manifest_meta_problem(meta) or _manifest_columns_problem(table)
+        if why:
+            raise damaged(why)
         if "crc32c" not in table.column_names:  # a manifest from before checksums: nothing to check
             table = table.append_column("crc32c", pa.array(np.full(table.num_rows, NO_CRC, np.int64)))
-        return cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
-                   class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
-                   shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
-                   tars=meta.get("tars", []))
+        m = cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
+                class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
+                shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
+                tars=meta.get("tars", []))
+        why = _manifest_rows_problem(m)
+        if why is None and m.fingerprint != meta.get("fingerprint"):
+            why = "its rows do not hash to the fingerprint recorded with them"
+        if why:
+            raise damaged(why)
+        return m
 
     # ---- reading samples ----------------------------------------------------------------
     def read_sample(self, shard: int, position: int) -> Sample:
@@ -292,6 +317,88 @@ class Manifest:
             yield Sample(r["key"], r["label"], shard, r["position"], b"")
 
 
+def stored_manifest(reader) -> Manifest:
+    """The manifest inside a label store (a storage reader), checked (``Manifest.from_bytes``)."""
+    from storage.base import MANIFEST
+
+    origin = os.path.join(str(reader.path), MANIFEST)
+    try:
+        data = reader.manifest_bytes
+    except OSError as e:
+        raise ManifestError(f"{origin}: cannot read the store's manifest ({e.strerror or e}); restore the store, "
+                            "or re-run precompute with --overwrite") from None
+    return Manifest.from_bytes(data, origin)
+
+
+_MANIFEST_KINDS = ("imagefolder", "wds", "parquet")
+
+
+def _manifest_meta_problem(meta) -> str | None:
+    """What is wrong with a manifest's metadata (types, kinds), in words; None when nothing is."""
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(meta, dict):
+        return "its metadata is not an object"
+    checks = {"kind": lambda v: v in _MANIFEST_KINDS, "root": lambda v: isinstance(v, str),
+              "shards": lambda v: strings(v) and v,
+              "class_names": lambda v: strings(v) and 0 < len(v) <= MAX_CLASSES,
+              "shard_size": lambda v: isinstance(v, int) and v >= 0, "seed": lambda v: isinstance(v, int),
+              "layout": lambda v: v in ("", "shuffle", "as-is"), "tars": strings}
+    optional = ("layout", "tars")  # manifests from before re-cut tars lack them
+    for key, ok in checks.items():
+        if (key not in meta and key not in optional) or (key in meta and not ok(meta[key])):
+            return f"its metadata field {key!r} is missing or invalid"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _manifest_columns_problem(table: pa.Table) -> str | None:
+    """Columns and types a manifest's rows need (crc32c may be absent: written before checksums)."""
+    for f in _SCHEMA:
+        if f.name not in table.column_names:
+            if f.name == "crc32c":
+                continue
+            return f"it has no column {f.name!r}"
+        if table.schema.field(f.name).type != f.type:
+            return f"its column {f.name!r} is {table.schema.field(f.name).type}, not {f.type}"
+    if "tar" in table.column_names and table.schema.field("tar").type != pa.int32():
+        return "its column 'tar' is not int32"
+    return None
+
+
+def _manifest_rows_problem(m: Manifest) -> str | None:
+    """Every index in range and consistent: labels name a class, shards and tars exist, rows sorted by
+    (shard, position) with positions 0..n-1 in each shard, offsets and sizes not negative."""
+    t = m.samples
+    if not t.num_rows:
+        return "it lists no samples"
+    col = {c: t.column(c).to_numpy() for c in ("label", "shard", "position", "offset", "size", "crc32c")}
+    if t.column("key").null_count or t.column("path").null_count or any(t.column(c).null_count for c in col):
+        return "it has empty (null) fields"
+    label, shard, position = col["label"], col["shard"], col["position"]
+    if label.min() < 0 or label.max() >= m.num_classes:
+        return f"a label lies outside 0..{m.num_classes - 1}"
+    if shard.min() < 0 or shard.max() >= len(m.shards) or (np.diff(shard) < 0).any():
+        return f"its shard ids are not sorted within 0..{len(m.shards) - 1}"
+    if not np.array_equal(position, np.arange(len(shard)) - m.shard_starts[shard]):
+        return "its positions are not 0..n-1 within each shard"
+    if col["offset"].min() < 0 or col["size"].min() < 0:
+        return "an offset or size is negative"
+    if col["crc32c"].min() < NO_CRC or col["crc32c"].max() > 0xFFFFFFFF:
+        return "a crc32c lies outside 32 bits"
+    if m.tars:
+        tar = t.column("tar").to_numpy() if "tar" in t.column_names else None
+        if tar is None or t.column("tar").null_count or tar.min() < 0 or tar.max() >= len(m.tars):
+            return f"its tar ids lie outside 0..{len(m.tars) - 1}"
+    elif "tar" in t.column_names:
+        return "it has a 'tar' column but no tars"
+    return None
+
+
 def permission_error(path: str, what: str = "read this file") -> SourceError:
     return SourceError(f"{path}: permission denied (cannot {what}); fix its permissions "
                        "(chmod a+rX) or remove it from the source")
@@ -354,7 +461,7 @@ def check_sample(key: str, path: str, data: bytes, size: int, crc: int) -> None:
         return
     if len(data) != size or crc32c.crc32c(data) != crc:
         raise SourceChanged(
-            f"sample {key!r} in {path} changed since it was indexed ({size} bytes crc32c {crc:08x} then, "
+            f"sample {printable(key)!r} in {path} changed since it was indexed ({size} bytes crc32c {crc:08x} then, "
             f"{len(data)} bytes crc32c {crc32c.crc32c(data):08x} now): the source changed, the label store "
             "is not damaged; re-run precompute on the new source (--overwrite), or restore the original file")
 
@@ -750,7 +857,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
     for shard, path in enumerate(files):
         for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
             if label < 0:  # numpy would read -1 as the last class
-                raise SourceError(f"{path}: sample {key!r} has label {label} in its .cls; labels are class "
+                raise SourceError(f"{path}: sample {printable(key)!r} has label {label} in its .cls; labels are class "
                                   "indices 0..C-1: fix the label")
             for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size, crc), strict=True):
                 cols[name].append(v)
@@ -762,7 +869,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
     labels = np.asarray(cols["label"])
     if labels.max() >= len(names):  # classes.txt is shorter than the labels used
         i = int(np.argmax(labels >= len(names)))
-        raise SourceError(f"{files[cols['shard'][i]]}: sample {cols['key'][i]!r} has label {labels[i]}, but "
+        raise SourceError(f"{files[cols['shard'][i]]}: sample {printable(cols['key'][i])!r} has label {labels[i]}, but "
                           f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
                           "fix the label or classes.txt")
     return Manifest("wds", root, [os.path.basename(f) for f in files], names, table)
@@ -784,8 +891,9 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                 if not m.isfile():
                     continue
                 if m.name in names:
-                    raise SourceError(f"{path}: member {m.name!r} appears twice (appended with tar -r?); readers "
-                                      "would disagree on which copy is the sample: rewrite the shard with one copy")
+                    raise SourceError(f"{path}: member {printable(m.name)!r} appears twice (appended with tar -r?); "
+                                      "readers would disagree on which copy is the sample: rewrite the shard "
+                                      "with one copy")
                 names.add(m.name)
                 base = os.path.basename(m.name)
                 # WebDataset's convention: the key is the path up to the first dot of the basename.
@@ -795,7 +903,8 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                     order.append(key)
                 if ext in IMAGE_EXTS:
                     if key in images:
-                        raise SourceError(f"{path}: sample {key!r} has two images ({images[key].name}, {m.name}); "
+                        raise SourceError(f"{path}: sample {printable(key)!r} has two images "
+                                          f"({printable(images[key].name)}, {printable(m.name)}); "
                                           "keep one per sample")
                     images[key] = m
                     if checksums:
@@ -825,7 +934,8 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
         if key not in images:
             continue
         if key not in labels:
-            raise SourceError(f"{path}: sample {key!r} has no .cls label; every WebDataset sample needs KEY.cls")
+            raise SourceError(f"{path}: sample {printable(key)!r} has no .cls label; every WebDataset sample "
+                              "needs KEY.cls")
         m = images[key]
         out.append((key, m.name, m.offset_data, m.size, labels[key], crcs.get(key, NO_CRC)))
     return out
@@ -878,8 +988,8 @@ def _wds_class_names(root: str, num_classes: int) -> list[str]:
 
 def check_same_classes(train: Manifest, val: Manifest, *, val_src: str) -> None:
     if train.class_names != val.class_names:
-        only_train = sorted(set(train.class_names) - set(val.class_names))[:3]
-        only_val = sorted(set(val.class_names) - set(train.class_names))[:3]
+        only_train = [printable(n, 40) for n in sorted(set(train.class_names) - set(val.class_names))[:3]]
+        only_val = [printable(n, 40) for n in sorted(set(val.class_names) - set(train.class_names))[:3]]
         raise SourceError(f"{val_src}: its classes differ from the training source's "
                           f"(only in train: {only_train}, only in val: {only_val}); use the same class folders")
 

@@ -61,9 +61,11 @@ from pipeline.sources import (
     permission_error,
     read_regular_file,
     source_errors_in_one_line,
+    stored_manifest,
 )
 from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
 from storage import WRITTEN, open_store
+from storage.errors import printable
 
 from .errors import TrainError
 
@@ -213,7 +215,7 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
 
     reader = open_store(labels)
     spec = reader.spec
-    stored = Manifest.from_bytes(reader.manifest_bytes)
+    stored = stored_manifest(reader)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
     # Names and labels only (no full read of the source at every start); reads check content below.
     layout = stored.layout if shards == "auto" else shards
@@ -255,7 +257,8 @@ def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
         return f"it has {counts(mine)}, the store's source had {counts(stored)}"
     if mine.class_names != stored.class_names:
         i = next(i for i, (a, b) in enumerate(zip(mine.class_names, stored.class_names, strict=True)) if a != b)
-        return f"class {i} is {mine.class_names[i]!r} here, {stored.class_names[i]!r} in the store"
+        return (f"class {i} is {printable(mine.class_names[i])!r} here, "
+                f"{printable(stored.class_names[i])!r} in the store")
     if mine.kind != stored.kind:
         return f"it is {mine.kind}, the store's source was {stored.kind}"
     if mine.layout != stored.layout:
@@ -268,7 +271,8 @@ def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
         a, b = mine.samples.column(col).to_pylist(), stored.samples.column(col).to_pylist()
         if a != b:
             i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-            return f"sample {i} has {col} {a[i]!r} here, {b[i]!r} in the store (same counts, other contents)"
+            return (f"sample {i} has {col} {printable(a[i])!r} here, {printable(b[i])!r} in the store "
+                    "(same counts, other contents)")
     return "same samples, other file layout inside the shards"
 
 

@@ -57,6 +57,7 @@ from ..sources import (
     decode_image,
     index_source,
     source_errors_in_one_line,
+    stored_manifest,
 )
 from ..views import ViewRenderer
 from .teacher import create_teacher
@@ -178,7 +179,7 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
     resume does not read a whole ImageNet to start."""
     if not cfg.overwrite:
         try:
-            stored = Manifest.from_bytes(open_store(cfg.out).manifest_bytes)
+            stored = stored_manifest(open_store(cfg.out))
         except (StoreError, OSError, ValueError, KeyError):
             stored = None  # no store there yet (or not one of ours: create_store says so)
         if stored is not None:
@@ -361,7 +362,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                           meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
-    changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
+    changed = manifest.first_changed_sample(stored_manifest(open_store(cfg.out)))
     if changed is not None:
         raise SourceChanged(f"{cfg.data}: {changed}: the source changed since the store {cfg.out} was begun; "
                             "restore it, or re-run precompute on the new source with --overwrite")

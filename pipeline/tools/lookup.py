@@ -15,10 +15,13 @@ import numpy as np
 from storage import Labels
 from storage.errors import UserError, printable
 
-from ..sources import Manifest, Undecodable, decode_image, index_source
+from ..sources import Manifest, Undecodable, decode_image, index_source, stored_manifest
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from ..views import ViewRenderer
+
+
+NAME_LIMIT = 60  # characters of a class name shown: a report line stays a line
 
 
 class InspectError(UserError, ValueError):
@@ -27,14 +30,15 @@ class InspectError(UserError, ValueError):
 
 # ---- class names and ground truth ----------------------------------------------------------
 def class_names(spec) -> list[str]:
-    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names."""
+    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names, made
+    safe to print (they come from the dataset: ClassLabel names, classes.txt, folder names)."""
     if spec.num_classes == 1000:
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
     if spec.class_names:
-        return list(spec.class_names)
+        return [printable(n, NAME_LIMIT) for n in spec.class_names]
     return [str(i) for i in range(spec.num_classes)]
 
 
@@ -57,10 +61,6 @@ def dominant_targets(labels: np.ndarray, plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the source behind a store -------------------------------------------------------------
-def stored_manifest(reader) -> Manifest:
-    return Manifest.from_bytes(reader.manifest_bytes)
-
-
 def source_manifest(reader, data: str | None) -> Manifest:
     """The manifest to read images from: --data indexed the way the store's was, else the stored one
     (whose recorded root must still hold the files). A foreign source is refused."""
