@@ -90,7 +90,8 @@ def test_unbalanced_braces_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("pattern", ["a{1..3}b", "{a,b}{c,d,e}", "x{07..10..2}", "{a..e}", "{1{2,3}}", "{}", "{a}",
-                                     "p{x,{1..4},y}q", r"a\{1,2\}", r"{1\,2,3}", "{5..1}", "{-2..2}", "{a,}", "{Z..c}", "{{a,b}}"])
+                                     "p{x,{1..4},y}q", r"a\{1,2\}", r"{1\,2,3}", "{5..1}", "{-2..2}", "{a,}",
+                                     "{Z..c}", "{{a,b}}"])
 def test_brace_count_is_what_braceexpand_yields(pattern):
     from braceexpand import braceexpand
 
@@ -112,10 +113,10 @@ def test_a_store_or_run_inside_its_imagefolder_is_refused(tmp_path):
 
 
 # ---- 4: labels that size allocations ------------------------------------------------------------------
-def _parquet(path, labels, label_type=pa.int64(), metadata=None):
+def _parquet(path, labels, label_type=None, metadata=None):
     images = [{"bytes": encode(make_image(i % 3, i)), "path": f"s{i}.png"} for i in range(len(labels))]
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({"image": pa.array(images, image_type), "label": pa.array(labels, label_type)})
+    table = pa.table({"image": pa.array(images, image_type), "label": pa.array(labels, label_type or pa.int64())})
     if metadata:
         table = table.replace_schema_metadata(metadata)
     pq.write_table(table, path)  # pyarrow's defaults: one row group, no ClassLabel names
@@ -377,7 +378,8 @@ def test_a_cut_manifest_is_one_line_in_inspect_verify_train_and_precompute(tmp_p
 
 
 # ---- 9: open_lockstep's arguments --------------------------------------------------------------------
-@pytest.mark.parametrize("kw,fragment", [({"world": 0}, "world must be >= 1"), ({"workers": -1}, "workers must be >= 0"),
+@pytest.mark.parametrize("kw,fragment", [({"world": 0}, "world must be >= 1"),
+                                         ({"workers": -1}, "workers must be >= 0"),
                                          ({"rank": 2, "world": 2}, "rank must lie in 0..1"),
                                          ({"rank": -1, "world": 2}, "rank must lie in 0..1"),
                                          ({"batch_size": 0}, "batch_size must be >= 1"),
