@@ -365,16 +365,39 @@ def test_a_damaged_manifest_is_one_line_naming_the_file(manifest_bytes, case):
     assert msg.startswith("STORE/manifest.parquet: ") and fragment in msg and "--overwrite" in msg
 
 
-def test_a_cut_manifest_is_one_line_in_inspect_verify_train_and_precompute(tmp_path, tiny_teacher):
-    src = write_wds(tmp_path / "wds", n=12, per_shard=6)
+@pytest.fixture(scope="module")
+def wds_store(tmp_path_factory, tiny_teacher):
+    """A complete store made from 12 tar samples; tests copy it before they damage it."""
+    root = tmp_path_factory.mktemp("made")
+    src = write_wds(root / "wds", n=12, per_shard=6)
+    res = invoke("precompute", "--data", src, "--out", root / "store", *PRECOMPUTE, "--teacher-weights", tiny_teacher)
+    assert res.exit_code == 0, res.output
+    return src, root / "store", tiny_teacher
+
+
+def test_a_cut_manifest_is_one_line_in_inspect_verify_train_and_precompute(tmp_path, wds_store):
+    import shutil
+
+    src, made, teacher = wds_store
     store = tmp_path / "store"
-    args = ("precompute", "--data", src, "--out", store, *PRECOMPUTE, "--teacher-weights", tiny_teacher)
-    assert invoke(*args).exit_code == 0
+    shutil.copytree(made, store)
     path = store / "manifest.parquet"
     path.write_bytes(path.read_bytes()[:100])
     for cmd in (("inspect", store), ("verify", store, "--data", src),
-                ("train", "--data", src, "--labels", store, "--out", tmp_path / "run", "--epochs", 1), args):
+                ("train", "--data", src, "--labels", store, "--out", tmp_path / "run", "--epochs", 1),
+                ("precompute", "--data", src, "--out", store, *PRECOMPUTE, "--teacher-weights", teacher)):
         one_line_error(invoke(*cmd), str(path), "damaged", "--overwrite")
+
+
+def test_verify_reports_an_image_that_no_longer_decodes_instead_of_raising(wds_store, monkeypatch):
+    src, store, _ = wds_store
+
+    def no_plugin(*a, **kw):  # what Pillow's QOI/DDS/JPEG2000 plugins did on fuzzed bytes
+        raise NotImplementedError("not supported")
+    monkeypatch.setattr(Image, "open", no_plugin)
+    res = invoke("verify", store, "--data", src, "--n", 4)
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == 1 and "no longer decodes (NotImplementedError)" in res.output, res.output
 
 
 # ---- 9: open_lockstep's arguments --------------------------------------------------------------------

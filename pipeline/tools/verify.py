@@ -28,6 +28,7 @@ import numpy as np
 
 from storage import WRITTEN, StoreCorrupt, open_store, soft_targets, target_error
 from storage.base import unit_name
+from storage.errors import printable
 from storage.meta import PROBES, TEACHER_IDENTITY
 
 from .lookup import InspectError, source_manifest
@@ -209,7 +210,8 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
         partner = image(shard, sv.partner_position) if sv.partner_position is not None else None
         own = image(shard, sv.position)
         if isinstance(own, Undecodable) or isinstance(partner, Undecodable):  # labelled, so it decoded then
-            broken.append((unit, f"view {view} slot {slot} ({manifest.keys(shard)[sv.position]}): its image no longer "
+            key = printable(manifest.keys(shard)[sv.position])
+            broken.append((unit, f"view {view} slot {slot} ({key}): its image no longer "
                                  f"decodes ({(own if isinstance(own, Undecodable) else partner).reason}), but "
                                  "precompute labelled it: the source file changed; restore it"))
             continue
@@ -230,7 +232,7 @@ def compare(spec, rows, logp, atol: float, report: VerifyReport) -> None:
         ids = lab.ids[0] if lab.ids.ndim == 2 else lab.ids
         stored_top1 = int(np.atleast_1d(ids)[0])
         best = int(lp.argmax())
-        where = f"view {view} shard {shard} slot {slot} ({key})"
+        where = f"view {view} shard {shard} slot {slot} ({printable(key)})"
         report.views_checked += 1
         if stored_top1 == best:
             report.top1_agree += 1
