@@ -24,9 +24,10 @@ from collections import OrderedDict
 import crc32c
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .source_errors import SourceError, permission_error
+from .source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
@@ -70,7 +71,7 @@ def _is_image_type(t: pa.DataType) -> bool:
             and (pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type)))
 
 
-def hf_class_names(schema: pa.Schema) -> list[str] | None:
+def hf_class_names(schema: pa.Schema, path: str = "the parquet file") -> list[str] | None:
     """The ``ClassLabel`` names the ``datasets`` library stored for the ``label`` column, if any."""
     raw = (schema.metadata or {}).get(HF_META)
     if raw is None:
@@ -80,7 +81,10 @@ def hf_class_names(schema: pa.Schema) -> list[str] | None:
     except (ValueError, KeyError, TypeError):
         return None
     names = feature.get("names") if isinstance(feature, dict) else None
-    return [str(n) for n in names] if isinstance(names, list) and names else None
+    if not (isinstance(names, list) and names):
+        return None
+    check_class_count(len(names), f"{path}: its ClassLabel")
+    return [str(n) for n in names]
 
 
 def index_file(path: str, checksums: bool) -> dict:
@@ -104,6 +108,7 @@ def index_file(path: str, checksums: bool) -> dict:
             row = len(labels) + int(np.flatnonzero(lab.is_null().to_numpy(zero_copy_only=False))[0])
             raise SourceError(f"{path}: row {row} has no label (null); drop unlabelled rows "
                                      "(a test split?) or give them a class")
+        _check_label_range(path, lab, sum(len(x) for x in labels))
         labels.append(lab.to_numpy().astype(np.int64))
         if checksums:
             img = t.column(IMAGE).combine_chunks()
@@ -122,7 +127,17 @@ def index_file(path: str, checksums: bool) -> dict:
             _no_null_images_by_statistics(f, path, rg)
         paths.extend("" if v is None else str(v) for v in p.to_pylist())
     return {"labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "paths": paths,
-            "sizes": sizes, "crcs": crcs, "class_names": hf_class_names(f.schema_arrow)}
+            "sizes": sizes, "crcs": crcs, "class_names": hf_class_names(f.schema_arrow, path)}
+
+
+def _check_label_range(path: str, lab: pa.Array, first_row: int) -> None:
+    """Labels under MAX_CLASSES, checked in the column's own type: a uint64 of 2**63 is no negative
+    number, and nothing is sized by a label before it passed (sources.check_label_bound)."""
+    bound = pa.scalar(MAX_CLASSES, pa.uint64() if pa.types.is_unsigned_integer(lab.type) else pa.int64())
+    too_big = pc.greater_equal(lab, bound)
+    if pc.any(too_big).as_py():
+        i = int(np.flatnonzero(too_big.to_numpy(zero_copy_only=False))[0])
+        check_label_bound(lab[i].as_py(), f"{path}: row {first_row + i}")
 
 
 def _null_image(path: str, row: int):
@@ -142,18 +157,31 @@ def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None
                                          "to_parquet embeds Image() files) or drop those rows")
 
 
+# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own).
+# datasets writes 100 images a row group (~10 MB of ImageNet JPEGs): a few fit, which is what a
+# loader batch drawing from several row groups needs. A file written as one row group (pyarrow's
+# default, a whole 140 MB file) keeps only itself, the one group being read, not 8 such files.
+ROW_GROUP_CACHE_BYTES = 64 << 20
+
+
 class ParquetRows:
     """Image bytes by (file, row): a few files open, the last row groups read kept.
 
     One read per row group while the rows asked for stay in it (a shard read front to back, or the
-    samples of a loader batch from one row group). Picklable: workers start with empty caches."""
+    samples of a loader batch from one row group). The kept groups are bounded by count and by
+    ``cache_bytes`` (the group being read is always kept). Picklable: workers start with empty caches."""
 
-    def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8):
+    def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8,
+                 cache_bytes: int = ROW_GROUP_CACHE_BYTES):
         self.root, self.files = root, list(files)
-        self.open_files, self.row_groups = open_files, row_groups
+        self.open_files, self.row_groups, self.cache_bytes = open_files, row_groups, cache_bytes
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
-        self._groups: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(g.nbytes for g in self._groups.values())
 
     def __getstate__(self):
         return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict()}
@@ -193,8 +221,13 @@ class ParquetRows:
                 return b""
             group = col.field("bytes")  # kept as arrow: only the rows asked for become Python bytes
             self.group_reads += 1
-            while len(self._groups) >= self.row_groups:
-                self._groups.popitem(last=False)
+            self._make_room(group.nbytes)
         self._groups[file, rg] = group
         data = group[row - int(starts[rg])].as_py()
         return b"" if data is None else data
+
+    def _make_room(self, incoming: int) -> None:
+        """Drop the least recently used groups until one of ``incoming`` bytes fits both bounds."""
+        held = self.cached_bytes
+        while self._groups and (len(self._groups) >= self.row_groups or held + incoming > self.cache_bytes):
+            held -= self._groups.popitem(last=False)[1].nbytes

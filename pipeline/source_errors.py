@@ -1,10 +1,16 @@
-"""The errors a source raises, in a leaf module: ``sources`` and ``hf_parquet`` both raise them, and
-``sources`` reads parquet through ``hf_parquet``, so the errors cannot live in either without an
-import circle. ``pipeline.sources`` re-exports all three; import them from there."""
+"""The errors a source raises and the bounds every source format checks, in a leaf module: ``sources``
+and ``hf_parquet`` both raise them, and ``sources`` reads parquet through ``hf_parquet``, so they cannot
+live in either without an import circle. ``pipeline.sources`` re-exports them; import them from there."""
 
 from __future__ import annotations
 
 from storage.errors import UserError
+
+# At most this many classes, so a label read from a file is range-checked before anything is sized by
+# it (class names, one-hot targets of [batch, C], the classifier): a label of 2**31 would otherwise
+# allocate per class until the OOM killer steps in. ImageNet-21k has 21,841 classes and the largest
+# public classification sets ~10**5; 2**20 leaves room and bounds a [64, C] float32 target at 256 MiB.
+MAX_CLASSES = 1 << 20
 
 
 class SourceError(UserError, ValueError):
@@ -15,6 +21,23 @@ class SourceChanged(SourceError):
     """A sample's bytes differ from those indexed: the source changed (not the label store)."""
 
 
+class ManifestError(SourceError):
+    """A label store's manifest.parquet is cut off, damaged or not one this project wrote."""
+
+
 def permission_error(path: str, what: str = "read this file") -> SourceError:
     return SourceError(f"{path}: permission denied (cannot {what}); fix its permissions "
                        "(chmod a+rX) or remove it from the source")
+
+
+def check_label_bound(label: int, where: str) -> None:
+    """Refuse a label that would size per-class structures beyond MAX_CLASSES (why: see there)."""
+    if label >= MAX_CLASSES:
+        raise SourceError(f"{where} has label {label}, more than the {MAX_CLASSES:,} classes a source may have "
+                          f"(labels are class indices 0..C-1): fix the label")
+
+
+def check_class_count(count: int, where: str) -> None:
+    if count > MAX_CLASSES:
+        raise SourceError(f"{where} names {count:,} classes, more than the {MAX_CLASSES:,} a source may have; "
+                          "fix the class names")

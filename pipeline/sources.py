@@ -45,12 +45,21 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from braceexpand import braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand, char_range_re, int_range_re, make_char_range
 from PIL import Image
 
+from storage.errors import printable
 from storage.spec import shard_starts
 
-from .source_errors import SourceChanged, SourceError, permission_error  # noqa: F401 - re-exported
+from .source_errors import (  # noqa: F401 - re-exported
+    MAX_CLASSES,
+    ManifestError,
+    SourceChanged,
+    SourceError,
+    check_class_count,
+    check_label_bound,
+    permission_error,
+)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 PARQUET_EXT = ".parquet"
@@ -61,6 +70,11 @@ SHARD_LAYOUTS = ("auto", "as-is", "shuffle")
 # --shards auto re-cuts tars whose mean distinct classes per shard is under this fraction of a
 # random draw's: class-sorted tars sit near 1 / (that draw's count), a shuffled tar near 1.0.
 SKEW_THRESHOLD = 0.5
+# A brace pattern may name at most this many files: it is counted before it is expanded, so a typo
+# such as {0..99999999} is one line at once, not 10 GB of names and a minute and a half before
+# "no such file". LAION-5B is ~230,000 tars.
+MAX_PATTERN_FILES = 1_000_000
+MAX_LABEL_BYTES = 64  # a .cls holds a class index: a few digits and maybe a newline
 
 log = logging.getLogger("deit_lockstep.sources")
 
@@ -182,7 +196,7 @@ class Manifest:
             return None
         i = int(differ[0])
         key, path = self.samples.column("key")[i].as_py(), self.samples.column("path")[i].as_py()
-        return (f"sample {key!r} ({path}) has other bytes than when the store was made "
+        return (f"sample {printable(key)!r} ({path}) has other bytes than when the store was made "
                 f"(crc32c {int(b[i]):08x} -> {int(a[i]):08x}; {len(differ)} samples differ)")
 
     def to_bytes(self) -> bytes:
@@ -197,15 +211,37 @@ class Manifest:
         return sink.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        table = pq.read_table(io.BytesIO(data))
-        meta = json.loads(table.schema.metadata[b"deit_lockstep"])
+    def from_bytes(cls, data: bytes, origin: str = "the label store's manifest.parquet") -> Manifest:
+        """The manifest ``to_bytes`` wrote, checked whole before anything uses it (``origin`` names the
+        file in the ManifestError): a cut or foreign file must be one line, not a traceback in
+        inspect, verify, train or precompute, nor an index beyond a shard or a class."""
+        def damaged(why: str) -> ManifestError:
+            return ManifestError(f"{origin}: {why}; the store's manifest is damaged or not one precompute wrote: "
+                                 "restore the store, or re-run precompute with --overwrite")
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise damaged(f"not a readable parquet file ({printable(_first_line(e))})") from None
+        try:
+            meta = json.loads((table.schema.metadata or {})[b"deit_lockstep"])
+        except (KeyError, ValueError):
+            raise damaged("no deit_lockstep metadata (or not JSON)") from None
+        why = _manifest_meta_problem(meta) or _manifest_columns_problem(table)
+        if why:
+            raise damaged(why)
         if "crc32c" not in table.column_names:  # a manifest from before checksums: nothing to check
             table = table.append_column("crc32c", pa.array(np.full(table.num_rows, NO_CRC, np.int64)))
-        return cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
-                   class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
-                   shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
-                   tars=meta.get("tars", []))
+        m = cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
+                class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
+                shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
+                tars=meta.get("tars", []))
+        why = _manifest_rows_problem(m)
+        # (an older version hashed otherwise: its rows are range-checked only)
+        if why is None and meta.get("version") == MANIFEST_VERSION and m.fingerprint != meta.get("fingerprint"):
+            why = "its rows do not hash to the fingerprint recorded with them"
+        if why:
+            raise damaged(why)
+        return m
 
     # ---- reading samples ----------------------------------------------------------------
     def read_sample(self, shard: int, position: int) -> Sample:
@@ -275,6 +311,88 @@ class Manifest:
             yield Sample(r["key"], r["label"], shard, r["position"], b"")
 
 
+def stored_manifest(reader) -> Manifest:
+    """The manifest inside a label store (a storage reader), checked (``Manifest.from_bytes``)."""
+    from storage.base import MANIFEST
+
+    origin = os.path.join(str(reader.path), MANIFEST)
+    try:
+        data = reader.manifest_bytes
+    except OSError as e:
+        raise ManifestError(f"{origin}: cannot read the store's manifest ({e.strerror or e}); restore the store, "
+                            "or re-run precompute with --overwrite") from None
+    return Manifest.from_bytes(data, origin)
+
+
+_MANIFEST_KINDS = ("imagefolder", "wds", "parquet")
+
+
+def _manifest_meta_problem(meta) -> str | None:
+    """What is wrong with a manifest's metadata (types, kinds), in words; None when nothing is."""
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(meta, dict):
+        return "its metadata is not an object"
+    checks = {"kind": lambda v: v in _MANIFEST_KINDS, "root": lambda v: isinstance(v, str),
+              "shards": lambda v: strings(v) and v,
+              "class_names": lambda v: strings(v) and 0 < len(v) <= MAX_CLASSES,
+              "shard_size": lambda v: isinstance(v, int) and v >= 0, "seed": lambda v: isinstance(v, int),
+              "layout": lambda v: v in ("", "shuffle", "as-is"), "tars": strings}
+    optional = ("layout", "tars")  # manifests from before re-cut tars lack them
+    for key, ok in checks.items():
+        if (key not in meta and key not in optional) or (key in meta and not ok(meta[key])):
+            return f"its metadata field {key!r} is missing or invalid"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _manifest_columns_problem(table: pa.Table) -> str | None:
+    """Columns and types a manifest's rows need (crc32c may be absent: written before checksums)."""
+    for f in _SCHEMA:
+        if f.name not in table.column_names:
+            if f.name == "crc32c":
+                continue
+            return f"it has no column {f.name!r}"
+        if table.schema.field(f.name).type != f.type:
+            return f"its column {f.name!r} is {table.schema.field(f.name).type}, not {f.type}"
+    if "tar" in table.column_names and table.schema.field("tar").type != pa.int32():
+        return "its column 'tar' is not int32"
+    return None
+
+
+def _manifest_rows_problem(m: Manifest) -> str | None:
+    """Every index in range and consistent: labels name a class, shards and tars exist, rows sorted by
+    (shard, position) with positions 0..n-1 in each shard, offsets and sizes not negative."""
+    t = m.samples
+    if not t.num_rows:
+        return "it lists no samples"
+    col = {c: t.column(c).to_numpy() for c in ("label", "shard", "position", "offset", "size", "crc32c")}
+    if t.column("key").null_count or t.column("path").null_count or any(t.column(c).null_count for c in col):
+        return "it has empty (null) fields"
+    label, shard, position = col["label"], col["shard"], col["position"]
+    if label.min() < 0 or label.max() >= m.num_classes:
+        return f"a label lies outside 0..{m.num_classes - 1}"
+    if shard.min() < 0 or shard.max() >= len(m.shards) or (np.diff(shard) < 0).any():
+        return f"its shard ids are not sorted within 0..{len(m.shards) - 1}"
+    if not np.array_equal(position, np.arange(len(shard)) - m.shard_starts[shard]):
+        return "its positions are not 0..n-1 within each shard"
+    if col["offset"].min() < 0 or col["size"].min() < 0:
+        return "an offset or size is negative"
+    if col["crc32c"].min() < NO_CRC or col["crc32c"].max() > 0xFFFFFFFF:
+        return "a crc32c lies outside 32 bits"
+    if m.tars:
+        tar = t.column("tar").to_numpy() if "tar" in t.column_names else None
+        if tar is None or t.column("tar").null_count or tar.min() < 0 or tar.max() >= len(m.tars):
+            return f"its tar ids lie outside 0..{len(m.tars) - 1}"
+    elif "tar" in t.column_names:
+        return "it has a 'tar' column but no tars"
+    return None
+
+
 def read_regular_file(path: str) -> bytes:
     """A file's bytes. Never blocks on a FIFO or device swapped in after indexing (O_NONBLOCK, then
     only a regular file is read); a permission problem is a one-line SourceError."""
@@ -332,17 +450,40 @@ def check_sample(key: str, path: str, data: bytes, size: int, crc: int) -> None:
         return
     if len(data) != size or crc32c.crc32c(data) != crc:
         raise SourceChanged(
-            f"sample {key!r} in {path} changed since it was indexed ({size} bytes crc32c {crc:08x} then, "
+            f"sample {printable(key)!r} in {path} changed since it was indexed ({size} bytes crc32c {crc:08x} then, "
             f"{len(data)} bytes crc32c {crc32c.crc32c(data):08x} now): the source changed, the label store "
             "is not damaged; re-run precompute on the new source (--overwrite), or restore the original file")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB PIL image, fully loaded. Raises ``OSError``/``ValueError`` on a bad image."""
+@dataclass(frozen=True)
+class Undecodable:
+    """What ``decode_image`` returns for bytes that are no image it can decode (``reason``: the
+    exception's name). A value, not an exception: every reader (precompute, the loader, probes,
+    verify, inspect) flags the image and goes on, and none can miss a kind of failure."""
+    reason: str
+
+
+def decode_image(data: bytes) -> Image.Image | Undecodable:
+    """Bytes -> RGB PIL image, fully loaded; ``Undecodable`` for anything else, never an exception.
+
+    Image bytes are untrusted: Pillow's plugins raise far more than OSError on hostile input
+    (DecompressionBombError for a 20000x20000 PNG of 1 MB, NotImplementedError, SyntaxError,
+    struct.error, ...), so every failure of the decode is caught here, in one place."""
     if not data:
-        raise ValueError("empty image file")
+        return Undecodable("empty file")
+    try:
+        return _to_rgb(_loaded(data))
+    except Exception as e:  # noqa: BLE001 - any failure to decode hostile bytes is the image's, see above
+        return Undecodable(type(e).__name__)
+
+
+def _loaded(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     im.load()
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
     # Most photos are RGB already: convert() would only copy them.
     if im.mode == "RGB":
         return im
@@ -542,10 +683,97 @@ def expand_files(src: str, ext: str | None = None) -> list[str]:
         names = _files_in(src, ext) if ext else (_tar_files_in(src) or _files_in(src, PARQUET_EXT))
         return [os.path.join(src, f) for f in names]
     if any(c in src for c in "{}"):
-        return [p for p in braceexpand(src)]
+        return expand_braces(src)
     if any(c in src for c in "*?["):
         return sorted(glob.glob(src))
     return [src]
+
+
+def expand_braces(src: str) -> list[str]:
+    """A brace pattern -> its files, counted before they are expanded (braceexpand builds every name
+    of a range up front) and each named once: a file named twice would repeat all its samples."""
+    try:
+        count = brace_count(src)
+        if count > MAX_PATTERN_FILES:
+            raise SourceError(f"--data {printable(src)}: the pattern names {count:,} files, more than the "
+                              f"{MAX_PATTERN_FILES:,} a source may have; check its ranges")
+        files = list(braceexpand(src))
+    except UnbalancedBracesError:
+        raise SourceError(f"--data {printable(src)}: unbalanced braces in the pattern; close every '{{' "
+                          "with '}' (or escape a literal brace as \\{)") from None
+    seen: dict[str, str] = {}
+    for f in files:
+        same = seen.setdefault(os.path.normpath(os.path.abspath(f)), f)
+        if same is not f:
+            raise SourceError(f"--data {printable(src)}: the pattern names {printable(f)} twice (as {printable(same)} "
+                              "too), which would repeat its samples; name every file once")
+    return files
+
+
+def brace_count(pattern: str) -> int:
+    """How many strings ``braceexpand(pattern)`` yields, without building them; the same grammar
+    (a product of literals and {a,b} / {1..9} / {a..z} items, nested, backslash escapes)."""
+    total, start, pos, depth = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif c == "}":  # as braceexpand: a stray "}" unbalances the pattern
+            depth -= 1
+            if depth == 0:
+                expr = pattern[start + 1:pos]
+                n = _brace_item_count(expr)
+                total *= brace_count(expr) if n is None else n  # no item: literal braces around a pattern
+        pos += 1
+    if depth:
+        raise UnbalancedBracesError(pattern)
+    return total
+
+
+def _brace_item_count(expr: str) -> int | None:
+    """Strings of one brace item: a range or a comma sequence; None when it is neither."""
+    m = int_range_re.match(expr)
+    if m:
+        a, b, step = m.groups()
+        step = (int(step) or 1) if step else 1
+        a, b = int(a), int(b)
+        return len(range(a, b + 1, step) if a < b else range(a, b - 1, -step))
+    m = char_range_re.match(expr)
+    if m:
+        return len(make_char_range(*m.groups()))
+    parts, start, pos, depth = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth or not parts:
+        return None
+    return sum(brace_count(p) for p in parts + [expr[start:]])
+
+
+def check_outside_source(src: str, out: str, option: str = "--out") -> None:
+    """Refuse an output folder (a label store, a train run) inside the source directory ``src``.
+
+    An ImageFolder indexes every sub-folder as a class: a store written inside it becomes one more
+    class, so the next run indexes another source and refuses its own store. Stores and runs belong
+    beside the data, never in it (the rule holds for any source directory, so it is one rule)."""
+    if not os.path.isdir(src):
+        return
+    root, target = os.path.realpath(src), os.path.realpath(out)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise SourceError(f"{option} {printable(out)} is inside the source --data {printable(src)}: the source would "
+                          f"change under it (an ImageFolder would gain a class); put {option} outside {printable(src)}")
 
 
 def _check_files(src: str, files: list[str]) -> str:
@@ -618,7 +846,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
     for shard, path in enumerate(files):
         for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
             if label < 0:  # numpy would read -1 as the last class
-                raise SourceError(f"{path}: sample {key!r} has label {label} in its .cls; labels are class "
+                raise SourceError(f"{path}: sample {printable(key)!r} has label {label} in its .cls; labels are class "
                                   "indices 0..C-1: fix the label")
             for name, v in zip(_SCHEMA.names, (key, label, shard, pos, member, offset, size, crc), strict=True):
                 cols[name].append(v)
@@ -630,7 +858,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
     labels = np.asarray(cols["label"])
     if labels.max() >= len(names):  # classes.txt is shorter than the labels used
         i = int(np.argmax(labels >= len(names)))
-        raise SourceError(f"{files[cols['shard'][i]]}: sample {cols['key'][i]!r} has label {labels[i]}, but "
+        raise SourceError(f"{files[cols['shard'][i]]}: sample {printable(cols['key'][i])!r} has label {labels[i]}, but "
                           f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
                           "fix the label or classes.txt")
     return Manifest("wds", root, [os.path.basename(f) for f in files], names, table)
@@ -652,8 +880,9 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                 if not m.isfile():
                     continue
                 if m.name in names:
-                    raise SourceError(f"{path}: member {m.name!r} appears twice (appended with tar -r?); readers "
-                                      "would disagree on which copy is the sample: rewrite the shard with one copy")
+                    raise SourceError(f"{path}: member {printable(m.name)!r} appears twice (appended with tar -r?); "
+                                      "readers would disagree on which copy is the sample: rewrite the shard "
+                                      "with one copy")
                 names.add(m.name)
                 base = os.path.basename(m.name)
                 # WebDataset's convention: the key is the path up to the first dot of the basename.
@@ -663,7 +892,8 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                     order.append(key)
                 if ext in IMAGE_EXTS:
                     if key in images:
-                        raise SourceError(f"{path}: sample {key!r} has two images ({images[key].name}, {m.name}); "
+                        raise SourceError(f"{path}: sample {printable(key)!r} has two images "
+                                          f"({printable(images[key].name)}, {printable(m.name)}); "
                                           "keep one per sample")
                     images[key] = m
                     if checksums:
@@ -672,15 +902,18 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
                         except (tarfile.ReadError, EOFError, OSError):
                             crcs[key] = NO_CRC  # the file ends inside this image (a cut copy): undecodable
                 elif ext == LABEL_EXT:
-                    try:
-                        text = tar.extractfile(m).read().decode().strip()
+                    try:  # a class index is a few digits: a longer .cls is no label, read no more of it
+                        text = tar.extractfile(m).read(min(m.size, MAX_LABEL_BYTES)).decode(errors="replace").strip()
                     except tarfile.ReadError:
                         break  # the file ends inside this label: the tar was cut here
                     try:
+                        if m.size > MAX_LABEL_BYTES:
+                            raise ValueError
                         labels[key] = int(text)
                     except ValueError:
-                        raise SourceError(
-                            f"{path}: sample {key!r} has a non-integer label {text!r} in its .cls") from None
+                        raise SourceError(f"{path}: sample {printable(key)!r} has a non-integer label "
+                                          f"{printable(text, 40)!r} in its .cls") from None
+                    check_label_bound(labels[key], f"{path}: sample {printable(key)!r}")
     except tarfile.ReadError as e:
         raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
     except PermissionError:
@@ -690,7 +923,8 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
         if key not in images:
             continue
         if key not in labels:
-            raise SourceError(f"{path}: sample {key!r} has no .cls label; every WebDataset sample needs KEY.cls")
+            raise SourceError(f"{path}: sample {printable(key)!r} has no .cls label; every WebDataset sample "
+                              "needs KEY.cls")
         m = images[key]
         out.append((key, m.name, m.offset_data, m.size, labels[key], crcs.get(key, NO_CRC)))
     return out
@@ -713,19 +947,25 @@ def _members_until_cut(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def _wds_class_names(root: str, num_classes: int) -> list[str]:
-    """Class names from ``classes.txt`` (one per line) beside the shards, else "0".."C-1"."""
+    """Class names from ``classes.txt`` (one per line) beside the shards, else "0".."C-1".
+
+    ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
     if os.path.isfile(path):
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = []
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    names.append(line.strip())
+                    check_class_count(len(names), path)  # stop reading a hostile file early
         return names  # fewer names than labels used: _index_wds names the sample
     return [str(i) for i in range(num_classes)]
 
 
 def check_same_classes(train: Manifest, val: Manifest, *, val_src: str) -> None:
     if train.class_names != val.class_names:
-        only_train = sorted(set(train.class_names) - set(val.class_names))[:3]
-        only_val = sorted(set(val.class_names) - set(train.class_names))[:3]
+        only_train = [printable(n, 40) for n in sorted(set(train.class_names) - set(val.class_names))[:3]]
+        only_val = [printable(n, 40) for n in sorted(set(val.class_names) - set(train.class_names))[:3]]
         raise SourceError(f"{val_src}: its classes differ from the training source's "
                           f"(only in train: {only_train}, only in val: {only_val}); use the same class folders")
 

@@ -10,3 +10,20 @@ code catching those still does.
 
 class UserError(Exception):
     """Bad input or a state the user must change: one line naming the cause and the fix; exit 2."""
+
+
+def printable(text: object, limit: int = 120) -> str:
+    """``text`` made safe to print on a terminal: control characters (escape sequences, newlines,
+    bidi overrides) as backslash escapes, and at most ``limit`` characters (then "...").
+
+    Class names, keys and file names come from the dataset; a hostile one could otherwise move the
+    cursor, rewrite what was printed before it or fill the screen. Printable text is unchanged."""
+    s = str(text)
+    out = []
+    for ch in s[:limit + 1]:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:  # C0/C1 controls, DEL, line and paragraph separators, format characters (bidi)
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    safe = "".join(out)
+    return safe[:limit] + "..." if len(s) > limit or len(safe) > limit else safe

@@ -27,6 +27,7 @@ those objects for anything it does not wrap.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,22 @@ class Lockstep:
         return loss
 
 
+def check_process_arguments(batch_size: int, rank: int, world: int, workers: int) -> None:
+    """Checked before anything is opened: world=0 divides by zero, a rank outside 0..world-1 would
+    silently get no batches, and workers=-1 would fail only at the first iteration."""
+    for name, value in (("batch_size", batch_size), ("rank", rank), ("world", world), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TrainError(f"{name} must be an integer, got {value!r}")
+    if batch_size < 1:
+        raise TrainError(f"batch_size must be >= 1, got {batch_size}")
+    if world < 1:
+        raise TrainError(f"world must be >= 1 (the number of processes), got {world}")
+    if not 0 <= rank < world:
+        raise TrainError(f"rank must lie in 0..{world - 1} (world={world}), got {rank}")
+    if workers < 0:
+        raise TrainError(f"workers must be >= 0 (0: load in this process), got {workers}")
+
+
 def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
                   *, distillation: str | None = None, alpha: float = 0.5, tau: float = 1.0,
                   kd_reduction: str = "batchmean", pin_memory: bool = False, **train_data) -> Lockstep:
@@ -99,7 +116,9 @@ def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0,
     ``batch_size`` is per rank. ``distillation`` defaults to what ``cli.py train`` does: hard with a
     store (a top-k store's argmax), none without; "soft" needs a top-k store. ``train_data`` goes to
     ``student.data.open_train_data`` (e.g. ``recipe``, ``overrides``, ``seed``, ``input_size`` without
-    a store). Raises TrainError (one line: cause and fix) for a store that does not fit the source."""
+    a store). Raises TrainError (one line: cause and fix) for bad arguments or a store that does not
+    fit the source."""
+    check_process_arguments(batch_size, rank, world, workers)
     opened = open_train_data(data, labels=labels, **train_data)
     if distillation is None:
         distillation = "none" if opened.reader is None else "hard"  # as `cli.py train`: DeiT's best setting

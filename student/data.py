@@ -53,6 +53,7 @@ from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
     Manifest,
     SourceError,
+    Undecodable,
     check_same_classes,
     check_sample,
     decode_image,
@@ -60,9 +61,11 @@ from pipeline.sources import (
     permission_error,
     read_regular_file,
     source_errors_in_one_line,
+    stored_manifest,
 )
 from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
 from storage import WRITTEN, open_store
+from storage.errors import printable
 
 from .errors import TrainError
 
@@ -212,7 +215,7 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
 
     reader = open_store(labels)
     spec = reader.spec
-    stored = Manifest.from_bytes(reader.manifest_bytes)
+    stored = stored_manifest(reader)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
     # Names and labels only (no full read of the source at every start); reads check content below.
     layout = stored.layout if shards == "auto" else shards
@@ -254,7 +257,8 @@ def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
         return f"it has {counts(mine)}, the store's source had {counts(stored)}"
     if mine.class_names != stored.class_names:
         i = next(i for i, (a, b) in enumerate(zip(mine.class_names, stored.class_names, strict=True)) if a != b)
-        return f"class {i} is {mine.class_names[i]!r} here, {stored.class_names[i]!r} in the store"
+        return (f"class {i} is {printable(mine.class_names[i])!r} here, "
+                f"{printable(stored.class_names[i])!r} in the store")
     if mine.kind != stored.kind:
         return f"it is {mine.kind}, the store's source was {stored.kind}"
     if mine.layout != stored.layout:
@@ -267,7 +271,9 @@ def _manifest_difference(mine: Manifest, stored: Manifest) -> str:
         a, b = mine.samples.column(col).to_pylist(), stored.samples.column(col).to_pylist()
         if a != b:
             i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-            return f"sample {i} has {col} {a[i]!r} here, {b[i]!r} in the store (same counts, other contents)"
+            show = (lambda v: repr(printable(v))) if col == "key" else repr  # keys come from the dataset
+            return (f"sample {i} has {col} {show(a[i])} here, {show(b[i])} in the store "
+                    "(same counts, other contents)")
     return "same samples, other file layout inside the shards"
 
 
@@ -390,12 +396,9 @@ class ReplayBatches(torch.utils.data.IterableDataset):
 
         def image(shard, position):
             if (shard, position) not in decoded:
-                try:
-                    decoded[shard, position] = decode_image(raw.pop((shard, position)))
-                except SourceError:  # changed or unreadable source: stop, never train on other images
-                    raise
-                except Exception:  # any undecodable image: its views are skipped and counted
-                    decoded[shard, position] = None
+                img = decode_image(raw.pop((shard, position)))
+                # an undecodable image: its views are skipped and counted
+                decoded[shard, position] = None if isinstance(img, Undecodable) else img
             return decoded[shard, position]
 
         for i, (shard, slot) in enumerate(rows.tolist()):
@@ -536,10 +539,13 @@ class EvalImages(torch.utils.data.Dataset):
         if self._transform is None:
             self._transform = ViewRenderer(self.recipe).eval_transform()
         try:
-            img = decode_image(self.files.read(shard, row - int(self.files.starts[shard])))
+            data = self.files.read(shard, row - int(self.files.starts[shard]))
         except SourceError:  # an unreadable file (permission): an error, never a silently dropped image
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - unreadable now (a tar gone): left out, like an undecodable image
+            return None
+        img = decode_image(data)
+        if isinstance(img, Undecodable):
             return None
         return self._transform(img), int(self.files.labels[row])
 

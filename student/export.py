@@ -117,11 +117,11 @@ def _recipe_and_classes(ckpt: TrainCheckpoint):
         return Recipe.from_dict(ckpt.recipe), list(ckpt.class_names)
     try:
         if cfg.get("labels"):
-            from pipeline.sources import Manifest
+            from pipeline.sources import stored_manifest
             from storage import open_store
 
             reader = open_store(cfg["labels"])
-            return Recipe.from_dict(reader.spec.recipe), Manifest.from_bytes(reader.manifest_bytes).class_names
+            return Recipe.from_dict(reader.spec.recipe), stored_manifest(reader).class_names
         from pipeline.sources import index_source
 
         overrides = list(cfg.get("overrides") or [])

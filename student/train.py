@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from pipeline.devices import resolve_device
 from pipeline.options import default_workers
 from pipeline.progress import progress_bar
+from pipeline.sources import check_outside_source
 from storage import checkpoint
 from storage.checkpoint import TrainCheckpoint
 
@@ -315,6 +316,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             console(line)
 
     check_run_folder(cfg)
+    check_outside_source(cfg.data, cfg.out)  # a run folder inside an ImageFolder would become one of its classes
     cfg, ckpt = load_checkpoint(cfg, say)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,

@@ -49,7 +49,16 @@ from ..devices import resolve_device
 from ..probes import probe_hashes
 from ..progress import progress_bar
 from ..recipes import create_recipe
-from ..sources import Manifest, SourceChanged, decode_image, index_source, source_errors_in_one_line
+from ..sources import (
+    Manifest,
+    SourceChanged,
+    Undecodable,
+    check_outside_source,
+    decode_image,
+    index_source,
+    source_errors_in_one_line,
+    stored_manifest,
+)
 from ..views import ViewRenderer
 from .teacher import create_teacher
 
@@ -170,7 +179,7 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
     resume does not read a whole ImageNet to start."""
     if not cfg.overwrite:
         try:
-            stored = Manifest.from_bytes(open_store(cfg.out).manifest_bytes)
+            stored = stored_manifest(open_store(cfg.out))
         except (StoreError, OSError, ValueError, KeyError):
             stored = None  # no store there yet (or not one of ours: create_store says so)
         if stored is not None:
@@ -211,6 +220,7 @@ def _check(cfg: PrecomputeConfig) -> None:
                               "drop --rank/--world-size, or drop --join")
     if cfg.join and not cfg.claim:
         raise PrecomputeError("--join works by claiming units: drop --no-claim, or give --rank/--world-size")
+    check_outside_source(cfg.data, cfg.out)  # a store inside an ImageFolder would become one of its classes
 
 
 def _grow_if_asked(out: str, spec: StoreSpec) -> None:
@@ -262,10 +272,11 @@ class UnitViews(torch.utils.data.IterableDataset):
         shard, views = self.units[u]
         images, bad = {}, {}
         for s in self.manifest.iter_shard(shard):  # one read of the shard, one decode per image
-            try:
-                images[s.position] = decode_image(s.data)
-            except Exception as e:  # any undecodable image: flag its views, keep going
-                bad[s.position] = f"{s.key} ({type(e).__name__})"
+            img = decode_image(s.data)
+            if isinstance(img, Undecodable):  # flag its views, keep going
+                bad[s.position] = f"{s.key} ({img.reason})"
+            else:
+                images[s.position] = img
         n = self.manifest.shard_sizes[shard]
         size = self.recipe.input_size
         buf, ok, keys, start = [], [], [], 0
@@ -351,7 +362,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                           meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
-    changed = manifest.first_changed_sample(Manifest.from_bytes(open_store(cfg.out).manifest_bytes))
+    changed = manifest.first_changed_sample(stored_manifest(open_store(cfg.out)))
     if changed is not None:
         raise SourceChanged(f"{cfg.data}: {changed}: the source changed since the store {cfg.out} was begun; "
                             "restore it, or re-run precompute on the new source with --overwrite")

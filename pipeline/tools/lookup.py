@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from storage import Labels
-from storage.errors import UserError
+from storage.errors import UserError, printable
 
-from ..sources import Manifest, SourceError, decode_image, index_source
+from ..sources import Manifest, Undecodable, decode_image, index_source, stored_manifest
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from ..views import ViewRenderer
+
+
+NAME_LIMIT = 60  # characters of a class name shown: a report line stays a line
 
 
 class InspectError(UserError, ValueError):
@@ -27,14 +30,15 @@ class InspectError(UserError, ValueError):
 
 # ---- class names and ground truth ----------------------------------------------------------
 def class_names(spec) -> list[str]:
-    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names."""
+    """Readable names: timm's ImageNet descriptions for 1000 classes, else the store's names, made
+    safe to print (they come from the dataset: ClassLabel names, classes.txt, folder names)."""
     if spec.num_classes == 1000:
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()
         return [info.index_to_description(i).split(",")[0] for i in range(1000)]
     if spec.class_names:
-        return list(spec.class_names)
+        return [printable(n, NAME_LIMIT) for n in spec.class_names]
     return [str(i) for i in range(spec.num_classes)]
 
 
@@ -57,10 +61,6 @@ def dominant_targets(labels: np.ndarray, plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the source behind a store -------------------------------------------------------------
-def stored_manifest(reader) -> Manifest:
-    return Manifest.from_bytes(reader.manifest_bytes)
-
-
 def source_manifest(reader, data: str | None) -> Manifest:
     """The manifest to read images from: --data indexed the way the store's was, else the stored one
     (whose recorded root must still hold the files). A foreign source is refused."""
@@ -83,30 +83,24 @@ def load_image(manifest: Manifest, shard: int, position: int, data: str | None, 
     undecodable at precompute (``flagged()``: nothing to show), the file changed since (restore it),
     or the recorded root no longer holds the source (pass --data)."""
     sample = manifest.read_sample(shard, position)  # SourceChanged: one line of its own, not "cannot decode"
-    try:
-        return decode_image(sample.data)
-    except SourceError:
-        raise
-    except Exception as e:
-        why = type(e).__name__
-        if flagged():
-            msg = (f"sample {sample.key!r} is undecodable ({why}), as it was at precompute: the store flags its "
-                   "views invalid and train skips them, so there is nothing to show; pick another sample")
-        elif data:
-            msg = (f"sample {sample.key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
-                   "the file was changed or damaged since; restore it from the source given to precompute")
-        else:
-            msg = (f"cannot decode sample {sample.key!r} from the recorded source root {manifest.root} ({why}); "
-                   "pass --data SRC pointing at the source given to precompute")
-        raise InspectError(msg) from None
+    img = decode_image(sample.data)
+    if not isinstance(img, Undecodable):
+        return img
+    why, key = img.reason, printable(sample.key)
+    if flagged():
+        msg = (f"sample {key!r} is undecodable ({why}), as it was at precompute: the store flags its "
+               "views invalid and train skips them, so there is nothing to show; pick another sample")
+    elif data:
+        msg = (f"sample {key!r} in --data {data} cannot be decoded ({why}), but precompute decoded it: "
+               "the file was changed or damaged since; restore it from the source given to precompute")
+    else:
+        msg = (f"cannot decode sample {key!r} from the recorded source root {manifest.root} ({why}); "
+               "pass --data SRC pointing at the source given to precompute")
+    raise InspectError(msg)
 
 
 def _decodes(manifest: Manifest, shard: int, position: int) -> bool:
-    try:
-        decode_image(manifest.read_sample(shard, position).data)
-        return True
-    except Exception:  # noqa: BLE001 - any undecodable image
-        return False
+    return not isinstance(decode_image(manifest.read_sample(shard, position).data), Undecodable)
 
 
 

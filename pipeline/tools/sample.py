@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from storage import INVALID, WRITTEN
+from storage.errors import printable
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     pass
@@ -111,12 +112,13 @@ def _params_lines(p, mix, partner_key, partner_label) -> list[str]:
         lines.append("  mix      none")
     else:
         box = f", box (y0,y1,x0,x1)={mix.box}" if mix.box else ""
-        lines.append(f"  mix      {mix.mode} with {partner_key} ({partner_label}), lambda={mix.lam:.3f}{box}")
+        lines.append(f"  mix      {mix.mode} with {printable(partner_key)} ({partner_label}), "
+                     f"lambda={mix.lam:.3f}{box}")
     return lines
 
 
 def format_sample(r: SampleReport) -> str:
-    lines = [f"sample {r.key} (shard {r.shard}, position {r.position}), ground truth: {r.label}, "
+    lines = [f"sample {printable(r.key)} (shard {r.shard}, position {r.position}), ground truth: {r.label}, "
              f"image {r.image_size[0]}x{r.image_size[1]}"]
     for v in r.views:
         state = {WRITTEN: "", INVALID: " [INVALID: undecodable image]", 0: " [not computed yet]"}[v.valid]

@@ -29,6 +29,7 @@ import numpy as np
 
 from storage import WRITTEN, StoreCorrupt, open_store, soft_targets, target_error
 from storage.base import unit_name
+from storage.errors import printable
 from storage.meta import PROBES, TEACHER_IDENTITY
 
 from .lookup import InspectError, source_manifest
@@ -189,7 +190,7 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
     import torch
 
     from ..recipes import Recipe
-    from ..sources import decode_image
+    from ..sources import Undecodable, decode_image
     from ..views import ViewRenderer
 
     spec = reader.spec
@@ -219,7 +220,14 @@ def _recompute(reader, manifest, teacher, picks, batch_size: int):
             plans[(view, shard)] = renderer.plan(spec.seed, view, shard, spec.shard_sizes[shard])
         sv = plans[(view, shard)][slot]
         partner = image(shard, sv.partner_position) if sv.partner_position is not None else None
-        x = renderer.render_slot(spec.seed, sv, image(shard, sv.position), partner)
+        own = image(shard, sv.position)
+        if isinstance(own, Undecodable) or isinstance(partner, Undecodable):  # labelled, so it decoded then
+            key = printable(manifest.keys(shard)[sv.position])
+            broken.append((unit, f"view {view} slot {slot} ({key}): its image no longer "
+                                 f"decodes ({(own if isinstance(own, Undecodable) else partner).reason}), but "
+                                 "precompute labelled it: the source file changed; restore it"))
+            continue
+        x = renderer.render_slot(spec.seed, sv, own, partner)
         rows.append((view, shard, slot, manifest.keys(shard)[sv.position], lab[slot:slot + 1], x))
     logps = []
     for i in range(0, len(rows), batch_size):
@@ -236,7 +244,7 @@ def compare(spec, rows, logp, atol: float, report: VerifyReport) -> None:
         ids = lab.ids[0] if lab.ids.ndim == 2 else lab.ids
         stored_top1 = int(np.atleast_1d(ids)[0])
         best = int(lp.argmax())
-        where = f"view {view} shard {shard} slot {slot} ({key})"
+        where = f"view {view} shard {shard} slot {slot} ({printable(key)})"
         report.views_checked += 1
         if stored_top1 == best:
             report.top1_agree += 1
