@@ -90,6 +90,9 @@ def main():
 @click.option("--out", required=True, help="Label store to create or resume.")
 @click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
 @click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")
+@click.option("--random-teacher", is_flag=True,
+              help="Allow a teacher with neither --teacher-weights nor a pretrained tag: randomly initialised, "
+                   "its labels are noise (tests and smoke runs only).")
 @click.option("--views", default=300, show_default=True, type=at_least(1, MAX_EPOCHS),
               help="Views per sample (epoch e uses e mod V).")
 @click.option("--topk", default=10, show_default=True, type=at_least(1), help="Soft labels: keep the teacher's top-k.")

@@ -57,6 +57,7 @@ from pipeline.sources import (
     check_sample,
     decode_image,
     index_source,
+    layout_for_store,
     permission_error,
     read_regular_file,
     source_errors_in_one_line,
@@ -215,7 +216,9 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
     stored = Manifest.from_bytes(reader.manifest_bytes)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
     # Names and labels only (no full read of the source at every start); reads check content below.
-    layout = stored.layout if shards == "auto" else shards
+    layout, wrong_layout = layout_for_store(shards, stored, labels)
+    if wrong_layout:
+        raise TrainError(wrong_layout)
     manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, shards=layout,
                             checksums=False)
     if manifest.fingerprint != spec.manifest_fingerprint:
