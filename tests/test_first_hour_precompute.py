@@ -240,16 +240,18 @@ def test_precompute_takes_auto_as_the_stores_layout_like_train(tmp_path, data, b
 
 # ---- 6. what a tau costs -------------------------------------------------------------------------
 def test_the_tau_help_states_the_uncompressed_cost_the_store_really_has(tmp_path, data, bare_teacher):
-    """Before: "2 bytes/view each" while the README said 1.6: both true, of different things, neither said which."""
+    """Before: "2 bytes/view each" while the README said 1.6: one is the float16 the store keeps, the other
+    what blosc makes of it (benchmarks/tau_bytes.py: 1.75 at T 1 and 0.99 at T 3 in zarr on 2,560 Lite0
+    views; the README's 1.6 at T 3 on real photo crops); the help now says which is which."""
     import click
 
     from cli import precompute as command
 
     help_text = " ".join(command.get_help(click.Context(command)).split())
-    m = re.search(r"--tau T .*?(\d+) bytes/view uncompressed, about ([\d.]+) as stored", help_text)
+    m = re.search(r"--tau T .*?(\d+) bytes/view uncompressed, about ([\d.]+)-([\d.]+) as stored", help_text)
     assert m, help_text
     res = precompute(data, tmp_path / "s", bare_teacher, "--input-size", "32", "--views", "1", "--tau", "3")
     assert res.exit_code == 0, res.output
     tail = open_store(tmp_path / "s").read(0, 0).tail_lse
     assert tail.shape == (8, 1) and tail.dtype.itemsize == int(m.group(1)), "one float16 per view and tau"
-    assert float(m.group(2)) < int(m.group(1)), "compression saves a little, as measured"
+    assert float(m.group(2)) < float(m.group(3)) < int(m.group(1)), "compression saves a little, as measured"
