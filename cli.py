@@ -115,13 +115,18 @@ def main():
 @click.option("--out", required=True, help="Label store to create or resume.")
 @click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
 @click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")
+@click.option("--random-teacher", is_flag=True,
+              help="Allow a teacher with neither --teacher-weights nor a pretrained tag: randomly initialised, "
+                   "its labels are noise (tests and smoke runs only).")
 @click.option("--views", default=300, show_default=True, type=at_least(1, MAX_EPOCHS),
               help="Views per sample (epoch e uses e mod V).")
 @click.option("--topk", default=10, show_default=True, type=at_least(1), help="Soft labels: keep the teacher's top-k.")
 @click.option("--hard", is_flag=True, help="Store only the teacher's argmax.")
 @click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
-              help="Soft labels: also store the tempered tail mass at temperature T (2 bytes/view each; "
-                   "repeatable), which makes `train --tau T` targets exact in top-k weights and tail mass.")
+              help="Soft labels: also store the tempered tail mass at temperature T (repeatable), which makes "
+                   "`train --tau T` targets exact in top-k weights and tail mass. Each T is one float16 per view: "
+                   "2 bytes/view uncompressed, about 1-1.8 as stored (blosc; less at higher T; "
+                   "benchmarks/tau_bytes.py).")
 @click.option("--recipe", default="deit", show_default=True, help="Augmentation preset: deit or crop-flip.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--seed", default=0, show_default=True, type=SEED)

@@ -81,7 +81,8 @@ def main():
             out = os.path.join(tmp, f"store-{vpu}-{workers}")
             cfg = PrecomputeConfig(data=data, out=out, teacher=args.teacher, views=args.views, topk=10,
                                    views_per_unit=vpu, batch_size=args.batch_size, workers=workers,
-                                   device=str(device), progress=False)
+                                   device=str(device), progress=False,
+                                   random_teacher=True)  # a bare --teacher: speed only, the labels do not matter
             t = time.perf_counter()
             s = run_precompute(cfg)
             wall = time.perf_counter() - t

@@ -118,7 +118,8 @@ def main():
         run_precompute(PrecomputeConfig(
             data=f"{tmp}/wds", out=stores[mode], teacher=teachers[-1], views=1, views_per_unit=1, topk=10,
             hard=hard, input_size=args.input_size, batch_size=args.batch_size, workers=0, device=str(device),
-            model_kwargs={"num_classes": args.classes}, progress=False))
+            model_kwargs={"num_classes": args.classes}, progress=False,
+            random_teacher=True))  # a random teacher: the labels' values do not change the speed
     data = {m: open_train_data(f"{tmp}/wds", labels=s) for m, s in stores.items()}
     plain = open_train_data(f"{tmp}/wds", recipe="deit", input_size=args.input_size)
     batches = list(LockstepLoader(data["soft"], batch_size=args.batch_size).epoch(0))

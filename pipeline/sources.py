@@ -539,6 +539,20 @@ def apply_layout(m: Manifest, *, shards: str = "auto", shard_size: int = 1024, s
     return m
 
 
+def layout_for_store(asked: str, stored: Manifest, store: str) -> tuple[str, str | None]:
+    """(the layout to index a source in for the store at ``store``, made from ``stored``; None), or
+    (``asked``, why it cannot be: one line, the caller adds its own fix and error type).
+
+    ``--shards auto`` means the store's layout: indexing the source again must find the shards the store
+    was made from, whatever auto would pick for the source alone. An explicit layout other than the
+    store's cannot match it, and is named as such before any indexing, so the user hears that the layout
+    differs rather than that the data is another source."""
+    if asked == "auto" or asked == stored.layout:
+        return stored.layout, None
+    return asked, (f"the store {store} was made with --shards {stored.layout}, not --shards {asked}; "
+                   f"pass --shards {stored.layout} or auto (the store's layout)")
+
+
 # ---- class diversity per shard, and the re-cut ------------------------------------------------
 @dataclass(frozen=True)
 class ClassDiversity:

@@ -58,6 +58,7 @@ from pipeline.sources import (
     check_sample,
     decode_image,
     index_source,
+    layout_for_store,
     permission_error,
     read_regular_file,
     source_errors_in_one_line,
@@ -218,7 +219,9 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
     stored = stored_manifest(reader)
     # An ImageFolder's virtual shards depend on the shard size and seed it was indexed with.
     # Names and labels only (no full read of the source at every start); reads check content below.
-    layout = stored.layout if shards == "auto" else shards
+    layout, wrong_layout = layout_for_store(shards, stored, labels)
+    if wrong_layout:
+        raise TrainError(wrong_layout)
     manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, shards=layout,
                             checksums=False)
     if manifest.fingerprint != spec.manifest_fingerprint:

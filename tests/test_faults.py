@@ -364,7 +364,7 @@ def test_a_corrupt_store_is_named_refused_and_repaired(base, tmp_path, how):
     cfg = pconfig(base["data"], store, base["teacher"])
     code, lines, crashed, res = invoke("precompute", *pflags(cfg))
     assert crashed is None and code == 0, res.output
-    assert "5 already complete" in res.stdout and "1 units done" in res.stdout, res.stdout
+    assert "labelled 1 unit (" in res.stdout and "5 units were already complete" in res.stdout, res.stdout
     assert_same_store(store, base["store"])
 
 

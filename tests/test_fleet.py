@@ -178,7 +178,8 @@ def test_join_processes_started_at_different_times_share_one_store(fleet_base, t
     second = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = [p.communicate(timeout=300) for p in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], [r[1][-2000:] for r in results]
-    assert all("written by worker" in r[0] for r in results), [r[0] for r in results]
+    assert all("this process (worker " in r[0] and "the store is complete" in r[0] for r in results), \
+        [r[0] for r in results]
     assert_same_store(out, fleet_base["ref"])
 
 

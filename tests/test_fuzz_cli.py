@@ -254,7 +254,8 @@ def test_accepted_recipes_make_stores_that_later_runs_read_back(tiny, preset, ov
                            input_size=False)
     assert outcome(invoke(*args)) == "ok"
     again = invoke(*args)
-    assert outcome(again) == "ok" and "0 units done, 1 already complete" in again.output
+    assert outcome(again) == "ok" and "labelled 0 units (0 views)" in again.output
+    assert "1 unit was already complete" in again.output
     assert open_train_data(tiny["data"], labels=out).recipe == recipe  # probes re-render identically too
 
 

@@ -204,6 +204,6 @@ def test_a_recut_source_replays_the_labelled_views_across_tars(recut, tiny):
     # a batch spans shards (the interleave), and its labels are not all one class
     assert any(len(set(b.rows[:, 0].tolist())) > 1 for b in runs[0])
     assert all(len(set(b.targets.argmax(1).tolist())) > 1 for b in runs[0])
-    # the same tars indexed as-is are another source: refused with the layout named
-    with pytest.raises(TrainError, match="laid out as-is, the store's were shuffle"):
+    # the same tars indexed as-is cannot match the store: refused, naming the store's layout
+    with pytest.raises(TrainError, match="was made with --shards shuffle, not --shards as-is"):
         open_train_data(recut["data"], labels=recut["store"], shards="as-is")

@@ -236,6 +236,6 @@ def test_hostile_parquet_is_one_line_exit_2(tmp_path, case):
             index_source(root, checksums=checksums)
     out = str(tmp_path / "store")
     line = one_line_error(invoke("precompute", "--data", root, "--out", out, "--teacher", "resnet10t",
-                                 "--input-size", 32), *fragments)
+                                 "--random-teacher", "--input-size", 32), *fragments)
     assert ".parquet" in line  # names the file
     assert not os.path.exists(out)  # nothing half-written

@@ -228,5 +228,6 @@ def test_teacher_kwargs_timm_cannot_build_are_one_line(tmp_path, data):
     from cli_support import invoke, one_line_error
 
     one_line_error(invoke("precompute", "--data", data, "--out", tmp_path / "s", "--teacher", "vit_tiny_patch16_224",
-                          "--hard", "--workers", "0", "--model-kwargs", '{"num_classes": 3, "embed_dim": 10}'),
+                          "--random-teacher", "--hard", "--workers", "0",
+                          "--model-kwargs", '{"num_classes": 3, "embed_dim": 10}'),
                    "timm cannot build vit_tiny_patch16_224", "--model-kwargs")

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ from storage.soft import recorded_soft_error
 from ..devices import resolve_device
 from ..probes import probe_hashes
 from ..progress import progress_bar
-from ..recipes import create_recipe
+from ..recipes import create_recipe, parse_overrides
 from ..sources import (
     Manifest,
     SourceChanged,
@@ -56,11 +57,13 @@ from ..sources import (
     check_outside_source,
     decode_image,
     index_source,
+    layout_for_store,
     source_errors_in_one_line,
     stored_manifest,
 )
 from ..views import ViewRenderer
-from .teacher import create_teacher
+from .banner import StartState, start_banner
+from .teacher import check_teacher_has_weights, create_teacher, trained_view_size
 
 log = logging.getLogger("deit_lockstep.precompute")
 
@@ -98,7 +101,8 @@ class PrecomputeConfig:
     join: bool = False             # no rank or world size: claim pending units until none is left
     lease_ttl: float = DEFAULT_TTL  # seconds a lease lives without renewal before others may take it over
     overwrite: bool = False
-    progress: bool = True
+    random_teacher: bool = False   # allow a teacher without weights (tests, smoke runs): its labels are noise
+    progress: bool = True          # the start banner and the progress bar (rank 0, or a --join process)
 
 
 @dataclass
@@ -117,17 +121,28 @@ class PrecomputeSummary:
     seconds: float
     soft_error: dict = field(default_factory=dict)  # tau -> storage.soft.recorded_soft_error (this rank's)
     worker: str = ""         # a --join process: its worker id (it has no rank)
+    units_complete_at_start: int = 0  # in the whole store, when this process started
+
+    @property
+    def units_by_others(self) -> int:
+        """Units other processes (fleet ranks, --join workers) completed while this one ran."""
+        return max(self.units_complete - self.units_complete_at_start - self.units_done, 0)
 
     def report(self) -> str:
+        """Who did what, in words: this process, the store before it, the others meanwhile; what is left."""
         bpv = self.store_bytes / max(self.stored_views, 1)
-        lines = [
-            f"precompute: {self.views_written} views written by "
-            f"{f'worker {self.worker}' if self.worker else f'rank {self.rank}/{self.world_size}'} "
-            f"in {self.seconds:.1f}s ({self.views_written / max(self.seconds, 1e-9):.1f} views/s); "
-            f"{self.units_done} units done, {self.units_skipped} already complete",
-            f"store: {self.units_complete}/{self.units_total} units complete, {self.store_bytes} bytes, "
-            f"{bpv:.2f} bytes/view",
-        ]
+        who = f"worker {self.worker}" if self.worker else f"rank {self.rank} of {self.world_size}"
+        did = (f"precompute: this process ({who}) labelled {_units(self.units_done)} ({self.views_written:,} views) "
+               f"in {self.seconds:.1f}s ({self.views_written / max(self.seconds, 1e-9):.1f} views/s)")
+        if self.units_complete_at_start:
+            did += f"; {_units(self.units_complete_at_start, 'already complete when it started')}"
+        if self.units_by_others:
+            did += f"; {_units(self.units_by_others, 'labelled by other processes meanwhile')}"
+        left = self.units_total - self.units_complete
+        state = "the store is complete" if left == 0 else (
+            f"{_units(left)} left: rerun the same command to finish them (or wait for the other processes)")
+        lines = [did, f"store: {self.units_complete}/{self.units_total} units complete, {state}; "
+                      f"{self.store_bytes:,} bytes, {bpv:.2f} bytes/view"]
         for tau, err in sorted(self.soft_error.items()):
             st, un = err["stored"], err["uniform"]
             lines.append(f"soft targets at tau {tau:g} (top-k + stored tail mass, tail split uniform), "
@@ -139,6 +154,12 @@ class PrecomputeSummary:
             lines.append(f"invalid: {self.views_invalid} views of undecodable images ({shown}); "
                          "train skips them")
         return "\n".join(lines)
+
+
+def _units(n: int, were: str = "") -> str:
+    """'1 unit', '3 units'; with `were`: '1 unit was ...', '3 units were ...'."""
+    text = f"{n:,} unit" + ("" if n == 1 else "s")
+    return f"{text} {'was' if n == 1 else 'were'} {were}" if were else text
 
 
 def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -183,10 +204,31 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
         except (StoreError, OSError, ValueError, KeyError):
             stored = None  # no store there yet (or not one of ours: create_store says so)
         if stored is not None:
-            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards, checksums=False)
+            # --shards auto means the store's layout, as in `train --labels`: auto alone might pick another
+            layout, wrong_layout = layout_for_store(cfg.shards, stored, cfg.out)
+            if wrong_layout:
+                raise PrecomputeError(f"{wrong_layout}, or --overwrite to start over")
+            m = index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=layout, checksums=False)
             # another source: create_store refuses it (manifest fingerprint), no need for checksums
             return m.with_checksums_of(stored) if m.fingerprint == stored.fingerprint else m
     return index_source(cfg.data, shard_size=cfg.shard_size, seed=cfg.seed, shards=cfg.shards)
+
+
+def _recipe(cfg: PrecomputeConfig):
+    """(the recipe views are rendered with, where its view size came from).
+
+    Without --input-size (or --set input_size=N), a teacher that is one of our `train` checkpoints gives
+    the size it was trained at: rendering at the recipe's default 224 and resizing back to the teacher's
+    32 px would label blurred copies of views the teacher never trained on, cost ~50x the rendering, and
+    make every student of the store train at 224 px."""
+    overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size is not None else [])
+    recipe = create_recipe(cfg.recipe, overrides)  # the user's own settings are checked first
+    if "input_size" in parse_overrides(overrides):
+        return recipe, "--input-size"
+    trained = trained_view_size(cfg.teacher, cfg.teacher_weights)
+    if trained is None:
+        return recipe, f"recipe {recipe.name}'s default"
+    return create_recipe(cfg.recipe, overrides + [f"input_size={trained}"]), "the teacher checkpoint's recipe"
 
 
 def _identity_with_path(identity: dict) -> dict:
@@ -223,19 +265,30 @@ def _check(cfg: PrecomputeConfig) -> None:
     check_outside_source(cfg.data, cfg.out)  # a store inside an ImageFolder would become one of its classes
 
 
-def _grow_if_asked(out: str, spec: StoreSpec) -> None:
-    """More views than the store at out holds, all else equal: grow it (storage.api.grow_store); fewer: refuse."""
+def _existing_store(out: str) -> bool:
+    try:
+        open_store(out)
+    except (StoreError, OSError, ValueError, KeyError):
+        return False  # no store there yet (or a damaged one): create_store says what is wrong
+    return True
+
+
+def _grow_if_asked(out: str, spec: StoreSpec) -> int | None:
+    """More views than the store at out holds, all else equal: grow it (storage.api.grow_store) and return
+    the views it held; fewer: refuse."""
     try:
         on_disk = open_store(out).spec
     except (StoreError, OSError, ValueError, KeyError):
-        return  # no store there yet (or a damaged one): create_store says what is wrong
+        return None  # no store there yet (or a damaged one): create_store says what is wrong
     if on_disk.views == spec.views or dataclasses.replace(on_disk, views=spec.views) != spec:
-        return  # nothing to grow, or other settings too: create_store names the first difference
+        return None  # nothing to grow, or other settings too: create_store names the first difference
     if spec.views < on_disk.views:
         raise PrecomputeError(f"store at {out} was made with views={on_disk.views}, you asked for views={spec.views}: "
                               f"a store only grows; pass --views {on_disk.views} or more, or --overwrite to start over")
     if grow_store(out, spec.views):
         log.warning("store at %s grown from %d to %d views", out, on_disk.views, spec.views)
+        return on_disk.views
+    return None
 
 
 # ---- rendering: what a DataLoader worker does ------------------------------------------------
@@ -343,9 +396,10 @@ class _UnitBuffer:
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     t0 = time.perf_counter()
     _check(cfg)
+    # before the source is indexed (a full read of it for a new store): offline, nothing built or fetched
+    check_teacher_has_weights(cfg.teacher, cfg.teacher_weights, allow_random=cfg.random_teacher)
     rank, world = (0, 1) if cfg.join else fleet_position(cfg.rank, cfg.world_size)
-    overrides = list(cfg.overrides) + ([f"input_size={cfg.input_size}"] if cfg.input_size is not None else [])
-    recipe = create_recipe(cfg.recipe, overrides)
+    recipe, size_from = _recipe(cfg)
     manifest = _index(cfg)
     if not cfg.hard and cfg.topk > manifest.num_classes:
         raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
@@ -356,8 +410,8 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     spec = build_spec(cfg, manifest, recipe, teacher)
     if cfg.overwrite and (rank != 0 or cfg.join):
         raise PrecomputeError("--overwrite deletes the store: use it on a single process, not in a fleet")
-    if not cfg.overwrite:
-        _grow_if_asked(cfg.out, spec)
+    existed = not cfg.overwrite and _existing_store(cfg.out)
+    grown_from = _grow_if_asked(cfg.out, spec) if existed else None
     writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
                           meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
@@ -384,6 +438,12 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         log.warning("unit (shard=%d, view_block=%d) is damaged: recomputing it", shard, block)
         writer.retract(shard, block)
     skipped = sum(writer.is_complete(*u) for u in mine)
+    complete_at_start = len(writer.completed_units())
+    if cfg.progress and rank == 0:  # rank 0, or every --join process (they all run as rank 0 of 1)
+        state = StartState(rank=rank, world=world, worker=worker if cfg.join else "", size_from=size_from,
+                           existed=existed, grown_from=grown_from, units_complete=complete_at_start,
+                           units_total=len(everything))
+        print(start_banner(cfg, teacher, manifest, recipe, spec, device, state), file=sys.stderr, flush=True)
     # Own share first, front to back; then the others' units from the back of their lists, where
     # their owners (working front to back) arrive last.
     order = mine + ([u for i, u in enumerate(everything) if i % world != rank][::-1] if cfg.claim else [])
@@ -409,6 +469,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
                 run.one_pass(pending)
                 if leases is None:
                     break  # static split: one pass over our own share
+        run.finish_bar()
     finally:
         bar.close()
         if leases is not None:
@@ -419,6 +480,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         log.warning("undecodable image %s: its views are flagged invalid", key)
     return PrecomputeSummary(
         rank=rank, world_size=world, units_done=run.units_done, units_skipped=skipped,
+        units_complete_at_start=complete_at_start,
         views_written=run.written, views_invalid=run.invalid, invalid_keys=sorted(set(run.invalid_keys)),
         units_complete=len(writer.completed_units()), units_total=len(everything),
         store_bytes=open_store(cfg.out).nbytes(),
@@ -470,6 +532,12 @@ class _Run:
             self.last_poll = time.monotonic()
             self.bar.n = max(self.bar.n, self.spec.views_in(self.writer.completed_units()))
             self.bar.refresh()
+
+    def finish_bar(self) -> None:
+        """End the bar where the store is: a --join process or a fleet rank whose last units were finished
+        by others would otherwise stop at 60-80% and look stalled."""
+        self.bar.n = self.spec.views_in(self.writer.completed_units())
+        self.bar.refresh()
 
     def one_pass(self, pending: list[tuple[int, int]]) -> None:
         cfg, spec = self.cfg, self.spec

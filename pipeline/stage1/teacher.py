@@ -39,7 +39,9 @@ __all__ = [
     "PYPI_EFFICIENTNET_LITE0",
     "Teacher",
     "TeacherError",
+    "check_teacher_has_weights",
     "create_teacher",
+    "trained_view_size",
     "efficientnet_lite0_state_dict",
     "efficientnet_lite0_weights_file",
     "load_state_dict_file",
@@ -215,6 +217,41 @@ def create_teacher(
         device=device,
         compile=compile,
     )
+
+
+def has_no_weights(name: str, weights: str | os.PathLike | None) -> bool:
+    """True when ``create_teacher(name, weights=weights)`` (pretrained left to the name) would build
+    randomly initialised weights: no weights file, no pretrained tag, not the weights shipped on PyPI."""
+    return weights is None and not split_model_name_tag(name)[1] and name != PYPI_EFFICIENTNET_LITE0
+
+
+def check_teacher_has_weights(name: str, weights: str | os.PathLike | None, *, allow_random: bool) -> None:
+    """Refuse a teacher that would label with random weights unless it was asked for on purpose.
+
+    Cheap and offline (timm's registry only, nothing is built or fetched), so precompute calls it before
+    it indexes the source: a store labelled by a random teacher is noise that trains without a complaint.
+    """
+    arch = split_model_name_tag(name)[0]
+    _check_model_name(name, arch)
+    if allow_random or not has_no_weights(name, weights):
+        return
+    tags = timm.list_pretrained(f"{arch}.*")[:2]
+    tag_hint = f"a pretrained tag ({' or '.join(tags)}, fetched from the hub)" if tags else \
+        "a name with a pretrained tag (timm.list_pretrained())"
+    raise TeacherError(
+        f"teacher {name} has no weights: no --teacher-weights file and no pretrained tag, so it would be randomly "
+        f"initialised and its labels noise; pass --teacher-weights FILE, {tag_hint}, or --random-teacher for a "
+        f"test or smoke run"
+    )
+
+
+def trained_view_size(name: str, weights: str | os.PathLike | None) -> int | None:
+    """The view size a ``cli.py train`` checkpoint given as teacher weights was trained at (its recipe's
+    input_size); None for any other weights (a bare state_dict, safetensors, a hub tag, none)."""
+    if weights is None or name == PYPI_EFFICIENTNET_LITE0:
+        return None
+    trained = trained_data_config(weights)
+    return None if trained is None else int(trained["input_size"])
 
 
 # ---------------------------------------------------------------------------------- helpers
