@@ -41,7 +41,7 @@ from pipeline.sources import (
 )
 from storage.errors import printable
 
-PRECOMPUTE = ("--teacher", "resnet10t", "--model-kwargs", '{"num_classes": 3}', "--views", "2",
+PRECOMPUTE = ("--teacher", "resnet10t", "--random-teacher", "--model-kwargs", '{"num_classes": 3}', "--views", "2",
               "--views-per-unit", "1", "--topk", "3", "--input-size", "32", "--batch-size", "8", "--workers", "0",
               "--set", "repeats=1")
 
