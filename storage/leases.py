@@ -106,18 +106,19 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _read(path: Path) -> Lease | None:
+def _read(path: Path, unit: tuple[int, int] | None = None) -> Lease | None:
     """The lease at path, or None if there is none. An empty file is a claim being written (a claim writes
     its body right after the exclusive create): judged by its mtime, never stale at once. A body that fails
-    its check is a malformed lease (Lease.malformed says why), stale at once."""
+    its check is a malformed lease (Lease.malformed says why), stale at once. unit: the lease's unit when
+    path's name does not say it (a lease renamed aside)."""
+    unit = unit or parse_unit_name(path.name)
     try:
         data = read_regular(path, LEASE_LIMIT)
         st = path.lstat()
     except FileNotFoundError:
         return None
     except OSError as e:  # a FIFO, a directory, a symlink, a huge file where a lease goes
-        return _malformed(path, f"unreadable: {e.strerror or e}")
-    unit = parse_unit_name(path.name)
+        return _malformed(path, unit, f"unreadable: {e.strerror or e}")
     if not data:
         return Lease(unit, "", "", 0, st.st_mtime, st.st_mtime)
     try:
@@ -128,16 +129,16 @@ def _read(path: Path) -> Lease | None:
                      sc.number(body.get("since", st.st_mtime), "since", 0, MAX_TIME), st.st_mtime,
                      None if ttl is None else sc.number(ttl, "ttl", 1e-3, MAX_TTL))
     except (ValueError, RecursionError) as e:  # schema.Invalid is a ValueError
-        return _malformed(path, str(e)[:120])
+        return _malformed(path, unit, str(e)[:120])
 
 
-def _malformed(path: Path, why: str) -> Lease | None:
+def _malformed(path: Path, unit, why: str) -> Lease | None:
     try:
         mtime = path.lstat().st_mtime
     except FileNotFoundError:
         return None
     mtime = mtime if math.isfinite(mtime) else 0.0
-    return Lease(parse_unit_name(path.name), "", "", 0, mtime, mtime, malformed=why)
+    return Lease(unit, "", "", 0, mtime, mtime, malformed=why)
 
 
 class Leases:
@@ -220,7 +221,7 @@ class Leases:
             os.rename(path, aside)  # of racing takers, one finds the source
         except FileNotFoundError:
             return False
-        moved = _read(aside)
+        moved = _read(aside, unit)
         if moved is not None and (moved.worker != lease.worker or not self.stale(moved)):
             # renewed (or replaced by a fresh claim) between our read and the rename: give it back
             with contextlib.suppress(OSError):
