@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+import crc32c
 import numpy as np
 
 from . import schema as sc
@@ -44,6 +45,7 @@ FORMAT = "deit-lockstep-labels"
 FORMAT_VERSION = 2
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
+MANIFEST_CRC = "manifest_crc32c"  # in store.json since issue 20; stores made before have none (not checked)
 
 # The most a store's own small files can hold: store.json (its spec lists every class name: 4M names of
 # ~16 bytes), a meta/*.json (probe hashes, teacher identity, soft-error sums), a marker or a lease.
@@ -129,6 +131,8 @@ def read_store_json(path: Path) -> dict:
         sc.text(sc.field(d, "backend", "store.json"), "backend", 64)
         sc.text(sc.field(d, "generation", "store.json"), "generation", 128)
         StoreSpec.from_json(sc.field(d, "spec", "store.json"))
+        if MANIFEST_CRC in d:
+            sc.integer(d[MANIFEST_CRC], MANIFEST_CRC, 0, 2**32 - 1)
         sc.obj(d.get("versions", {}), "versions")
         sc.obj(d.get("meta", {}), "meta")
     except sc.Invalid as e:
@@ -184,7 +188,8 @@ def store_generation(path: Path) -> str | None:
         return None
 
 
-def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generation: str = "") -> bytes:
+def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generation: str = "",
+                     manifest: bytes | None = None) -> bytes:
     d = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -194,6 +199,8 @@ def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generatio
         "versions": library_versions(),
         "meta": meta or {},
     }
+    if manifest is not None:  # read back by manifest_bytes: a damaged manifest.parquet is named, not parsed
+        d[MANIFEST_CRC] = crc32c.crc32c(manifest)
     return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -403,9 +410,14 @@ class StoreReader(_StoreBase):
         """manifest.parquet's bytes, read only if it is a regular file (its size has no bound we know)."""
         fix = "the store is damaged, recreate it (precompute --overwrite)"
         try:
-            return read_own(self.path / MANIFEST, None, fix)
+            data = read_own(self.path / MANIFEST, None, fix)
         except FileNotFoundError:
             raise StoreCorrupt(f"{self.path / MANIFEST} is missing; {fix}") from None
+        want = self._json.get(MANIFEST_CRC)
+        if want is not None and crc32c.crc32c(data) != want:
+            raise StoreCorrupt(f"{self.path / MANIFEST} is not the manifest the store was made with (its crc32c "
+                               f"differs from the one {STORE_JSON} records); {fix}")
+        return data
 
     def _require(self, shard: int, block: int):
         if not self._unit_complete(shard, block):

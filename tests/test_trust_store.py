@@ -51,7 +51,8 @@ def copy_of(clean, backend, tmp_path, name="store") -> str:
 def swap_in_another_units_labels(store: str, backend: str) -> None:
     """Unit (shard 0, view block 0) gets the labels of unit (shard 0, view block 1): the issue's cp."""
     if backend == "zarr":
-        shutil.copy(os.path.join(store, "labels.zarr/values/c/1/0/0/0"), os.path.join(store, "labels.zarr/values/c/0/0/0/0"))
+        chunks = os.path.join(store, "labels.zarr/values/c")
+        shutil.copy(os.path.join(chunks, "1/0/0/0"), os.path.join(chunks, "0/0/0/0"))
     else:
         shutil.copy(os.path.join(store, "units/000000_0001.tar"), os.path.join(store, "units/000000_0000.tar"))
 
