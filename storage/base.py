@@ -114,7 +114,7 @@ def read_store_json(path: Path) -> dict:
         raise StoreError(f"{path} is not a label store (it is a file); check the path") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         fmt = d.get("format") if isinstance(d, dict) else d
-        raise StoreError(f"{path} holds {sc._short(fmt)}, not a {FORMAT} store; check the path")
+        raise StoreError(f"{path / STORE_JSON} holds {sc._short(fmt)}, not a {FORMAT} store; check the path")
     version = d.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION:
         # Its labels belong to another slot layout: replaying them would pair views with wrong labels.
