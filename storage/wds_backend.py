@@ -169,7 +169,11 @@ class WdsWriter(_WdsMixin, StoreWriter):
     backend = "wds"
 
     def _retract(self, shard, block):
-        self._tar(shard, block).unlink(missing_ok=True)  # the tar is the unit: a damaged one goes
+        try:
+            self._tar(shard, block).unlink(missing_ok=True)  # the tar is the unit: a damaged one goes
+        except IsADirectoryError:  # a directory where the tar goes: not ours to delete
+            raise StoreCorrupt(f"{self._tar(shard, block)} is a directory where the store keeps a unit's tar; "
+                               "remove it and rerun precompute") from None
 
     def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse=None):
         arrays = {"ids": ids, "valid": valid}

@@ -52,7 +52,7 @@ from .base import (
     unit_arrays,
     unit_name,
 )
-from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full
+from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, read_regular
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 ARRAYS_DIR = "labels.zarr"
@@ -177,11 +177,13 @@ class _ZarrMixin:
         have and the data_crc32c that identifies its content. Raises UnitDamaged."""
         path = self._marker(shard, block)
         try:
-            record = json.loads(read_own(path, RECORD_LIMIT, ""))
+            record = json.loads(read_regular(path, RECORD_LIMIT))
         except FileNotFoundError:
             raise UnitDamaged("is not complete (its marker is gone)") from None
-        except (StoreCorrupt, ValueError, RecursionError) as e:
-            raise UnitDamaged(f"completion marker unreadable ({str(e).split(';')[0][:100]})") from None
+        except OSError as e:
+            raise UnitDamaged(f"completion marker {path.name} unreadable ({e.strerror or e})") from None
+        except (ValueError, RecursionError) as e:
+            raise UnitDamaged(f"completion marker {path.name} is not valid JSON ({str(e)[:60]})") from None
         views = self.spec.block_views(block)
         try:
             sc.obj(record, "marker")
@@ -255,8 +257,7 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
             self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def _retract(self, shard, block):
-        self._marker(shard, block).unlink(missing_ok=True)  # two fleets may retract the same unit
-        fsync_path(self.units_dir)
+        self._unlink_marker(self._marker(shard, block))  # two fleets may retract the same unit
 
     def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse=None):
         new = {"ids": ids, "valid": valid}
