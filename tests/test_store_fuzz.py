@@ -39,7 +39,7 @@ from storage import StoreError, open_store
 from storage.base import unit_name
 
 # per backend: ~15-25 s each on two busy cores; STORE_FUZZ_EXAMPLES=30 explores further (60 examples: ~10 min here)
-EXAMPLES = int(os.environ.get("STORE_FUZZ_EXAMPLES", "5"))
+EXAMPLES = int(os.environ.get("STORE_FUZZ_EXAMPLES", "8"))
 HANG_S = 600  # one command; a loaded CI machine runs a tiny precompute in well under this
 STUDENT = "deit_tiny_distilled_patch16_224"
 KINDS = ("truncate", "flip", "swap", "fifo", "directory", "dev_zero", "outside", "json_value")
