@@ -132,7 +132,7 @@ def _build(path: Path, spec: StoreSpec, backend: str, manifest: bytes, meta: dic
         (tmp / "meta").mkdir()
         (tmp / MANIFEST).write_bytes(manifest)
         init(tmp, spec)
-        (tmp / STORE_JSON).write_bytes(store_json_bytes(spec, backend, meta, uuid.uuid4().hex))
+        (tmp / STORE_JSON).write_bytes(store_json_bytes(spec, backend, meta, uuid.uuid4().hex, manifest))
         for root, _, files in os.walk(tmp):
             for f in files:
                 fsync_path(Path(root) / f)

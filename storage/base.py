@@ -29,11 +29,14 @@ from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+import crc32c
 import numpy as np
 
+from . import schema as sc
 from .encoding import decode_values, encode_values, pad_slots
-from .fsutil import atomic_write, read_if_exists
-from .spec import INVALID, WRITTEN, Flags, Labels, Problem, StoreError, StoreSpec
+from .fsutil import atomic_write, read_if_exists, read_regular
+from .meta import PROBES, SOFT_ERROR, VERSIONS
+from .spec import INVALID, WRITTEN, Flags, Labels, Problem, StoreCorrupt, StoreError, StoreSpec
 
 FORMAT = "deit-lockstep-labels"
 # 2: repeated augmentation laid out in windows (views.slot_order), so slot -> sample differs from 1;
@@ -42,6 +45,13 @@ FORMAT = "deit-lockstep-labels"
 FORMAT_VERSION = 2
 STORE_JSON = "store.json"
 MANIFEST = "manifest.parquet"
+MANIFEST_CRC = "manifest_crc32c"  # in store.json since issue 20; stores made before have none (not checked)
+
+# The most a store's own small files can hold: store.json (its spec lists every class name: 4M names of
+# ~16 bytes), a meta/*.json (probe hashes, teacher identity, soft-error sums), a marker or a lease.
+STORE_JSON_LIMIT = 128 << 20
+META_LIMIT = 64 << 20
+RECORD_LIMIT = 1 << 20
 
 _VERSIONED = ("numpy", "zarr", "numcodecs", "webdataset", "crc32c", "torch", "timm", "pillow")
 
@@ -69,19 +79,42 @@ def parse_unit_name(name: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-def read_store_json(path: Path) -> dict:
+def read_own(path: Path, limit: int | None, fix: str) -> bytes:
+    """A file the store wrote itself, read with fsutil.read_regular (never blocking, never following a
+    link, never beyond limit bytes): FileNotFoundError passes through, anything else is StoreCorrupt,
+    one line naming the file and the fix."""
     try:
-        d = json.loads((path / STORE_JSON).read_text())
+        return read_regular(path, limit)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StoreCorrupt(f"{path} is unreadable ({e.strerror or e}); {fix}") from None
+
+
+def read_own_json(path: Path, limit: int, fix: str):
+    """read_own, then JSON: a truncated or garbled file is named, not just json's line and column."""
+    data = read_own(path, limit, fix)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested beyond the parser's depth
+        raise StoreCorrupt(f"{path} is not valid JSON ({str(e)[:80]}); {fix}") from None
+
+
+def read_store_json(path: Path) -> dict:
+    """store.json, checked: a JSON object of our format and version whose every field has the type and
+    range the store writes (schema.py). Any other content is one line naming store.json."""
+    damaged = "the store is damaged, recreate it (precompute --overwrite)"
+    try:
+        d = read_own_json(path / STORE_JSON, STORE_JSON_LIMIT, damaged)
     except FileNotFoundError:
         raise StoreError(
             f"{path} is not a label store (no {STORE_JSON}); check the path, or create one with precompute"
         ) from None
-    except ValueError as e:
-        raise StoreError(
-            f"{path / STORE_JSON} is not valid JSON ({e}); the store is damaged, recreate it"
-        ) from None
-    if d.get("format") != FORMAT:
-        raise StoreError(f"{path} holds {d.get('format')!r}, not a {FORMAT} store; check the path")
+    except NotADirectoryError:
+        raise StoreError(f"{path} is not a label store (it is a file); check the path") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        fmt = d.get("format") if isinstance(d, dict) else d
+        raise StoreError(f"{path / STORE_JSON} holds {sc._short(fmt)}, not a {FORMAT} store; check the path")
     version = d.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION:
         # Its labels belong to another slot layout: replaying them would pair views with wrong labels.
@@ -91,10 +124,56 @@ def read_store_json(path: Path) -> dict:
         )
     if version != FORMAT_VERSION:
         raise StoreError(
-            f"store at {path} has format version {version}, this code reads "
+            f"store at {path} has format version {sc._short(version)}, this code reads "
             f"{FORMAT_VERSION}; use the deit-lockstep version that wrote it, or recompute"
         )
+    try:
+        sc.text(sc.field(d, "backend", "store.json"), "backend", 64)
+        sc.text(sc.field(d, "generation", "store.json"), "generation", 128)
+        StoreSpec.from_json(sc.field(d, "spec", "store.json"))
+        if MANIFEST_CRC in d:
+            sc.integer(d[MANIFEST_CRC], MANIFEST_CRC, 0, 2**32 - 1)
+        sc.obj(d.get("versions", {}), "versions")
+        sc.obj(d.get("meta", {}), "meta")
+    except sc.Invalid as e:
+        raise StoreCorrupt(f"{path / STORE_JSON}: {e}; {damaged}") from None
     return d
+
+
+def _read_or_none(path: Path, limit: int) -> bytes | None:
+    """A file's bytes to compare with what a writer is about to write; None when absent or not a readable
+    regular file (a FIFO, a directory, too big): then it is replaced, or the replace names it."""
+    try:
+        return read_if_exists(path, limit)
+    except OSError:
+        return None
+
+
+def unit_arrays(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays a unit holds, as each backend stores them: name -> (shape after the (views, slots) axes,
+    dtype name). What a backend finds on disk must match this exactly before anything is decoded."""
+    out = {"valid": ((), "uint8")}
+    if spec.mode == "topk":
+        out["ids"] = ((spec.k,), spec.id_dtype.name)
+        out["values"] = ((spec.k,), "uint16")
+    else:
+        out["ids"] = ((), spec.id_dtype.name)
+    if spec.taus:
+        out["tail_lse"] = ((len(spec.taus),), "float16")
+    return out
+
+
+def blosc_sizes(blob: bytes) -> tuple[int, int]:
+    """(decompressed, compressed) sizes a blosc frame declares in its 16-byte header: checked against what
+    the spec says a unit's array holds before a byte is decompressed (a lying header cannot size a buffer)."""
+    if len(blob) < 16:
+        return -1, -1
+    return int.from_bytes(blob[4:8], "little"), int.from_bytes(blob[12:16], "little")
+
+
+def max_blosc_bytes(raw: int) -> int:
+    """The most a blosc frame of raw bytes can take: the raw bytes (incompressible) plus its overheads."""
+    return raw + raw // 16 + 1024
 
 
 class StoreReplaced(StoreError):
@@ -104,12 +183,13 @@ class StoreReplaced(StoreError):
 def store_generation(path: Path) -> str | None:
     """The generation id in path/store.json now; None when there is no readable store.json."""
     try:
-        return json.loads((Path(path) / STORE_JSON).read_bytes()).get("generation")
-    except (OSError, ValueError, AttributeError):
+        return json.loads(read_regular(Path(path) / STORE_JSON, STORE_JSON_LIMIT)).get("generation")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
-def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generation: str = "") -> bytes:
+def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generation: str = "",
+                     manifest: bytes | None = None) -> bytes:
     d = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -119,6 +199,8 @@ def store_json_bytes(spec: StoreSpec, backend: str, meta: dict | None, generatio
         "versions": library_versions(),
         "meta": meta or {},
     }
+    if manifest is not None:  # read back by manifest_bytes: a damaged manifest.parquet is named, not parsed
+        d[MANIFEST_CRC] = crc32c.crc32c(manifest)
     return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -177,7 +259,7 @@ class StoreWriter(_StoreBase):
             raise StoreError(f"meta key {key!r} must be alphanumeric (with - or _), it names a file")
         data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
         path = self.path / "meta" / f"{key}.json"
-        if read_if_exists(path) == data:
+        if _read_or_none(path, META_LIMIT) == data:
             return
         self.check_generation()
         (self.path / "meta").mkdir(exist_ok=True)
@@ -254,7 +336,7 @@ class StoreWriter(_StoreBase):
             # Rebuilt between our last check and the commit: our record may sit in the new store. Take it
             # back (only if it is still ours, byte for byte), then stop.
             record, data = committed
-            if read_if_exists(record) == data:
+            if _read_or_none(record, RECORD_LIMIT + len(data)) == data:
                 record.unlink(missing_ok=True)
             self.check_generation()
 
@@ -279,12 +361,46 @@ class StoreReader(_StoreBase):
 
     @property
     def meta(self) -> dict:
+        """store.json's creation meta merged with meta/<key>.json; a damaged entry is one line naming its file
+        (each must be a JSON object: what set_meta writes for every key in storage.meta)."""
         out = dict(self._json.get("meta", {}))
         meta_dir = self.path / "meta"
         if meta_dir.is_dir():
+            fix = "the store's metadata is damaged: delete that file and rerun precompute (it rewrites it)"
             for p in sorted(meta_dir.glob("*.json")):
-                out[p.stem] = json.loads(p.read_text())
+                if p.name.startswith("."):
+                    continue
+                try:
+                    out[p.stem] = self._checked_meta(p.stem, read_own_json(p, META_LIMIT, fix))
+                except FileNotFoundError:
+                    continue  # rewritten by a precompute between the listing and the read
+                except sc.Invalid as e:
+                    raise StoreCorrupt(f"{p}: {e}; {fix}") from None
         return out
+
+    def _checked_meta(self, key: str, value) -> dict:
+        """A meta entry checked against what precompute writes under its key (storage.meta): every entry
+        is an object; probe keys name a (view, shard, slot) inside the store, versions are strings."""
+        value = sc.obj(value, key)
+        spec = self.spec
+        if key == PROBES:
+            for name, digest in value.items():
+                parts = name.split("/")
+                if len(parts) != 3 or not all(p.isdigit() and len(p) < 12 for p in parts):
+                    raise sc.Invalid(f"probe {sc._short(name)} is not view/shard/slot")
+                view, shard, slot = (int(p) for p in parts)
+                sc.integer(view, f"probe {name}: view", 0, spec.views - 1)
+                sc.integer(shard, f"probe {name}: shard", 0, spec.num_shards - 1)
+                sc.integer(slot, f"probe {name}: slot", 0, max(spec.shard_sizes[shard] - 1, 0))
+                sc.text(digest, f"probes[{name!r}]", 128)
+        elif key == VERSIONS:
+            for name, version in value.items():
+                if version is not None:
+                    sc.text(version, f"versions[{sc._short(name)}]", 256)
+        elif key.startswith(SOFT_ERROR):
+            for name, sums in value.items():
+                sc.array(sums, f"{key}[{sc._short(name)}]", 3, lambda v, n: sc.number(v, n, 0, 1.7e308), 3)
+        return value
 
     @property
     def versions(self) -> dict:
@@ -292,7 +408,17 @@ class StoreReader(_StoreBase):
 
     @property
     def manifest_bytes(self) -> bytes:
-        return (self.path / MANIFEST).read_bytes()
+        """manifest.parquet's bytes, read only if it is a regular file (its size has no bound we know)."""
+        fix = "the store is damaged, recreate it (precompute --overwrite)"
+        try:
+            data = read_own(self.path / MANIFEST, None, fix)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"{self.path / MANIFEST} is missing; {fix}") from None
+        want = self._json.get(MANIFEST_CRC)
+        if want is not None and crc32c.crc32c(data) != want:
+            raise StoreCorrupt(f"{self.path / MANIFEST} is not the manifest the store was made with (its crc32c "
+                               f"differs from the one {STORE_JSON} records); {fix}")
+        return data
 
     def _require(self, shard: int, block: int):
         if not self._unit_complete(shard, block):

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -77,8 +78,54 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in _FULL
 
 
-def read_if_exists(path: Path) -> bytes | None:
+def read_if_exists(path: Path, limit: int | None = None) -> bytes | None:
+    """read_regular, or None when there is no file at path."""
     try:
-        return Path(path).read_bytes()
+        return read_regular(path, limit)
     except FileNotFoundError:
         return None
+
+
+class NotRegularFile(OSError):
+    """A store file that is not a plain file (a FIFO, a device, a directory, a symlink), or larger than it
+    can be: reading it could block forever or allocate without bound, so it is refused unread."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular(path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file at path, read so that no file can hang or exhaust the reader: opened
+    with O_NONBLOCK (a FIFO opens and is then refused, instead of waiting for a writer) and O_NOFOLLOW (a
+    store's own files are never symlinks: a link to /dev/zero or to a file elsewhere is refused, not
+    followed), checked by fstat to be S_ISREG, and refused when larger than ``limit`` bytes. Raises
+    FileNotFoundError when absent, NotRegularFile (an OSError) for all of the above."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a symlink where the store keeps a file", str(path)) from None
+        if e.errno == errno.ENXIO:  # a socket (or a FIFO on some systems)
+            raise NotRegularFile(errno.ENXIO, "not a regular file", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+            raise NotRegularFile(errno.EINVAL, f"{kind} where the store keeps a file", str(path))
+        if limit is not None and st.st_size > limit:
+            raise NotRegularFile(errno.EFBIG, f"{st.st_size} bytes, more than the {limit} it can hold", str(path))
+        want = st.st_size if limit is None else min(st.st_size, limit)
+        chunks, got = [], 0
+        while True:  # to EOF: a file still growing is read as far as the limit allows
+            block = os.read(fd, max(want - got, 1 << 16))
+            if not block:
+                break
+            chunks.append(block)
+            got += len(block)
+            if limit is not None and got > limit:
+                raise NotRegularFile(errno.EFBIG, f"more than the {limit} bytes it can hold", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

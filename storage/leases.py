@@ -22,13 +22,22 @@ computed twice, never a wrong label.
 What the filesystem must give: atomic rename, exclusive create, and mtimes on a clock that the hosts'
 own clocks agree with to well within ttl (expiry compares the lease's mtime with the reader's clock).
 Without them (old NFS without O_EXCL, skewed clocks) two workers may compute the same unit: wasted time,
-same bytes.
+same bytes. A lease renewed in the future (its holder's clock, or the file server's, is ahead of ours)
+is logged once and counted as renewed when this book first saw that renewal: it is taken over once it
+goes ttl seconds without another, never kept for as long as the clocks disagree.
+
+A lease file is read like every store file (fsutil.read_regular: a FIFO or a symlink is never opened
+for reading) and its fields are checked (schema.py): a malformed lease (not JSON, a pid that is no pid,
+a NaN or infinite time, an unprintable or huge worker id) is logged and treated as stale, never a
+traceback. An empty one is a claim being written (judged by its mtime).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import socket
 import time
@@ -36,10 +45,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schema as sc
 from .base import parse_unit_name, unit_name
+from .fsutil import read_regular
+from .spec import StoreCorrupt
+
+log = logging.getLogger(__name__)
 
 LEASES_DIR = "leases"
 DEFAULT_TTL = 120.0  # seconds without a renewal before a lease may be taken over
+# What a lease's fields can be: a pid within Linux's PID_MAX_LIMIT (2**22), times within the epoch's first
+# 3000 years, a ttl up to ~30 years (tests use 1e9 s for "never expires"), ids of bounded printable text.
+MAX_PID = 2 ** 22
+MAX_TIME = 1e11
+MAX_TTL = 1e9
+LEASE_LIMIT = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,7 @@ class Lease:
     since: float
     renewed: float
     ttl: float | None = None  # the holder's ttl (what `inspect` judges it by; a taker uses its own)
+    malformed: str = ""  # why its body failed its check (then it is stale at once), else ""
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last renewal."""
@@ -65,19 +86,19 @@ class Lease:
         """The holder ran on this host and its process no longer exists: the lease is stale now, not
         after ttl, so rerunning a killed precompute on the same machine resumes at once. A reused pid
         reads as alive (then the ttl decides: the safe side); a stopped process is alive."""
-        if self.host != socket.gethostname() or self.pid <= 0:
+        if self.host != socket.gethostname() or not 0 < self.pid <= MAX_PID:
             return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:  # alive, another user's
+        except (PermissionError, OverflowError, OSError):  # alive, another user's (or no pid to ask)
             return False
         return False
 
     def stale(self, ttl: float, now: float | None = None) -> bool:
-        """May be taken over: not renewed for ttl seconds, or its holder on this host is gone."""
-        return self.expired(ttl, now) or self.holder_gone()
+        """May be taken over: not renewed for ttl seconds, malformed, or its holder on this host is gone."""
+        return bool(self.malformed) or self.expired(ttl, now) or self.holder_gone()
 
 
 def new_worker_id() -> str:
@@ -85,24 +106,39 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _read(path: Path) -> Lease | None:
-    """The lease at path, or None if there is none (or it is being written: a claim writes its body
-    right after the exclusive create, so an empty file is a claim in progress, never stale)."""
+def _read(path: Path, unit: tuple[int, int] | None = None) -> Lease | None:
+    """The lease at path, or None if there is none. An empty file is a claim being written (a claim writes
+    its body right after the exclusive create): judged by its mtime, never stale at once. A body that fails
+    its check is a malformed lease (Lease.malformed says why), stale at once. unit: the lease's unit when
+    path's name does not say it (a lease renamed aside)."""
+    unit = unit or parse_unit_name(path.name)
     try:
-        st = path.stat()
-        body = json.loads(path.read_bytes())
-        unit = parse_unit_name(path.name)
-        ttl = body.get("ttl")
-        return Lease(unit, str(body["worker"]), str(body.get("host", "")), int(body.get("pid", 0)),
-                     float(body.get("since", st.st_mtime)), st.st_mtime, None if ttl is None else float(ttl))
+        data = read_regular(path, LEASE_LIMIT)
+        st = path.lstat()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
-        try:  # unreadable body: judge it by its mtime alone, so a torn claim still expires
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        return Lease(parse_unit_name(path.name), "", "", 0, st.st_mtime, st.st_mtime)
+    except OSError as e:  # a FIFO, a directory, a symlink, a huge file where a lease goes
+        return _malformed(path, unit, f"unreadable: {e.strerror or e}")
+    if not data:
+        return Lease(unit, "", "", 0, st.st_mtime, st.st_mtime)
+    try:
+        body = sc.obj(json.loads(data), "lease")
+        ttl = body.get("ttl")
+        return Lease(unit, sc.text(sc.field(body, "worker", "lease"), "worker", 256),
+                     sc.text(body.get("host", ""), "host", 256), sc.integer(body.get("pid", 0), "pid", 0, MAX_PID),
+                     sc.number(body.get("since", st.st_mtime), "since", 0, MAX_TIME), st.st_mtime,
+                     None if ttl is None else sc.number(ttl, "ttl", 1e-3, MAX_TTL))
+    except (ValueError, RecursionError) as e:  # schema.Invalid is a ValueError
+        return _malformed(path, unit, str(e)[:120])
+
+
+def _malformed(path: Path, unit, why: str) -> Lease | None:
+    try:
+        mtime = path.lstat().st_mtime
+    except FileNotFoundError:
+        return None
+    mtime = mtime if math.isfinite(mtime) else 0.0
+    return Lease(unit, "", "", 0, mtime, mtime, malformed=why)
 
 
 class Leases:
@@ -115,6 +151,9 @@ class Leases:
         self.dir = Path(store_path) / LEASES_DIR
         self.worker = worker or new_worker_id()
         self.ttl = float(ttl)
+        # (unit, worker, renewed) of a lease renewed in the future -> when first seen (time.monotonic);
+        # (unit, why) of a malformed lease already logged
+        self._future: dict[tuple, float] = {}
         # the process that owns the book: a DataLoader worker claiming on its behalf records its parent
         self.host, self.pid = socket.gethostname(), os.getpid()
 
@@ -128,7 +167,7 @@ class Leases:
         """Every lease now on disk (held or expired), in unit order."""
         try:
             names = sorted(n for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith("."))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no leases/ yet; a file there: _create names it
             return []
         out = []
         for name in names:
@@ -142,7 +181,28 @@ class Leases:
     def free(self, unit: tuple[int, int], now: float | None = None) -> bool:
         """No lease, or a stale one: claim() may succeed."""
         lease = self.read(unit)
-        return lease is None or lease.stale(self.ttl, now)
+        return lease is None or self.stale(lease, now)
+
+    def stale(self, lease: Lease, now: float | None = None) -> bool:
+        """lease.stale by this book's ttl, with two things only a book can know: a malformed lease is
+        logged, and a lease renewed in the future (a skewed clock) counts as renewed when we first saw
+        that renewal, so it is taken over after ttl, not after the clocks' difference plus ttl."""
+        now = time.time() if now is None else now
+        if lease.malformed:
+            if (lease.unit, lease.malformed) not in self._future:
+                self._future[(lease.unit, lease.malformed)] = 0.0  # log once per lease and cause
+                log.warning("lease %s is malformed (%s): treating it as stale, taking it over",
+                            self.path(lease.unit), lease.malformed)
+            return True
+        if lease.age(now) >= 0:
+            return lease.stale(self.ttl, now)
+        key = (lease.unit, lease.worker, lease.renewed)
+        if key not in self._future:
+            self._future[key] = time.monotonic()
+            log.warning("lease %s (worker %s on %s) was renewed %.0f s in the future: that host's clock (or the "
+                        "file server's) is ahead of this one's; it is taken over if not renewed within %g s",
+                        self.path(lease.unit), lease.worker, lease.host, -lease.age(now), self.ttl)
+        return time.monotonic() - self._future[key] > self.ttl or lease.holder_gone()
 
     def claim(self, unit: tuple[int, int]) -> bool:
         """Take the unit if nobody holds it (or its holder's lease expired); True if it is ours now."""
@@ -152,17 +212,17 @@ class Leases:
         lease = _read(path)
         if lease is None:  # released between our create and read: try once more
             return self._create(path)
-        if lease.worker == self.worker:
+        if lease.worker == self.worker and not lease.malformed:
             return True
-        if not lease.stale(self.ttl):
+        if not self.stale(lease):
             return False
         aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(path, aside)  # of racing takers, one finds the source
         except FileNotFoundError:
             return False
-        moved = _read(aside)
-        if moved is not None and (moved.worker != lease.worker or not moved.stale(self.ttl)):
+        moved = _read(aside, unit)
+        if moved is not None and (moved.worker != lease.worker or not self.stale(moved)):
             # renewed (or replaced by a fresh claim) between our read and the rename: give it back
             with contextlib.suppress(OSError):
                 os.link(aside, path)
@@ -181,13 +241,22 @@ class Leases:
         except FileExistsError:
             return False
         except FileNotFoundError:  # no leases/ yet (a store made before leases existed)
-            self.dir.mkdir(exist_ok=True)
+            try:
+                self.dir.mkdir(exist_ok=True)
+            except FileExistsError:  # a file named leases
+                raise self._not_a_dir() from None
             return self._create(path)
+        except NotADirectoryError:
+            raise self._not_a_dir() from None
         try:
             os.write(fd, (json.dumps(body, sort_keys=True) + "\n").encode())
         finally:
             os.close(fd)
         return True
+
+    def _not_a_dir(self) -> StoreCorrupt:
+        return StoreCorrupt(f"{self.dir} is not a directory: the store's lease book is damaged; remove it "
+                            "(precompute makes a new one) and rerun")
 
     def held(self) -> list[tuple[int, int]]:
         """Units whose lease is ours."""
@@ -237,7 +306,7 @@ def fleet_status(store_path, units: list[tuple[int, int]], complete: set[tuple[i
     falling rate, then none); eta_s: the views left at the recent views/s."""
     now = time.time() if now is None else now
     leases = [lease for lease in Leases(store_path).all() if lease.unit not in complete]
-    live = {lease.unit for lease in leases if not lease.stale(lease.ttl or DEFAULT_TTL, now)}
+    live = {lease.unit for lease in leases if not lease.stale(lease.ttl or DEFAULT_TTL, now)}  # (a future one: live)
     recent = [t for t in completion_times(store_path) if t > now - window]
     span = now - recent[0] if recent else 0.0
     # views per unit differ (a short last block, shard sizes): rate in views, from the recent units' share

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from . import schema as sc
 from .errors import UserError
 
 MODES = ("topk", "hard")
@@ -173,8 +174,32 @@ class StoreSpec:
         return _canon({f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
-    def from_json(cls, d: dict) -> StoreSpec:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+    def from_json(cls, d) -> StoreSpec:
+        """The spec a store.json holds, every field checked for type and range first (schema.Invalid
+        names the field): nothing is derived from a value before it is known to be sane."""
+        d = sc.obj(d, "spec")
+        get = lambda key: sc.field(d, key, "spec")
+        num_classes = sc.integer(get("num_classes"), "spec.num_classes", 1, sc.MAX_CLASSES)
+        spec = dict(
+            mode=sc.choice(get("mode"), "spec.mode", MODES),
+            k=sc.integer(get("k"), "spec.k", 0, num_classes),
+            num_classes=num_classes,
+            class_names=sc.array(get("class_names"), "spec.class_names", num_classes,
+                                 lambda v, n: sc.text(v, n, printable=False)),
+            views=sc.integer(get("views"), "spec.views", 1, sc.MAX_VIEWS),
+            shard_sizes=sc.array(get("shard_sizes"), "spec.shard_sizes", sc.MAX_SHARDS,
+                                 lambda v, n: sc.integer(v, n, 0, sc.MAX_SHARD_SIZE), min_len=1),
+            views_per_unit=sc.integer(get("views_per_unit"), "spec.views_per_unit", 1, sc.MAX_VIEWS),
+            recipe=sc.obj(get("recipe"), "spec.recipe"),
+            seed=sc.integer(get("seed"), "spec.seed", 0, sc.MAX_SEED),
+            manifest_fingerprint=sc.text(get("manifest_fingerprint"), "spec.manifest_fingerprint", 128),
+            teacher=sc.obj(get("teacher"), "spec.teacher"),
+            taus=sc.array(get("taus"), "spec.taus", 64, lambda v, n: sc.number(v, n, 5e-324, 1.7e308)),
+        )
+        try:
+            return cls(**spec)
+        except StoreError as e:  # consistent types, inconsistent values (k > num_classes in hard mode...)
+            raise sc.Invalid(str(e).removeprefix("invalid StoreSpec: ")) from None
 
     def first_difference(self, other: StoreSpec) -> tuple[str, object, object] | None:
         """(field, mine, theirs) for the first differing field, descending into dicts, else None."""

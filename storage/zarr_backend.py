@@ -4,7 +4,8 @@
     labels.zarr/values   uint16 [V, S, cap, k]: float16 log-prob bit patterns, delta-coded along k
     labels.zarr/valid    uint8  [V, S, cap]
     labels.zarr/tail_lse float16 [V, S, cap, len(taus)]: only when the spec has taus (storage/soft.py)
-    units/<shard>_<block>.json   completion marker: each chunk's key, size and crc32c
+    units/<shard>_<block>.json   completion marker: the unit, its views, and per chunk its key, size
+                                 and data_crc32c (see below)
 
 One chunk = one work unit, (views_per_unit, 1, cap, ...), so a unit writes whole chunks only and
 two workers never touch the same chunk; shapes are allocated up front because only one process
@@ -12,6 +13,18 @@ may write zarr.json. zarr's LocalStore writes each chunk to a temporary and rena
 chunk file is always whole; we then fsync the chunks, and only then atomically create the
 marker. A reader trusts a unit only through its marker, so a writer killed at any moment leaves
 the unit absent, never torn.
+
+What a marker proves: ``data_crc32c`` is the crc32c of the chunk's bytes before the 4-byte
+checksum zarr's crc32c codec appends (which is that same number). The crc32c of a whole chunk,
+what markers recorded before, is the CRC residue, one constant for every chunk: it told a chunk of
+another unit, copied over this one, from the right one not at all. A marker's chunk key must equal
+the key the spec derives for the unit (compared, never opened as given), and its unit and views
+must be the unit's own. Every read of labels (read, read_view, read_slot, the block cache), check()
+and precompute's resume check the chunk against its marker; the reader decodes a chunk itself
+(blosc, after checking the declared size against the spec's chunk shape) from bytes read by
+fsutil.read_regular, so a FIFO, a device or a symlink in a chunk's place is refused unread.
+A marker without data_crc32c (written before this check existed) proves nothing: its unit is
+reported damaged, and a resumed precompute recomputes it (DESIGN.md, "The label store").
 """
 
 from __future__ import annotations
@@ -24,9 +37,22 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from numcodecs import Blosc
 
-from .base import StoreReader, StoreWriter, parse_unit_name, unit_name
-from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full
+from . import schema as sc
+from .base import (
+    RECORD_LIMIT,
+    StoreReader,
+    StoreWriter,
+    blosc_sizes,
+    max_blosc_bytes,
+    parse_unit_name,
+    read_own,
+    read_own_json,
+    unit_arrays,
+    unit_name,
+)
+from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, read_regular
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 ARRAYS_DIR = "labels.zarr"
@@ -41,15 +67,7 @@ def _compressors():
 
 def _array_shapes(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], str]]:
     base = (spec.views, spec.num_shards, spec.capacity)
-    shapes = {"valid": (base, "uint8")}
-    if spec.mode == "topk":
-        shapes["ids"] = (base + (spec.k,), spec.id_dtype.name)
-        shapes["values"] = (base + (spec.k,), "uint16")
-    else:
-        shapes["ids"] = (base, spec.id_dtype.name)
-    if spec.taus:
-        shapes["tail_lse"] = (base + (len(spec.taus),), "float16")
-    return shapes
+    return {name: (base + tail, dtype) for name, (tail, dtype) in unit_arrays(spec).items()}
 
 
 def init_arrays(root: Path, spec: StoreSpec) -> None:
@@ -72,25 +90,61 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
         )
 
 
+CONTENT = "data_crc32c"  # the marker field that identifies a chunk's content (module doc)
+ZARR_JSON_LIMIT = 1 << 20
+
+
+class UnitDamaged(Exception):
+    """A unit's marker or chunk does not prove its labels; the message says what, without the fix."""
+
+
+def chunk_key(name: str, shape_len: int, shard: int, block: int) -> str:
+    """Where zarr (default v3 chunk key encoding, checked in zarr.json) keeps a unit's chunk of array name."""
+    return "/".join([ARRAYS_DIR, name, "c", str(block), str(shard)] + ["0"] * (shape_len - 2))
+
+
+def _max_chunk_bytes(raw: int) -> int:
+    """A chunk is a blosc frame of its raw bytes plus zarr's 4-byte checksum."""
+    return max_blosc_bytes(raw) + 4
+
+
 class _ZarrMixin:
     layout = (ARRAYS_DIR,)
     # zarr v3: the group's and each array's zarr.json, chunks under <array>/c/<index>/<index>/...
     layout_files = (r"labels\.zarr(/zarr\.json)?", r"labels\.zarr/\w+(/zarr\.json|/c(/\d+)*)?")
 
-    def _open_arrays(self, mode: str):
-        root = str(self.path / ARRAYS_DIR)
-        self._arrays = {}
-        for name in _array_shapes(self.spec):
+    def _check_array_metadata(self) -> None:
+        """Each array's zarr.json must describe what init_arrays made for this spec (shape, chunks, dtype,
+        codecs), read as a regular file: a store.json and arrays that disagree are a damaged store, found
+        before any chunk is read or any buffer sized."""
+        for name, (shape, dtype) in _array_shapes(self.spec).items():
+            path = self.path / ARRAYS_DIR / name / "zarr.json"
+            fix = "the store's array metadata is damaged: recreate the store (precompute --overwrite)"
             try:
-                # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
-                # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
-                arr = zarr.open_array(root, path=name, mode=mode).with_config({"write_empty_chunks": True})
-            except Exception as e:  # a truncated or missing zarr.json: name it, not json's column number
-                raise StoreCorrupt(
-                    f"store at {self.path}: {ARRAYS_DIR}/{name}/zarr.json is unreadable ({type(e).__name__}); "
-                    "the store's array metadata is damaged: recreate the store (precompute --overwrite)"
-                ) from None
-            self._arrays[name] = arr
+                meta = read_own_json(path, ZARR_JSON_LIMIT, fix)
+            except FileNotFoundError:
+                raise StoreCorrupt(f"{path} is missing; {fix}") from None
+            if isinstance(meta, dict) and isinstance(meta.get("shape"), list) and meta["shape"][1:] == list(shape[1:]) \
+                    and isinstance(meta["shape"][0], int) and meta["shape"][0] >= shape[0]:
+                # grow_store resizes the arrays before it rewrites store.json: one opened in between sees more
+                # views in the arrays than in the spec, which is authoritative (views past it are never read)
+                shape = (meta["shape"][0], *shape[1:])
+            want = {"shape": list(shape), "data_type": dtype, "zarr_format": 3, "node_type": "array",
+                    "chunk_grid": {"name": "regular",
+                                   "configuration": {"chunk_shape": [self.spec.views_per_unit, 1, *shape[2:]]}},
+                    "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}}}
+            if not isinstance(meta, dict):
+                raise StoreCorrupt(f"{path} is not a JSON object; {fix}")
+            for key, value in want.items():
+                if meta.get(key) != value:
+                    raise StoreCorrupt(f"{path}: {key} is {sc._short(meta.get(key), 60)}, the store's spec "
+                                       f"(store.json) says {sc._short(value, 60)}; {fix}")
+            codecs = meta.get("codecs")
+            names = [c.get("name") for c in codecs if isinstance(c, dict)] if isinstance(codecs, list) else None
+            endian = (codecs[0].get("configuration") or {}).get("endian", "little") if names else None
+            if names != ["bytes", "blosc", "crc32c"] or endian != "little":
+                raise StoreCorrupt(f"{path}: codecs {sc._short(codecs, 60)} are not the store's "
+                                   f"(bytes little-endian, blosc, crc32c); {fix}")
 
     def _marker(self, shard, block) -> Path:
         return self.units_dir / f"{unit_name(shard, block)}.json"
@@ -103,20 +157,97 @@ class _ZarrMixin:
             return set()
         files = [f for f in os.listdir(self.units_dir) if f.endswith(".json") and f[0] != "."]
         names = (parse_unit_name(f) for f in files)
-        return {u for u in names if u is not None}
+        return {u for u in names if u is not None and self._in_spec(u)}
+
+    def _in_spec(self, unit) -> bool:
+        return 0 <= unit[0] < self.spec.num_shards and 0 <= unit[1] < self.spec.num_blocks
+
+    def _chunk_key(self, name: str, shard: int, block: int) -> str:
+        return chunk_key(name, len(_array_shapes(self.spec)[name][0]), shard, block)
 
     def _chunk_path(self, name: str, shard: int, block: int) -> Path:
-        arr = self._arrays[name]
-        key = arr.metadata.encode_chunk_key((block, shard) + (0,) * (arr.ndim - 2))
-        return self.path / ARRAYS_DIR / name / key
+        return self.path / self._chunk_key(name, shard, block)
 
-    def _unit_selection(self, shard, block):
+    def _chunk_raw(self, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+        """(chunk shape, little-endian dtype, raw bytes) of one chunk of array name."""
+        shape, dtype = _array_shapes(self.spec)[name]
+        chunk = (self.spec.views_per_unit, 1) + tuple(shape[2:])
+        dt = np.dtype(dtype).newbyteorder("<")
+        return chunk, dt, int(np.prod(chunk)) * dt.itemsize
+
+    def _fix(self, shard, block) -> str:
+        return "rerun precompute: it re-checks every complete unit and recomputes the damaged ones"
+
+    def _record(self, shard: int, block: int) -> dict:
+        """The unit's marker, checked: its unit and views are the unit's own, it lists exactly the spec's
+        arrays, each with the key the spec derives (compared, never used as a path), a size a chunk can
+        have and the data_crc32c that identifies its content. Raises UnitDamaged."""
+        path = self._marker(shard, block)
+        try:
+            record = json.loads(read_regular(path, RECORD_LIMIT))
+        except FileNotFoundError:
+            raise UnitDamaged("is not complete (its marker is gone)") from None
+        except OSError as e:
+            raise UnitDamaged(f"completion marker {path.name} unreadable ({e.strerror or e})") from None
+        except (ValueError, RecursionError) as e:
+            raise UnitDamaged(f"completion marker {path.name} is not valid JSON ({str(e)[:60]})") from None
         views = self.spec.block_views(block)
-        return (slice(views.start, views.stop), slice(shard, shard + 1))
+        try:
+            sc.obj(record, "marker")
+            if sc.field(record, "unit", "marker") != [shard, block]:
+                raise sc.Invalid(f"it is the marker of unit {sc._short(record['unit'])} (copied here?)")
+            if sc.field(record, "views", "marker") != [views.start, views.stop]:
+                raise sc.Invalid(f"it records views {sc._short(record['views'])}, the unit holds "
+                                 f"{[views.start, views.stop]}")
+            chunks = sc.obj(sc.field(record, "chunks", "marker"), "marker chunks")
+            want = set(_array_shapes(self.spec))
+            if set(chunks) != want:
+                raise sc.Invalid(f"it lists chunks {sorted(chunks)[:6]}, the store has {sorted(want)}")
+            for name in sorted(want):
+                c = sc.obj(chunks[name], f"chunks.{name}")
+                if sc.field(c, "key", f"chunks.{name}") != self._chunk_key(name, shard, block):
+                    raise sc.Invalid(f"chunks.{name}.key is {sc._short(c['key'])}, not the unit's chunk "
+                                     f"{self._chunk_key(name, shard, block)}")
+                sc.integer(sc.field(c, "nbytes", f"chunks.{name}"), f"chunks.{name}.nbytes", 20,
+                           _max_chunk_bytes(self._chunk_raw(name)[2]))
+                if CONTENT not in c:
+                    raise sc.Invalid("it was written by an older deit-lockstep and does not identify its "
+                                     "chunks' content (no data_crc32c)")
+                sc.integer(c[CONTENT], f"chunks.{name}.{CONTENT}", 0, 2**32 - 1)
+        except sc.Invalid as e:
+            raise UnitDamaged(f"completion marker {path.name} does not prove the unit: {e}") from None
+        return chunks
 
-    def _read_unit(self, shard, block):
-        sel = self._unit_selection(shard, block)
-        return {name: arr[sel][:, 0] for name, arr in self._arrays.items()}
+    def _verified_chunk(self, name: str, shard: int, block: int, info: dict) -> np.ndarray:
+        """One chunk read as a regular file and decoded by us, [views of the block, cap, ...]: its bytes must
+        be the ones the marker identifies and declare the size the spec gives the chunk. Raises UnitDamaged."""
+        key = info["key"]
+        try:
+            data = read_own(self.path / key, info["nbytes"], "")
+        except FileNotFoundError:
+            raise UnitDamaged(f"{name} chunk missing ({key})") from None
+        except StoreCorrupt as e:
+            raise UnitDamaged(f"{name} chunk {key} is unreadable ({str(e).split('(', 1)[-1].split(')')[0]})") from None
+        body = data[:-4]
+        crc = crc32c.crc32c(body)
+        if len(data) != info["nbytes"] or crc != info[CONTENT] or data[-4:] != crc.to_bytes(4, "little"):
+            raise UnitDamaged(f"{name} chunk {key} is not the chunk its marker recorded (checksum mismatch: "
+                              "damaged, or another unit's chunk)")
+        chunk, dt, raw = self._chunk_raw(name)
+        if blosc_sizes(body) != (raw, len(body)):
+            raise UnitDamaged(f"{name} chunk {key} declares another size than the store's chunks")
+        out = np.empty(raw, np.uint8)
+        try:
+            Blosc().decode(body, out=out)
+        except Exception as e:  # noqa: BLE001 (any decoder failure is damage)
+            raise UnitDamaged(f"{name} chunk {key} does not decode ({type(e).__name__})") from None
+        nv = len(self.spec.block_views(block))
+        return out.view(dt).reshape(chunk)[:nv, 0].astype(dt.newbyteorder("="), copy=False)
+
+    def _load_unit(self, shard: int, block: int) -> dict[str, np.ndarray]:
+        """Every array of one complete unit, checked against its marker. Raises UnitDamaged."""
+        record = self._record(shard, block)
+        return {name: self._verified_chunk(name, shard, block, record[name]) for name in _array_shapes(self.spec)}
 
 
 class ZarrWriter(_ZarrMixin, StoreWriter):
@@ -124,11 +255,16 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
 
     def __init__(self, path):
         super().__init__(path)
-        self._open_arrays("r+")
+        self._check_array_metadata()
+        self._arrays = {}
+        for name in _array_shapes(self.spec):
+            # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
+            # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
+            arr = zarr.open_array(str(self.path / ARRAYS_DIR), path=name, mode="r+")
+            self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def _retract(self, shard, block):
-        self._marker(shard, block).unlink(missing_ok=True)  # two fleets may retract the same unit
-        fsync_path(self.units_dir)
+        self._unlink_marker(self._marker(shard, block))  # two fleets may retract the same unit
 
     def _write_unit(self, shard, block, values_enc, ids, valid, tail_lse=None):
         new = {"ids": ids, "valid": valid}
@@ -137,15 +273,18 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         if tail_lse is not None:
             new["tail_lse"] = tail_lse
         marker = self._marker(shard, block)
-        if marker.exists():
-            old = self._read_unit(shard, block)
-            if all(np.array_equal(old[k], v) for k, v in new.items()):
-                return None  # same labels: touch nothing, so the bytes stay identical
-            # Different labels (a non-deterministic teacher): retract the unit first, so that a
+        if os.path.lexists(marker):
+            try:
+                old = self._load_unit(shard, block)
+                same = all(np.array_equal(old[k], v) for k, v in new.items())
+            except UnitDamaged:
+                same = False
+            if same:
+                return None  # same labels, proven by the marker: touch nothing, so the bytes stay identical
+            # Different labels (a non-deterministic teacher) or a damaged unit: retract it first, so that a
             # crash mid-rewrite leaves it absent rather than half old, half new.
-            os.unlink(marker)
-            fsync_path(self.units_dir)
-        sel = self._unit_selection(shard, block)
+            self._unlink_marker(marker)
+        sel = (slice(self.spec.block_views(block).start, self.spec.block_views(block).stop), slice(shard, shard + 1))
         try:
             for name, data in new.items():
                 self._arrays[name][sel] = data[:, None]
@@ -156,11 +295,14 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         chunks = {}
         for name in sorted(new):
             p = self._chunk_path(name, shard, block)
-            data = p.read_bytes()
+            data = read_own(p, None, "rerun precompute")
             fsync_path(p)
             fsync_path(p.parent)  # the chunk's rename into place
-            key = str(p.relative_to(self.path))
-            chunks[name] = {"key": key, "nbytes": len(data), "crc32c": crc32c.crc32c(data)}
+            content = crc32c.crc32c(data[:-4])
+            # "crc32c" (of the whole chunk, always the same residue) stays for deit-lockstep versions before
+            # data_crc32c, which read it; this one checks data_crc32c.
+            chunks[name] = {"key": self._chunk_key(name, shard, block), "nbytes": len(data),
+                            "crc32c": crc32c.crc32c(data), CONTENT: content}
         views = self.spec.block_views(block)
         record = {"unit": [shard, block], "views": [views.start, views.stop], "chunks": chunks}
         self.check_generation()  # the chunks took a while: is this still the store we opened?
@@ -169,107 +311,79 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         atomic_write(marker, data)
         return marker, data
 
+    def _unlink_marker(self, marker: Path) -> None:
+        try:
+            os.unlink(marker)
+        except IsADirectoryError:  # a directory where the marker goes: not ours to delete
+            raise StoreCorrupt(f"{marker} is a directory where the store keeps a unit's marker; remove it and "
+                               "rerun precompute") from None
+        except FileNotFoundError:
+            pass
+        fsync_path(self.units_dir)
+
 
 class ZarrReader(_ZarrMixin, StoreReader):
     """cache_bytes: reading a whole view decodes every chunk of its block (views_per_unit views)
     anyway, so the reader keeps the decoded block when it fits this budget and serves the block's
-    other views from memory: epochs e, e+1, ... then cost one decode per block, not per view."""
+    other views from memory: epochs e, e+1, ... then cost one decode per block, not per view.
+    Only chunks checked against their markers enter the cache."""
 
     backend = "zarr"
 
     def __init__(self, path, cache_bytes: int = 2 << 30):
         super().__init__(path)
-        self._open_arrays("r")
+        self._check_array_metadata()
         self.cache_bytes = cache_bytes
         self._block_key, self._block = None, None
 
+    def _unit_or_raise(self, shard: int, block: int) -> dict[str, np.ndarray]:
+        try:
+            return self._load_unit(shard, block)
+        except UnitDamaged as e:
+            raise StoreCorrupt(f"store at {self.path}: unit (shard={shard}, view_block={block}) {e}; "
+                               f"{self._fix(shard, block)}") from None
+
     def _read_view_block(self, view, shards):
         block = self.spec.block_of(view)
+        views = self.spec.block_views(block)
+        i = view - views.start
         every = len(shards) == self.spec.num_shards
         if every and self._block_key == block:
-            i = view - self.spec.block_views(block).start
             return tuple(None if a is None else a[i] for a in self._block)
-        for s in shards:  # zarr reads a missing chunk as zeros: refuse instead of inventing labels
-            for name in self._arrays:
-                if not self._chunk_path(name, s, block).exists():
-                    raise StoreCorrupt(
-                        f"store at {self.path}: unit (shard={s}, view_block={block}) lost its {name} chunk; "
-                        f"delete units/{unit_name(s, block)}.json and rerun precompute"
-                    )
-        views = self.spec.block_views(block)
-        per_view = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self._arrays.values())
-        whole_block = every and per_view * len(views) <= self.cache_bytes
-        out = {}
-        for name, arr in self._arrays.items():
-            try:
-                if whole_block:
-                    out[name] = arr[views.start : views.stop]
-                else:
-                    out[name] = arr[view] if every else np.stack([arr[view, s] for s in shards])
-            except Exception as e:  # crc32c mismatch or undecodable chunk
-                raise StoreCorrupt(
-                    f"store at {self.path}: view {view} of shards {shards[0]}..{shards[-1]} does not decode "
-                    f"({type(e).__name__}: {e}); `verify STORE --full` names the unit, rerunning precompute heals it"
-                ) from None
+        per_view = sum(self._chunk_raw(name)[2] // self.spec.views_per_unit for name in _array_shapes(self.spec))
+        whole_block = every and per_view * self.spec.num_shards * len(views) <= self.cache_bytes
+        parts: dict[str, list] = {name: [] for name in _array_shapes(self.spec)}
+        for s in shards:
+            for name, a in self._unit_or_raise(s, block).items():
+                parts[name].append(a if whole_block else a[i])
+        # whole block: [views, shards, cap, ...] as zarr returned it; else one view: [shards, cap, ...]
+        out = {name: np.stack(p, axis=1 if whole_block else 0) for name, p in parts.items()}
         result = out.get("values"), out["ids"], out["valid"], out.get("tail_lse")
         if whole_block:
             self._block_key, self._block = block, result
-            return tuple(None if a is None else a[view - views.start] for a in result)
+            return tuple(None if a is None else a[i] for a in result)
         return result
 
     def _check_unit(self, shard, block, full):
         unit = (shard, block)
-        fix = f"delete units/{unit_name(shard, block)}.json and rerun precompute"
         try:
-            record = json.loads(self._marker(shard, block).read_text())
-            chunks = record["chunks"]
-        except (ValueError, KeyError, OSError) as e:
-            return [Problem(unit, f"completion marker unreadable ({e}); {fix}")]
-        problems = []
-        for name in self._arrays:
-            if name not in chunks:
-                problems.append(Problem(unit, f"marker lists no {name} chunk; {fix}"))
-                continue
-            p = self.path / chunks[name]["key"]
-            try:
-                data = p.read_bytes()
-            except FileNotFoundError:
-                problems.append(Problem(unit, f"{name} chunk missing ({chunks[name]['key']}); {fix}"))
-                continue
-            if len(data) != chunks[name]["nbytes"] or crc32c.crc32c(data) != chunks[name]["crc32c"]:
-                what = f"{name} chunk checksum mismatch ({chunks[name]['key']}); {fix}"
-                problems.append(Problem(unit, what))
-        if problems or not full:
-            return problems
-        try:
-            arrays = self._read_unit(shard, block)
-        except Exception as e:
-            return [Problem(unit, f"chunks do not decode ({type(e).__name__}); {fix}")]
+            arrays = self._load_unit(shard, block)
+        except UnitDamaged as e:
+            return [Problem(unit, f"{e}; {self._fix(shard, block)}")]
+        if not full:
+            return []
         return self._check_decoded(shard, block, arrays.get("values"), arrays["ids"], arrays["valid"],
                                    arrays.get("tail_lse"))
 
     def _count_flags(self, units):
-        spec, out, arr = self.spec, Flags(), self._arrays["valid"]
-        for block in range(spec.num_blocks):
-            shards = [s for s in range(spec.num_shards) if (s, block) in units]
-            # zarr reads a missing chunk as zeros, which would count as neither written nor invalid
-            lost = [s for s in shards if not self._chunk_path("valid", s, block).exists()]
-            out.unreadable += [(s, block) for s in lost]
-            shards = [s for s in shards if s not in lost]
-            if not shards:
-                continue
-            vs = spec.block_views(block)
-            try:
-                flags = arr[vs.start:vs.stop]  # one read of the whole block: every shard's chunk at once
-            except Exception:  # a damaged chunk (crc32c mismatch, undecodable): shard by shard, to name it
-                for s in shards:
-                    try:
-                        out.add(arr[vs.start:vs.stop, s])
-                    except Exception:
-                        out.unreadable.append((s, block))
-                continue
-            out.add(flags[:, shards])
+        out = Flags()
+        for shard, block in sorted(units):
+            try:  # the valid chunk alone, checked against the marker like every read
+                out.add(self._verified_chunk("valid", shard, block, self._record(shard, block)["valid"]))
+            except UnitDamaged:
+                out.unreadable.append((shard, block))
         return out
+
 
 def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
     """Resize every array from old.views to new.views along the view axis (store growth, see

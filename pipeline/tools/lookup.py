@@ -15,7 +15,8 @@ import numpy as np
 from storage import Labels
 from storage.errors import UserError, printable
 
-from ..sources import Manifest, Undecodable, decode_image, index_source, stored_manifest
+from ..sources import Manifest, Undecodable, decode_image, index_source
+from ..sources import stored_manifest as parsed_manifest
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
     from ..views import ViewRenderer
@@ -61,6 +62,24 @@ def dominant_targets(labels: np.ndarray, plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the source behind a store -------------------------------------------------------------
+def stored_manifest(reader) -> Manifest:
+    """The store's manifest.parquet, checked to be the manifest its spec was made from: the same
+    fingerprint, class count and shard sizes. A store.json and manifest that disagree (one of them
+    damaged or swapped) would send a tool to slots and samples that do not exist."""
+    where = f"{reader.path}/manifest.parquet"
+    fix = "the store is damaged: recreate it (precompute --overwrite)"
+    m = parsed_manifest(reader)  # parsed and checked on its own (pipeline.sources)
+    spec, fingerprint = reader.spec, m.fingerprint
+    if fingerprint != spec.manifest_fingerprint:
+        raise InspectError(f"{where} is not the manifest store.json was made from (fingerprint {fingerprint[:12]}, "
+                           f"store.json records {spec.manifest_fingerprint[:12]}); {fix}")
+    if m.num_classes != spec.num_classes or m.shard_sizes != spec.shard_sizes:
+        raise InspectError(f"store.json's spec ({spec.num_classes} classes, {spec.num_shards} shards of "
+                           f"{sum(spec.shard_sizes)} samples) disagrees with its {where} ({m.num_classes} classes, "
+                           f"{len(m.shard_sizes)} shards of {m.num_samples} samples, or other shard sizes); {fix}")
+    return m
+
+
 def source_manifest(reader, data: str | None) -> Manifest:
     """The manifest to read images from: --data indexed the way the store's was, else the stored one
     (whose recorded root must still hold the files). A foreign source is refused."""

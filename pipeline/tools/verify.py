@@ -306,7 +306,8 @@ def verify_store(path: str, data: str, *, teacher_weights: str | None = None, n:
 def _cause(what: str) -> str:
     """A storage Problem's cause without its own fix: the report ends with the one fix that heals every
     damaged unit (rerunning precompute), rather than a file to delete on each line."""
-    return what.split("; ", 1)[0] if "; delete units/" in what or "; run check()" in what else what
+    fixes = ("; rerun precompute", "; delete units/", "; run check()")
+    return what.split("; ", 1)[0] if any(f in what for f in fixes) else what
 
 
 def format_report(r: VerifyReport) -> str:
