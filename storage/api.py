@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from .base import FORMAT, MANIFEST, STORE_JSON, read_store_json, store_json_bytes
-from .fsutil import atomic_write, fsync_path
+from .base import FORMAT, MANIFEST, STORE_JSON, STORE_JSON_LIMIT, read_store_json, store_json_bytes
+from .fsutil import atomic_write, fsync_path, read_regular
 from .leases import LEASES_DIR
 from .spec import StoreError, StoreMismatch, StoreSpec, mismatch_error
 from .wds_backend import WdsReader, WdsWriter
@@ -87,7 +87,8 @@ def _not_a_store(path: Path) -> str | None:
         return f"holds {foreign[0]!r}, which a label store never does"
     if STORE_JSON in entries:
         try:
-            fmt = json.loads((path / STORE_JSON).read_bytes()).get("format")
+            # a FIFO or device in its place must not hang --overwrite: read only a regular file
+            fmt = json.loads(read_regular(path / STORE_JSON, STORE_JSON_LIMIT)).get("format")
         except (OSError, ValueError, AttributeError):
             fmt = None  # damaged: it says nothing, the files must
         if fmt == FORMAT:

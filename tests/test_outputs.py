@@ -82,6 +82,26 @@ def test_overwrite_refuses_a_folder_that_only_looks_like_a_half_made_store(tmp_p
     assert (folder / where / "thesis.tex").read_text() == "years of work"
 
 
+def test_overwrite_onto_a_fifo_store_json_does_not_hang(tmp_path):
+    """A FIFO in store.json's place: --overwrite judges the folder without blocking on it (a hang would
+    outlive a thread, so it runs in a child process with a timeout)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "work"
+    (folder / "units").mkdir(parents=True)
+    os.mkfifo(folder / "store.json")
+    code = ("import sys; from storage import create_store; sys.path.insert(0, 'tests')\n"
+            "from test_storage_support import tiny_spec\n"
+            "try:\n    create_store(sys.argv[1], tiny_spec(), overwrite=True)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")
+    p = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0 and not p.stdout, (p.stdout, p.stderr)
+    # holding only names the store format lists, it is a half-made store: rebuilt, its store.json now a file
+    assert (folder / "store.json").is_file()
+
+
 def test_overwrite_still_rebuilds_a_store_and_a_half_made_one(tmp_path):
     store = tmp_path / "s"
     w = create_store(store, tiny_spec(seed=0))
