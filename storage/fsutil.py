@@ -10,6 +10,8 @@ import stat
 import uuid
 from pathlib import Path
 
+from .errors import UserError
+
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -86,7 +88,7 @@ def read_if_exists(path: Path, limit: int | None = None) -> bytes | None:
         return None
 
 
-class NotRegularFile(OSError):
+class NotRegularFile(UserError, OSError):
     """A store file that is not a plain file (a FIFO, a device, a directory, a symlink), or larger than it
     can be: reading it could block forever or allocate without bound, so it is refused unread."""
 

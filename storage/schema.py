@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import UserError
+
 # num_classes: the largest label sets in use (face-ID sets of ~0.7M identities, ImageNet-21k's 21,841)
 # with room; one float32 logit row of 2**22 classes is 16 MiB, what a teacher's batch can still hold.
 MAX_CLASSES = 2 ** 22
@@ -28,8 +30,13 @@ MAX_TEXT = 4096  # a class name, a worker id, a host name, a chunk key
 MAX_SEED = 2 ** 63 - 1  # pipeline.options.SEED
 
 
-class Invalid(ValueError):
+class Invalid(UserError, ValueError):
     """A value read from a store file is not what the store writes there; the message names the field."""
+
+
+class UnitDamaged(UserError):
+    """A unit's record or data does not prove its labels; the message says what, without the fix (each
+    backend's reader turns it into a StoreCorrupt naming the unit and the fix)."""
 
 
 def obj(value, name: str) -> dict:

@@ -46,6 +46,7 @@ from .base import (
     unit_name,
 )
 from .fsutil import atomic_write, read_if_exists
+from .schema import UnitDamaged
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 _BLOSC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
@@ -67,10 +68,6 @@ def _tar_bytes(key: str, header: dict, blobs: dict[str, bytes]) -> bytes:
     # Drop tarfile's padding to a 10 KiB record: readers only need the two end-of-archive blocks,
     # and the padding would cost more than a small unit's labels.
     return buf.getvalue()[: tar.offset]
-
-
-class UnitDamaged(Exception):
-    """A unit's tar does not prove its labels; the message says what, without the fix."""
 
 
 def _members(data: bytes, key: str, names: set[str]) -> dict[str, bytes]:

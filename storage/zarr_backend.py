@@ -53,6 +53,7 @@ from .base import (
     unit_name,
 )
 from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, read_regular
+from .schema import UnitDamaged
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
 ARRAYS_DIR = "labels.zarr"
@@ -92,10 +93,6 @@ def init_arrays(root: Path, spec: StoreSpec) -> None:
 
 CONTENT = "data_crc32c"  # the marker field that identifies a chunk's content (module doc)
 ZARR_JSON_LIMIT = 1 << 20
-
-
-class UnitDamaged(Exception):
-    """A unit's marker or chunk does not prove its labels; the message says what, without the fix."""
 
 
 def chunk_key(name: str, shape_len: int, shard: int, block: int) -> str:

@@ -105,7 +105,8 @@ def test_the_run_files_keep_the_keys_and_order_earlier_versions_wrote(runs):
         summary = json.load(f)
     assert list(summary) == ["model", "distillation", "epochs", "epochs_this_run", "finished", "step", "global_batch",
                              "world", "rank", "device", "images", "wall_seconds", "train_seconds", "img_per_s",
-                             "invalid_views_skipped", "first_step_loss", "final", "finetune", "soft_targets"]
+                             "invalid_views_skipped", "first_step_loss", "final", "finetune", "soft_targets",
+                             "distillation_token"]  # appended (issue 24): older readers ignore it
     assert list(summary["final"]) == ["loss", "val", "val_ema"] and summary["final"]["val_ema"] is None
     last = [json.loads(x) for x in open(os.path.join(runs["none"], "metrics.jsonl"))][-1]
     assert summary["final"]["loss"] == last["loss"] and summary["final"]["val"] == last["val"]

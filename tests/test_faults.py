@@ -354,7 +354,9 @@ def test_a_corrupt_store_is_named_refused_and_repaired(base, tmp_path, how):
     # verify --full names the unit
     code, _, crashed, res = invoke("verify", store, "--data", base["data"], "--n", "0", "--full")
     assert crashed is None and code == 1, res.output
-    assert res.stdout.splitlines()[-1] == "FAIL: bad units: 000001_0001 (shard=1, view_block=1)", res.stdout
+    assert res.stdout.splitlines()[-1] == ("FAIL: bad units: 000001_0001 (shard=1, view_block=1); rerun the same "
+                                           "precompute command: it re-checks every complete unit and recomputes the "
+                                           "damaged ones"), res.stdout
     # train refuses before its first step, one line naming the unit
     run = tmp_path / "run"
     code, lines, crashed, _ = invoke("train", *tflags(tconfig(base["data"], store, run, epochs=2)))
