@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import glob
 import hashlib
 import io
@@ -138,7 +139,18 @@ class Manifest:
     def num_samples(self) -> int:
         return self.samples.num_rows
 
-    @property
+    # The shard table (sizes, starts) is a bincount over every sample: worked out once per manifest,
+    # not on every read_sample (11-19 ms a call at 1.28M samples), and worked out again only when
+    # samples or shards are replaced.
+    _SHARD_TABLE = ("shard_sizes", "shard_starts")
+
+    def __setattr__(self, name, value):
+        if name in ("samples", "shards"):
+            for cached in self._SHARD_TABLE:
+                self.__dict__.pop(cached, None)
+        super().__setattr__(name, value)
+
+    @functools.cached_property
     def shard_sizes(self) -> tuple[int, ...]:
         counts = np.bincount(self.samples.column("shard").to_numpy(), minlength=len(self.shards))
         return tuple(int(c) for c in counts)
@@ -165,10 +177,12 @@ class Manifest:
         start = self.shard_starts[shard]
         return self.samples.slice(start, self.shard_sizes[shard])
 
-    @property
+    @functools.cached_property
     def shard_starts(self) -> np.ndarray:
         # Samples are stored sorted by (shard, position): a shard is a contiguous slice.
-        return shard_starts(self.shard_sizes)
+        starts = shard_starts(self.shard_sizes)
+        starts.setflags(write=False)  # shared by every caller: nobody may shift it in place
+        return starts
 
     def labels(self, shard: int) -> np.ndarray:
         return self.shard_table(shard).column("label").to_numpy()
@@ -575,8 +589,20 @@ def class_diversity(m: Manifest) -> ClassDiversity:
     p = np.bincount(label, minlength=c) / max(len(label), 1)
     p = p[p > 0]
     n = np.asarray(m.shard_sizes, dtype=np.float64)
-    expected = (1.0 - np.power.outer(1.0 - p, n)).sum(axis=0)
-    return ClassDiversity(observed, expected)
+    return ClassDiversity(observed, _expected_distinct(p, n))
+
+
+def _expected_distinct(p: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """sum_c 1 - (1 - p_c)^n_j for each shard size n_j: worked out once per distinct size and indexed
+    ([classes x distinct sizes], not [classes x shards]: 5.4 GB and ~1 min at 21,841 classes and 14,000
+    shards). Bit-identical to the [classes x shards] sum: numpy adds the rows of a 2-D array one after
+    another (per column, in class order) but sums a single column pairwise, so a fleet of equal shards
+    keeps a second, duplicate column to be summed the way it always was."""
+    sizes, shard_of = np.unique(n, return_inverse=True)
+    if len(n) > 1 and len(sizes) == 1:
+        sizes = np.repeat(sizes, 2)
+    per_size = (1.0 - np.power.outer(1.0 - p, sizes)).sum(axis=0)
+    return per_size[shard_of.reshape(-1)]
 
 
 def is_class_skewed(m: Manifest) -> bool:

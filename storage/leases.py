@@ -163,16 +163,23 @@ class Leases:
     def read(self, unit: tuple[int, int]) -> Lease | None:
         return _read(self.path(unit))
 
-    def all(self) -> list[Lease]:
-        """Every lease now on disk (held or expired), in unit order."""
+    def _names(self) -> list[str]:
+        """The lease files now in leases/ (one listing), in unit-name order."""
         try:
-            names = sorted(n for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith("."))
+            return sorted(n for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith(".")
+                          and parse_unit_name(n) is not None)
         except (FileNotFoundError, NotADirectoryError):  # no leases/ yet; a file there: _create names it
             return []
+
+    def units_with_lease(self) -> set[tuple[int, int]]:
+        """Units that have a lease file (held or stale), from one listing and no read: a unit not in it is
+        free without looking further."""
+        return {parse_unit_name(n) for n in self._names()}
+
+    def all(self) -> list[Lease]:
+        """Every lease now on disk (held or expired), in unit order."""
         out = []
-        for name in names:
-            if parse_unit_name(name) is None:
-                continue
+        for name in self._names():
             lease = _read(self.dir / name)
             if lease is not None:
                 out.append(lease)
