@@ -436,9 +436,7 @@ def _iter_recut(root: str, tars: list[str], shard: int, rows: list[dict]) -> Ite
 def _read_file(path: str) -> bytes:
     try:
         return read_regular_file(path)
-    except SourceError:
-        raise
-    except OSError:
+    except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
         # Gone or unreadable (EIO): empty bytes. check_sample then calls it a changed source when the
         # manifest recorded its bytes, else it is an undecodable image whose views get flagged.
         return b""

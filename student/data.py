@@ -120,9 +120,7 @@ class SampleFiles:
             path = os.path.join(self.root, self.paths[i])
             try:
                 data = read_regular_file(path)
-            except SourceError:
-                raise
-            except OSError:
+            except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
                 data = b""  # undecodable, like an empty file: the view is skipped and counted
         elif self.parquet is not None:
             tar = int(self.tar_index[i])

@@ -52,6 +52,7 @@ from ..progress import progress_bar
 from ..recipes import create_recipe, parse_overrides
 from ..sources import (
     Manifest,
+    ManifestError,
     SourceChanged,
     Undecodable,
     check_outside_source,
@@ -201,8 +202,8 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
     if not cfg.overwrite:
         try:
             stored = stored_manifest(open_store(cfg.out))
-        except (StoreError, OSError, ValueError, KeyError):
-            stored = None  # no store there yet (or not one of ours: create_store says so)
+        except (StoreError, ManifestError, OSError, ValueError, KeyError):
+            stored = None  # no store there yet, or a damaged one or not one of ours: create_store says so
         if stored is not None:
             # --shards auto means the store's layout, as in `train --labels`: auto alone might pick another
             layout, wrong_layout = layout_for_store(cfg.shards, stored, cfg.out)
