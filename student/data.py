@@ -421,7 +421,7 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             keep.append(i)
         size = self.recipe.input_size
         targets = mixed_targets(np.asarray(own, np.int64), np.asarray(other, np.int64), np.asarray(lams, np.float64),
-                                self.num_classes, smoothing)  # views.mixed_target, the whole batch at once
+                                self.num_classes, smoothing)  # the whole batch at once
         return {
             "step": step,
             "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
