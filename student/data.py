@@ -48,6 +48,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.devices import single_thread_worker
 from pipeline.hf_parquet import ParquetRows
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
@@ -450,10 +451,6 @@ class Batch:
         return len(self.images)
 
 
-def _single_thread_worker(_):
-    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the model
-
-
 class LockstepLoader:
     """One rank's batches, epoch by epoch. ``loader.epoch(e)`` is an iterable of Batch."""
 
@@ -496,7 +493,7 @@ class EpochIter:
         lo, p = self.loader, self.plan
         ds = ReplayBatches(lo.files, lo.data.recipe, lo.data.seed, p.view, lo.data.num_classes, self.batches)
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=_single_thread_worker,
+            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=single_thread_worker,
             pin_memory=lo.pin_memory, prefetch_factor=4 if lo.workers else None,
             generator=torch.Generator().manual_seed(p.epoch))  # never draw from the global RNG
         for item in source_errors_in_one_line(dl):  # a worker's SourceChanged: its line, not torch's text
@@ -567,7 +564,7 @@ def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, w
     ds = EvalImages(manifest, train.recipe, rank, world)
     return _OneLineSourceErrors(torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
-        worker_init_fn=_single_thread_worker, pin_memory=pin_memory))
+        worker_init_fn=single_thread_worker, pin_memory=pin_memory))
 
 
 class _OneLineSourceErrors:

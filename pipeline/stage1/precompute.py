@@ -46,7 +46,7 @@ from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
 from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
-from ..devices import resolve_device
+from ..devices import resolve_device, single_thread_worker
 from ..probes import probe_hashes
 from ..progress import progress_bar
 from ..recipes import create_recipe, parse_overrides
@@ -358,10 +358,6 @@ class UnitViews(torch.utils.data.IterableDataset):
         return Chunk(u, start, torch.from_numpy(np.stack([b.numpy() for b in buf])), torch.tensor(ok), tuple(keys))
 
 
-def _single_thread_worker(_):
-    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the teacher
-
-
 # ---- the run ---------------------------------------------------------------------------------
 class _UnitBuffer:
     """Collects one unit's labels chunk by chunk; full when every view of the unit has arrived."""
@@ -546,7 +542,7 @@ class _Run:
         claimer = _Claimer(self.leases, cfg.out, spec.views_per_unit) if self.leases is not None else None
         dataset = UnitViews(self.manifest, self.recipe, cfg.seed, units, cfg.batch_size, claimer)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=_single_thread_worker,
+            dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=single_thread_worker,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None)
         buffers: dict[int, _UnitBuffer] = {}
