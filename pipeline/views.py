@@ -1,8 +1,11 @@
 """The view contract: which sample every slot holds, how it is augmented, and the exact tensor.
 
-Both stages import this module and nothing else to agree on what the student sees:
+Both stages render every view through this module, so they agree on what the student sees:
 ``precompute`` renders each view and stores the teacher's answer at ``(view, shard, slot)``;
-``train`` renders the same view again and reads the answer back.
+``train`` renders the same view again and reads the answer back. The rest of the contract lives
+beside it: which image a ``(shard, position)`` holds is the manifest's (``pipeline.sources``), the
+augmentation settings are the recipe's (``pipeline.recipes``), and ``pipeline.probes`` re-renders a
+few views before use to catch a Pillow, timm or torch that renders them differently now.
 
 A view is a pure function of ``(seed, recipe, view, shard, slot)`` (and the decoded image):
 

@@ -4,8 +4,13 @@ Work is cut into units ``(shard, block of views)``. A unit is independent and id
 its DataLoader worker reads the shard once (a tar front to back; a virtual shard by one seek per
 sample), decodes each image once, renders all the unit's
 views from the decoded images, and the main process runs the teacher and writes the unit in
-one atomic commit. Ranks take disjoint units (unit i goes to rank i mod world) and skip units
-already complete, so a fleet needs no coordinator and rerunning the same command resumes.
+one atomic commit. Each rank works through its own share first (unit i goes to rank i mod world),
+then through the other ranks' pending units from the back of their lists, taking each unit by a lease
+beside the store (``storage.leases``): a straggler's units go to whoever is free, and a dead or frozen
+worker's are taken over once its lease is ``--lease-ttl`` seconds old. A ``--join`` process (no rank)
+takes any pending unit the same way; ``--no-claim`` keeps the static split (its own share, no leases).
+Units already complete are skipped, so a fleet needs no coordinator and rerunning the same command
+resumes; a unit two workers computed anyway (a lease race) has the same bytes, committed once.
 
 Batches never span units: a unit's views are cut into fixed chunks of ``batch_size`` in
 (view, slot) order. A view therefore meets the same batch-mates whatever the fleet size or
