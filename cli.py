@@ -99,10 +99,11 @@ def shard_layout_options(command):
     layouts = click.Choice(["auto", "as-is", "shuffle"])  # pipeline.sources.SHARD_LAYOUTS, without importing it
     command = click.option("--shards", default="auto", show_default=True, type=layouts,
                            help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size "
-                                "(read by seeks); as-is keeps the tars; auto re-cuts tars that hold far fewer classes "
-                                "than random ones.")(command)
+                                "(read by seeks); as-is keeps the tar or parquet files (an ImageFolder: folder order); "
+                                "auto re-cuts files that hold far fewer classes than random ones (an ImageFolder: "
+                                "shuffle).")(command)
     return click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
-                        help="Virtual shard size (ImageFolder, re-cut WebDataset).")(command)
+                        help="Virtual shard size (ImageFolder, re-cut WebDataset or parquet).")(command)
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
@@ -111,7 +112,8 @@ def main():
 
 # ---- stage one -----------------------------------------------------------------------------
 @main.command()
-@click.option("--data", required=True, help="ImageFolder directory or WebDataset shards (dir, glob, {a..b}).")
+@click.option("--data", required=True, help="ImageFolder directory, WebDataset .tar shards or Hugging Face parquet "
+                                            "files (dir, glob, {a..b}).")
 @click.option("--out", required=True, help="Label store to create or resume.")
 @click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
 @click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")

@@ -103,7 +103,7 @@ def main():
     jobs = {"before": WholeShardPlan(files, recipe, 0, epoch, CLASSES, old.rank_batches(0, BATCH)[pick]),
             "after": sd.ReplayBatches(files, recipe, 0, epoch, CLASSES, new.rank_batches(0, BATCH)[pick])}
 
-    torch.set_num_threads(1)  # as in a DataLoader worker (student.data._single_thread_worker)
+    torch.set_num_threads(1)  # as in a DataLoader worker (pipeline.devices.single_thread_worker)
     spent = {"decode": 0.0, "render": 0.0, "collate": 0.0}
     decode, render_pair, stack = sd.decode_image, ViewRenderer.render_pair, torch.stack
 

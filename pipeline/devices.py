@@ -1,5 +1,6 @@
 """``--device`` values as torch devices, for both stages (``pipeline.options.check_device`` refuses a bad
-value at parse time; this turns a good one into a device where the work starts)."""
+value at parse time; this turns a good one into a device where the work starts), and the thread count of
+both stages' DataLoader workers."""
 
 from __future__ import annotations
 
@@ -11,3 +12,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def single_thread_worker(_worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn`` of both stages: a worker renders views with PIL on one thread,
+    leaving the cores to the model the main process runs (the teacher in precompute, the student in train)."""
+    torch.set_num_threads(1)

@@ -13,8 +13,12 @@ from storage.errors import UserError
 MAX_CLASSES = 1 << 20
 
 
-class SourceError(UserError, ValueError):
-    """Bad input: the message is one line naming the path and the fix."""
+class SourceError(UserError):
+    """Bad input: the message is one line naming the path and the fix.
+
+    Not a ``ValueError``: the source readers catch ``ValueError`` from parsing (``int`` of a .cls, JSON,
+    pyarrow) and turn it into a SourceError; a SourceError that were also a ValueError would be caught by
+    those handlers too and need an ``except SourceError: raise`` ahead of each."""
 
 
 class SourceChanged(SourceError):

@@ -20,7 +20,8 @@ An ImageFolder is cut into fixed-size virtual shards after one seeded shuffle, s
 mixes classes (a shard is the unit of work and of streaming; a shard of one class would feed a
 batch of one class). WebDataset tars (and parquet files) written in class order are re-cut the same way
 (``recut_shards``): a seeded permutation of all samples into virtual shards, each sample keeping
-its tar, offset and size, so it is read by one seek. ``--shards auto`` (default) re-cuts when
+its file and its place there (a tar's offset and size, a parquet file's row), so it is read by one
+seek into its tar or from its parquet row group. ``--shards auto`` (default) re-cuts when
 the tars hold far fewer classes than a random draw of their size would (``class_diversity``);
 ``as-is`` and ``shuffle`` force either way. The manifest is a parquet table with the rest in its schema metadata, so a
 label store can carry it inside and ``train`` can tell a foreign source from the right one.
@@ -106,11 +107,11 @@ class Sample:
 class Manifest:
     kind: str                 # "imagefolder", "wds" or "parquet" (offset = the row in its file)
     root: str                 # directory the relative paths start from
-    shards: list[str]         # tar file names (wds as-is) or virtual shard names (imagefolder, re-cut wds)
+    shards: list[str]         # tar/parquet file names (as-is) or virtual shard names (imagefolder, re-cut)
     class_names: list[str]
     samples: pa.Table         # key, label, shard, position, path, offset, size, crc32c
-    shard_size: int = 0       # imagefolder: virtual shard size; wds: 0
-    seed: int = 0             # imagefolder: the shuffle seed
+    shard_size: int = 0       # virtual shard size (imagefolder, re-cut wds/parquet); wds/parquet as-is: 0
+    seed: int = 0             # the shuffle seed (imagefolder, re-cut wds/parquet); wds/parquet as-is: 0
     layout: str = ""          # "shuffle" (seeded virtual shards) or "as-is"; "" = the kind's default
     tars: list[str] = field(default_factory=list)  # a re-cut wds/parquet: its files (column "tar" indexes them)
     skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
@@ -450,9 +451,7 @@ def _iter_recut(root: str, tars: list[str], shard: int, rows: list[dict]) -> Ite
 def _read_file(path: str) -> bytes:
     try:
         return read_regular_file(path)
-    except SourceError:
-        raise
-    except OSError:
+    except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
         # Gone or unreadable (EIO): empty bytes. check_sample then calls it a changed source when the
         # manifest recorded its bytes, else it is an undecodable image whose views get flagged.
         return b""
@@ -547,7 +546,7 @@ def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str
 
 
 def apply_layout(m: Manifest, *, shards: str = "auto", shard_size: int = 1024, seed: int = 0) -> Manifest:
-    """A wds manifest of the tars as-is -> the layout asked for (``index_source``'s ``shards``)."""
+    """A wds or parquet manifest of its files as-is -> the layout asked for (``index_source``'s ``shards``)."""
     if shards == "shuffle" or (shards == "auto" and is_class_skewed(m)):
         return recut_shards(m, shard_size=shard_size, seed=seed)
     return m
@@ -611,10 +610,11 @@ def is_class_skewed(m: Manifest) -> bool:
 
 
 def recut_shards(m: Manifest, *, shard_size: int, seed: int) -> Manifest:
-    """A wds manifest -> seeded virtual shards of ``shard_size`` across its tars.
+    """A wds or parquet manifest -> seeded virtual shards of ``shard_size`` across its files.
 
-    Every sample keeps its member path, offset and size and gains a ``tar`` column (index into
-    ``Manifest.tars``), so a virtual shard is read by one seek per sample.
+    Every sample keeps its member path, offset (a parquet sample's: its row) and size and gains a
+    ``tar`` column (index into ``Manifest.tars``, which lists tars and parquet files alike), so a
+    virtual shard is read by one seek per sample into a tar, or from the parquet row groups it needs.
     """
     if shard_size < 1:
         raise SourceError(f"--shard-size must be >= 1, got {shard_size}")

@@ -1,8 +1,11 @@
 """The view contract: which sample every slot holds, how it is augmented, and the exact tensor.
 
-Both stages import this module and nothing else to agree on what the student sees:
+Both stages render every view through this module, so they agree on what the student sees:
 ``precompute`` renders each view and stores the teacher's answer at ``(view, shard, slot)``;
-``train`` renders the same view again and reads the answer back.
+``train`` renders the same view again and reads the answer back. The rest of the contract lives
+beside it: which image a ``(shard, position)`` holds is the manifest's (``pipeline.sources``), the
+augmentation settings are the recipe's (``pipeline.recipes``), and ``pipeline.probes`` re-renders a
+few views before use to catch a Pillow, timm or torch that renders them differently now.
 
 A view is a pure function of ``(seed, recipe, view, shard, slot)`` (and the decoded image):
 
@@ -376,22 +379,10 @@ def mix_pair(own: torch.Tensor, other: torch.Tensor, mix: MixParams) -> torch.Te
     return own
 
 
-def mixed_target(label: int, partner_label: int | None, mix: MixParams, num_classes: int,
-                 smoothing: float) -> torch.Tensor:
-    """Ground truth of one slot: label-smoothed one-hots mixed with the view's lambda (timm's mixup_target)."""
-    off = smoothing / num_classes
-    t = torch.full((num_classes,), off, dtype=torch.float32)
-    t[label] += 1.0 - smoothing
-    if mix.mode == "none" or partner_label is None:
-        return t
-    u = torch.full((num_classes,), off, dtype=torch.float32)
-    u[partner_label] += 1.0 - smoothing
-    return t.mul_(mix.lam).add_(u.mul_(1.0 - mix.lam))
-
-
 def mixed_targets(labels: np.ndarray, partner_labels: np.ndarray, lams: np.ndarray, num_classes: int,
                   smoothing: float) -> np.ndarray:
-    """``mixed_target`` for a batch at once, the same float32 bytes: [b, C].
+    """Ground truth of a batch of slots, [b, C] float32: label-smoothed one-hots mixed with each view's
+    lambda (timm's mixup_target, one row per slot; a row's bytes do not depend on its batch-mates).
 
     ``partner_labels[i] < 0`` or ``lams[i]`` NaN means unmixed (no partner, or mode "none").
     """

@@ -453,12 +453,9 @@ class StoreReader(_StoreBase):
             yield s, self._labels(at(values_enc, s), ids[s], valid[s], at(tail, s), self.spec.shard_sizes[s])
 
     def read_view_flat(self, view: int) -> Labels:
-        """A whole view as one Labels, shards concatenated in order (see shard_offsets)."""
+        """A whole view as one Labels, shards concatenated in order (shard s starts at row
+        ``spec.shard_starts[s]``)."""
         return Labels.concat([lab for _, lab in self.read_view(view)])
-
-    def shard_offsets(self) -> np.ndarray:
-        """Start of each shard in read_view_flat's rows."""
-        return self.spec.shard_starts
 
     def read_slot(self, view: int, shard: int, slot: int) -> Labels:
         n = self.spec.shard_sizes[shard] if 0 <= shard < self.spec.num_shards else 0

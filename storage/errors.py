@@ -3,8 +3,10 @@
 Its message is one line: the cause, then the fix. ``cli.py`` catches ``UserError`` alone, prints
 ``error: <message>`` and exits 2, so a new kind of bad input needs a subclass here or below, never
 another handler. It lives on the ground floor so that ``storage/``, ``pipeline/`` and ``student/``
-can all raise it. Subclasses keep the builtin base they had (``ValueError`` for bad values) so that
-code catching those still does.
+can all raise it. Most subclasses keep the builtin base they had (``ValueError`` for bad values) so that
+code catching those still does. ``pipeline.sources.SourceError`` does not: the source readers turn
+Python's ``ValueError`` (parsing a label, JSON, parquet) into SourceErrors, and those handlers
+must not catch a SourceError raised inside them.
 """
 
 

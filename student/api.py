@@ -21,7 +21,7 @@ views, in which order, with which labels (``student/data.py``), and the loss
 (``student/losses.py``).
 
 This module is a facade and stays thin on purpose: it opens and checks (``open_train_data``,
-``check_complete``), iterates (``LockstepLoader``) and computes (``deit_loss``), and exposes
+``check_complete``), iterates (``LockstepLoader``) and computes (``losses.deit_loss_terms``), and exposes
 those objects for anything it does not wrap.
 """
 
@@ -76,7 +76,7 @@ class Lockstep:
         return self.loader.epoch(epoch)
 
     def teacher(self, batch: Batch, device: torch.device | str | None = None) -> TeacherLabels | None:
-        """The stored teacher labels of ``batch`` as deit_loss takes them (None without distillation)."""
+        """The stored teacher labels of ``batch`` as deit_loss_terms takes them (None without distillation)."""
         spec = None if self.data.reader is None else self.data.reader.spec
         return TeacherLabels.from_batch(batch, spec, self.mode, self.tau, device)
 
@@ -86,7 +86,7 @@ class Lockstep:
         ``outputs``: [b, C] logits, or a distilled DeiT's (class, distillation) pair in training mode.
         Targets and teacher labels are moved to the outputs' device."""
         device = (outputs[0] if isinstance(outputs, (tuple, list)) else outputs).device
-        # deit_loss_terms, not deit_loss: the parts as floats would make the host wait for the device.
+        # The parts stay tensors (not .item() floats): a float would make the host wait for the device.
         loss, _, _ = deit_loss_terms(outputs, batch.targets.to(device), self.teacher(batch, device), mode=self.mode,
                                      alpha=self.alpha, tau=self.tau, kd_reduction=self.kd_reduction)
         return loss

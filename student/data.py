@@ -26,12 +26,15 @@ not fill a global batch is dropped. So:
 DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...),
 which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
 same bytes for 0, 1 or 13 workers. A worker plans only the slots of its batch
-(``ViewRenderer.slot_view``, with each shard's slot order cached), reads each sample it needs
-by one seek into its tar (the manifest records tar and offset; a few tars stay open) or one
-file read, decodes it once per batch, renders each mixing pair once
-(``ViewRenderer.render_pair``, the very call precompute labelled), and builds the mixed,
-smoothed ground truth (``mixed_target``). The teacher's labels are joined in the
-main process from one ``reader.read_view(view)`` per epoch.
+(``ViewRenderer.slot_view``, with each shard's slot order cached), reads the samples it needs in
+file order (``SampleFiles.read_many``; the manifest records where each is): a webdataset sample by
+one seek into its tar (a few tars stay open), a parquet sample from its row group (a few files open
+and the last row groups kept, so a batch's samples from one row group cost one read), an
+ImageFolder sample by one file read; each checked against the size and crc32c the store's
+manifest recorded (``check_sample``). It decodes each sample once per batch, renders each mixing
+pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds the mixed,
+smoothed ground truth of the whole batch at once (``pipeline.views.mixed_targets``). The teacher's
+labels are joined in the main process from one ``reader.read_view(view)`` per epoch.
 
 Invalid views (the store flagged their image, or its mixing partner, undecodable) are left out
 of the stream up front, so batches stay full; an image that fails to decode now (no store, or
@@ -48,6 +51,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.devices import single_thread_worker
 from pipeline.hf_parquet import ParquetRows
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
@@ -120,9 +124,7 @@ class SampleFiles:
             path = os.path.join(self.root, self.paths[i])
             try:
                 data = read_regular_file(path)
-            except SourceError:
-                raise
-            except OSError:
+            except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
                 data = b""  # undecodable, like an empty file: the view is skipped and counted
         elif self.parquet is not None:
             tar = int(self.tar_index[i])
@@ -423,7 +425,7 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             keep.append(i)
         size = self.recipe.input_size
         targets = mixed_targets(np.asarray(own, np.int64), np.asarray(other, np.int64), np.asarray(lams, np.float64),
-                                self.num_classes, smoothing)  # views.mixed_target, the whole batch at once
+                                self.num_classes, smoothing)  # the whole batch at once
         return {
             "step": step,
             "images": torch.stack(images) if images else torch.zeros(0, 3, size, size),
@@ -450,10 +452,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def _single_thread_worker(_):
-    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the model
 
 
 class LockstepLoader:
@@ -498,7 +496,7 @@ class EpochIter:
         lo, p = self.loader, self.plan
         ds = ReplayBatches(lo.files, lo.data.recipe, lo.data.seed, p.view, lo.data.num_classes, self.batches)
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=_single_thread_worker,
+            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=single_thread_worker,
             pin_memory=lo.pin_memory, prefetch_factor=4 if lo.workers else None,
             generator=torch.Generator().manual_seed(p.epoch))  # never draw from the global RNG
         for item in source_errors_in_one_line(dl):  # a worker's SourceChanged: its line, not torch's text
@@ -569,7 +567,7 @@ def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, w
     ds = EvalImages(manifest, train.recipe, rank, world)
     return _OneLineSourceErrors(torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
-        worker_init_fn=_single_thread_worker, pin_memory=pin_memory))
+        worker_init_fn=single_thread_worker, pin_memory=pin_memory))
 
 
 class _OneLineSourceErrors:

@@ -38,7 +38,7 @@ class TeacherLabels:
     ids:       [B] int, the teacher's argmax (hard distillation's target).
     log_probs: [B, C] float32, the teacher's distribution *at temperature tau*, as
                log-probabilities (soft distillation's target); None for a hard-label store.
-    tau:       the temperature `log_probs` was tempered with; `deit_loss` checks it matches its
+    tau:       the temperature `log_probs` was tempered with; `deit_loss_terms` checks it matches its
                own, because a teacher tempered twice or not at all is a silent wrong label.
     """
 
@@ -48,7 +48,9 @@ class TeacherLabels:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, tau: float = 1.0) -> TeacherLabels:
-        """From a teacher's full logits (online distillation, tests, the demo's reference run)."""
+        """From a teacher's full logits. Kept as public API although nothing of ours calls it: it is how an
+        own loop feeds a live teacher (online distillation) to ``deit_loss_terms``, and the exact
+        distribution the tests hold the stored top-k rebuild (``from_topk``) and the loss against."""
         logits = logits.detach().float()
         return cls(ids=logits.argmax(dim=1), log_probs=F.log_softmax(logits / tau, dim=1), tau=tau)
 
@@ -81,7 +83,7 @@ class TeacherLabels:
     @classmethod
     def from_batch(cls, batch, spec, mode: str, tau: float = 1.0, device=None) -> TeacherLabels | None:
         """The stored labels of a lockstep ``Batch`` (student.data) from a store with ``spec``, as
-        ``deit_loss`` takes them for ``mode``: None without distillation, the argmax for hard, and
+        ``deit_loss_terms`` takes them for ``mode``: None without distillation, the argmax for hard, and
         for soft the tempered rebuild, with the store's exact tail mass when it keeps this tau."""
         if mode == "none":
             return None
@@ -99,39 +101,6 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def deit_loss(
-    outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    target: torch.Tensor,
-    teacher: TeacherLabels | None,
-    *,
-    mode: str = "hard",
-    alpha: float = 0.5,
-    tau: float = 1.0,
-    kd_reduction: str = "batchmean",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """DeiT's loss for one batch. Returns (loss, {"base": ..., "kd": ...}) with the parts as floats.
-
-    outputs: [B, C] logits of a one-head student, or (cls_logits, dist_logits) from a timm
-             `*distilled*` model in distilled training mode.
-    target:  [B, C] mixed, smoothed ground truth.
-    mode:    "none" is plain training: alpha, tau and teacher are ignored. A two-head student
-             then takes the mean of its two heads' cross entropies. The official repo trains
-             the class head only there, which leaves the distillation head random and the
-             test-time average of the two heads meaningless; training both keeps all three
-             of eval_logits' numbers honest at no cost.
-
-    The floats cost one device sync; a loop that must not wait on the device each step (the train
-    loop) takes ``deit_loss_terms``, the same numbers as tensors.
-    """
-    loss, base, kd = deit_loss_terms(outputs, target, teacher, mode=mode, alpha=alpha, tau=tau,
-                                     kd_reduction=kd_reduction)
-    if mode == "none":
-        return loss, {"base": base.item(), "kd": 0.0}
-    # One device sync for both numbers, not two.
-    base_value, kd_value = torch.stack([base, kd]).tolist()
-    return loss, {"base": base_value, "kd": kd_value}
-
-
 def deit_loss_terms(
     outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     target: torch.Tensor,
@@ -142,8 +111,19 @@ def deit_loss_terms(
     tau: float = 1.0,
     kd_reduction: str = "batchmean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``deit_loss`` without leaving the device: (loss, base, kd), base and kd detached 0-d tensors
-    (kd a zero on base's device for mode "none")."""
+    """DeiT's loss for one batch: (loss, base, kd), base and kd detached 0-d tensors (kd a zero on
+    base's device for mode "none"), kept on the device so that a loop need not wait for it each step
+    (call ``.item()`` on them to log).
+
+    outputs: [B, C] logits of a one-head student, or (cls_logits, dist_logits) from a timm
+             `*distilled*` model in distilled training mode.
+    target:  [B, C] mixed, smoothed ground truth.
+    mode:    "none" is plain training: alpha, tau and teacher are ignored. A two-head student
+             then takes the mean of its two heads' cross entropies. The official repo trains
+             the class head only there, which leaves the distillation head random and the
+             test-time average of the two heads meaningless; training both keeps all three
+             of eval_logits' numbers honest at no cost.
+    """
     if mode not in MODES:
         raise ValueError(f"distillation mode must be one of {MODES}, got {mode!r}")
     if kd_reduction not in KD_REDUCTIONS:

@@ -2,7 +2,7 @@
 
 timm's `deit_*_distilled_*` (and `levit_*`) models carry a second token and a second head,
 `head_dist`. In training with `set_distilled_training(True)` they return (cls_logits,
-dist_logits), which is what `student.losses.deit_loss` takes; in eval mode they return the
+dist_logits), which is what `student.losses.deit_loss_terms` takes; in eval mode they return the
 average of the two heads, which is DeiT's test-time rule. Every other timm model has one head,
 and takes both loss terms on it.
 """
@@ -72,7 +72,7 @@ def create_student(
         raise TrainError(f"timm cannot build {name} with {model_kwargs or {}} ({type(e).__name__}: "
                          f"{_one_line(e)}); fix --model-kwargs") from None
     if has_distillation_token(model):
-        # Only affects train mode: there the model returns (cls, dist) for deit_loss; in eval
+        # Only affects train mode: there the model returns (cls, dist) for deit_loss_terms; in eval
         # mode it still returns the two heads' average.
         model.set_distilled_training(True)
     return model

@@ -97,7 +97,7 @@ FAST = [
     "tests/test_losses.py",
     "tests/test_model.py",
     "tests/test_export.py::test_ema_and_raw_exports_hold_those_weights_and_bad_input_is_one_line",
-    "tests/test_examples.py::test_api_batches_are_the_loaders_and_its_loss_is_deit_loss",
+    "tests/test_examples.py::test_api_batches_are_the_loaders_and_its_loss_is_deit_loss_terms",
     "tests/test_finetune.py::test_pos_embed_resample_is_deits_byte_for_byte_shrinking_and_growing",
 ]
 # ... less these, inside the files listed whole (seconds on 2 busy cores, from --durations=0)

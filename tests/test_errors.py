@@ -40,3 +40,13 @@ def test_the_walk_finds_the_known_errors():
 @pytest.mark.parametrize("name", sorted(_error_classes()))
 def test_every_error_is_a_user_error(name):
     assert issubclass(_error_classes()[name], UserError), f"{name} does not derive from storage.errors.UserError"
+
+
+def test_source_errors_are_not_value_errors():
+    """The source readers turn Python's ValueError (int() of a .cls, JSON, pyarrow) into SourceErrors; a
+    SourceError that were a ValueError too would be swallowed by those handlers, or need an
+    ``except SourceError: raise`` guard ahead of each."""
+    from pipeline.sources import ManifestError, SourceChanged, SourceError
+
+    for cls in (SourceError, SourceChanged, ManifestError):
+        assert not issubclass(cls, ValueError), cls.__name__

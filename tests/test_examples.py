@@ -14,7 +14,7 @@ from test_loader import make_store, make_teacher_weights
 from student.api import open_lockstep
 from student.data import LockstepLoader, open_train_data
 from student.errors import TrainError
-from student.losses import TeacherLabels, deit_loss
+from student.losses import TeacherLabels, deit_loss_terms
 from student.train import TrainConfig, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
             "hard": make_store(data, root / "hard", weights, views=1, hard=True)}
 
 
-def test_api_batches_are_the_loaders_and_its_loss_is_deit_loss(tiny):
+def test_api_batches_are_the_loaders_and_its_loss_is_deit_loss_terms(tiny):
     ls = open_lockstep(tiny["data"], tiny["store"], 4, rank=1, world=2, distillation="soft", tau=2.0)
     ref = list(LockstepLoader(open_train_data(tiny["data"], labels=tiny["store"]), batch_size=4, rank=1,
                               world=2).epoch(1))
@@ -43,11 +43,11 @@ def test_api_batches_are_the_loaders_and_its_loss_is_deit_loss(tiny):
     g = torch.Generator().manual_seed(0)
     outputs = (torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g))
     b = got[0]
-    want, _ = deit_loss(outputs, b.targets, TeacherLabels.from_topk(b.teacher_values, b.teacher_ids, 3, tau=2.0),
-                        mode="soft", tau=2.0)
+    teacher = TeacherLabels.from_topk(b.teacher_values, b.teacher_ids, 3, tau=2.0)
+    want, _, _ = deit_loss_terms(outputs, b.targets, teacher, mode="soft", tau=2.0)
     assert ls.loss(outputs, b).item() == want.item()
     hard = open_lockstep(tiny["data"], tiny["store"], 4)  # the trainer's default: hard, from the top-1 id
-    want, _ = deit_loss(outputs, b.targets, TeacherLabels.hard(b.teacher_ids[:, 0]), mode="hard")
+    want, _, _ = deit_loss_terms(outputs, b.targets, TeacherLabels.hard(b.teacher_ids[:, 0]), mode="hard")
     assert hard.mode == "hard" and hard.loss(outputs, b).item() == want.item()
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student.losses import TeacherLabels, deit_loss, soft_target_cross_entropy
+from student.losses import TeacherLabels, deit_loss_terms, soft_target_cross_entropy
 
 B, C = 6, 10
 
@@ -72,7 +72,7 @@ def test_soft_equals_official_deit_formula_when_k_is_num_classes(tau, kd_reducti
     # The official formula sees the same fp16-rounded log-probs, put back in class order, as logits.
     stored_teacher = torch.empty(B, C).scatter_(1, ids.long(), values.float())
 
-    loss, parts = deit_loss(
+    loss, _, kd = deit_loss_terms(
         (cls_out, dist_out), target, teacher_from_topk(values, ids, tau),
         mode="soft", alpha=0.5, tau=tau, kd_reduction=kd_reduction,
     )
@@ -80,18 +80,18 @@ def test_soft_equals_official_deit_formula_when_k_is_num_classes(tau, kd_reducti
     official_kd = official_deit_soft_kd(dist_out, stored_teacher, tau)
     expected_kd = official_kd if kd_reduction == "deit" else official_kd * C  # numel / B = C
     base = torch.sum(-target * F.log_softmax(cls_out, dim=-1), dim=-1).mean()
-    torch.testing.assert_close(torch.tensor(parts["kd"]), expected_kd, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kd, expected_kd, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss, 0.5 * base + 0.5 * expected_kd, rtol=1e-6, atol=0)
 
 
 def test_soft_kd_is_bitwise_the_official_formula_on_dense_teacher_logits():
     dist_out, teacher_logits = logits(4), logits(5, scale=5.0)
     for tau in (1.0, 3.0):
-        _, parts = deit_loss(
+        _, _, kd = deit_loss_terms(
             (logits(6), dist_out), mixed_smoothed_target(), TeacherLabels.from_logits(teacher_logits, tau),
             mode="soft", tau=tau, kd_reduction="deit",
         )
-        assert parts["kd"] == official_deit_soft_kd(dist_out, teacher_logits, tau).item()
+        assert kd.item() == official_deit_soft_kd(dist_out, teacher_logits, tau).item()
 
 
 def test_batchmean_is_the_true_per_sample_kl():
@@ -100,8 +100,8 @@ def test_batchmean_is_the_true_per_sample_kl():
     q = F.softmax(dist_out / tau, dim=1)
     true_kl = (p * (p.log() - q.log())).sum(1).mean() * tau**2
     teacher = TeacherLabels.from_logits(teacher_logits, tau)
-    _, parts = deit_loss(dist_out, mixed_smoothed_target(), teacher, mode="soft", tau=tau)
-    assert parts["kd"] == pytest.approx(true_kl.item(), rel=1e-5)
+    _, _, kd = deit_loss_terms(dist_out, mixed_smoothed_target(), teacher, mode="soft", tau=tau)
+    assert kd.item() == pytest.approx(true_kl.item(), rel=1e-5)
 
 
 def test_tail_rebuild_is_exact_at_tau_1():
@@ -154,7 +154,7 @@ def test_topk_holding_all_the_mass_gives_a_finite_loss():
     dist_out = logits(30, requires_grad=True)
     for tau in (0.5, 1.0, 3.0):
         teacher = teacher_from_topk(values, ids, tau)
-        loss, _ = deit_loss(dist_out, mixed_smoothed_target(), teacher, mode="soft", tau=tau)
+        loss, _, _ = deit_loss_terms(dist_out, mixed_smoothed_target(), teacher, mode="soft", tau=tau)
         (grad,) = torch.autograd.grad(loss, dist_out)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
@@ -162,10 +162,10 @@ def test_topk_holding_all_the_mass_gives_a_finite_loss():
 def test_hard_is_cross_entropy_on_teacher_argmax():
     cls_out, dist_out, target, teacher_logits = logits(12), logits(13), mixed_smoothed_target(), logits(14)
     teacher = TeacherLabels.hard(teacher_logits.argmax(1))
-    loss, parts = deit_loss((cls_out, dist_out), target, teacher, mode="hard", alpha=0.5)
+    loss, base, kd = deit_loss_terms((cls_out, dist_out), target, teacher, mode="hard", alpha=0.5)
     expected_kd = F.cross_entropy(dist_out, teacher_logits.argmax(1))  # no label smoothing
-    assert parts["kd"] == expected_kd.item()
-    assert parts["base"] == soft_target_cross_entropy(cls_out, target).item()
+    assert kd.item() == expected_kd.item()
+    assert base.item() == soft_target_cross_entropy(cls_out, target).item()
     torch.testing.assert_close(loss, 0.5 * soft_target_cross_entropy(cls_out, target) + 0.5 * expected_kd)
 
 
@@ -173,9 +173,9 @@ def test_hard_is_cross_entropy_on_teacher_argmax():
 def test_single_head_student_takes_both_terms_on_its_head(mode):
     out, target = logits(15, requires_grad=True), mixed_smoothed_target()
     teacher = TeacherLabels.from_logits(logits(16))
-    loss, parts = deit_loss(out, target, teacher, mode=mode, alpha=0.5)
-    two_heads_same, parts_same = deit_loss((out, out), target, teacher, mode=mode, alpha=0.5)
-    assert loss.item() == two_heads_same.item() and parts == parts_same
+    loss, base, kd = deit_loss_terms(out, target, teacher, mode=mode, alpha=0.5)
+    two_heads_same, base_same, kd_same = deit_loss_terms((out, out), target, teacher, mode=mode, alpha=0.5)
+    assert loss.item() == two_heads_same.item() and (base.item(), kd.item()) == (base_same.item(), kd_same.item())
     kd = F.cross_entropy(out, teacher.ids) if mode == "hard" else F.kl_div(
         F.log_softmax(out, 1), teacher.log_probs, reduction="batchmean", log_target=True
     )
@@ -187,12 +187,12 @@ def test_alpha_edges_and_gradients_reach_only_the_right_head(mode):
     target, teacher = mixed_smoothed_target(), TeacherLabels.from_logits(logits(17))
     for alpha, cls_gets_grad, dist_gets_grad in [(0.0, True, False), (0.5, True, True), (1.0, False, True)]:
         cls_out, dist_out = logits(18, requires_grad=True), logits(19, requires_grad=True)
-        loss, parts = deit_loss((cls_out, dist_out), target, teacher, mode=mode, alpha=alpha)
+        loss, base, kd = deit_loss_terms((cls_out, dist_out), target, teacher, mode=mode, alpha=alpha)
         loss.backward()
         if alpha == 0.0:
-            assert loss.item() == pytest.approx(parts["base"], rel=1e-7)
+            assert loss.item() == pytest.approx(base.item(), rel=1e-7)
         if alpha == 1.0:
-            assert loss.item() == pytest.approx(parts["kd"], rel=1e-7)
+            assert loss.item() == pytest.approx(kd.item(), rel=1e-7)
         assert bool(cls_out.grad.abs().sum() > 0) == cls_gets_grad
         assert bool(dist_out.grad.abs().sum() > 0) == dist_gets_grad
 
@@ -200,7 +200,7 @@ def test_alpha_edges_and_gradients_reach_only_the_right_head(mode):
 def test_base_term_never_reaches_dist_head_nor_kd_the_cls_head():
     target, teacher = mixed_smoothed_target(), TeacherLabels.from_logits(logits(20))
     cls_out, dist_out = logits(21, requires_grad=True), logits(22, requires_grad=True)
-    loss, _ = deit_loss((cls_out, dist_out), target, teacher, mode="soft", alpha=0.3)
+    loss, _, _ = deit_loss_terms((cls_out, dist_out), target, teacher, mode="soft", alpha=0.3)
     loss.backward()
     expected_cls = torch.autograd.grad(0.7 * soft_target_cross_entropy(cls_out, target), cls_out)[0]
     torch.testing.assert_close(cls_out.grad, expected_cls)
@@ -210,11 +210,11 @@ def test_base_term_never_reaches_dist_head_nor_kd_the_cls_head():
 def test_none_mode_is_plain_training():
     target = mixed_smoothed_target()
     out = logits(23, requires_grad=True)
-    loss, parts = deit_loss(out, target, None, mode="none", alpha=0.9)
-    assert loss.item() == soft_target_cross_entropy(out, target).item() and parts["kd"] == 0.0
+    loss, base, kd = deit_loss_terms(out, target, None, mode="none", alpha=0.9)
+    assert loss.item() == soft_target_cross_entropy(out, target).item() and kd.item() == 0.0
     # A two-head student trains both heads on the ground truth, equally.
     cls_out, dist_out = logits(24, requires_grad=True), logits(25, requires_grad=True)
-    loss, _ = deit_loss((cls_out, dist_out), target, None, mode="none")
+    loss, _, _ = deit_loss_terms((cls_out, dist_out), target, None, mode="none")
     loss.backward()
     expected = (soft_target_cross_entropy(cls_out, target) + soft_target_cross_entropy(dist_out, target)) / 2
     torch.testing.assert_close(loss, expected)
@@ -224,20 +224,20 @@ def test_none_mode_is_plain_training():
 def test_refuses_mismatched_inputs():
     target, out = mixed_smoothed_target(), logits(26)
     with pytest.raises(ValueError, match="tempered at tau=3"):
-        deit_loss(out, target, TeacherLabels.from_logits(logits(27), tau=3.0), mode="soft", tau=1.0)
+        deit_loss_terms(out, target, TeacherLabels.from_logits(logits(27), tau=3.0), mode="soft", tau=1.0)
     with pytest.raises(ValueError, match="hard labels"):
-        deit_loss(out, target, TeacherLabels.hard(torch.zeros(B, dtype=torch.long)), mode="soft")
+        deit_loss_terms(out, target, TeacherLabels.hard(torch.zeros(B, dtype=torch.long)), mode="soft")
     with pytest.raises(ValueError, match="needs teacher"):
-        deit_loss(out, target, None, mode="hard")
+        deit_loss_terms(out, target, None, mode="hard")
     with pytest.raises(ValueError, match="mode"):
-        deit_loss(out, target, None, mode="kd")
+        deit_loss_terms(out, target, None, mode="kd")
     with pytest.raises(ValueError, match="alpha"):
-        deit_loss(out, target, TeacherLabels.hard(torch.zeros(B, dtype=torch.long)), alpha=1.5)
+        deit_loss_terms(out, target, TeacherLabels.hard(torch.zeros(B, dtype=torch.long)), alpha=1.5)
 
 
 def test_bf16_logits_are_handled_in_fp32():
     out, target, teacher = logits(28), mixed_smoothed_target(), TeacherLabels.from_logits(logits(29), tau=2.0)
-    loss32, _ = deit_loss(out, target, teacher, mode="soft", tau=2.0)
-    loss16, _ = deit_loss(out.bfloat16(), target, teacher, mode="soft", tau=2.0)
+    loss32, _, _ = deit_loss_terms(out, target, teacher, mode="soft", tau=2.0)
+    loss16, _, _ = deit_loss_terms(out.bfloat16(), target, teacher, mode="soft", tau=2.0)
     assert loss16.dtype == torch.float32
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)

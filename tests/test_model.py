@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from student.losses import TeacherLabels, deit_loss
+from student.losses import TeacherLabels, deit_loss_terms
 from student.model import create_student, eval_logits, has_distillation_token
 
 NUM_CLASSES = 7
@@ -35,12 +35,12 @@ def test_tiny_config_is_what_was_asked_for(distilled):
     assert distilled.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # DeiT's drop path by default
 
 
-def test_distilled_model_trains_two_heads_that_deit_loss_takes(distilled):
+def test_distilled_model_trains_two_heads_that_deit_loss_terms_takes(distilled):
     distilled.train()
     cls_out, dist_out = distilled(images())
     assert cls_out.shape == dist_out.shape == (4, NUM_CLASSES)
     target = torch.full((4, NUM_CLASSES), 1 / NUM_CLASSES)
-    loss, _ = deit_loss((cls_out, dist_out), target, TeacherLabels.hard(torch.zeros(4, dtype=torch.long)))
+    loss, _, _ = deit_loss_terms((cls_out, dist_out), target, TeacherLabels.hard(torch.zeros(4, dtype=torch.long)))
     distilled.zero_grad()
     loss.backward()
     assert distilled.head.weight.grad.abs().sum() > 0 and distilled.head_dist.weight.grad.abs().sum() > 0
@@ -70,7 +70,7 @@ def test_one_head_model_gives_the_same_head_three_times(plain):
     torch.testing.assert_close(out["avg"], plain(x))
     assert out["avg"].shape == (4, NUM_CLASSES)
     plain.train()
-    # A single head in training too: deit_loss puts both terms on it.
+    # A single head in training too: deit_loss_terms puts both terms on it.
     assert isinstance(plain(x), torch.Tensor)
 
 

@@ -14,7 +14,7 @@ from conftest import make_image
 from PIL import Image
 
 from pipeline.recipes import RecipeError, create_recipe
-from pipeline.views import MixParams, Op, ViewRenderer, mixed_target, ra_window, slot_order
+from pipeline.views import MixParams, Op, ViewRenderer, mixed_targets, ra_window, slot_order
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
@@ -180,7 +180,9 @@ def test_crop_flip_recipe_draws_nothing_else():
 def test_targets_are_distributions_mixed_with_lambda(deit):
     for sv in deit.plan(0, 0, 0, 9):
         pl = None if sv.partner_position is None else 2
-        t = mixed_target(1, pl, sv.mix, 10, 0.1)
+        lam = np.nan if pl is None or sv.mix.mode == "none" else sv.mix.lam
+        partner = np.array([-1 if pl is None else pl])
+        t = torch.from_numpy(mixed_targets(np.array([1]), partner, np.array([lam]), 10, 0.1)[0])
         assert torch.isclose(t.sum(), torch.tensor(1.0))
         if pl is not None and sv.mix.mode != "none":
             assert torch.isclose(t[1], torch.tensor(sv.mix.lam * 0.9 + 0.01))
@@ -311,9 +313,11 @@ def test_repeats_one_is_the_plain_permutation():
         create_recipe("deit", ["repeats=0"])
 
 
-def test_batched_targets_are_the_same_bytes_as_one_by_one():
-    """The loader builds a batch's targets at once (mixed_targets); they must be mixed_target's bytes."""
-    from pipeline.views import mixed_targets
+def test_batched_targets_are_timms_mixup_targets_whatever_the_batch_mates():
+    """The loader builds a batch's targets at once (mixed_targets): each row is timm's mixup_target for
+    that slot (to float32 rounding: timm adds the smoothing terms in another order), and the same bytes
+    whichever views share its batch (a view's target must not depend on the worker count or batch size)."""
+    from timm.data.mixup import mixup_target
 
     g = np.random.Generator(np.random.Philox(key=9))
     for num_classes, smoothing in ((10, 0.1), (1000, 0.1), (3, 0.0)):
@@ -322,10 +326,12 @@ def test_batched_targets_are_the_same_bytes_as_one_by_one():
         lams = np.where(g.random(n) < 0.2, np.nan, g.beta(0.8, 0.8, n))
         batch = mixed_targets(labels, partners, lams, num_classes, smoothing)
         for i in range(n):
-            mix = MixParams() if np.isnan(lams[i]) else MixParams("mixup", float(lams[i]))
-            one = mixed_target(int(labels[i]), None if partners[i] < 0 else int(partners[i]), mix, num_classes,
-                               smoothing)
-            assert one.numpy().tobytes() == batch[i].tobytes(), i
+            alone = mixed_targets(labels[i:i + 1], partners[i:i + 1], lams[i:i + 1], num_classes, smoothing)[0]
+            assert alone.tobytes() == batch[i].tobytes(), i
+            unmixed = np.isnan(lams[i]) or partners[i] < 0
+            pair = torch.tensor([labels[i], labels[i] if unmixed else partners[i]])  # timm mixes with the flip
+            want = mixup_target(pair, num_classes, 1.0 if unmixed else float(lams[i]), smoothing)[0]
+            torch.testing.assert_close(torch.from_numpy(batch[i]), want, rtol=0, atol=1.2e-7)
 
 
 @pytest.mark.parametrize("override, fragment", [

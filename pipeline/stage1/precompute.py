@@ -4,8 +4,13 @@ Work is cut into units ``(shard, block of views)``. A unit is independent and id
 its DataLoader worker reads the shard once (a tar front to back; a virtual shard by one seek per
 sample), decodes each image once, renders all the unit's
 views from the decoded images, and the main process runs the teacher and writes the unit in
-one atomic commit. Ranks take disjoint units (unit i goes to rank i mod world) and skip units
-already complete, so a fleet needs no coordinator and rerunning the same command resumes.
+one atomic commit. Each rank works through its own share first (unit i goes to rank i mod world),
+then through the other ranks' pending units from the back of their lists, taking each unit by a lease
+beside the store (``storage.leases``): a straggler's units go to whoever is free, and a dead or frozen
+worker's are taken over once its lease is ``--lease-ttl`` seconds old. A ``--join`` process (no rank)
+takes any pending unit the same way; ``--no-claim`` keeps the static split (its own share, no leases).
+Units already complete are skipped, so a fleet needs no coordinator and rerunning the same command
+resumes; a unit two workers computed anyway (a lease race) has the same bytes, committed once.
 
 Batches never span units: a unit's views are cut into fixed chunks of ``batch_size`` in
 (view, slot) order. A view therefore meets the same batch-mates whatever the fleet size or
@@ -46,12 +51,13 @@ from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
 from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
-from ..devices import resolve_device
+from ..devices import resolve_device, single_thread_worker
 from ..probes import probe_hashes
 from ..progress import progress_bar
 from ..recipes import create_recipe, parse_overrides
 from ..sources import (
     Manifest,
+    ManifestError,
     SourceChanged,
     Undecodable,
     check_outside_source,
@@ -201,8 +207,8 @@ def _index(cfg: PrecomputeConfig) -> Manifest:
     if not cfg.overwrite:
         try:
             stored = stored_manifest(open_store(cfg.out))
-        except (StoreError, OSError, ValueError, KeyError):
-            stored = None  # no store there yet (or not one of ours: create_store says so)
+        except (StoreError, ManifestError, OSError, ValueError, KeyError):
+            stored = None  # no store there yet, or a damaged one or not one of ours: create_store says so
         if stored is not None:
             # --shards auto means the store's layout, as in `train --labels`: auto alone might pick another
             layout, wrong_layout = layout_for_store(cfg.shards, stored, cfg.out)
@@ -355,10 +361,6 @@ class UnitViews(torch.utils.data.IterableDataset):
     @staticmethod
     def _chunk(u, start, buf, ok, keys) -> Chunk:
         return Chunk(u, start, torch.from_numpy(np.stack([b.numpy() for b in buf])), torch.tensor(ok), tuple(keys))
-
-
-def _single_thread_worker(_):
-    torch.set_num_threads(1)  # workers render with PIL; leave the cores to the teacher
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -563,7 +565,7 @@ class _Run:
         claimer = _Claimer(self.leases, cfg.out, spec.views_per_unit) if self.leases is not None else None
         dataset = UnitViews(self.manifest, self.recipe, cfg.seed, units, cfg.batch_size, claimer)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=_single_thread_worker,
+            dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=single_thread_worker,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None)
         buffers: dict[int, _UnitBuffer] = {}
