@@ -52,7 +52,10 @@ def imports_of(module: str, path: str) -> list[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            found += [target] + [f"{target}.{a.name}" for a in node.names if node.level]
+            # `from . import name` needs only name (a submodule, or the package when name lives in it:
+            # resolve() falls back to the package); `from .mod import name` needs mod
+            found += ([] if node.level and not node.module else [target]) \
+                + [f"{target}.{a.name}" for a in node.names if node.level]
     return [f for f in found if f.split(".")[0] in OURS]
 
 
