@@ -78,7 +78,8 @@ def test_another_units_labels_are_found_by_verify_train_and_precompute(clean, ba
 
     res = invoke("verify", store, "--data", clean["data"], "--n", 0, "--full")
     assert escaped(res) is None and res.exit_code == 1, res.output
-    assert res.output.splitlines()[-1] == "FAIL: bad units: 000000_0000 (shard=0, view_block=0)", res.output
+    assert res.output.splitlines()[-1].startswith("FAIL: bad units: 000000_0000 (shard=0, view_block=0); rerun the "
+                                                  "same precompute command"), res.output
 
     run = str(tmp_path / "run")
     one_line_error(invoke(*train_args(clean, store, run)), "damaged", "shard=0, view_block=0")
