@@ -5,12 +5,7 @@ live in either without an import circle. ``pipeline.sources`` re-exports them; i
 from __future__ import annotations
 
 from storage.errors import UserError
-
-# At most this many classes, so a label read from a file is range-checked before anything is sized by
-# it (class names, one-hot targets of [batch, C], the classifier): a label of 2**31 would otherwise
-# allocate per class until the OOM killer steps in. ImageNet-21k has 21,841 classes and the largest
-# public classification sets ~10**5; 2**20 leaves room and bounds a [64, C] float32 target at 256 MiB.
-MAX_CLASSES = 1 << 20
+from storage.schema import MAX_CLASSES  # one bound for sources and stores; why: see there
 
 
 class SourceError(UserError):

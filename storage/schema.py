@@ -16,9 +16,12 @@ import math
 
 from .errors import UserError
 
-# num_classes: the largest label sets in use (face-ID sets of ~0.7M identities, ImageNet-21k's 21,841)
-# with room; one float32 logit row of 2**22 classes is 16 MiB, what a teacher's batch can still hold.
-MAX_CLASSES = 2 ** 22
+# num_classes, for stores and sources alike (pipeline.source_errors uses this bound): a label read from a file
+# is range-checked against it before anything is sized by it (class names, one-hot targets of [batch, C], the
+# classifier), so a label of 2**31 is one line, not an allocation per class until the OOM killer steps in.
+# ImageNet-21k has 21,841 classes, face-ID sets ~0.7M identities; 2**20 leaves room and bounds a [64, C]
+# float32 target at 256 MiB.
+MAX_CLASSES = 2 ** 20
 # views: the CLI's MAX_EPOCHS (pipeline.options; storage imports nothing of ours, tests check they agree):
 # epoch e reads view e mod V, so no run can use more views than epochs.
 MAX_VIEWS = 1_000_000
