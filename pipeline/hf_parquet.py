@@ -301,7 +301,10 @@ class ParquetRows:
             self.group_reads += 1
             self._make_room(group.nbytes)
         self._groups[file, rg] = group
-        data = group[row - int(starts[rg])].as_py()
+        at = row - int(starts[rg])
+        if at >= len(group):  # pages holding fewer values than the footer says: a damaged file
+            return b""
+        data = group[at].as_py()
         return b"" if data is None else data
 
     def _make_room(self, incoming: int) -> None:
