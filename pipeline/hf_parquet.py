@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import OrderedDict
 
 import crc32c
@@ -218,13 +219,23 @@ class ParquetRows:
         if hit is None:
             path = self.path(file)
             try:
-                hit = self.opener(path) if self.opener else open(path, "rb", buffering=0)
+                hit = self.opener(path) if self.opener else self._open_regular(path)
             except PermissionError:
                 raise permission_error(path) from None
             while len(self._handles) >= self.open_files:
                 self._handles.popitem(last=False)[1].close()
         self._handles[file] = hit  # most recently used last
         return hit
+
+    @staticmethod
+    def _open_regular(path: str):
+        """Unbuffered (a read is exactly the bytes asked for), never blocking on a FIFO swapped in
+        after indexing (O_NONBLOCK; then only a regular file is kept: else OSError, the image b"")."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb", buffering=0)
 
     def _map(self, file: int) -> RowBytes | None:
         """Where each row's image lies in ``file`` (mapped on first use), or None: read row groups."""

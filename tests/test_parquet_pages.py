@@ -236,3 +236,18 @@ def test_bytes_changed_after_mapping_are_a_changed_source(recut, tmp_path):
         f.write(bytes(size))
     with pytest.raises(SourceChanged):
         files.read(*first[0])
+
+
+def test_a_fifo_swapped_in_for_a_file_is_a_changed_source_not_a_hang(recut, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(recut.root, root)
+    m = index_source(str(root), shard_size=60)
+    files = SampleFiles(m)
+    i = files.row(0, 0)
+    name = os.path.join(root, m.tars[int(files.tar_index[i])])
+    os.remove(name)
+    os.mkfifo(name)  # opened for reading, a FIFO without a writer would wait forever
+    with pytest.raises(SourceChanged):
+        files.read(0, 0)
