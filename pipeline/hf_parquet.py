@@ -165,10 +165,11 @@ def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None
                                          "to_parquet embeds Image() files) or drop those rows")
 
 
-# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own).
-# datasets writes 100 images a row group (~10 MB of ImageNet JPEGs): a few fit, which is what a
-# loader batch drawing from several row groups needs. A file written as one row group (pyarrow's
-# default, a whole 140 MB file) keeps only itself, the one group being read, not 8 such files.
+# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own), for
+# files read by row group (not datasets' own, which are read image by image). Row groups of 100
+# images (~10 MB of ImageNet JPEGs): a few fit, which is what a loader batch drawing from several
+# row groups needs. A file written as one row group (pyarrow's default, a whole 140 MB file) keeps
+# only itself, the one group being read, not 8 such files.
 ROW_GROUP_CACHE_BYTES = 64 << 20
 
 
