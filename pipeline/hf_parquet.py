@@ -7,10 +7,11 @@ and an integer ``label`` column whose ``ClassLabel`` names sit in the schema met
 the manifest's ``offset`` column (the row within its file), so a re-cut of class-sorted files
 (``sources.recut_shards``) works as for tars, the ``tar`` column then indexing the files.
 
-Reading is by row group (the unit parquet compresses and stores the image column in): a shard read
-front to back reads each row group once; random reads keep a few files open and the last row
-groups decoded (``ParquetRows``), so the samples of one row group that a loader batch asks for cost
-one read. Only the ``image`` column is read for images and only ``label`` (plus ``image.path``) to
+Reading: files as ``datasets`` writes them (images uncompressed, PLAIN) are mapped once, page
+headers walked (``parquet_pages``), and each image is then read alone, exactly its bytes; other files
+are read by row group (the unit pyarrow reads): a shard read front to back reads each row group
+once, and random reads keep a few files open and the last row groups decoded (``ParquetRows``).
+Only the ``image`` column is read for images and only ``label`` (plus ``image.path``) to
 index without checksums: parquet stores columns apart, so indexing never touches the image bytes
 unless precompute asks for their checksums.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import OrderedDict
 
 import crc32c
@@ -27,20 +29,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.parquet_pages import RowBytes, Unmapped, map_column  # absolute: this module is moving
+
 from .source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
 
 
-def _open(path: str) -> pq.ParquetFile:
+def _open(path, name: str | None = None) -> pq.ParquetFile:
+    """A parquet file by path (memory-mapped), or through an open file object ``path`` named ``name``."""
     try:
         # memory-mapped, no pre-buffering: a row group's image column is read from the page cache with
         # one copy (measured ~1.5x faster than the defaults on 4 MB row groups of JPEGs)
+        if name is not None:
+            return pq.ParquetFile(path, pre_buffer=False)
         return pq.ParquetFile(path, memory_map=True, pre_buffer=False)
     except PermissionError:
         raise permission_error(path) from None
     except (pa.ArrowException, OSError) as e:
+        path = path if name is None else name
         raise SourceError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); "
                                  "re-download or re-write it, or remove it from --data") from None
 
@@ -157,42 +165,100 @@ def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None
                                          "to_parquet embeds Image() files) or drop those rows")
 
 
-# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own).
-# datasets writes 100 images a row group (~10 MB of ImageNet JPEGs): a few fit, which is what a
-# loader batch drawing from several row groups needs. A file written as one row group (pyarrow's
-# default, a whole 140 MB file) keeps only itself, the one group being read, not 8 such files.
+# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own), for
+# files read by row group (not datasets' own, which are read image by image). Row groups of 100
+# images (~10 MB of ImageNet JPEGs): a few fit, which is what a loader batch drawing from several
+# row groups needs. A file written as one row group (pyarrow's default, a whole 140 MB file) keeps
+# only itself, the one group being read, not 8 such files.
 ROW_GROUP_CACHE_BYTES = 64 << 20
 
 
 class ParquetRows:
-    """Image bytes by (file, row): a few files open, the last row groups read kept.
+    """Image bytes by (file, row): each image read alone where the file allows, else by row group.
 
-    One read per row group while the rows asked for stay in it (a shard read front to back, or the
+    Files as ``datasets`` writes them (the image column uncompressed, PLAIN) are mapped once on
+    first use (``parquet_pages``: page headers walked, a few bytes a row, no image bytes) and each
+    image is then one read of exactly its bytes, wherever the loader's batches fall. The maps are
+    kept for every file touched (16 bytes a row: 20 MB for ImageNet's 1.28M rows), so a file closed
+    by the ``open_files`` bound is reopened without mapping it again.
+
+    Other files (compressed or dictionary-encoded images, pyarrow's defaults) are read by row group:
+    one read per row group while the rows asked for stay in it (a shard read front to back, or the
     samples of a loader batch from one row group). The kept groups are bounded by count and by
-    ``cache_bytes`` (the group being read is always kept). Picklable: workers start with empty caches."""
+    ``cache_bytes`` (the group being read is always kept).
+
+    ``opener(path)`` opens a file for reading (binary, seek/read); a caller counting bytes passes
+    one, and every byte then goes through it (footers, pages, row groups). ``pages=False`` reads
+    by row group always (the benchmark's before). Picklable: workers start with empty caches."""
 
     def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8,
-                 cache_bytes: int = ROW_GROUP_CACHE_BYTES):
+                 cache_bytes: int = ROW_GROUP_CACHE_BYTES, opener=None, pages: bool = True):
         self.root, self.files = root, list(files)
         self.open_files, self.row_groups, self.cache_bytes = open_files, row_groups, cache_bytes
+        self.opener, self.pages = opener, pages
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
         self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
+        self._maps: dict[int, RowBytes | None] = {}  # None: not mappable, read by row group
+        self._handles: OrderedDict[int, object] = OrderedDict()  # files open for direct reads
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+        self.direct_reads = 0  # images read alone, at their offset
 
     @property
     def cached_bytes(self) -> int:
         return sum(g.nbytes for g in self._groups.values())
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict()}
+        return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict(), "_maps": {},
+                "_handles": OrderedDict()}
 
     def path(self, file: int) -> str:
         return os.path.join(self.root, self.files[file])
 
+    def _raw(self, file: int):
+        """A file open for reading (``opener``), of the last ``open_files`` used."""
+        hit = self._handles.pop(file, None)
+        if hit is None:
+            path = self.path(file)
+            try:
+                hit = self.opener(path) if self.opener else self._open_regular(path)
+            except PermissionError:
+                raise permission_error(path) from None
+            while len(self._handles) >= self.open_files:
+                self._handles.popitem(last=False)[1].close()
+        self._handles[file] = hit  # most recently used last
+        return hit
+
+    @staticmethod
+    def _open_regular(path: str):
+        """Unbuffered (a read is exactly the bytes asked for), never blocking on a FIFO swapped in
+        after indexing (O_NONBLOCK; then only a regular file is kept: else OSError, the image b"")."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def _map(self, file: int) -> RowBytes | None:
+        """Where each row's image lies in ``file`` (mapped on first use), or None: read row groups."""
+        if file in self._maps:
+            return self._maps[file]
+        if not self.pages:
+            return None
+        raw = self._raw(file)
+        try:
+            meta = pq.ParquetFile(raw, pre_buffer=False).metadata
+            columns = [meta.schema.column(i) for i in range(meta.num_columns)]
+            col = next(i for i, c in enumerate(columns) if c.path == "image.bytes")
+            rows = map_column(raw, meta, col, columns[col].max_definition_level, columns[col].max_repetition_level)
+        except (Unmapped, StopIteration):
+            rows = None  # not plain uncompressed images: pyarrow reads its row groups
+        self._maps[file] = rows
+        return rows
+
     def _file(self, file: int) -> tuple[pq.ParquetFile, np.ndarray]:
         hit = self._files.pop(file, None)
         if hit is None:
-            f = _open(self.path(file))
+            f = _open(self.path(file)) if self.opener is None else _open(self._raw(file), self.path(file))
             rows = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
             hit = (f, np.cumsum([0] + rows))  # first row of each row group, then the total
             while len(self._files) >= self.open_files:
@@ -204,11 +270,35 @@ class ParquetRows:
         """The image bytes of one row; b"" when the file or row is gone or unreadable (the caller's
         crc32c check then says the source changed, or the image is undecodable)."""
         try:
-            f, starts = self._file(file)
+            rows = self._map(file)
         except SourceError as e:
             if "permission denied" in str(e):  # unreadable now: an error, never a silently dropped image
                 raise
+            return b""
+        except (pa.ArrowException, OSError):
             return b""  # gone or no longer parquet
+        if rows is not None:
+            if not 0 <= row < len(rows.offsets) or rows.sizes[row] < 0:
+                return b""
+            try:
+                raw = self._raw(file)
+                raw.seek(int(rows.offsets[row]))
+                data = raw.read(int(rows.sizes[row]))
+            except OSError:
+                return b""
+            self.direct_reads += 1
+            return data or b""
+        return self._image_by_group(file, row)
+
+    def _image_by_group(self, file: int, row: int) -> bytes:
+        try:
+            f, starts = self._file(file)
+        except SourceError as e:
+            if "permission denied" in str(e):
+                raise
+            return b""  # gone or no longer parquet
+        except OSError:
+            return b""
         rg = int(np.searchsorted(starts, row, side="right")) - 1
         if not 0 <= rg < len(starts) - 1:
             return b""
@@ -223,7 +313,10 @@ class ParquetRows:
             self.group_reads += 1
             self._make_room(group.nbytes)
         self._groups[file, rg] = group
-        data = group[row - int(starts[rg])].as_py()
+        at = row - int(starts[rg])
+        if at >= len(group):  # pages holding fewer values than the footer says: a damaged file
+            return b""
+        data = group[at].as_py()
         return b"" if data is None else data
 
     def _make_room(self, incoming: int) -> None:
