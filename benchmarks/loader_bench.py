@@ -33,7 +33,8 @@ from common import interleaved, photo_like_jpegs
 import student.data as sd
 from pipeline.recipes import create_recipe
 from pipeline.sources import Manifest
-from pipeline.views import ViewRenderer, epoch_shard_order
+from pipeline.views import ViewRenderer
+from student.stream import epoch_shard_order
 
 SHARDS, PER_SHARD, CLASSES, WORLD, BATCH, WORKERS = 1251, 1024, 1000, 8, 128, 10
 

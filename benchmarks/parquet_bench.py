@@ -34,8 +34,9 @@ from common import interleaved, photo_like_jpegs
 
 from pipeline.recipes import create_recipe
 from pipeline.sources import decode_image, index_source, write_wds_shards
-from pipeline.views import ViewRenderer, epoch_stream
+from pipeline.views import ViewRenderer
 from student.data import SampleFiles
+from student.stream import epoch_stream
 
 
 def write_parquet(jpegs, labels, root, per_file, row_group):

@@ -68,11 +68,12 @@ from pipeline.sources import (
     source_errors_in_one_line,
     stored_manifest,
 )
-from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
+from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN, open_store
 from storage.errors import printable
 
 from .errors import TrainError
+from .stream import STREAM_GROUP_SHARDS, epoch_stream, window_slots
 
 
 # ---- reading samples by (shard, position) ------------------------------------------------
