@@ -9,7 +9,7 @@ interleaved in one process, warm page cache:
 
 - precompute's read: every shard front to back (``Manifest.iter_shard``): a tar is read once, a
   parquet file once per row group;
-- the loader's read: one epoch of the lockstep stream in batches (``SampleFiles.read_many``, as
+- the loader's read: one epoch of the lockstep stream in batches (``SampleReader.read_many``, as
   ``ReplayBatches`` calls it), the same for both sources;
 - the loader's read with a one-row-group cache and samples read in stream order: what reading a
   row group per sample would cost (the grouping ``read_many`` does is what avoids it).
@@ -25,9 +25,8 @@ import tempfile
 from common import interleaved, photo_like_jpegs
 
 from pipeline.recipes import create_recipe
-from pipeline.sources import decode_image, index_source, write_wds_shards
+from pipeline.sources import SampleReader, decode_image, index_source, write_wds_shards
 from pipeline.views import ViewRenderer, epoch_stream
-from student.data import SampleFiles
 
 
 def write_parquet(jpegs, labels, root, per_file, row_group):
@@ -82,13 +81,13 @@ def main():
         assert src["tar"].shard_sizes == src["parquet"].shard_sizes
         batches = loader_batches(src["tar"], args.batch)
         reads = sum(len(b) for b in batches)
-        files = {k: SampleFiles(m) for k, m in src.items()}
-        naive = SampleFiles(src["parquet"])
-        naive.parquet.row_groups = 1
+        files = {k: SampleReader(m) for k, m in src.items()}
+        naive = SampleReader(src["parquet"])
+        naive.file_reader.rows.row_groups = 1
 
-        def shards(m):
-            for j in range(len(m.shards)):
-                list(m.iter_shard(j))
+        def shards(r):
+            for j in range(len(r.sizes)):
+                list(r.iter_shard(j))
 
         def loader(f):
             for b in batches:
@@ -104,20 +103,20 @@ def main():
                 decode_image(b)
 
         def fresh(m):  # a new reader: nothing kept from the last round
-            m._rows = None
-            return m
+            return SampleReader(m)
 
         med = interleaved({
-            "shards tar": lambda: shards(src["tar"]),
+            "shards tar": lambda: shards(fresh(src["tar"])),
             "shards parquet": lambda: shards(fresh(src["parquet"])),
             "loader tar": lambda: loader(files["tar"]),
             "loader parquet": lambda: loader(files["parquet"]),
             "loader parquet per sample": lambda: per_sample(naive),
             "decode": decode,
         }, rounds=args.rounds)
-        shards(fresh(src["parquet"]))
-        groups_shards = src["parquet"].parquet_rows().group_reads
-        files["parquet"].parquet.group_reads = naive.parquet.group_reads = 0
+        once = fresh(src["parquet"])
+        shards(once)
+        groups_shards = once.file_reader.rows.group_reads
+        files["parquet"].file_reader.rows.group_reads = naive.file_reader.rows.group_reads = 0
         loader(files["parquet"])
         per_sample(naive)
         n = args.images
@@ -129,9 +128,9 @@ def main():
         for what, count, tar, pq, groups in (
                 ("precompute (every shard front to back)", n, "shards tar", "shards parquet", groups_shards),
                 ("loader (epoch 0's batches, read_many)", reads, "loader tar", "loader parquet",
-                 files["parquet"].parquet.group_reads),
+                 files["parquet"].file_reader.rows.group_reads),
                 ("loader, a row group per sample", reads, "loader tar", "loader parquet per sample",
-                 naive.parquet.group_reads)):
+                 naive.file_reader.rows.group_reads)):
             t, p = med[tar] / count, med[pq] / count
             print(f"{what:42s} tar {t * 1e6:7.1f} us/image  parquet {p * 1e6:7.1f} us/image  "
                   f"ratio parquet/tar {p / t:6.2f}x  ({groups / count:.3f} row groups read per image; "

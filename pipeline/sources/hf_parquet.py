@@ -252,7 +252,7 @@ OPEN_FILES = 16  # parquet files a reader keeps open (as tars: a batch or a re-c
 
 
 class HfParquet(SourceFormat):
-    kind, ext, what, recut = "parquet", ".parquet", ".parquet files", True
+    kind, ext, what, recut = "parquet", ".parquet", "Hugging Face parquet files", True
     sizes_without_content = False  # the image column is read only for checksums
 
     def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:

@@ -24,7 +24,7 @@ DEFAULT_FILE_FORMAT = tar.FORMAT
 
 
 def formats_in_words() -> str:
-    """The formats in words ("an ImageFolder directory, .tar shards or .parquet files"), for help and errors."""
+    """The formats in words ("an ImageFolder directory, WebDataset .tar shards or ..."), for help and errors."""
     words = [f.what for f in FORMATS.values()]
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 

@@ -64,7 +64,7 @@ class TarFiles(FileReader):
 
 
 class WebDataset(SourceFormat):
-    kind, ext, what, recut = "wds", ".tar", ".tar shards", True
+    kind, ext, what, recut = "wds", ".tar", "WebDataset .tar shards", True
     sizes_without_content = True  # the member headers
 
     def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
