@@ -53,7 +53,7 @@ def manifest() -> Manifest:
                     [str(c) for c in range(CLASSES)], table)
 
 
-class OneJpeg(sd.SampleFiles):
+class OneJpeg(sd.SampleReader):
     """Every sample's bytes are the same real JPEG (no disk: the loader's CPU work is measured)."""
 
     def __init__(self, m: Manifest, jpeg: bytes):

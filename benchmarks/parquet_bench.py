@@ -10,7 +10,7 @@ Timed interleaved in one process, warm page cache:
 
 - precompute's read: every shard front to back (``Manifest.iter_shard``): a tar is read once, a
   parquet file once (each image alone, by the page map);
-- the loader's read: one epoch of the lockstep stream in batches (``SampleFiles.read_many``, as
+- the loader's read: one epoch of the lockstep stream in batches (``SampleReader.read_many``, as
   ``ReplayBatches`` calls it), the same for both sources, parquet read two ways: by row group (the
   reader before the page map: ``ParquetRows(pages=False)``) and by page map (each image alone);
 - the loader's read by row group with a one-row-group cache and samples read in stream order: what
@@ -33,9 +33,8 @@ import pyarrow.parquet as pq
 from common import interleaved, photo_like_jpegs
 
 from pipeline.recipes import create_recipe
-from pipeline.sources import decode_image, index_source, write_wds_shards
+from pipeline.sources import SampleReader, decode_image, index_source, write_wds_shards
 from pipeline.views import ViewRenderer
-from student.data import SampleFiles
 from student.stream import epoch_stream
 
 
@@ -98,18 +97,18 @@ def main():
         cache = int(group_bytes * args.cache_fraction)
 
         def parquet_files(pages, opener=None):
-            f = SampleFiles(src["parquet"])
-            f.parquet.pages, f.parquet.cache_bytes, f.parquet.opener = pages, cache, opener
+            f = SampleReader(src["parquet"])
+            f.file_reader.rows.pages, f.file_reader.rows.cache_bytes, f.file_reader.rows.opener = pages, cache, opener
             return f
 
-        files = {"tar": SampleFiles(src["tar"]), "parquet": parquet_files(True),
+        files = {"tar": SampleReader(src["tar"]), "parquet": parquet_files(True),
                  "by group": parquet_files(False)}
         naive = parquet_files(False)
-        naive.parquet.row_groups = 1
+        naive.file_reader.rows.row_groups = 1
 
-        def shards(m):
-            for j in range(len(m.shards)):
-                list(m.iter_shard(j))
+        def shards(r):
+            for j in range(len(r.sizes)):
+                list(r.iter_shard(j))
 
         def loader(f):
             for b in batches:
@@ -125,11 +124,10 @@ def main():
                 decode_image(b)
 
         def fresh(m):  # a new reader: nothing kept from the last round
-            m._rows = None
-            return m
+            return SampleReader(m)
 
         med = interleaved({
-            "shards tar": lambda: shards(src["tar"]),
+            "shards tar": lambda: shards(fresh(src["tar"])),
             "shards parquet": lambda: shards(fresh(src["parquet"])),
             "loader tar": lambda: loader(files["tar"]),
             "loader parquet": lambda: loader(files["parquet"]),
@@ -137,11 +135,12 @@ def main():
             "loader parquet per sample": lambda: per_sample(naive),
             "decode": decode,
         }, rounds=args.rounds)
-        shards(fresh(src["parquet"]))
-        groups_shards = src["parquet"].parquet_rows().group_reads
+        once = fresh(src["parquet"])
+        shards(once)
+        groups_shards = once.file_reader.rows.group_reads
         files["parquet"], files["by group"] = parquet_files(True), parquet_files(False)  # counted from empty
         naive = parquet_files(False)
-        naive.parquet.row_groups = 1
+        naive.file_reader.rows.row_groups = 1
         loader(files["parquet"])
         loader(files["by group"])
         per_sample(naive)
@@ -155,11 +154,11 @@ def main():
         for what, count, tar, pq_, groups in (
                 ("precompute (every shard front to back)", n, "shards tar", "shards parquet", groups_shards),
                 ("loader, by page map (now)", reads, "loader tar", "loader parquet",
-                 files["parquet"].parquet.group_reads),
+                 files["parquet"].file_reader.rows.group_reads),
                 ("loader, by row group (before)", reads, "loader tar", "loader parquet by row group",
-                 files["by group"].parquet.group_reads),
+                 files["by group"].file_reader.rows.group_reads),
                 ("loader, a row group per sample", reads, "loader tar", "loader parquet per sample",
-                 naive.parquet.group_reads)):
+                 naive.file_reader.rows.group_reads)):
             t, p = med[tar] / count, med[pq_] / count
             print(f"{what:42s} tar {t * 1e6:7.1f} us/image  parquet {p * 1e6:7.1f} us/image  "
                   f"ratio parquet/tar {p / t:6.2f}x  ({groups / count:.3f} row groups read per image; "

@@ -27,7 +27,7 @@ DataLoader workers split a rank's *batches* round-robin (worker w renders steps 
 which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
 same bytes for 0, 1 or 13 workers. A worker plans only the slots of its batch
 (``ViewRenderer.slot_view``, with each shard's slot order cached), reads the samples it needs in
-file order (``SampleFiles.read_many``; the manifest records where each is): a webdataset sample by
+file order (``SampleReader.read_many``; the manifest records where each is): a webdataset sample by
 one seek into its tar (a few tars stay open), a parquet sample from its row group (a few files open
 and the last row groups kept, so a batch's samples from one row group cost one read), an
 ImageFolder sample by one file read; each checked against the size and crc32c the store's
@@ -43,8 +43,6 @@ a file damaged after precompute) is dropped from its batch. Both are counted.
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,19 +50,16 @@ import numpy as np
 import torch
 
 from pipeline.devices import single_thread_worker
-from pipeline.hf_parquet import ParquetRows
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
     Manifest,
+    SampleReader,
     SourceError,
     Undecodable,
     check_same_classes,
-    check_sample,
     decode_image,
     index_source,
     layout_for_store,
-    permission_error,
-    read_regular_file,
     source_errors_in_one_line,
     stored_manifest,
 )
@@ -74,98 +69,6 @@ from storage.errors import printable
 
 from .errors import TrainError
 from .stream import STREAM_GROUP_SHARDS, epoch_stream, window_slots
-
-
-# ---- reading samples by (shard, position) ------------------------------------------------
-class SampleFiles:
-    """Bytes and labels of samples by (shard, position), from manifest columns held as arrays.
-
-    ``Manifest.read_sample`` re-derives the shard table on every call; a loader reads every
-    sample every epoch, so the columns are pulled out once here. A batch spans several shards
-    (and a re-cut shard spans tars), so the last few tars read stay open. Picklable (workers get
-    a copy); open files are not carried across.
-    """
-
-    OPEN_TARS = 16
-
-    def __init__(self, manifest: Manifest):
-        t = manifest.samples
-        self.kind, self.root, self.shards = manifest.kind, manifest.root, list(manifest.shards)
-        self.sizes = np.asarray(manifest.shard_sizes, dtype=np.int64)
-        self.starts = manifest.shard_starts
-        self.labels = t.column("label").to_numpy().astype(np.int64)
-        self.keys = t.column("key").to_numpy(zero_copy_only=False)
-        if self.kind == "imagefolder":
-            self.paths = t.column("path").to_numpy(zero_copy_only=False)
-        else:  # a tar's byte offset, or a parquet file's row
-            self.offsets = t.column("offset").to_numpy()
-            # Which tar holds each row: the shard itself, or (a re-cut source) the "tar" column.
-            self.tars = list(manifest.tars) or self.shards
-            self.tar_index = (t.column("tar") if manifest.tars else t.column("shard")).to_numpy().astype(np.int64)
-        self.nbytes = t.column("size").to_numpy()
-        self.crcs = t.column("crc32c").to_numpy()  # the bytes precompute labelled (-1: not recorded)
-        self._open: OrderedDict[int, object] = OrderedDict()
-        # parquet: a few files open and the last row groups kept, so a batch's samples from one
-        # row group cost one read of it (hf_parquet.ParquetRows; picklable, caches not carried)
-        self.parquet = ParquetRows(self.root, self.tars, self.OPEN_TARS) if self.kind == "parquet" else None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_open": OrderedDict()}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def row(self, shard: int, position: int) -> int:
-        return int(self.starts[shard] + position)
-
-    def read(self, shard: int, position: int) -> bytes:
-        """A sample's bytes, checked against the size and crc32c indexed (SourceChanged if they differ)."""
-        i = self.row(shard, position)
-        if self.kind == "imagefolder":
-            path = os.path.join(self.root, self.paths[i])
-            try:
-                data = read_regular_file(path)
-            except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
-                data = b""  # undecodable, like an empty file: the view is skipped and counted
-        elif self.parquet is not None:
-            tar = int(self.tar_index[i])
-            path = self.parquet.path(tar)
-            data = self.parquet.image(tar, int(self.offsets[i]))
-        else:
-            tar = int(self.tar_index[i])
-            path = os.path.join(self.root, self.tars[tar])
-            f = self._open.pop(tar, None)
-            if f is None:
-                try:
-                    f = open(path, "rb")
-                except PermissionError:
-                    raise permission_error(path) from None
-                while len(self._open) >= self.OPEN_TARS:
-                    self._open.popitem(last=False)[1].close()
-            self._open[tar] = f  # most recently used last
-            f.seek(int(self.offsets[i]))
-            data = f.read(int(self.nbytes[i]))
-        check_sample(str(self.keys[i]), path, data, int(self.nbytes[i]), int(self.crcs[i]))
-        return data
-
-    def read_many(self, samples: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """Bytes of several (shard, position)s, read in file order: a parquet row group (or a tar
-        region) that several of them share is read once, not once per sample. b"" for a sample
-        that cannot be read now (undecodable: its views are skipped and counted)."""
-        rows = {s: self.row(*s) for s in samples}
-        if self.kind == "imagefolder":
-            order = sorted(rows)
-        else:
-            order = sorted(rows, key=lambda s: (int(self.tar_index[rows[s]]), int(self.offsets[rows[s]])))
-        out = {}
-        for s in order:
-            try:
-                out[s] = self.read(*s)
-            except SourceError:  # changed or unreadable source: stop, never train on other images
-                raise
-            except Exception:  # unreadable now (a tar gone): undecodable, its views skipped and counted
-                out[s] = b""
-        return out
 
 
 # ---- what a run trains on ------------------------------------------------------------------
@@ -370,7 +273,7 @@ def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
 class ReplayBatches(torch.utils.data.IterableDataset):
     """Renders one rank's batches of one epoch; worker w of W takes batches w, w+W, ..."""
 
-    def __init__(self, files: SampleFiles, recipe: Recipe, seed: int, view: int, num_classes: int,
+    def __init__(self, files: SampleReader, recipe: Recipe, seed: int, view: int, num_classes: int,
                  batches: list[np.ndarray]):
         self.files, self.recipe, self.seed, self.view = files, recipe, seed, view
         self.num_classes, self.batches = num_classes, batches
@@ -464,7 +367,7 @@ class LockstepLoader:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.workers, self.pin_memory, self.limit = workers, pin_memory, max_steps_per_epoch
-        self.files = SampleFiles(data.manifest)
+        self.files = SampleReader(data.manifest)
         self.global_batch = batch_size * world
         if self.global_batch > len(self.files):
             raise TrainError(f"global batch {self.global_batch} (--batch-size {batch_size} x {world} processes) "
@@ -527,7 +430,7 @@ class EvalImages(torch.utils.data.Dataset):
     """Every ``world``-th sample of a validation source (from ``rank``), eval-transformed."""
 
     def __init__(self, manifest: Manifest, recipe: Recipe, rank: int = 0, world: int = 1):
-        self.files, self.recipe = SampleFiles(manifest), recipe
+        self.files, self.recipe = SampleReader(manifest), recipe
         self.index = np.arange(rank, len(self.files), world)
         self.shard_of = np.searchsorted(self.files.starts, np.arange(len(self.files)), side="right") - 1
         self._transform = None

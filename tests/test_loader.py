@@ -193,7 +193,7 @@ def recut(tmp_path_factory, tiny):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_a_recut_source_replays_the_labelled_views_across_tars(recut, tiny):
     data = open_train_data(recut["data"], labels=recut["store"])
-    assert data.manifest.layout == "shuffle" and len(data.manifest.tars) == 3
+    assert data.manifest.layout == "shuffle" and len(data.manifest.files) == 3
     teacher = create_teacher(TEACHER, weights=tiny["weights"], num_classes=3, model_kwargs={"num_classes": 3},
                              device=torch.device("cpu"))
     runs = [epoch_batches(data, 1, batch_size=6, workers=w) for w in (0, 2)]

@@ -1,4 +1,4 @@
-"""Parquet images read alone (pipeline.parquet_pages): the page map is pyarrow's values byte for byte,
+"""Parquet images read alone (pipeline.sources.parquet_pages): the page map is pyarrow's values byte for byte,
 files it does not understand fall back to row groups, hostile pages are refused, and the training
 loader reads under 2 bytes per byte it uses, counted through the file seam (no timing)."""
 
@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import ClassLabel, Features, Image
 
-from pipeline.hf_parquet import ParquetRows
-from pipeline.parquet_pages import Unmapped, map_column
 from pipeline.recipes import create_recipe
-from pipeline.sources import SourceChanged, index_source
-from pipeline.views import ViewRenderer, epoch_stream
-from student.data import SampleFiles
+from pipeline.sources import SampleReader, SourceChanged, index_source
+from pipeline.sources.hf_parquet import ParquetRows
+from pipeline.sources.parquet_pages import Unmapped, map_column
+from pipeline.views import ViewRenderer
+from student.stream import epoch_stream
 
 
 class CountingFile(io.FileIO):
@@ -192,19 +192,19 @@ def recut(tmp_path_factory):
         idx = order[f * per_file:(f + 1) * per_file]
         write_datasets(root / f"train-{f:05d}.parquet", [images[i] for i in idx], [i % classes for i in idx], classes)
     m = index_source(str(root), shard_size=60)
-    assert m.layout == "shuffle" and len(m.tars) == 6
+    assert m.layout == "shuffle" and len(m.files) == 6
     return m
 
 
 def loader_bytes(manifest, pages):
-    """(bytes read, bytes used) by one epoch of the loader's batches through SampleFiles.read_many."""
+    """(bytes read, bytes used) by one epoch of the loader's batches through SampleReader.read_many."""
     counter, opener = counting_opener()
-    files = SampleFiles(manifest)
-    files.parquet.opener, files.parquet.pages = opener, pages
+    files = SampleReader(manifest)
+    files.file_reader.rows.opener, files.file_reader.rows.pages = opener, pages
     # ImageNet as datasets writes it: row groups of ~100 MB (900 images), over the 64 MB a loader
     # worker keeps; here a row group is ~3 MB, so the kept bytes are scaled to the same fraction.
-    group = pq.ParquetFile(os.path.join(manifest.root, manifest.tars[0])).metadata.row_group(0).total_byte_size
-    files.parquet.cache_bytes = group * 64 // 100
+    group = pq.ParquetFile(os.path.join(manifest.root, manifest.files[0])).metadata.row_group(0).total_byte_size
+    files.file_reader.rows.cache_bytes = group * 64 // 100
     used = 0
     for batch in loader_batches(manifest, 32):
         used += sum(len(b) for b in files.read_many(batch).values())
@@ -225,13 +225,13 @@ def test_bytes_changed_after_mapping_are_a_changed_source(recut, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(recut.root, root)
     m = index_source(str(root), shard_size=60)
-    files = SampleFiles(m)
+    files = SampleReader(m)
     first = loader_batches(m, 32)[0]
     files.read_many(first)  # the files touched are mapped
     i = files.row(*first[0])
-    file, row = int(files.tar_index[i]), int(files.offsets[i])
-    at, size = (int(v[row]) for v in (files.parquet._maps[file].offsets, files.parquet._maps[file].sizes))
-    with open(os.path.join(root, m.tars[file]), "r+b") as f:  # the image zeroed in place, same length
+    file, row = int(files.file_index[i]), int(files.offsets[i])
+    at, size = (int(v[row]) for v in (files.file_reader.rows._maps[file].offsets, files.file_reader.rows._maps[file].sizes))
+    with open(os.path.join(root, m.files[file]), "r+b") as f:  # the image zeroed in place, same length
         f.seek(at)
         f.write(bytes(size))
     with pytest.raises(SourceChanged):
@@ -244,9 +244,9 @@ def test_a_fifo_swapped_in_for_a_file_is_a_changed_source_not_a_hang(recut, tmp_
     root = tmp_path / "copy"
     shutil.copytree(recut.root, root)
     m = index_source(str(root), shard_size=60)
-    files = SampleFiles(m)
+    files = SampleReader(m)
     i = files.row(0, 0)
-    name = os.path.join(root, m.tars[int(files.tar_index[i])])
+    name = os.path.join(root, m.files[int(files.file_index[i])])
     os.remove(name)
     os.mkfifo(name)  # opened for reading, a FIFO without a writer would wait forever
     with pytest.raises(SourceChanged):

@@ -5,7 +5,7 @@ ImageNet-1k and most image datasets on the Hugging Face hub ship as parquet shar
 and an integer ``label`` column whose ``ClassLabel`` names sit in the schema metadata under
 ``b"huggingface"``. Each file is a shard, as a tar is; a sample's address is (file, row), kept in
 the manifest's ``offset`` column (the row within its file), so a re-cut of class-sorted files
-(``sources.recut_shards``) works as for tars, the ``tar`` column then indexing the files.
+(``sources.recut_shards``) works as for tars, the ``file`` column then indexing the files.
 
 Reading: files as ``datasets`` writes them (images uncompressed, PLAIN) are mapped once, page
 headers walked (``parquet_pages``), and each image is then read alone, exactly its bytes; other files
@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.parquet_pages import RowBytes, Unmapped, map_column  # absolute: this module is moving
-
-from .source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
+from ..source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
+from .base import NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
+from .parquet_pages import RowBytes, Unmapped, map_column
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
@@ -324,3 +324,80 @@ class ParquetRows:
         held = self.cached_bytes
         while self._groups and (len(self._groups) >= self.row_groups or held + incoming > self.cache_bytes):
             held -= self._groups.popitem(last=False)[1].nbytes
+
+
+# ---- the format: indexing files into a manifest's rows, and reading them by (file, row) -------------
+class ParquetFiles(FileReader):
+    """A sample's image by (file, row), through ``ParquetRows`` (``rows``: its counters)."""
+
+    def __init__(self, root: str, files: list[str]):
+        self.rows = ParquetRows(root, files, OPEN_FILES)
+
+    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
+        return self.rows.image(file, offset)
+
+    def where(self, file: int, path: str) -> str:
+        return self.rows.path(file)
+
+
+OPEN_FILES = 16  # parquet files a reader keeps open (as tars: a batch or a re-cut shard spans several)
+
+
+class HfParquet(SourceFormat):
+    kind, ext, what, recut = "parquet", ".parquet", "Hugging Face parquet files", True
+    sizes_without_content = False  # the image column is read only for checksums
+
+    def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
+        return _index_parquet(src, files, checksums=checksums)
+
+    def open_files(self, root, files) -> ParquetFiles:
+        return ParquetFiles(root, files)
+
+
+FORMAT = HfParquet()
+
+
+def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Indexed:
+    """Parquet files in the Hugging Face ``datasets`` layout -> a manifest of the files as-is.
+
+    Key ``<file stem>/<row>``, path the image's own ``path`` field, offset its row in the file. Class
+    names: the ``ClassLabel`` names in the files' ``huggingface`` metadata, else ``classes.txt``
+    beside the files, else "0".."C-1"."""
+    root = check_files(src, files)
+    cols = {name: [] for name in SCHEMA.names}
+    names, named_by = None, None
+    for shard, path in enumerate(files):
+        rows = index_file(path, checksums)
+        if rows["class_names"] is not None:
+            if names is not None and rows["class_names"] != names:
+                raise SourceError(f"{path}: its ClassLabel names differ from those of {named_by}; all files of "
+                                  "one source need the same classes (re-export them from one dataset)")
+            names, named_by = rows["class_names"], path
+        n = len(rows["labels"])
+        if n and rows["labels"].min() < 0:
+            i = int(np.argmax(rows["labels"] < 0))
+            raise SourceError(f"{path}: row {i} has label {int(rows['labels'][i])}; labels are class indices "
+                              "0..C-1 (-1 is the datasets library's 'no label', e.g. a test split): use a "
+                              "labelled split or drop those rows")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        cols["key"] += [f"{stem}/{r}" for r in range(n)]
+        cols["label"] += rows["labels"].tolist()
+        cols["shard"] += [shard] * n
+        cols["position"] += list(range(n))
+        cols["path"] += rows["paths"]
+        cols["offset"] += list(range(n))
+        cols["size"] += rows["sizes"] if checksums else [0] * n
+        cols["crc32c"] += rows["crcs"] if checksums else [NO_CRC] * n
+        cols.setdefault("file", []).extend([path] * n)
+    if not cols["key"]:
+        raise SourceError(f"{src}: the parquet files hold no rows")
+    files_of = cols.pop("file")
+    labels = np.asarray(cols["label"])
+    if names is None:
+        names = classes_txt_names(root, int(labels.max()) + 1)
+        named_by = os.path.join(root, "classes.txt")
+    if labels.max() >= len(names):
+        i = int(np.argmax(labels >= len(names)))
+        raise SourceError(f"{files_of[i]}: row {cols['offset'][i]} has label {labels[i]}, but {named_by} names "
+                          f"{len(names)} classes (0..{len(names) - 1}); fix the label or the class names")
+    return Indexed("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=SCHEMA))
