@@ -67,10 +67,12 @@ def build_source(root: str, n: int) -> str:
     labels = g.integers(0, CLASSES, n)
     t = time.perf_counter()
     for start in range(0, n, PER_TAR):
-        with tarfile.open(os.path.join(root, f"shard-{start // PER_TAR:06d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+        name = os.path.join(root, f"shard-{start // PER_TAR:06d}.tar")
+        with tarfile.open(name, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(start, min(n, start + PER_TAR)):
-                for name, data in ((f"s{i:09d}.png", pngs[i % len(pngs)]), (f"s{i:09d}.cls", str(labels[i]).encode())):
-                    info = tarfile.TarInfo(name)
+                png, cls = pngs[i % len(pngs)], str(labels[i]).encode()
+                for member, data in ((f"s{i:09d}.png", png), (f"s{i:09d}.cls", cls)):
+                    info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     open(os.path.join(root, "classes.txt"), "w").write("".join(f"class{c:04d}\n" for c in range(CLASSES)))
@@ -130,7 +132,8 @@ def child(what: str, src: str, store: str) -> dict:
         n, classes = SIZES["14M"], 21_841
         shard = (np.arange(n) // PER_TAR).astype(np.int32)  # int32 columns, as a manifest holds them
         label = np.random.default_rng(0).integers(0, classes, n, dtype=np.int32)
-        m = Manifest(kind="imagefolder", root="", shards=[f"v{i}" for i in range(int(shard[-1]) + 1)],
+        names = [f"v{i}" for i in range(int(shard[-1]) + 1)]
+        m = Manifest(kind="imagefolder", root="", shards=names,
                      class_names=[str(c) for c in range(classes)],
                      samples=pa.table({"shard": pa.array(shard), "label": pa.array(label)}))
         m.shard_sizes  # noqa: B018 - the shard table is the manifest's, not class_diversity's
@@ -208,7 +211,7 @@ def main():
                 results[(size, row, name)] = r
                 print(f"  {size:>6} {row:<16} {name}: {fmt(r)}", flush=True)
     print("\n| row | size | " + " | ".join(repos) + " | target |\n|---|---|" + "---|" * len(repos) + "---|")
-    for (size, row, name), r in results.items():
+    for size, row, name in results:
         if name != "new":
             continue
         cells = [fmt(results.get((size, row, k), {})) for k in repos]

@@ -230,7 +230,8 @@ def test_bytes_changed_after_mapping_are_a_changed_source(recut, tmp_path):
     files.read_many(first)  # the files touched are mapped
     i = files.row(*first[0])
     file, row = int(files.file_index[i]), int(files.offsets[i])
-    at, size = (int(v[row]) for v in (files.file_reader.rows._maps[file].offsets, files.file_reader.rows._maps[file].sizes))
+    mapped = files.file_reader.rows._maps[file]
+    at, size = int(mapped.offsets[row]), int(mapped.sizes[row])
     with open(os.path.join(root, m.files[file]), "r+b") as f:  # the image zeroed in place, same length
         f.seek(at)
         f.write(bytes(size))
