@@ -97,8 +97,9 @@ def child(what: str, src: str, store: str) -> dict:
         w = create_store(store, spec, manifest=m.to_bytes(), overwrite=True)
         g = np.random.default_rng(0)
         for shard, n in enumerate(spec.shard_sizes):
-            ids = np.argsort(g.random((VIEWS, n, m.num_classes), dtype=np.float32), axis=-1)[..., :TOPK]
-            values = -np.sort(np.abs(g.standard_normal((VIEWS, n, TOPK))), axis=-1).astype(np.float16)  # log-probs, best first
+            ids = g.integers(0, m.num_classes - TOPK, (VIEWS, n, 1)) + np.arange(TOPK)  # k distinct classes
+            values = -np.sort(np.abs(g.standard_normal((VIEWS, n, TOPK))), axis=-1)  # log-probs, best first
+            values = values.astype(np.float16)
             w.write_unit(shard, 0, values=values, ids=ids, valid=np.ones((VIEWS, n), np.uint8))
         return {"seconds": time.perf_counter() - t0}
     if what in ("index_names", "index_crc"):
