@@ -23,18 +23,20 @@ not fill a global batch is dropped. So:
   size with the same G: one process with batch 8 sees exactly the union of two processes
   with batch 4 (what makes a 1-GPU and an 8-GPU run the same experiment).
 
-DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...),
-which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
-same bytes for 0, 1 or 13 workers. A worker plans only the slots of its batch
-(``ViewRenderer.slot_view``, with each shard's slot order cached), reads the samples it needs in
-file order (``SampleFiles.read_many``; the manifest records where each is): a webdataset sample by
-one seek into its tar (a few tars stay open), a parquet sample from its row group (a few files open
-and the last row groups kept, so a batch's samples from one row group cost one read), an
-ImageFolder sample by one file read; each checked against the size and crc32c the store's
-manifest recorded (``check_sample``). It decodes each sample once per batch, renders each mixing
-pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds the mixed,
-smoothed ground truth of the whole batch at once (``pipeline.views.mixed_targets``). The teacher's
-labels are joined in the main process from one ``reader.read_view(view)`` per epoch.
+DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...), which
+is the order a DataLoader returns an IterableDataset's items in, so the batches are the same bytes
+for 0, 1 or 13 workers. Workers are forked once per loader and kept across epochs; each epoch
+reaches them as one shared int64 array of the rank's rows (``EpochChannel``), never a Python object
+per step or per sample (a forked worker copies each page whose objects it touches). A worker plans
+only the slots of its batch (``ViewRenderer.slot_view``, with each shard's slot order cached), reads
+the samples it needs in file order (``SampleFiles.read_many``; the manifest records where each is):
+a webdataset sample by one seek into its tar (a few tars stay open), a parquet sample from its row
+group (a few files open and the last row groups kept, so a batch's samples from one row group cost
+one read), an ImageFolder sample by one file read; each checked against the size and crc32c the
+store's manifest recorded (``check_sample``). It decodes each sample once per batch, renders each
+mixing pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds the
+mixed, smoothed ground truth of the whole batch at once (``pipeline.views.mixed_targets``). The
+teacher's labels are joined in the main process from one ``reader.read_view(view)`` per epoch.
 
 Invalid views (the store flagged their image, or its mixing partner, undecodable) are left out
 of the stream up front, so batches stay full; an image that fails to decode now (no store, or
