@@ -215,17 +215,18 @@ def fields_bytes(batches):
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-def test_persistent_workers_give_the_same_bytes_over_two_epochs(tiny):
-    """One loader, epochs 0 and 1 (two views), 2 workers forked once and kept: the bytes of workers=0."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_persistent_workers_give_the_same_bytes_over_two_epochs(tiny, workers):
+    """One loader, epochs 0 and 1 (two views), workers forked once and kept: the bytes of workers=0."""
     data = open_train_data(tiny["data"], labels=tiny["store"])
     want = [fields_bytes(epoch_batches(data, e, batch_size=4)) for e in (0, 1)]
-    loader = LockstepLoader(data, batch_size=4, workers=2)
+    loader = LockstepLoader(data, batch_size=4, workers=workers)
     got, pids = [], []
     for e in (0, 1):
         got.append(fields_bytes(list(loader.epoch(e))))
         pids.append([w.pid for w in loader._dl._iterator._workers])  # torch's own worker processes
     assert got == want and want[0] != want[1]
-    assert pids[0] == pids[1] and len(set(pids[0])) == 2  # not re-forked for epoch 1
+    assert pids[0] == pids[1] and len(set(pids[0])) == workers  # not re-forked for epoch 1
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
