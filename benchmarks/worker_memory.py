@@ -14,11 +14,11 @@ epochs and get one shared int64 array of the rank's rows. Three runs, each a sep
 - new+fixed:  this tree's loader with the keys as one fixed-width numpy array (what a reader that
               keeps keys as an arrow or fixed-width array gives: nothing per sample is an object)
 
-The read path is real (plan each slot with ``slot_view``, ``SampleFiles.read_many``: seek, read,
-size and crc32c check); decode and render are left out (their memory is per batch, freed after
-it): a batch carries no images. Every sample's bytes are the same 64-byte member of one tar.
-USS = Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup (psutil's uss; psutil is not
-installed here), read by each worker after each batch; the worker's last reading is reported.
+The read path is real (``SampleFiles.read_many``: seek, read, size and crc32c check, every sample
+of the epoch); slot planning, decode and render are left out (they make new objects per batch,
+freed after it, and touch no shared one): a batch carries no images. Every sample's bytes are the
+same 64-byte member of one tar. USS = Private_Clean + Private_Dirty of /proc/<pid>/smaps_rollup
+(psutil's uss; psutil is not installed here), read by each worker after its last batch.
 
     git worktree add /tmp/old cccf9cc
     python benchmarks/worker_memory.py --old-tree /tmp/old [--samples 1281167] [--workers 2] [--batch 256]
@@ -90,12 +90,17 @@ def child(a) -> None:
         """The real read path of a batch (plan each pair, read its samples in file order), no decode."""
 
         def render(self, renderer, plan, step, rows):
-            self.files.read_many(sorted({(shard, pos) for shard, slot in rows.tolist()
-                                         for pos in sd._pair_positions(plan(shard, slot & ~1))}))
-            uss, path = uss_bytes(), os.path.join(report, str(os.getpid()))
-            with open(path + ".tmp", "w") as f:
-                f.write(str(uss))
-            os.replace(path + ".tmp", path)  # the main process reads a whole number, never a truncated file
+            # Every row's sample read (a slot taken as its position: the same samples, each once an epoch
+            # per copy), without slot_view's per-slot planning, which touches no shared object and
+            # would make this run take an hour on a busy machine.
+            self.files.read_many(sorted({(shard, slot) for shard, slot in rows.tolist()}))
+            info = torch.utils.data.get_worker_info()
+            steps = len(self.batches) if hasattr(self, "batches") else self.epochs.current().steps  # old, new
+            if step + info.num_workers >= steps:  # this worker's last batch of the epoch
+                uss, path = uss_bytes(), os.path.join(report, str(os.getpid()))
+                with open(path + ".tmp", "w") as f:
+                    f.write(str(uss))
+                os.replace(path + ".tmp", path)  # the main process reads a whole number, never a truncated file
             size = self.recipe.input_size
             return {"step": step, "images": torch.zeros(0, 3, size, size), "rows": torch.from_numpy(rows.copy()),
                     "targets": torch.zeros(0, self.num_classes), "skipped": 0}
@@ -144,7 +149,7 @@ def main():
         runs = {"old": (os.path.abspath(a.old_tree), ["--epochs", "1"]), **runs}
     mib = lambda b: f"{b / 2**20:.1f}"
     print(f"worker USS after each epoch: {a.samples} samples in shards of {PER_SHARD}, batch {a.batch}, "
-          f"{a.workers} workers, read path only (no decode)")
+          f"{a.workers} workers, read path only (no planning, no decode)")
     print(f"{'':<11}{'epoch':>6}{'workers forked':>16}{'worker USS MiB (each)':>26}")
     for name, (tree, extra) in runs.items():
         env = {**os.environ, "PYTHONPATH": tree}
