@@ -71,7 +71,9 @@ class Lockstep:
         """This rank's batches of ``epoch`` (view ``epoch mod V`` of the store), on the CPU.
 
         The first call for a view checks that the store holds every unit it reads, whole
-        (TrainError naming the missing or damaged units otherwise)."""
+        (TrainError naming the missing or damaged units otherwise). Epochs are read one at a time
+        (the DataLoader workers are kept across epochs): starting to read the next epoch ends this
+        one, and reading on in it raises TrainError."""
         view = self.data.view_of(epoch)
         if view not in self._checked:
             check_complete(self.data, range(epoch, epoch + 1))
