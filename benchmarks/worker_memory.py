@@ -72,7 +72,8 @@ def synthetic_manifest(root: str, n: int):
         "key": pa.array(keys), "label": pa.array(label), "shard": pa.array((idx // PER_SHARD).astype(np.int32)),
         "position": pa.array((idx % PER_SHARD).astype(np.int32)), "path": pa.array(np.full(n, "")),
         "offset": pa.array(np.full(n, 512, np.int64)), "size": pa.array(np.full(n, len(PAYLOAD), np.int64)),
-        "crc32c": pa.array(np.full(n, crc32c.crc32c(PAYLOAD), np.int64)), "file" if neutral else "tar": pa.array(np.zeros(n, np.int32)),
+        "crc32c": pa.array(np.full(n, crc32c.crc32c(PAYLOAD), np.int64)),
+        "file" if neutral else "tar": pa.array(np.zeros(n, np.int32)),
     })
     return Manifest("wds", root, [f"shard-{j:06d}" for j in range(shards)], [str(c) for c in range(CLASSES)],
                     table, shard_size=PER_SHARD, layout="shuffle", **{"files" if neutral else "tars": ["one.tar"]})
