@@ -89,6 +89,30 @@ def test_class_diversity_at_imagenet_21k_never_holds_classes_x_shards():
     assert np.all(d.observed == 2) and np.all(d.expected == d.expected[0]) and 1.999 < d.expected[0] < 2
 
 
+def test_class_diversity_memory_does_not_grow_with_the_samples(monkeypatch):
+    """Observed classes are counted a block of shards at a time: with blocks of 16k samples, 2M samples
+    (ImageNet-21k's 14.2M would be 7x more) peak at a few MB; counting over the whole column at once
+    (int64 copies of shard and label, a sort of all pairs) would hold ~80 MB."""
+    import pipeline.sources.layout as layout
+
+    n, classes, per_shard = 2_000_000, 21_841, 1024
+    shard = (np.arange(n) // per_shard).astype(np.int32)
+    label = (np.arange(n, dtype=np.int64) * 7919 % classes).astype(np.int32)
+    m = _manifest(shard, label, int(shard[-1]) + 1, classes)
+    m.shard_sizes, m.shard_starts  # noqa: B018 - the manifest's shard table, not class_diversity's
+    monkeypatch.setattr(layout, "_BLOCK_SAMPLES", 1 << 14)
+    tracemalloc.start()
+    try:
+        d = class_diversity(m)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"class_diversity peaked at {peak / 2**20:.1f} MiB"
+    # the same counts as over the whole column: distinct (shard, class) pairs per shard
+    pairs = np.unique(shard.astype(np.int64) * classes + label)
+    assert np.array_equal(d.observed, np.bincount(pairs // classes, minlength=len(m.shards)))
+
+
 @pytest.mark.parametrize("kind", ["imagefolder", "wds"])
 def test_read_sample_works_out_the_shard_table_once_per_manifest(tmp_path, monkeypatch, kind, wds_dir):
     root = write_imagefolder(tmp_path / "f", per_class=8) if kind == "imagefolder" else wds_dir

