@@ -255,6 +255,22 @@ class ObjPath:
             raise _explain(str(self), e) from None
         return True
 
+    def replace_if(self, data: bytes, e_tag: str) -> bool:
+        """A PUT conditional on the object's ETag (``If-Match``): True if it replaced that very version,
+        False if the object changed or went since (then nothing is written)."""
+        import obstore
+        from obstore import exceptions as ox
+
+        if not e_tag:
+            return False
+        try:
+            obstore.put(self.store, self.key, data, mode={"e_tag": e_tag})
+        except (ox.PreconditionError, ox.AlreadyExistsError, FileNotFoundError):
+            return False
+        except Exception as e:  # noqa: BLE001
+            raise _explain(str(self), e) from None
+        return True
+
     def head(self) -> dict | None:
         """{size, last_modified (server clock, datetime), e_tag} or None when there is no such object."""
         import obstore
@@ -313,11 +329,19 @@ class ObjPath:
     def glob(self, pattern: str) -> list[ObjPath]:
         return [self / n for n in self.listdir() if fnmatch.fnmatchcase(n, pattern)]
 
-    def server_now(self) -> float:
+    def server_now(self, read_only: bool = False) -> float:
         """The server's clock now (epoch seconds): an object written and read back at this prefix. A lease's
-        age is this minus its Last-Modified, both the server's, so no host's clock enters it."""
+        age is this minus its Last-Modified, both the server's, so no host's clock enters it. read_only: a
+        key that may not write (`inspect` with a read-only key) gets this host's clock instead."""
         probe = self / f".clock-{uuid.uuid4().hex}"
-        probe.put(b"")
+        try:
+            probe.put(b"")
+        except BucketError:
+            if read_only:
+                import time
+
+                return time.time()
+            raise
         try:
             return probe.mtime()
         finally:
