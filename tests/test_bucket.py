@@ -174,3 +174,24 @@ def test_an_unreachable_endpoint_is_one_line_after_a_bounded_retry(s3_env):
     line = _one_line(_cli_inspect(f"s3://{BUCKET}/x", env))
     assert f"s3://{BUCKET}/x" in line and "does not answer" in line and f"127.0.0.1:{port}" in line
     assert time.monotonic() - start < 60
+
+
+# ---- the pipeline on a bucket --------------------------------------------------------------------
+@pytest.fixture
+def wds_source(tmp_path):
+    from conftest import write_wds
+
+    return write_wds(tmp_path / "wds", n=24, per_shard=8)
+
+
+def test_precompute_on_a_bucket_is_byte_identical_to_precompute_on_disk(s3_root, tmp_path, wds_source,
+                                                                        tiny_teacher):
+    from test_faults import precompute
+
+    disk, bucket = tmp_path / "store", s3_root / "store"
+    precompute(wds_source, disk, tiny_teacher, views=3)
+    precompute(wds_source, str(bucket), tiny_teacher, views=3)
+    a, b = snapshot(disk), snapshot(bucket)
+    assert sorted(a) == sorted(b) and [k for k in a if k.startswith("leases/")] == []
+    assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items() if k != "store.json"}
+    assert open_store(str(bucket)).check(full=True) == []
