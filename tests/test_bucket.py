@@ -184,9 +184,13 @@ def wds_source(tmp_path):
     return write_wds(tmp_path / "wds", n=24, per_shard=8)
 
 
-def test_precompute_on_a_bucket_is_byte_identical_to_precompute_on_disk(s3_root, tmp_path, wds_source,
-                                                                        tiny_teacher):
-    from test_faults import precompute
+def test_precompute_and_train_on_a_bucket_give_the_bytes_they_give_on_disk(s3_root, tmp_path, wds_source,
+                                                                            tiny_teacher):
+    """precompute --out s3://... writes the objects precompute writes as files; train --labels s3://... then
+    gives the weights train gives from the store on disk, byte for byte (run folders stay local)."""
+    from test_faults import precompute, tconfig, weights_bytes
+
+    from student.train import train
 
     disk, bucket = tmp_path / "store", s3_root / "store"
     precompute(wds_source, disk, tiny_teacher, views=3)
@@ -195,3 +199,7 @@ def test_precompute_on_a_bucket_is_byte_identical_to_precompute_on_disk(s3_root,
     assert sorted(a) == sorted(b) and [k for k in a if k.startswith("leases/")] == []
     assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items() if k != "store.json"}
     assert open_store(str(bucket)).check(full=True) == []
+    runs = [tconfig(wds_source, labels, tmp_path / name, epochs=2) for labels, name in ((disk, "d"), (bucket, "b"))]
+    for cfg in runs:
+        train(cfg)
+    assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
