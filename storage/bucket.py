@@ -91,7 +91,9 @@ def s3_settings() -> dict:
     env = os.environ.get
     out = {"endpoint": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL") or config.get("endpoint_url"),
            "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION") or config.get("region") or "us-east-1"}
-    if env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
+    if _truthy("AWS_SKIP_SIGNATURE"):  # a public bucket: unsigned requests (object_store's own setting)
+        out["skip_signature"] = True
+    elif env("AWS_ACCESS_KEY_ID") and env("AWS_SECRET_ACCESS_KEY"):
         out["access_key_id"], out["secret_access_key"] = env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")
         if env("AWS_SESSION_TOKEN"):
             out["session_token"] = env("AWS_SESSION_TOKEN")
@@ -122,7 +124,7 @@ def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple):
     if scheme == "gs":
         return GCSStore(bucket, prefix=prefix, retry_config=_retry())
     s = dict(settings)
-    if "access_key_id" not in s and _truthy("AWS_EC2_METADATA_DISABLED") and not (
+    if "access_key_id" not in s and "skip_signature" not in s and _truthy("AWS_EC2_METADATA_DISABLED") and not (
             os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") or os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
             or os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
         raise BucketError(f"{url}: no credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set and "
@@ -370,5 +372,6 @@ def require_conditional_writes(root: ObjPath) -> None:
     """Refuse the fleet (leases) on a server that ignores If-None-Match: two workers would both hold a unit."""
     if not conditional_writes_honoured(root):
         raise BucketError(f"{root}: the server ignores conditional writes (a second If-None-Match: * PUT of "
-                          "the same key succeeded), so leases cannot keep two workers apart; run one precompute "
-                          "at a time on this store (no --join, --workers 1), or use a server that honours them")
+                          "the same key succeeded), so leases cannot keep two workers apart; run precompute with "
+                          "--no-claim (the static --rank/--world-size split, no --join), or use a server that "
+                          "honours them")

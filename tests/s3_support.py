@@ -28,6 +28,7 @@ from pathlib import Path
 WRITER = ("writerKEY0000000", "writer-secret-0000000000000000000000")
 READER = ("readerKEY0000000", "reader-secret-0000000000000000000000")
 BUCKET = "tests"
+OPEN_BUCKET = "open"  # anyone may read and write it unsigned: what the header-stripping proxy test needs
 REGION = "us-east-1"
 
 
@@ -116,6 +117,7 @@ def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
          "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
         {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
          "actions": ["Read", "List"]},
+        {"name": "anonymous", "actions": [f"Read:{OPEN_BUCKET}", f"Write:{OPEN_BUCKET}", f"List:{OPEN_BUCKET}"]},
     ]}))
     p = pick_base_port()
     data = workdir / "data"
@@ -151,6 +153,7 @@ def _wait_and_make_bucket(server: Weed, timeout: float) -> None:
             raise RuntimeError(f"weed exited with {server.proc.returncode}: see {server.workdir / 'weed.log'}")
         try:
             _create_bucket(server.endpoint, BUCKET)
+            _create_bucket(server.endpoint, OPEN_BUCKET)
             store = S3Store(BUCKET, endpoint=server.endpoint, region=REGION, access_key_id=WRITER[0],
                             secret_access_key=WRITER[1], client_options={"allow_http": True})
             obstore.put(store, ".ready", b"ok")  # the volume servers accept writes
@@ -195,3 +198,57 @@ def _signed_request(method: str, url: str, key, body: bytes = b"") -> urllib.req
     headers["authorization"] = f"AWS4-HMAC-SHA256 Credential={key[0]}/{scope}, SignedHeaders={signed}, Signature={sig}"
     return urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method,
                                   headers=headers)
+
+
+class HeaderStrippingProxy:
+    """An HTTP proxy in front of the real server that drops If-None-Match and If-Match from every request:
+    the server behind it then acts as one that ignores conditional writes (some S3-compatible stores do).
+    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET."""
+
+    DROP = {"if-none-match", "if-match"}
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        drop = self.DROP
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -203,3 +203,28 @@ def test_precompute_and_train_on_a_bucket_give_the_bytes_they_give_on_disk(s3_ro
     for cfg in runs:
         train(cfg)
     assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_for_the_fleet_in_one_line(s3_env, monkeypatch):
+    from s3_support import OPEN_BUCKET, HeaderStrippingProxy
+
+    from storage.bucket import conditional_writes_honoured
+
+    assert conditional_writes_honoured(as_path(f"s3://{BUCKET}/probe")), "SeaweedFS itself honours them"
+    proxy = HeaderStrippingProxy(s3_env.endpoint)
+    try:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("AWS_SKIP_SIGNATURE", "true")
+        url = f"s3://{OPEN_BUCKET}/ignored"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint)
+        assert conditional_writes_honoured(as_path(url)), "the same bucket, straight: honoured"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert not conditional_writes_honoured(as_path(url))
+        write_all(create_store(url + "/s", tiny_spec()))  # a store, written by one process, still works
+        assert open_store(url + "/s").check() == []
+        with pytest.raises(BucketError, match=r"ignores conditional writes.*--no-claim") as e:
+            Leases(url + "/s", "w").claim((0, 0))
+        assert "\n" not in str(e.value) and url in str(e.value)
+    finally:
+        proxy.close()
