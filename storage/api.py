@@ -72,6 +72,8 @@ _LAYOUT_FILES = re.compile("|".join(f"(?:{p})" for p in (
     re.escape(STORE_JSON), re.escape(MANIFEST), "meta", r"meta/[\w-]+\.json", "units", r"units/\d+_\d+(\.\w+)+",
     re.escape(LEASES_DIR), rf"{re.escape(LEASES_DIR)}/(\d+_\d+\.json|\.grow\.lock)",
     r"(.+/)?\.[^/]+\.(tmp|tmp\d+|stale-[0-9a-f]+)",
+    # on a bucket: the probes storage.bucket writes beside the leases (the server's clock, conditional writes)
+    rf"{re.escape(LEASES_DIR)}/\.(clock|conditional-probe)-[0-9a-f]+",
     *(p for b in BACKENDS.values() for p in b.writer.layout_files))))
 
 

@@ -154,8 +154,9 @@ def _explain(url: str, e: Exception) -> Exception:
     if isinstance(e, ox.GenericError) and any(w in text for w in ("error sending request", "connect", "timed out",
                                                                    "dns", "Connection refused")):
         endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
+        cause = " ".join(text.split())[-100:]
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
-                           f"{RETRY_SECONDS:.0f}s); check AWS_ENDPOINT_URL and the network")
+                           f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     return e
 
 
@@ -320,7 +321,8 @@ class ObjPath:
         return bool(self.listdir())
 
     def exists(self) -> bool:
-        return self.head() is not None or self.is_dir()
+        """An object at this key (one HEAD; the store asks this of files only, is_dir of prefixes)."""
+        return self.head() is not None
 
     def is_file(self) -> bool:
         return self.head() is not None

@@ -189,6 +189,7 @@ class Leases:
         self.dir = as_path(store_path) / LEASES_DIR
         self.bucket = isinstance(self.dir, ObjPath)
         self._conditional_checked = False
+        self._clock: tuple[float, float] | None = None  # on a bucket: (server time, time.monotonic()) read together
         self.worker = worker or new_worker_id()
         self.ttl = float(ttl)
         # (unit, worker, renewed) of a lease renewed in the future -> when first seen (time.monotonic);
@@ -235,7 +236,7 @@ class Leases:
         logged, and a lease renewed in the future (a skewed clock) counts as renewed when we first saw
         that renewal, so it is taken over after ttl, not after the clocks' difference plus ttl."""
         if now is None:  # on a bucket: the server's clock, the one that stamped the lease's Last-Modified
-            now = self.dir.server_now() if self.bucket else time.time()
+            now = self.server_now() if self.bucket else time.time()
         if lease.malformed:
             if (lease.unit, lease.malformed) not in self._future:
                 self._future[(lease.unit, lease.malformed)] = 0.0  # log once per lease and cause
@@ -251,6 +252,14 @@ class Leases:
                         "file server's) is ahead of this one's; it is taken over if not renewed within %g s",
                         self.path(lease.unit), lease.worker, lease.host, -lease.age(now), self.ttl)
         return time.monotonic() - self._future[key] > self.ttl or lease.holder_gone()
+
+    def server_now(self) -> float:
+        """The server's clock now: read from the server (three requests) at most every ttl / 8 seconds
+        and carried forward in between by this host's monotonic clock, which no clock setting moves."""
+        mono = time.monotonic()
+        if self._clock is None or mono - self._clock[1] > min(self.ttl / 8, 5.0):
+            self._clock = (self.dir.server_now(), time.monotonic())
+        return self._clock[0] + (time.monotonic() - self._clock[1])
 
     def claim(self, unit: tuple[int, int]) -> bool:
         """Take the unit if nobody holds it (or its holder's lease expired); True if it is ours now."""

@@ -203,6 +203,16 @@ def test_precompute_and_train_on_a_bucket_give_the_bytes_they_give_on_disk(s3_ro
     for cfg in runs:
         train(cfg)
     assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
+    # inspect, its table export and verify read the store on the bucket as on disk
+    from test_faults import invoke
+
+    for store in (disk, bucket):
+        table = tmp_path / f"{store.name}-{'b' if store is bucket else 'd'}.parquet"
+        code, lines, crashed, res = invoke("inspect", str(store), "--export", table)
+        assert (code, crashed) == (0, None), lines
+        code, lines, crashed, res = invoke("verify", str(store), "--data", wds_source, "--n", 4, "--device", "cpu")
+        assert (code, crashed) == (0, None), lines
+    assert (tmp_path / "store-d.parquet").read_bytes() == (tmp_path / "store-b.parquet").read_bytes()
 
 
 def test_a_server_that_ignores_conditional_writes_is_refused_for_the_fleet_in_one_line(s3_env, monkeypatch):
@@ -228,3 +238,53 @@ def test_a_server_that_ignores_conditional_writes_is_refused_for_the_fleet_in_on
         assert "\n" not in str(e.value) and url in str(e.value)
     finally:
         proxy.close()
+
+
+@pytest.mark.slow
+def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_env, s3_root, tmp_path, wds_source,
+                                                                             tiny_teacher):
+    """The fleet test of tests/test_fleet.py on a bucket: rank 3 is frozen (SIGSTOP) holding a lease; the
+    other three take its units over once the lease is ttl old by the server's clock, and the store equals
+    the one a single process makes on disk, object for file."""
+    import json
+    import signal
+
+    from test_faults import ENV, SUPPORT, pconfig, pflags, precompute
+
+    ref, out = tmp_path / "ref", str(s3_root / "store")
+    precompute(wds_source, ref, tiny_teacher, views=4)
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    common = dict(views=4, lease_ttl=2.0)
+    cfg = tmp_path / "r3.json"
+    cfg.write_text(json.dumps(pconfig(wds_source, out, tiny_teacher, rank=3, world_size=4, **common)))
+    frozen = subprocess.Popen([sys.executable, SUPPORT, "slow-precompute", str(cfg), "1.0"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    others = []
+    try:
+        deadline, unit = time.monotonic() + 180, None
+        while unit is None:
+            assert time.monotonic() < deadline and frozen.poll() is None, "rank 3 never held a lease"
+            held = [lease.unit for lease in Leases(out).all() if lease.pid == frozen.pid]
+            unit = held[0] if held else time.sleep(0.05)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "precompute"]
+        others = [subprocess.Popen(cmd + pflags(pconfig(wds_source, out, tiny_teacher, rank=r, world_size=4,
+                                                        **common)),
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for r in range(3)]
+        results = [p.communicate(timeout=400) for p in others]
+        assert [p.returncode for p in others] == [0, 0, 0], [r[1][-2000:] for r in results]
+        assert frozen.poll() is None, "while rank 3 was still frozen"
+        r = open_store(out)
+        assert r.completed_units() == r.spec.units() and r.check(full=True) == []
+        assert Leases(out).read(unit) is None, "its lease was taken over, and released after the commit"
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+        _, err = frozen.communicate(timeout=300)
+        for p in others:
+            if p.poll() is None:
+                p.kill()
+    assert frozen.returncode == 0, err[-2000:]
+    a, b = snapshot(ref), snapshot(as_path(out))
+    assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items()
+                                                                if k != "store.json" and not k.startswith("leases/")}
