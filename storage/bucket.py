@@ -36,7 +36,7 @@ SCHEMES = ("s3", "gs")
 # Transient errors (a dropped connection, a 5xx, a throttle) are retried with exponential backoff
 # for at most this long, then reported: a fleet member must not hang on a dead endpoint.
 RETRY_SECONDS = 15.0
-RETRIES = 4
+RETRIES = 8
 
 
 class BucketError(UserError, OSError):

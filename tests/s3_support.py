@@ -126,7 +126,7 @@ def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
             f"-master.port={p}", f"-volume.port={p + 1}", f"-filer.port={p + 2}", f"-s3.port={p + 3}",
             f"-master.port.grpc={p + 10000}", f"-volume.port.grpc={p + 10001}", f"-filer.port.grpc={p + 10002}",
             f"-s3.port.grpc={p + 10003}", "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
-            f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8"]
+            f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100"]
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 (kept open for the process's life)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
