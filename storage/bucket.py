@@ -227,17 +227,20 @@ class ObjPath:
             raise _explain(str(self), e) from None
 
     # -- objects
-    def read(self, limit: int | None = None) -> bytes:
-        """The object's bytes in one GET; FileNotFoundError if absent; refused unread past limit bytes."""
+    def get(self):
+        """(size, body) of one GET: the size is known before body() reads the bytes, so a caller can refuse
+        an object larger than it can hold unread (fsutil.read_regular). FileNotFoundError if absent."""
         import obstore
 
-        from .fsutil import NotRegularFile
-
         result = self._call(obstore.get, self.key)
-        size = result.meta["size"]
+        return result.meta["size"], lambda: bytes(result.bytes())
+
+    def read(self, limit: int | None = None) -> bytes:
+        """The object's bytes in one GET; refused unread (EFBIG) past limit bytes."""
+        size, body = self.get()
         if limit is not None and size > limit:
-            raise NotRegularFile(errno.EFBIG, f"{size} bytes, more than the {limit} it can hold", str(self))
-        return bytes(result.bytes())
+            raise OSError(errno.EFBIG, f"{size} bytes, more than the {limit} it can hold", str(self))
+        return body()
 
     def put(self, data: bytes) -> None:
         """One PUT: the object is replaced whole (what write-then-rename gives on a disk)."""

@@ -116,7 +116,10 @@ def read_regular(path, limit: int | None = None) -> bytes:
     FileNotFoundError when absent, NotRegularFile (an OSError) for all of the above. On a bucket: one
     GET, refused before its body is read when the object is larger than limit."""
     if isinstance(path, ObjPath):
-        return path.read(limit)
+        size, body = path.get()
+        if limit is not None and size > limit:
+            raise NotRegularFile(errno.EFBIG, f"{size} bytes, more than the {limit} it can hold", str(path))
+        return body()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:

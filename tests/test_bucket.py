@@ -63,6 +63,16 @@ def test_an_old_writer_stops_after_overwrite_on_a_bucket(s3_root):
     assert open_store(s3_root / "s").completed_units() == []
 
 
+def test_an_object_larger_than_its_file_can_be_is_refused_unread(s3_root):
+    from storage.base import RECORD_LIMIT
+
+    spec = tiny_spec()
+    write_all(create_store(s3_root / "s", spec))
+    (s3_root / "s" / "units" / "000001_0002.json").put(b" " * (RECORD_LIMIT + 1))
+    problems = open_store(s3_root / "s").check()
+    assert [p.unit for p in problems] == [(1, 2)] and "more than the" in str(problems[0]), problems
+
+
 # ---- leases --------------------------------------------------------------------------------------
 def test_a_claim_is_a_conditional_create_one_of_racing_claimers_wins(s3_root):
     unit = (2, 1)
