@@ -85,7 +85,7 @@ class Weed:
 
 def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """SIGTERM the process group, wait, SIGKILL, and make sure no process of the group is left."""
-    pgid = proc.pid  # started with start_new_session: its pgid is its pid
+    pgid = proc.pid  # the child called setsid: its pgid is its pid
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     try:
@@ -103,6 +103,16 @@ def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"weed's process group {pgid} outlived SIGKILL")
+
+
+def _own_group_dies_with_parent() -> None:
+    """In the child before exec: its own process group (stop_group signals it whole), and SIGKILL when the
+    test process dies without stopping it (a pytest killed by its timeout must not leave weed running)."""
+    import ctypes
+
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
@@ -129,7 +139,7 @@ def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
             f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100"]
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 (kept open for the process's life)
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            preexec_fn=_own_group_dies_with_parent)
     log.close()
     server = Weed(proc, f"http://127.0.0.1:{p + 3}", workdir)
     try:
