@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .base import FORMAT, MANIFEST, STORE_JSON, STORE_JSON_LIMIT, read_store_json, store_json_bytes
+from .bucket import ObjPath, as_path
 from .fsutil import atomic_write, fsync_path, read_regular
 from .leases import LEASES_DIR
 from .spec import StoreError, StoreMismatch, StoreSpec, mismatch_error
@@ -70,6 +72,8 @@ _LAYOUT_FILES = re.compile("|".join(f"(?:{p})" for p in (
     re.escape(STORE_JSON), re.escape(MANIFEST), "meta", r"meta/[\w-]+\.json", "units", r"units/\d+_\d+(\.\w+)+",
     re.escape(LEASES_DIR), rf"{re.escape(LEASES_DIR)}/(\d+_\d+\.json|\.grow\.lock)",
     r"(.+/)?\.[^/]+\.(tmp|tmp\d+|stale-[0-9a-f]+)",
+    # on a bucket: the probes storage.bucket writes beside the leases (the server's clock, conditional writes)
+    rf"{re.escape(LEASES_DIR)}/\.(clock|conditional-probe)-[0-9a-f]+",
     *(p for b in BACKENDS.values() for p in b.writer.layout_files))))
 
 
@@ -147,6 +151,73 @@ def _build(path: Path, spec: StoreSpec, backend: str, manifest: bytes, meta: dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remote_not_a_store(path: ObjPath, objects: list[dict]) -> str | None:
+    """_not_a_store for a prefix in a bucket: its store.json is ours, or every key under it is a name the
+    store format lists."""
+    try:
+        fmt = json.loads((path / STORE_JSON).read(STORE_JSON_LIMIT)).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt == FORMAT:
+        return None
+    if fmt is not None:
+        return f"holds a {fmt!r} store.json, not a {FORMAT} store"
+    for o in objects:
+        rel = o["path"][len(path.key):].lstrip("/")
+        if rel != STORE_JSON and not _LAYOUT_FILES.fullmatch(rel):
+            return f"holds {rel!r}, which a label store never does"
+    return None
+
+
+def _delete_remote(path: ObjPath) -> None:
+    """_delete_store on a bucket: store.json goes first (a writer still running sees its generation gone at
+    its next commit), then every other object under the prefix. Only a label store of ours is deleted."""
+    objects = path.walk_objects()
+    if not objects:
+        return
+    why = _remote_not_a_store(path, objects)
+    if why is not None:
+        raise StoreError(f"--overwrite refused: {path} {why}; it deletes label stores only, choose another --out")
+    (path / STORE_JSON).unlink(missing_ok=True)
+    for o in objects:
+        ObjPath(path.scheme, path.bucket, o["path"]).unlink(missing_ok=True)
+
+
+def _build_remote(path: ObjPath, spec: StoreSpec, backend: str, manifest: bytes, meta: dict | None, init) -> bool:
+    """_build on a bucket, where nothing renames a folder into place: the store's files are laid out in a
+    local temporary as on a disk, then each is created with a conditional PUT (one already there must hold
+    the same bytes: a creator racing us with the same settings, or one that stopped half way), and
+    store.json is created last, conditionally: of N creators exactly one makes it. False when another
+    creator's files (other settings) or store.json are there."""
+    with tempfile.TemporaryDirectory(prefix="deit-lockstep-store-") as d:
+        tmp = Path(d) / "store"
+        tmp.mkdir()
+        (tmp / MANIFEST).write_bytes(manifest)
+        init(tmp, spec)
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            data, target = f.read_bytes(), path / f.relative_to(tmp).as_posix()
+            if not target.create(data) and target.read() != data:
+                return False
+    return (path / STORE_JSON).create(store_json_bytes(spec, backend, meta, uuid.uuid4().hex, manifest))
+
+
+def _create_remote(path: ObjPath, spec: StoreSpec, backend: str, manifest: bytes, meta, overwrite: bool, fix: str):
+    """create_store for a store on a bucket (see _build_remote and _delete_remote)."""
+    chosen = _backend(backend, path)
+    if overwrite:
+        _delete_remote(path)
+    if not (path / STORE_JSON).is_file() and not _build_remote(path, spec, backend, manifest, meta, chosen.init):
+        if not (path / STORE_JSON).is_file():
+            raise StoreError(f"{path} holds a half-made label store of other settings (no {STORE_JSON}: a writer "
+                             "stopped while its store was made?); rebuild it with --overwrite")
+    d = read_store_json(path)
+    _check_same(path, backend, spec, fix, d)
+    writer = chosen.writer(path)
+    if writer.generation != d.get("generation"):
+        _check_same(path, backend, spec, fix, writer._json)
+    return writer
+
+
 def _check_same(path: Path, backend: str, spec: StoreSpec, fix: str, d: dict | None = None) -> None:
     d = read_store_json(path) if d is None else d
     if d["backend"] != backend:
@@ -172,12 +243,14 @@ def create_store(
     overwrite=True deletes the label store at path first (never anything else, see the module doc):
     call it from one process only.
     """
-    path = Path(path)
+    path = as_path(path)
+    fix = "use a new --out or --overwrite"
+    if isinstance(path, ObjPath):
+        return _create_remote(path, spec, backend, manifest, meta, overwrite, fix)
     if path.is_symlink():  # rebuild where the link points; the link itself stays
         path = Path(os.path.realpath(path))
     chosen = _backend(backend, path)
     writer_cls, init = chosen.writer, chosen.init
-    fix = "use a new --out or --overwrite"
     if overwrite:
         _delete_store(path)
     for _ in range(3):
@@ -204,7 +277,7 @@ def create_store(
 
 def open_store(path, expect: StoreSpec | None = None):
     """Open a store for reading; with expect, refuse one made with a different spec."""
-    path = Path(path)
+    path = as_path(path)
     d = read_store_json(path)
     reader_cls = _backend(d["backend"], path).reader
     if expect is not None:
@@ -219,6 +292,22 @@ def open_store(path, expect: StoreSpec | None = None):
     return reader_cls(path)
 
 
+def _lock(lock) -> None:
+    """Create the lock file (a conditional PUT on a bucket); FileExistsError when it is there."""
+    if isinstance(lock, ObjPath):
+        if not lock.create(b""):
+            raise FileExistsError(lock)
+        return
+    os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+
+def _lock_age(lock) -> float:
+    """Seconds since the lock was made: by the server's clock on a bucket (no host's clock enters it)."""
+    if isinstance(lock, ObjPath):
+        return lock.parent.server_now() - lock.mtime()
+    return time.time() - lock.stat().st_mtime
+
+
 def grow_store(path, views: int, *, lock_wait: float = 600.0) -> bool:
     """Give a store made with V views ``views`` > V views: views V..views-1 become pending units, and the
     store then holds exactly what a store made with ``views`` from the start would hold once they are
@@ -229,17 +318,17 @@ def grow_store(path, views: int, *, lock_wait: float = 600.0) -> bool:
     because their block now spans more views, and are recomputed whole; then store.json takes the
     new spec and a new generation, so a writer still running with the old V stops at its next commit
     instead of writing a unit of the old shape. Shrinking is not done here (the caller refuses it)."""
-    path = Path(path)
+    path = as_path(path)
     lock = path / LEASES_DIR / ".grow.lock"
     lock.parent.mkdir(exist_ok=True)
     deadline = time.monotonic() + lock_wait
     while True:
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            _lock(lock)
             break
         except FileExistsError:
             try:
-                stale = time.time() - lock.stat().st_mtime > 120  # a grower killed mid-way: growing takes seconds
+                stale = _lock_age(lock) > 120  # a grower killed mid-way: growing takes seconds
             except FileNotFoundError:
                 continue
             if stale:

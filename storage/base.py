@@ -33,6 +33,7 @@ import crc32c
 import numpy as np
 
 from . import schema as sc
+from .bucket import ObjPath, as_path
 from .encoding import decode_values, encode_values, pad_slots
 from .fsutil import atomic_write, read_if_exists, read_regular
 from .meta import PROBES, SOFT_ERROR, VERSIONS
@@ -103,6 +104,7 @@ def read_own_json(path: Path, limit: int, fix: str):
 def read_store_json(path: Path) -> dict:
     """store.json, checked: a JSON object of our format and version whose every field has the type and
     range the store writes (schema.py). Any other content is one line naming store.json."""
+    path = as_path(path)
     damaged = "the store is damaged, recreate it (precompute --overwrite)"
     try:
         d = read_own_json(path / STORE_JSON, STORE_JSON_LIMIT, damaged)
@@ -183,7 +185,7 @@ class StoreReplaced(StoreError):
 def store_generation(path: Path) -> str | None:
     """The generation id in path/store.json now; None when there is no readable store.json."""
     try:
-        return json.loads(read_regular(Path(path) / STORE_JSON, STORE_JSON_LIMIT)).get("generation")
+        return json.loads(read_regular(as_path(path) / STORE_JSON, STORE_JSON_LIMIT)).get("generation")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
@@ -212,7 +214,7 @@ class _StoreBase(ABC):
     layout_files: tuple[str, ...] = ()  # regexes of every path under those names (what --overwrite may delete)
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = as_path(path)  # a pathlib.Path, or an ObjPath for a store on a bucket (storage/bucket.py)
         self._json = read_store_json(self.path)
         self.spec = StoreSpec.from_json(self._json["spec"])
         self.generation = self._json.get("generation")
@@ -510,7 +512,9 @@ class StoreReader(_StoreBase):
         return flags
 
     def nbytes(self) -> int:
-        """Bytes on disk under the store directory."""
+        """Bytes on disk under the store directory (or in the objects under its prefix)."""
+        if isinstance(self.path, ObjPath):
+            return sum(o["size"] for o in self.path.walk_objects())
         total = 0
         for root, _, files in os.walk(self.path):
             for f in files:

@@ -1,4 +1,8 @@
-"""Durable, atomic file operations: the only way this package makes anything visible on disk."""
+"""Durable, atomic file operations: the only way this package makes anything visible on disk.
+
+Every function here also takes a storage.bucket.ObjPath (a key in an s3:// or gs:// bucket): there a
+write is one PUT (whole or absent, as write-then-rename is on a disk), a read one GET, and fsync has
+nothing to do. That is the seam that lets the backends keep one code path for disks and buckets."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import stat
 import uuid
 from pathlib import Path
 
+from .bucket import ObjPath
 from .errors import UserError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -17,6 +22,8 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a directory's entry list's) data to stable storage."""
+    if isinstance(path, ObjPath):
+        return  # a PUT is durable when it returns
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,7 +59,11 @@ def atomic_file(path):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, then os.replace: readers see the old file or the whole new one, never a part."""
+    """Write, fsync, then os.replace: readers see the old file or the whole new one, never a part.
+    On a bucket: one PUT, which gives the same."""
+    if isinstance(path, ObjPath):
+        path.put(bytes(data))
+        return
     with atomic_file(path) as f:
         f.write(data)
 
@@ -102,7 +113,13 @@ def read_regular(path, limit: int | None = None) -> bytes:
     with O_NONBLOCK (a FIFO opens and is then refused, instead of waiting for a writer) and O_NOFOLLOW (a
     store's own files are never symlinks: a link to /dev/zero or to a file elsewhere is refused, not
     followed), checked by fstat to be S_ISREG, and refused when larger than ``limit`` bytes. Raises
-    FileNotFoundError when absent, NotRegularFile (an OSError) for all of the above."""
+    FileNotFoundError when absent, NotRegularFile (an OSError) for all of the above. On a bucket: one
+    GET, refused before its body is read when the object is larger than limit."""
+    if isinstance(path, ObjPath):
+        size, body = path.get()
+        if limit is not None and size > limit:
+            raise NotRegularFile(errno.EFBIG, f"{size} bytes, more than the {limit} it can hold", str(path))
+        return body()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
@@ -131,3 +148,25 @@ def read_regular(path, limit: int | None = None) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def listdir(path) -> list[str]:
+    """os.listdir for a folder or a bucket prefix (FileNotFoundError when a local folder is absent)."""
+    if isinstance(path, ObjPath):
+        return path.listdir()
+    return os.listdir(path)
+
+
+def lexists(path) -> bool:
+    """os.path.lexists for a path or an object."""
+    if isinstance(path, ObjPath):
+        return path.head() is not None
+    return os.path.lexists(path)
+
+
+def unlink(path) -> None:
+    """os.unlink for a path or an object (FileNotFoundError when absent)."""
+    if isinstance(path, ObjPath):
+        path.unlink()
+        return
+    os.unlink(path)

@@ -26,6 +26,15 @@ same bytes. A lease renewed in the future (its holder's clock, or the file serve
 is logged once and counted as renewed when this book first saw that renewal: it is taken over once it
 goes ttl seconds without another, never kept for as long as the clocks disagree.
 
+On a bucket (s3://, gs://; storage/bucket.py) there is no rename, link or utime, and the clocks are the
+server's: a claim is a conditional create (``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on GCS); a
+heartbeat rewrites the lease object, conditional on its ETag (so it never overwrites a taker's lease); a
+lease's renewal time is its ``Last-Modified`` and its age is measured against the server's clock now (an
+object written and read back), so no host's clock enters it and a skewed one cannot hold a unit; a take-over
+replaces the stale lease conditional on the ETag it judged (of racing takers exactly one PUT matches). Whether
+the server honours conditional writes is checked once, at the first claim: one that ignores them is refused
+with one line (two workers would both hold a unit).
+
 A lease file is read like every store file (fsutil.read_regular: a FIFO or a symlink is never opened
 for reading) and its fields are checked (schema.py): a malformed lease (not JSON, a pid that is no pid,
 a NaN or infinite time, an unprintable or huge worker id) is logged and treated as stale, never a
@@ -47,7 +56,8 @@ from pathlib import Path
 
 from . import schema as sc
 from .base import parse_unit_name, unit_name
-from .fsutil import read_regular
+from .bucket import ObjPath, as_path, require_conditional_writes
+from .fsutil import listdir, read_regular
 from .spec import StoreCorrupt
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,7 @@ class Lease:
     renewed: float
     ttl: float | None = None  # the holder's ttl (what `inspect` judges it by; a taker uses its own)
     malformed: str = ""  # why its body failed its check (then it is stale at once), else ""
+    tag: str = ""  # on a bucket: the ETag of the lease object read (a take-over or renewal is conditional on it)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last renewal."""
@@ -112,6 +123,8 @@ def _read(path: Path, unit: tuple[int, int] | None = None) -> Lease | None:
     its check is a malformed lease (Lease.malformed says why), stale at once. unit: the lease's unit when
     path's name does not say it (a lease renamed aside)."""
     unit = unit or parse_unit_name(path.name)
+    if isinstance(path, ObjPath):
+        return _read_object(path, unit)
     try:
         data = read_regular(path, LEASE_LIMIT)
         st = path.lstat()
@@ -119,17 +132,42 @@ def _read(path: Path, unit: tuple[int, int] | None = None) -> Lease | None:
         return None
     except OSError as e:  # a FIFO, a directory, a symlink, a huge file where a lease goes
         return _malformed(path, unit, f"unreadable: {e.strerror or e}")
+    lease = _parse(data, unit, st.st_mtime)
+    return _malformed(path, unit, lease.malformed) if lease.malformed else lease
+
+
+def _read_object(path: ObjPath, unit) -> Lease | None:
+    """_read on a bucket: one GET gives the body, its Last-Modified (the server's clock) and its ETag."""
+    import dataclasses
+
+    import obstore
+
+    try:
+        result = path._call(obstore.get, path.key)
+    except FileNotFoundError:
+        return None
+    meta = result.meta
+    if meta["size"] > LEASE_LIMIT:
+        return Lease(unit, "", "", 0, 0.0, meta["last_modified"].timestamp(), malformed="larger than a lease",
+                     tag=meta.get("e_tag") or "")
+    lease = _parse(bytes(result.bytes()), unit, meta["last_modified"].timestamp())
+    return dataclasses.replace(lease, tag=meta.get("e_tag") or "")
+
+
+def _parse(data: bytes, unit, mtime: float) -> Lease:
+    """A lease's body checked field by field; mtime is its last renewal."""
     if not data:
-        return Lease(unit, "", "", 0, st.st_mtime, st.st_mtime)
+        return Lease(unit, "", "", 0, mtime, mtime)
     try:
         body = sc.obj(json.loads(data), "lease")
         ttl = body.get("ttl")
         return Lease(unit, sc.text(sc.field(body, "worker", "lease"), "worker", 256),
                      sc.text(body.get("host", ""), "host", 256), sc.integer(body.get("pid", 0), "pid", 0, MAX_PID),
-                     sc.number(body.get("since", st.st_mtime), "since", 0, MAX_TIME), st.st_mtime,
+                     sc.number(body.get("since", mtime), "since", 0, MAX_TIME), mtime,
                      None if ttl is None else sc.number(ttl, "ttl", 1e-3, MAX_TTL))
     except (ValueError, RecursionError) as e:  # schema.Invalid is a ValueError
-        return _malformed(path, unit, str(e)[:120])
+        mtime = mtime if math.isfinite(mtime) else 0.0
+        return Lease(unit, "", "", 0, mtime, mtime, malformed=str(e)[:120])
 
 
 def _malformed(path: Path, unit, why: str) -> Lease | None:
@@ -148,7 +186,10 @@ class Leases:
     def __init__(self, store_path, worker: str | None = None, ttl: float = DEFAULT_TTL):
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {ttl}")
-        self.dir = Path(store_path) / LEASES_DIR
+        self.dir = as_path(store_path) / LEASES_DIR
+        self.bucket = isinstance(self.dir, ObjPath)
+        self._conditional_checked = False
+        self._clock: tuple[float, float] | None = None  # on a bucket: (server time, time.monotonic()) read together
         self.worker = worker or new_worker_id()
         self.ttl = float(ttl)
         # (unit, worker, renewed) of a lease renewed in the future -> when first seen (time.monotonic);
@@ -166,7 +207,7 @@ class Leases:
     def _names(self) -> list[str]:
         """The lease files now in leases/ (one listing), in unit-name order."""
         try:
-            return sorted(n for n in os.listdir(self.dir) if n.endswith(".json") and not n.startswith(".")
+            return sorted(n for n in listdir(self.dir) if n.endswith(".json") and not n.startswith(".")
                           and parse_unit_name(n) is not None)
         except (FileNotFoundError, NotADirectoryError):  # no leases/ yet; a file there: _create names it
             return []
@@ -194,7 +235,8 @@ class Leases:
         """lease.stale by this book's ttl, with two things only a book can know: a malformed lease is
         logged, and a lease renewed in the future (a skewed clock) counts as renewed when we first saw
         that renewal, so it is taken over after ttl, not after the clocks' difference plus ttl."""
-        now = time.time() if now is None else now
+        if now is None:  # on a bucket: the server's clock, the one that stamped the lease's Last-Modified
+            now = self.server_now() if self.bucket else time.time()
         if lease.malformed:
             if (lease.unit, lease.malformed) not in self._future:
                 self._future[(lease.unit, lease.malformed)] = 0.0  # log once per lease and cause
@@ -211,9 +253,19 @@ class Leases:
                         self.path(lease.unit), lease.worker, lease.host, -lease.age(now), self.ttl)
         return time.monotonic() - self._future[key] > self.ttl or lease.holder_gone()
 
+    def server_now(self) -> float:
+        """The server's clock now: read from the server (three requests) at most every ttl / 8 seconds
+        and carried forward in between by this host's monotonic clock, which no clock setting moves."""
+        mono = time.monotonic()
+        if self._clock is None or mono - self._clock[1] > min(self.ttl / 8, 5.0):
+            self._clock = (self.dir.server_now(), time.monotonic())
+        return self._clock[0] + (time.monotonic() - self._clock[1])
+
     def claim(self, unit: tuple[int, int]) -> bool:
         """Take the unit if nobody holds it (or its holder's lease expired); True if it is ours now."""
         path = self.path(unit)
+        if self.bucket:
+            return self._claim_object(path, unit)
         if self._create(path):
             return True
         lease = _read(path)
@@ -239,6 +291,26 @@ class Leases:
         with contextlib.suppress(OSError):
             os.unlink(aside)
         return self._create(path)
+
+    def _claim_object(self, path: ObjPath, unit) -> bool:
+        """claim on a bucket: a conditional create; a stale lease is replaced conditional on its ETag."""
+        if not self._conditional_checked:
+            require_conditional_writes(self.dir)  # once per book: a server ignoring them is refused
+            self._conditional_checked = True
+        if path.create(self._body()):
+            return True
+        lease = _read(path, unit)
+        if lease is None:  # released between our create and read: try once more
+            return path.create(self._body())
+        if lease.worker == self.worker and not lease.malformed:
+            return True
+        if not self.stale(lease):
+            return False
+        return path.replace_if(self._body(), lease.tag)  # of racing takers, one matches the ETag
+
+    def _body(self) -> bytes:
+        return (json.dumps({"worker": self.worker, "host": self.host, "pid": self.pid, "since": time.time(),
+                            "ttl": self.ttl}, sort_keys=True) + "\n").encode()
 
     def _create(self, path: Path) -> bool:
         body = {"worker": self.worker, "host": self.host, "pid": self.pid, "since": time.time(),
@@ -272,6 +344,14 @@ class Leases:
     def renew(self) -> int:
         """Touch every lease of ours (the heartbeat); returns how many."""
         n = 0
+        if self.bucket:  # rewrite each lease object of ours, conditional on the ETag we read
+            for lease in self.all():
+                if lease.worker == self.worker and self.path(lease.unit).replace_if(
+                        (json.dumps({"worker": lease.worker, "host": lease.host, "pid": lease.pid,
+                                     "since": lease.since, "ttl": lease.ttl}, sort_keys=True) + "\n").encode(),
+                        lease.tag):
+                    n += 1
+            return n
         for unit in self.held():
             with contextlib.suppress(FileNotFoundError):
                 os.utime(self.path(unit))
@@ -283,13 +363,17 @@ class Leases:
         lease = self.read(unit)
         if lease is not None and lease.worker == self.worker:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(unit))
+                self.path(unit).unlink() if self.bucket else os.unlink(self.path(unit))
 
 
 def completion_times(store_path) -> list[float]:
     """When each complete unit was committed (the mtime of its record in units/: a zarr marker or a wds
     tar, both named <shard>_<block>.<ext>), sorted: the fleet's pace, for `inspect`."""
-    units = Path(store_path) / "units"
+    units = as_path(store_path) / "units"
+    if isinstance(units, ObjPath):  # Last-Modified: the server's clock
+        return sorted(o["last_modified"].timestamp() for o in units.walk_objects()
+                      if not o["path"].rsplit("/", 1)[-1].startswith(".")
+                      and parse_unit_name(o["path"].rsplit("/", 1)[-1]) is not None)
     out = []
     try:
         names = os.listdir(units)
@@ -311,8 +395,10 @@ def fleet_status(store_path, units: list[tuple[int, int]], complete: set[tuple[i
     counts as pending (anyone may take it over) and is listed with expired=True. rate: units committed
     in the last `window` seconds over the time since the first of them (a fleet that stopped shows a
     falling rate, then none); eta_s: the views left at the recent views/s."""
-    now = time.time() if now is None else now
-    leases = [lease for lease in Leases(store_path).all() if lease.unit not in complete]
+    book = Leases(store_path)
+    if now is None:  # on a bucket, the server's clock: the one that stamps leases and units
+        now = book.dir.server_now(read_only=True) if book.bucket else time.time()
+    leases = [lease for lease in book.all() if lease.unit not in complete]
     live = {lease.unit for lease in leases if not lease.stale(lease.ttl or DEFAULT_TTL, now)}  # (a future one: live)
     recent = [t for t in completion_times(store_path) if t > now - window]
     span = now - recent[0] if recent else 0.0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from .base import (
     unit_arrays,
     unit_name,
 )
-from .fsutil import atomic_write, read_if_exists
+from .fsutil import atomic_write, listdir, read_if_exists
 from .schema import UnitDamaged
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
@@ -95,9 +94,11 @@ class _WdsMixin:
         return self._tar(shard, block).exists()
 
     def _complete_units(self):
-        if not self.units_dir.is_dir():
+        try:
+            listed = listdir(self.units_dir)
+        except (FileNotFoundError, NotADirectoryError):
             return set()
-        names = (parse_unit_name(f) for f in os.listdir(self.units_dir) if f.endswith(".tar") and f[0] != ".")
+        names = (parse_unit_name(f) for f in listed if f.endswith(".tar") and f[0] != ".")
         spec = self.spec
         return {u for u in names if u is not None and u[0] < spec.num_shards and u[1] < spec.num_blocks}
 

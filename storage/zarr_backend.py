@@ -30,7 +30,6 @@ reported damaged, and a resumed precompute recomputes it (DESIGN.md, "The label 
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -53,7 +52,8 @@ from .base import (
     unit_arrays,
     unit_name,
 )
-from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, read_regular
+from .bucket import ObjPath, zarr_store
+from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, lexists, listdir, read_regular, unlink
 from .schema import UnitDamaged
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
 
@@ -72,9 +72,14 @@ def _array_shapes(spec: StoreSpec) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (base + tail, dtype) for name, (tail, dtype) in unit_arrays(spec).items()}
 
 
+def _zarr_target(path):
+    """What zarr opens: a local folder's name, or zarr's ObjectStore for a prefix in a bucket."""
+    return zarr_store(path) if isinstance(path, ObjPath) else str(path)
+
+
 def init_arrays(root: Path, spec: StoreSpec) -> None:
     """Allocate every array at full size (called once, in the creating process's temp dir)."""
-    group = zarr.open_group(str(root / ARRAYS_DIR), mode="w", zarr_format=3)
+    group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="w", zarr_format=3)
     for name, (shape, dtype) in _array_shapes(spec).items():
         chunks = (spec.views_per_unit, 1) + shape[2:]
         group.create_array(
@@ -158,9 +163,10 @@ class _ZarrMixin:
         return self._marker(shard, block).exists()
 
     def _complete_units(self):
-        if not self.units_dir.is_dir():
+        try:
+            files = [f for f in listdir(self.units_dir) if f.endswith(".json") and f[0] != "."]
+        except (FileNotFoundError, NotADirectoryError):
             return set()
-        files = [f for f in os.listdir(self.units_dir) if f.endswith(".json") and f[0] != "."]
         names = (parse_unit_name(f) for f in files)
         return {u for u in names if u is not None and self._in_spec(u)}
 
@@ -265,7 +271,7 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         for name in _array_shapes(self.spec):
             # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
             # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
-            arr = zarr.open_array(str(self.path / ARRAYS_DIR), path=name, mode="r+")
+            arr = zarr.open_array(_zarr_target(self.path / ARRAYS_DIR), path=name, mode="r+")
             self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def _retract(self, shard, block):
@@ -278,7 +284,7 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         if tail_lse is not None:
             new["tail_lse"] = tail_lse
         marker = self._marker(shard, block)
-        if os.path.lexists(marker):
+        if lexists(marker):
             try:
                 old = self._load_unit(shard, block)
                 same = all(np.array_equal(old[k], v) for k, v in new.items())
@@ -318,7 +324,7 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
 
     def _unlink_marker(self, marker: Path) -> None:
         try:
-            os.unlink(marker)
+            unlink(marker)
         except IsADirectoryError:  # a directory where the marker goes: not ours to delete
             raise StoreCorrupt(f"{marker} is a directory where the store keeps a unit's marker; remove it and "
                                "rerun precompute") from None
@@ -414,6 +420,6 @@ def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
     made with new.views from the start (same shape, same chunking)."""
     if new.views < old.views:
         raise ValueError("zarr arrays only grow here")
-    group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+", zarr_format=3)
+    group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="r+", zarr_format=3)
     for name, (shape, _) in _array_shapes(new).items():
         group[name].resize(shape)

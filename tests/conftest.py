@@ -82,3 +82,46 @@ def tiny_teacher(tmp_path_factory):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+# --- A real S3 server (SeaweedFS) for the bucket tests: started once per session, on first use.
+
+@pytest.fixture(scope="session")
+def weed_server(tmp_path_factory):
+    from s3_support import start_weed
+
+    server = start_weed(tmp_path_factory.mktemp("weed"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(weed_server, monkeypatch):
+    """The environment pointing at the test server with the writer's keys (a clean one: no profile)."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in weed_server.env().items():
+        monkeypatch.setenv(name, value)
+    return weed_server
+
+
+@pytest.fixture
+def s3_root(s3_env):
+    """A fresh prefix in the test bucket, as an ObjPath (``s3_root / "s"`` is a store's URL)."""
+    import uuid
+
+    from s3_support import BUCKET
+
+    from storage.bucket import as_path
+
+    return as_path(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["disk", pytest.param("bucket", marks=pytest.mark.bucket)])
+def root(request, tmp_path):
+    """Where a conformance test makes its stores: a local folder, or a prefix in an S3 bucket."""
+    if request.param == "disk":
+        return tmp_path
+    return request.getfixturevalue("s3_root")

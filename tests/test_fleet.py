@@ -248,20 +248,20 @@ def test_inspect_shows_units_complete_leased_pending_holders_rate_and_eta(fleet_
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
-def test_growing_retracts_a_short_last_block_and_stops_a_writer_of_the_old_views(tmp_path, backend):
+def test_growing_retracts_a_short_last_block_and_stops_a_writer_of_the_old_views(root, backend):
     import numpy as np
 
     from storage import StoreError, StoreSpec, create_store
     from storage.api import grow_store
 
     spec = StoreSpec(mode="hard", k=0, num_classes=3, class_names=(), views=3, shard_sizes=(4, 4), views_per_unit=2)
-    old = create_store(tmp_path / "s", spec, backend=backend)
+    old = create_store(root / "s", spec, backend=backend)
     for shard, block in spec.units():
         vb = len(spec.block_views(block))
         old.write_unit(shard, block, values=None, ids=np.ones((vb, 4), np.int64), valid=np.ones((vb, 4), np.uint8))
-    assert grow_store(tmp_path / "s", 6) and not grow_store(tmp_path / "s", 6), "grown once"
-    r = open_store(tmp_path / "s")
+    assert grow_store(root / "s", 6) and not grow_store(root / "s", 6), "grown once"
+    r = open_store(root / "s")
     assert r.spec.views == 6 and r.completed_units() == [(0, 0), (1, 0)], "block 1 (view 2 of 3) is redone whole"
     with pytest.raises(StoreError, match="grown"):
         old.write_unit(0, 1, values=None, ids=np.ones((1, 4), np.int64), valid=np.ones((1, 4), np.uint8))
-    assert open_store(tmp_path / "s").completed_units() == [(0, 0), (1, 0)]
+    assert open_store(root / "s").completed_units() == [(0, 0), (1, 0)]

@@ -1,4 +1,5 @@
-"""Conformance suite for label stores: every test runs against both backends (zarr, wds)."""
+"""Conformance suite for label stores: every test runs against both backends (zarr, wds); those taking
+``root`` run on a local disk and on an S3 bucket (a real server, tests/s3_support.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_storage_support import ROOT, snapshot, tiny_spec, unit_data, write_all
+from test_storage_support import (
+    ROOT,
+    listdir,
+    read_bytes,
+    remove,
+    snapshot,
+    tiny_spec,
+    unit_data,
+    write_all,
+    write_bytes,
+)
 
 from storage import (
     BACKENDS,
@@ -63,12 +74,12 @@ def backend(request):
 
 
 @pytest.mark.parametrize("mode", ["topk", "hard"])
-def test_round_trip_and_addressing(tmp_path, backend, mode):
+def test_round_trip_and_addressing(root, backend, mode):
     spec = tiny_spec(mode)
-    w = create_store(tmp_path / "s", spec, backend=backend, manifest=b"PAR1 manifest", meta={"who": "test"})
+    w = create_store(root / "s", spec, backend=backend, manifest=b"PAR1 manifest", meta={"who": "test"})
     w.set_meta("probes", {"0/0/0": "deadbeef"})
     write_all(w)
-    r = open_store(tmp_path / "s", expect=spec)
+    r = open_store(root / "s", expect=spec)
     assert r.spec == spec and r.backend == backend
     assert r.manifest_bytes == b"PAR1 manifest"
     assert r.meta["who"] == "test" and r.meta["probes"] == {"0/0/0": "deadbeef"}
@@ -91,20 +102,20 @@ def test_round_trip_and_addressing(tmp_path, backend, mode):
         r.read_slot(0, 2, 9)
 
 
-def test_int32_ids_for_many_classes(tmp_path, backend):
+def test_int32_ids_for_many_classes(root, backend):
     spec = tiny_spec(num_classes=40000, class_names=(), shard_sizes=(3,), views=2)
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     write_all(w)
-    r = open_store(tmp_path / "s")
+    r = open_store(root / "s")
     assert r.read(1, 0).ids.dtype == np.int32
     _assert_same(r.read(1, 0), _expected(spec, 1, 0))
 
 
-def test_incomplete_units_refused(tmp_path, backend):
+def test_incomplete_units_refused(root, backend):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     w.write_unit(0, 0, **unit_data(spec, 0, 0))
-    r = open_store(tmp_path / "s")
+    r = open_store(root / "s")
     assert r.completed_units() == [(0, 0)] and r.is_complete(0, 0) and not r.is_complete(1, 0)
     r.read(1, 0)
     with pytest.raises(StoreError, match=r"unit \(shard=1, view_block=0\) is not complete"):
@@ -113,54 +124,54 @@ def test_incomplete_units_refused(tmp_path, backend):
         list(r.read_view(0))
 
 
-def test_rewrite_is_byte_identical(tmp_path, backend):
+def test_rewrite_is_byte_identical(root, backend):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     write_all(w)
-    before = snapshot(tmp_path / "s")
-    w2 = create_store(tmp_path / "s", spec, backend=backend)  # a resumed run reopens it
+    before = snapshot(root / "s")
+    w2 = create_store(root / "s", spec, backend=backend)  # a resumed run reopens it
     write_all(w2)
-    assert snapshot(tmp_path / "s") == before
+    assert snapshot(root / "s") == before
     # an independent store written in another order holds the same bytes, unit for unit
-    w3 = create_store(tmp_path / "t", spec, backend=backend)
+    w3 = create_store(root / "t", spec, backend=backend)
     for s, b in reversed(spec.units()):
         w3.write_unit(s, b, **unit_data(spec, s, b))
-    other = snapshot(tmp_path / "t")
+    other = snapshot(root / "t")
     assert {k: v for k, v in other.items() if k != "store.json"} == {
         k: v for k, v in before.items() if k != "store.json"
     }
 
 
-def test_rewrite_with_other_labels_replaces_unit(tmp_path, backend):
+def test_rewrite_with_other_labels_replaces_unit(root, backend):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     w.write_unit(0, 0, **unit_data(spec, 0, 0, seed=0))
     w.write_unit(0, 0, **unit_data(spec, 0, 0, seed=7))
-    r = open_store(tmp_path / "s")
+    r = open_store(root / "s")
     _assert_same(r.read(1, 0), _expected(spec, 1, 0, seed=7))
     assert r.check() == []
 
 
-def test_spec_mismatch_names_the_field(tmp_path, backend):
+def test_spec_mismatch_names_the_field(root, backend):
     spec = tiny_spec()
-    create_store(tmp_path / "s", spec, backend=backend)
+    create_store(root / "s", spec, backend=backend)
     msg = r"made with seed=0, you asked for seed=1; use a new --out or --overwrite"
     with pytest.raises(StoreMismatch, match=msg):
-        create_store(tmp_path / "s", tiny_spec(seed=1), backend=backend)
+        create_store(root / "s", tiny_spec(seed=1), backend=backend)
     with pytest.raises(StoreMismatch, match=r"recipe\.mixup=0\.8, you asked for recipe\.mixup=0\.5"):
-        create_store(tmp_path / "s", tiny_spec(recipe={"preset": "deit", "mixup": 0.5}), backend=backend)
+        create_store(root / "s", tiny_spec(recipe={"preset": "deit", "mixup": 0.5}), backend=backend)
     with pytest.raises(StoreMismatch, match=r"with k=5, you asked for k=10"):
-        open_store(tmp_path / "s", expect=tiny_spec(k=10))
+        open_store(root / "s", expect=tiny_spec(k=10))
     other = "wds" if backend == "zarr" else "zarr"
     with pytest.raises(StoreMismatch, match=f"backend={backend}"):
-        create_store(tmp_path / "s", spec, backend=other)
-    w = create_store(tmp_path / "s", tiny_spec(seed=1), backend=backend, overwrite=True)
-    assert w.spec.seed == 1 and open_store(tmp_path / "s").spec.seed == 1
+        create_store(root / "s", spec, backend=other)
+    w = create_store(root / "s", tiny_spec(seed=1), backend=backend, overwrite=True)
+    assert w.spec.seed == 1 and open_store(root / "s").spec.seed == 1
 
 
-def test_bad_inputs_are_refused(tmp_path, backend):
+def test_bad_inputs_are_refused(root, backend):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     d = unit_data(spec, 0, 0)
     with pytest.raises(StoreError, match="not raw logits"):
         w.write_unit(0, 0, values=(d["values"] + 20).astype(np.float16), ids=d["ids"], valid=d["valid"])
@@ -169,7 +180,7 @@ def test_bad_inputs_are_refused(tmp_path, backend):
     with pytest.raises(StoreError, match="outside the store"):
         w.write_unit(3, 0, **d)
     with pytest.raises(StoreError, match="not a label store"):
-        open_store(tmp_path / "nothing")
+        open_store(root / "nothing")
 
 
 def _run_children(args_list, timeout=60):
@@ -184,14 +195,14 @@ def _run_children(args_list, timeout=60):
         assert p.returncode == 0, err
 
 
-def test_concurrent_create_from_processes(tmp_path, backend):
-    path = tmp_path / "s"
+def test_concurrent_create_from_processes(root, backend):
+    path = root / "s"
     start = time.time() + 1.0  # all children call create_store at the same moment
     _run_children([("child_create_and_write", path, backend, start, shard) for shard in range(3)])
     r = open_store(path, expect=tiny_spec())
     assert r.completed_units() == tiny_spec().units() and r.check() == []
     assert r.manifest_bytes == b"manifest"
-    assert not [p for p in os.listdir(tmp_path) if p != "s"]  # the losers cleaned up their temp dirs
+    assert [p for p in listdir(root) if p != "s"] == []  # the losers cleaned up their temp dirs (a bucket has none)
     for shard in range(3):
         _assert_same(r.read(4, shard), _expected(r.spec, 4, shard))
 
@@ -222,8 +233,8 @@ def test_writer_killed_mid_unit_leaves_unit_absent(tmp_path, backend):
     _assert_same(open_store(path).read(1, 1), _expected(w.spec, 1, 1))
 
 
-def test_writer_killed_at_random_moments_never_tears(tmp_path, backend):
-    path = tmp_path / "s"
+def test_writer_killed_at_random_moments_never_tears(root, backend):
+    path = root / "s"
     spec = tiny_spec(shard_sizes=(300, 200, 300))
     rng = np.random.default_rng(1)
     for _ in range(3):
@@ -250,7 +261,7 @@ def test_writer_killed_at_random_moments_never_tears(tmp_path, backend):
 
 
 def _damage(path, backend, unit, how, array="ids"):
-    """Flip one byte in, or drop, one array's data (ids by default) of one unit.
+    """Flip one byte in, or drop, one array's data (ids by default) of one unit (a file, or an object).
 
     The one place in the tests that knows each backend's files: a new backend adds its case here."""
     name = f"{unit[0]:06d}_{unit[1]:04d}"
@@ -258,34 +269,36 @@ def _damage(path, backend, unit, how, array="ids"):
         key = f"labels.zarr/{array}/c/{unit[1]}/{unit[0]}/" + "/".join(["0"] * (2 if array == "ids" else 1))
         target = path / key
         if how == "drop":
-            os.unlink(target)
+            remove(target)
             return
-        offset = target.stat().st_size // 2
+        offset = len(read_bytes(target)) // 2
     elif backend == "wds":
         target = path / "units" / f"{name}.tar"
-        with tarfile.open(target) as tar:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(target))) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith(f".{array}.blosc"))
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m is not member]
         if how == "drop":  # rewrite the tar without that member: a lost chunk
-            with tarfile.open(target, "w") as tar:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
                 for m, data in members:
                     tar.addfile(m, io.BytesIO(data))
+            write_bytes(target, buf.getvalue())
             return
         offset = member.offset_data + member.size // 2
     else:
         raise AssertionError(f"_damage knows no files of backend {backend!r}: add them")
-    data = bytearray(target.read_bytes())
+    data = bytearray(read_bytes(target))
     data[offset] ^= 0x10
-    target.write_bytes(bytes(data))
+    write_bytes(target, bytes(data))
 
 
 @pytest.mark.parametrize("how", ["flip", "drop"])
-def test_check_finds_damage_and_names_unit(tmp_path, backend, how):
+def test_check_finds_damage_and_names_unit(root, backend, how):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     write_all(w)
-    _damage(tmp_path / "s", backend, (1, 2), how)
-    r = open_store(tmp_path / "s")
+    _damage(root / "s", backend, (1, 2), how)
+    r = open_store(root / "s")
     problems = r.check()
     assert [p.unit for p in problems] == [(1, 2)], problems
     assert "shard=1, view_block=2" in str(problems[0]) and "rerun precompute" in str(problems[0])
@@ -303,11 +316,11 @@ def _expected_flags(spec, units):
     return written, invalid
 
 
-def test_count_flags_counts_exactly_from_the_flags_alone(tmp_path, backend):
+def test_count_flags_counts_exactly_from_the_flags_alone(root, backend):
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     write_all(w)
-    r = open_store(tmp_path / "s")
+    r = open_store(root / "s")
     f = r.count_flags()
     assert (f.written, f.invalid, f.unreadable) == (*_expected_flags(spec, spec.units()), [])
     assert f.invalid > 0 and f.written > 0
@@ -319,13 +332,13 @@ def test_count_flags_counts_exactly_from_the_flags_alone(tmp_path, backend):
 
 
 @pytest.mark.parametrize("how", ["flip", "drop"])
-def test_count_flags_names_a_unit_whose_flags_are_damaged(tmp_path, backend, how):
+def test_count_flags_names_a_unit_whose_flags_are_damaged(root, backend, how):
     """A flipped byte or a lost valid chunk/member: that unit is named unreadable, the others still count."""
     spec = tiny_spec()
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     write_all(w)
-    _damage(tmp_path / "s", backend, (1, 2), how, array="valid")
-    f = open_store(tmp_path / "s").count_flags()
+    _damage(root / "s", backend, (1, 2), how, array="valid")
+    f = open_store(root / "s").count_flags()
     rest = [u for u in spec.units() if u != (1, 2)]
     assert (f.written, f.invalid, f.unreadable) == (*_expected_flags(spec, rest), [(1, 2)])
 
@@ -409,35 +422,35 @@ def test_hard_targets():
 
 
 @pytest.mark.parametrize("mode", ["topk", "hard"])
-def test_all_zero_unit_is_written_whole(tmp_path, backend, mode):
+def test_all_zero_unit_is_written_whole(root, backend, mode):
     """A unit whose labels are all zero (every argmax class 0) is still a complete, checkable unit.
 
     zarr skips chunks equal to the fill value unless told otherwise; the marker would then point
     at a chunk that was never written.
     """
     spec = tiny_spec(mode, shard_sizes=(4,), views=2)
-    w = create_store(tmp_path / "s", spec, backend=backend)
+    w = create_store(root / "s", spec, backend=backend)
     shape = (len(spec.block_views(0)), 4)
     values = np.zeros((*shape, spec.k), np.float16) if mode == "topk" else None
     ids = np.zeros((*shape, spec.k) if mode == "topk" else shape, np.int64)
     if mode == "topk":
         ids[..., :] = np.arange(spec.k)  # sorted log-probs of 0 are allowed; ids must differ only in order
     w.write_unit(0, 0, values=values, ids=ids, valid=np.ones(shape, np.uint8))
-    r = open_store(tmp_path / "s")
+    r = open_store(root / "s")
     assert r.is_complete(0, 0) and r.check() == []
     assert (r.read(0, 0).valid == WRITTEN).all()
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-def test_a_format_1_store_is_refused_with_one_line_to_recompute(tmp_path, backend):
+def test_a_format_1_store_is_refused_with_one_line_to_recompute(root, backend):
     """Format 2 laid repeated augmentation out in windows: a format-1 store's labels sit at other slots."""
     import json
 
-    path = tmp_path / "s"
+    path = root / "s"
     write_all(create_store(str(path), tiny_spec(), backend=backend))
-    meta = json.loads((path / "store.json").read_text())
+    meta = json.loads(read_bytes(path / "store.json"))
     assert meta["format_version"] == 2
-    (path / "store.json").write_text(json.dumps({**meta, "format_version": 1}))
+    write_bytes(path / "store.json", json.dumps({**meta, "format_version": 1}).encode())
     with pytest.raises(StoreError, match=r"format version 1, older than this code's 2 .*re-run precompute") as e:
         open_store(str(path))
     assert "\n" not in str(e.value)

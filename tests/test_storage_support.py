@@ -68,13 +68,49 @@ def write_all(writer, seed: int = 0):
 
 
 def snapshot(path) -> dict[str, bytes]:
-    """Every file under a store, by relative path: stores are compared byte for byte."""
+    """Every file under a store (or object under its prefix in a bucket), by relative path: stores are
+    compared byte for byte."""
+    from storage.bucket import ObjPath
+
     out = {}
+    if isinstance(path, ObjPath):
+        for o in path.walk_objects():
+            out[o["path"][len(path.key) + 1:]] = read_bytes(ObjPath(path.scheme, path.bucket, o["path"]))
+        return out
     for root, _, files in os.walk(path):
         for f in files:
             p = os.path.join(root, f)
             out[os.path.relpath(p, path)] = open(p, "rb").read()
     return out
+
+
+def read_bytes(path) -> bytes:
+    """A file's or an object's bytes (a test's own look, not the store's checked read)."""
+    from storage.bucket import ObjPath
+
+    return path.read() if isinstance(path, ObjPath) else open(path, "rb").read()
+
+
+def write_bytes(path, data: bytes) -> None:
+    from storage.bucket import ObjPath
+
+    if isinstance(path, ObjPath):
+        path.put(data)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def remove(path) -> None:
+    from storage.bucket import ObjPath
+
+    path.unlink() if isinstance(path, ObjPath) else os.unlink(path)
+
+
+def listdir(path) -> list[str]:
+    from storage.fsutil import listdir as _listdir
+
+    return _listdir(path)
 
 
 def child_create_and_write(path, backend, start_at, shard):

