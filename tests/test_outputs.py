@@ -307,3 +307,14 @@ def test_verify_tau_1_says_the_tail_mass_is_exact():
 
     assert "exact tail mass" in line(1.0) and "UNIFORM" not in line(1.0) and "precompute --tau" not in line(1.0)
     assert "UNIFORM tail approximation" in line(2.0) and "precompute --tau 2 stores it" in line(2.0)
+
+
+def test_a_bucket_store_is_never_inside_a_local_source(tmp_path, monkeypatch):
+    """--out s3://... beside --data . : realpath would make the URL ./s3:/b/x, a path inside the source."""
+    from pipeline.sources import SourceError, check_outside_source
+
+    monkeypatch.chdir(tmp_path)
+    check_outside_source(".", "s3://bucket/stores/x")
+    check_outside_source(str(tmp_path), "gs://bucket/x")
+    with pytest.raises(SourceError, match="inside the source"):
+        check_outside_source(".", "s3:/bucket/x")  # one slash: a local folder named s3:, inside the source

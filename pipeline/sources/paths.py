@@ -8,6 +8,7 @@ import os
 
 from braceexpand import UnbalancedBracesError, braceexpand, char_range_re, int_range_re, make_char_range
 
+from storage.bucket import is_url
 from storage.errors import printable
 
 from ..source_errors import SourceError, permission_error
@@ -114,7 +115,7 @@ def check_outside_source(src: str, out: str, option: str = "--out") -> None:
     An ImageFolder indexes every sub-folder as a class: a store written inside it becomes one more
     class, so the next run indexes another source and refuses its own store. Stores and runs belong
     beside the data, never in it (the rule holds for any source directory, so it is one rule)."""
-    if not os.path.isdir(src):
+    if not os.path.isdir(src) or is_url(out):  # a bucket is never inside a local directory
         return
     root, target = os.path.realpath(src), os.path.realpath(out)
     if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
