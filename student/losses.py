@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("none", "hard", "soft")
-KD_REDUCTIONS = ("batchmean", "deit")
+from .config import KD_REDUCTIONS, MODES  # defined once, with the --distillation/--kd-reduction options
 
 
 @dataclass
