@@ -29,8 +29,19 @@ from pipeline.options import (
     workers_opt,
 )
 
+from .errors import TrainError
+
 MODES = ("none", "hard", "soft")          # --distillation (student.losses.deit_loss_terms' mode)
 KD_REDUCTIONS = ("batchmean", "deit")     # --kd-reduction
+
+
+def check_objective(mode: str, kd_reduction: str = "batchmean") -> None:
+    """The library's check of a distillation mode and KD reduction (the loss and student.api call it); on
+    the command line and in --config FILE the options' Choice types, made of the same tuples, check them."""
+    if mode not in MODES:
+        raise TrainError(f"distillation mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if kd_reduction not in KD_REDUCTIONS:
+        raise TrainError(f"kd_reduction must be one of {', '.join(KD_REDUCTIONS)}, got {kd_reduction!r}")
 
 FINETUNE_HELP = ("Start from a checkpoint's weights (ours or timm/DeiT) at the store's input size and classes "
                  "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "

@@ -51,6 +51,7 @@ from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
 from ..devices import resolve_device, single_thread_worker
+from ..options import check_values
 from ..probes import probe_hashes
 from ..progress import progress_bar
 from ..recipes import create_recipe, parse_overrides
@@ -215,23 +216,11 @@ def _identity_with_path(identity: dict) -> dict:
 
 
 def _check(cfg: PrecomputeConfig) -> None:
-    if cfg.views < 1:
-        raise PrecomputeError(f"--views must be >= 1, got {cfg.views}")
-    if cfg.views_per_unit < 1:
-        raise PrecomputeError(f"--views-per-unit must be >= 1, got {cfg.views_per_unit}")
-    if cfg.batch_size < 1:
-        raise PrecomputeError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.workers < 0:
-        raise PrecomputeError(f"--workers must be >= 0, got {cfg.workers}")
-    if not cfg.hard and cfg.topk < 1:
-        raise PrecomputeError(f"--topk must be >= 1 (or use --hard), got {cfg.topk}")
+    """Each value in its range (its option's type, in config.py: what the command line was parsed with),
+    then settings that contradict each other."""
+    check_values(cfg)
     if cfg.taus and cfg.hard:
         raise PrecomputeError("--tau stores the tempered tail of soft labels: drop --tau, or --hard for --topk K")
-    for t in cfg.taus:
-        if not (np.isfinite(t) and t > 0):
-            raise PrecomputeError(f"--tau must be a finite temperature > 0, got {t}")
-    if not (np.isfinite(cfg.lease_ttl) and cfg.lease_ttl > 0):
-        raise PrecomputeError(f"--lease-ttl must be a finite number of seconds > 0, got {cfg.lease_ttl}")
     if cfg.join and (cfg.rank is not None or cfg.world_size is not None):
         raise PrecomputeError("--join takes no rank or world size (each process claims what is left): "
                               "drop --rank/--world-size, or drop --join")
