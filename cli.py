@@ -215,6 +215,7 @@ def _plain(obj):
 @click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
               help="Also report how far the soft targets rebuilt at temperature T are from the teacher's full "
                    "softmax(z/T) on the recomputed views (total variation, KL); repeatable.")
+@config_file_option
 def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol, taus):
     """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
 

@@ -168,3 +168,11 @@ def test_required_options_may_come_from_the_file_only(tmp_path, captured):
     one_line_error(res, "--teacher")  # still required: the file did not give it
     res = invoke("train", "--config", write(tmp_path / "e.yaml", ""), "--out", tmp_path / "r")
     one_line_error(res, "--data")
+
+
+def test_verify_takes_a_config_too(tmp_path):
+    path = write(tmp_path / "v.yaml", "n: -1\n")
+    res = invoke("verify", "STORE", "--config", path, "--data", "SRC")
+    one_line_error(res, f"--config {path}: n: --n must be >= 0")
+    path = write(tmp_path / "w.yaml", "data: SRC\nfull: true\n")
+    one_line_error(invoke("verify", str(tmp_path / "nowhere"), "--config", path), "nowhere")  # --data came from it
