@@ -4,6 +4,9 @@ A numeric option is checked by click when the command line is parsed, before any
 indexed, any model built or any store created, so a bad value never costs work and never
 leaves anything behind. Recipe values are checked in ``recipes.py`` (one place for every way a
 recipe is made). ``OneLineGroup`` prints every usage error as one line, ``error: ...``, exit 2.
+
+``opt`` is an option written as a config dataclass field's metadata; ``config_options`` makes the
+click options of a command from those fields, and ``config_file_option`` adds ``--config FILE``.
 """
 
 from __future__ import annotations
@@ -392,7 +395,6 @@ def _apply_config_file(ctx, param, path):
         except click.BadParameter as e:
             raise OptionValueError(f"--config {path}: {key}: {' '.join(e.format_message().split())}") from None
         ctx.default_map = {**(ctx.default_map or {}), p.name: raw}
-    ctx.meta["config_file"] = path
     return path
 
 
