@@ -272,7 +272,7 @@ def run_folder(out: str | None, output: str | None, experiment: str | None, resu
         if out is None:
             raise click.UsageError("missing the run directory: pass --out RUN (or --output DIR --experiment NAME)")
         return out, resume is not None
-    from student.train import CHECKPOINT
+    from student.resume import CHECKPOINT
 
     path = os.path.join(resume, CHECKPOINT) if os.path.isdir(resume) else resume
     return (out if out is not None else os.path.dirname(path) or "."), path
@@ -280,7 +280,7 @@ def run_folder(out: str | None, output: str | None, experiment: str | None, resu
 
 def train_interrupted(out: str) -> str:
     """What Ctrl-C left of a training run, and the command that continues it."""
-    from student.train import CHECKPOINT, last_saved_epoch
+    from student.resume import CHECKPOINT, last_saved_epoch
 
     ckpt = os.path.join(out, CHECKPOINT)
     if not os.path.exists(ckpt):

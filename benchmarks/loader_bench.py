@@ -32,8 +32,9 @@ from common import interleaved, photo_like_jpegs
 
 import student.data as sd
 from pipeline.recipes import create_recipe
-from pipeline.sources import Manifest
-from pipeline.views import ViewRenderer, epoch_shard_order
+from pipeline.sources import NO_CRC, Manifest
+from pipeline.views import ViewRenderer
+from student.stream import epoch_shard_order
 
 SHARDS, PER_SHARD, CLASSES, WORLD, BATCH, WORKERS = 1251, 1024, 1000, 8, 128, 10
 
@@ -47,12 +48,13 @@ def manifest() -> Manifest:
         "position": pa.array((idx % PER_SHARD).astype(np.int32)),
         "path": pa.array(np.char.add("s", idx.astype(str))), "offset": pa.array(np.zeros(n, np.int64)),
         "size": pa.array(np.zeros(n, np.int64)),
+        "crc32c": pa.array(np.full(n, NO_CRC, np.int64)),  # OneJpeg's bytes are not the indexed ones: unchecked
     })
     return Manifest("wds", "/nonexistent", [f"shard-{j:06d}.tar" for j in range(SHARDS)],
                     [str(c) for c in range(CLASSES)], table)
 
 
-class OneJpeg(sd.SampleFiles):
+class OneJpeg(sd.SampleReader):
     """Every sample's bytes are the same real JPEG (no disk: the loader's CPU work is measured)."""
 
     def __init__(self, m: Manifest, jpeg: bytes):
@@ -68,11 +70,11 @@ class WholeShardPlan(sd.ReplayBatches):
     """The format-1 worker: a whole shard's plan (every slot) for any batch that touches the shard."""
 
     def __iter__(self):
-        renderer = ViewRenderer(self.recipe)
-        whole = lru_cache(maxsize=4)(lambda shard: renderer.plan(self.seed, self.view, shard,
+        renderer, epoch = ViewRenderer(self.recipe), self.epochs.current()
+        whole = lru_cache(maxsize=4)(lambda shard: renderer.plan(self.seed, epoch.view, shard,
                                                                  int(self.files.sizes[shard])))
-        for t in range(len(self.batches)):
-            yield self.render(renderer, lambda shard, slot: whole(shard)[slot], t, self.batches[t])
+        for t in range(epoch.steps):
+            yield self.render(renderer, lambda shard, slot: whole(shard)[slot], t, epoch.step_rows(t))
 
 
 def old_stream(seed: int, epoch: int, sizes) -> np.ndarray:
@@ -100,8 +102,9 @@ def main():
     old = sd.EpochPlan(epoch, epoch, old_stream(0, epoch, m.shard_sizes), 0, None, g)
     # rank 0's batches; worker 0 of 10 renders steps 0, 10, 20, ...
     pick = slice(0, WORKERS * a.batches, WORKERS)
-    jobs = {"before": WholeShardPlan(files, recipe, 0, epoch, CLASSES, old.rank_batches(0, BATCH)[pick]),
-            "after": sd.ReplayBatches(files, recipe, 0, epoch, CLASSES, new.rank_batches(0, BATCH)[pick])}
+    steps = lambda plan: sd.RankSteps(epoch, np.concatenate(plan.rank_batches(0, BATCH)[pick]), BATCH)
+    jobs = {"before": WholeShardPlan(files, recipe, 0, CLASSES, steps(old)),
+            "after": sd.ReplayBatches(files, recipe, 0, CLASSES, steps(new))}
 
     torch.set_num_threads(1)  # as in a DataLoader worker (pipeline.devices.single_thread_worker)
     spent = {"decode": 0.0, "render": 0.0, "collate": 0.0}

@@ -35,8 +35,9 @@ from reference_stream_support import (  # noqa: E402
     timm_epoch,
 )
 
-from pipeline.views import STREAM_ORDER, epoch_shard_order, generator  # noqa: E402
+from pipeline.views import STREAM_ORDER, generator  # noqa: E402
 from storage.spec import shard_starts  # noqa: E402
+from student.stream import epoch_shard_order  # noqa: E402
 
 N, PER_TAR, R, CLASSES, EPOCHS = 8192, 1024, 3, 1000, (0, 1, 2)
 

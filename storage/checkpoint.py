@@ -21,7 +21,7 @@ Checkpoints written before ``format`` existed are ours too when they carry ``ide
 by before this module existed); they read as version 1.
 
 storage/ imports neither pipeline/ nor student/: config, identity and recipe are plain dicts
-here; student/train.py makes a TrainConfig of the config, pipeline/stage1/weights.py a Recipe.
+here; student/resume.py makes a TrainConfig of the config, pipeline/stage1/weights.py a Recipe.
 Every read is ``torch.load(weights_only=True)``: a checkpoint is data, and unpickling never runs
 its code.
 """

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import crc32c
@@ -98,6 +99,13 @@ ZARR_JSON_LIMIT = 1 << 20
 def chunk_key(name: str, shape_len: int, shard: int, block: int) -> str:
     """Where zarr (default v3 chunk key encoding, checked in zarr.json) keeps a unit's chunk of array name."""
     return "/".join([ARRAYS_DIR, name, "c", str(block), str(shard)] + ["0"] * (shape_len - 2))
+
+
+def view_nbytes(spec: StoreSpec) -> int:
+    """Decoded bytes of one view of every shard (every array, capacity slots a shard): what the reader's
+    cache holds per view. Top-10 over 21,841 classes (int16 ids) is 41 bytes a slot: ~0.55 GiB at 14M."""
+    return sum(int(np.prod(shape[2:])) * np.dtype(dtype).itemsize  # [cap, ...]: a shard of one view
+               for shape, dtype in _array_shapes(spec).values()) * spec.num_shards
 
 
 def _max_chunk_bytes(raw: int) -> int:
@@ -320,10 +328,17 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
 
 
 class ZarrReader(_ZarrMixin, StoreReader):
-    """cache_bytes: reading a whole view decodes every chunk of its block (views_per_unit views)
-    anyway, so the reader keeps the decoded block when it fits this budget and serves the block's
-    other views from memory: epochs e, e+1, ... then cost one decode per block, not per view.
-    Only chunks checked against their markers enter the cache."""
+    """A cache of decoded views, keyed by view and bounded by ``cache_bytes`` (default 2 GiB).
+
+    A chunk holds a unit's views_per_unit views and decodes whole, so reading one view of all shards
+    decodes its whole block. The reader keeps, of what it decoded, the views from the one asked for
+    on to the block's end (the views the next epochs read: epoch e reads view e mod V), as many as
+    fit the budget, least recently read evicted first. A block is thus decoded once per
+    ceil(views_per_unit / views_that_fit) of its views, not once per epoch; once per block when the
+    budget holds a block (``cache_bytes >= views_per_unit * view_nbytes()``). A view larger than the
+    budget is not kept (every read of it decodes its block). Each view is its own array, so the bytes
+    counted are the bytes held: the cache never holds more than ``cache_bytes``. Only chunks checked
+    against their markers enter the cache."""
 
     backend = "zarr"
 
@@ -331,7 +346,13 @@ class ZarrReader(_ZarrMixin, StoreReader):
         super().__init__(path)
         self._check_array_metadata()
         self.cache_bytes = cache_bytes
-        self._block_key, self._block = None, None
+        self._views: OrderedDict[int, tuple] = OrderedDict()  # view -> (values, ids, valid, tail), each [S, cap, ...]
+
+    def view_nbytes(self) -> int:
+        return view_nbytes(self.spec)
+
+    def cached_bytes(self) -> int:
+        return sum(a.nbytes for arrays in self._views.values() for a in arrays if a is not None)
 
     def _unit_or_raise(self, shard: int, block: int) -> dict[str, np.ndarray]:
         try:
@@ -341,25 +362,30 @@ class ZarrReader(_ZarrMixin, StoreReader):
                                f"{self._fix(shard, block)}") from None
 
     def _read_view_block(self, view, shards):
+        if view in self._views:
+            self._views.move_to_end(view)
+            arrays = self._views[view]
+            if len(shards) == self.spec.num_shards:
+                return arrays
+            return tuple(None if a is None else a[shards] for a in arrays)
         block = self.spec.block_of(view)
         views = self.spec.block_views(block)
-        i = view - views.start
-        every = len(shards) == self.spec.num_shards
-        if every and self._block_key == block:
-            return tuple(None if a is None else a[i] for a in self._block)
-        per_view = sum(self._chunk_raw(name)[2] // self.spec.views_per_unit for name in _array_shapes(self.spec))
-        whole_block = every and per_view * self.spec.num_shards * len(views) <= self.cache_bytes
-        parts: dict[str, list] = {name: [] for name in _array_shapes(self.spec)}
-        for s in shards:
-            for name, a in self._unit_or_raise(s, block).items():
-                parts[name].append(a if whole_block else a[i])
-        # whole block: [views, shards, cap, ...] as zarr returned it; else one view: [shards, cap, ...]
-        out = {name: np.stack(p, axis=1 if whole_block else 0) for name, p in parts.items()}
-        result = out.get("values"), out["ids"], out["valid"], out.get("tail_lse")
-        if whole_block:
-            self._block_key, self._block = block, result
-            return tuple(None if a is None else a[i] for a in result)
-        return result
+        fit = self.cache_bytes // max(self.view_nbytes(), 1) if len(shards) == self.spec.num_shards else 0
+        keep = range(view, min(views.stop, view + max(fit, 1)))  # this view, then the next ones that fit
+        out: dict[int, dict[str, np.ndarray]] = {v: {} for v in keep}
+        for k, s in enumerate(shards):
+            for name, a in self._unit_or_raise(s, block).items():  # one unit decoded at a time
+                for v in keep:
+                    if name not in out[v]:
+                        out[v][name] = np.empty((len(shards),) + a.shape[1:], a.dtype)
+                    out[v][name][k] = a[v - views.start]
+        result = {v: (o.get("values"), o["ids"], o["valid"], o.get("tail_lse")) for v, o in out.items()}
+        if fit >= 1:
+            while self._views and self.cached_bytes() + len(keep) * self.view_nbytes() > self.cache_bytes:
+                self._views.popitem(last=False)
+            for v in reversed(keep):  # the asked-for view last: the most recently read
+                self._views[v] = result[v]
+        return result[view]
 
     def _check_unit(self, shard, block, full):
         unit = (shard, block)

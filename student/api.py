@@ -9,7 +9,8 @@
         for batch in ls.epoch(epoch):             # this rank's share of the epoch's global batches
             out = model(batch.images.to(device))
             loss = ls.loss(out, batch)            # DeiT's loss against the stored teacher labels
-            ...                                   # backward, step: yours
+            ...                                   # backward, step: yours (or ls.step(model, batch, opt):
+                                                  # the trainer's own step, student/step.py)
 
 Each ``batch`` is a ``student.data.Batch``: ``images`` [b, 3, H, W] (the very views the teacher
 labelled), ``targets`` [b, C] (mixed, label-smoothed ground truth), ``teacher_ids`` /
@@ -21,13 +22,14 @@ views, in which order, with which labels (``student/data.py``), and the loss
 (``student/losses.py``).
 
 This module is a facade and stays thin on purpose: it opens and checks (``open_train_data``,
-``check_complete``), iterates (``LockstepLoader``) and computes (``losses.deit_loss_terms``), and exposes
-those objects for anything it does not wrap.
+``check_complete``), iterates (``LockstepLoader``), computes (``losses.deit_loss_terms``) and steps
+(``step.train_step``, shared with ``cli.py train``), and exposes those objects for anything it does not wrap.
 """
 
 from __future__ import annotations
 
 import numbers
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +38,7 @@ from .config import check_objective
 from .data import Batch, EpochIter, LockstepLoader, TrainData, check_complete, open_train_data
 from .errors import TrainError
 from .losses import TeacherLabels, deit_loss_terms
+from .step import train_step
 
 __all__ = ["Lockstep", "open_lockstep", "Batch", "TeacherLabels", "TrainError"]
 
@@ -69,7 +72,9 @@ class Lockstep:
         """This rank's batches of ``epoch`` (view ``epoch mod V`` of the store), on the CPU.
 
         The first call for a view checks that the store holds every unit it reads, whole
-        (TrainError naming the missing or damaged units otherwise)."""
+        (TrainError naming the missing or damaged units otherwise). Epochs are read one at a time
+        (the DataLoader workers are kept across epochs): starting to read the next epoch ends this
+        one, and reading on in it raises TrainError."""
         view = self.data.view_of(epoch)
         if view not in self._checked:
             check_complete(self.data, range(epoch, epoch + 1))
@@ -81,6 +86,11 @@ class Lockstep:
         spec = None if self.data.reader is None else self.data.reader.spec
         return TeacherLabels.from_batch(batch, spec, self.mode, self.tau, device)
 
+    def loss_terms(self, outputs, targets: torch.Tensor, teacher: TeacherLabels | None):
+        """DeiT's (loss, base, kd) of ``outputs`` with this run's mode, alpha, tau and KD reduction."""
+        return deit_loss_terms(outputs, targets, teacher, mode=self.mode, alpha=self.alpha, tau=self.tau,
+                               kd_reduction=self.kd_reduction)
+
     def loss(self, outputs, batch: Batch) -> torch.Tensor:
         """DeiT's loss of the student's ``outputs`` on ``batch`` (the same function ``cli.py train`` uses).
 
@@ -88,8 +98,18 @@ class Lockstep:
         Targets and teacher labels are moved to the outputs' device."""
         device = (outputs[0] if isinstance(outputs, (tuple, list)) else outputs).device
         # The parts stay tensors (not .item() floats): a float would make the host wait for the device.
-        loss, _, _ = deit_loss_terms(outputs, batch.targets.to(device), self.teacher(batch, device), mode=self.mode,
-                                     alpha=self.alpha, tau=self.tau, kd_reduction=self.kd_reduction)
+        loss, _, _ = self.loss_terms(outputs, batch.targets.to(device), self.teacher(batch, device))
+        return loss
+
+    def step(self, model, batch: Batch, optimizer, *, scaler=None, autocast=nullcontext,
+             clip_grad: float | None = None) -> torch.Tensor:
+        """One optimizer step of ``model`` on ``batch``, the very step ``cli.py train`` takes
+        (``student.step.train_step``: forward, this loss, backward, clip, step); the loss comes back unread.
+
+        The batch is moved to the device of ``model``'s parameters. Schedule, EMA, DDP: yours."""
+        device = next(model.parameters()).device
+        loss, _, _ = train_step(model, batch.images.to(device), batch.targets.to(device), self.teacher(batch, device),
+                                self.loss_terms, optimizer, scaler=scaler, autocast=autocast, clip_grad=clip_grad)
         return loss
 
 

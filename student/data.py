@@ -23,18 +23,20 @@ not fill a global batch is dropped. So:
   size with the same G: one process with batch 8 sees exactly the union of two processes
   with batch 4 (what makes a 1-GPU and an 8-GPU run the same experiment).
 
-DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...),
-which is the order a DataLoader returns an IterableDataset's items in, so the batches are the
-same bytes for 0, 1 or 13 workers. A worker plans only the slots of its batch
-(``ViewRenderer.slot_view``, with each shard's slot order cached), reads the samples it needs in
-file order (``SampleFiles.read_many``; the manifest records where each is): a webdataset sample by
-one seek into its tar (a few tars stay open), a parquet sample from its row group (a few files open
-and the last row groups kept, so a batch's samples from one row group cost one read), an
-ImageFolder sample by one file read; each checked against the size and crc32c the store's
-manifest recorded (``check_sample``). It decodes each sample once per batch, renders each mixing
-pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds the mixed,
-smoothed ground truth of the whole batch at once (``pipeline.views.mixed_targets``). The teacher's
-labels are joined in the main process from one ``reader.read_view(view)`` per epoch.
+DataLoader workers split a rank's *batches* round-robin (worker w renders steps w, w+W, ...), which
+is the order a DataLoader returns an IterableDataset's items in, so the batches are the same bytes
+for 0, 1 or 13 workers. Workers are forked once per loader and kept across epochs; each epoch
+reaches them as one shared int64 array of the rank's rows (``EpochChannel``), never a Python object
+per step or per sample (a forked worker copies each page whose objects it touches). A worker plans
+only the slots of its batch (``ViewRenderer.slot_view``, with each shard's slot order cached), reads
+the samples it needs in file order (``SampleReader.read_many``; the manifest records where each is):
+a webdataset sample by one seek into its tar (a few tars stay open), a parquet sample from its row
+group (a few files open and the last row groups kept, so a batch's samples from one row group cost
+one read), an ImageFolder sample by one file read; each checked against the size and crc32c the
+store's manifest recorded (``check_sample``). It decodes each sample once per batch, renders each
+mixing pair once (``ViewRenderer.render_pair``, the very call precompute labelled), and builds the
+mixed, smoothed ground truth of the whole batch at once (``pipeline.views.mixed_targets``). The
+teacher's labels are joined in the main process from one ``reader.read_view(view)`` per epoch.
 
 Invalid views (the store flagged their image, or its mixing partner, undecodable) are left out
 of the stream up front, so batches stay full; an image that fails to decode now (no store, or
@@ -43,8 +45,6 @@ a file damaged after precompute) is dropped from its batch. Both are counted.
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,119 +52,25 @@ import numpy as np
 import torch
 
 from pipeline.devices import single_thread_worker
-from pipeline.hf_parquet import ParquetRows
 from pipeline.recipes import Recipe, create_recipe, parse_overrides
 from pipeline.sources import (
     Manifest,
+    SampleReader,
     SourceError,
     Undecodable,
     check_same_classes,
-    check_sample,
     decode_image,
     index_source,
     layout_for_store,
-    permission_error,
-    read_regular_file,
     source_errors_in_one_line,
     stored_manifest,
 )
-from pipeline.views import STREAM_GROUP_SHARDS, ViewRenderer, epoch_stream, mixed_targets, window_slots
+from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN, open_store
 from storage.errors import printable
 
 from .errors import TrainError
-
-
-# ---- reading samples by (shard, position) ------------------------------------------------
-class SampleFiles:
-    """Bytes and labels of samples by (shard, position), from manifest columns held as arrays.
-
-    ``Manifest.read_sample`` re-derives the shard table on every call; a loader reads every
-    sample every epoch, so the columns are pulled out once here. A batch spans several shards
-    (and a re-cut shard spans tars), so the last few tars read stay open. Picklable (workers get
-    a copy); open files are not carried across.
-    """
-
-    OPEN_TARS = 16
-
-    def __init__(self, manifest: Manifest):
-        t = manifest.samples
-        self.kind, self.root, self.shards = manifest.kind, manifest.root, list(manifest.shards)
-        self.sizes = np.asarray(manifest.shard_sizes, dtype=np.int64)
-        self.starts = manifest.shard_starts
-        self.labels = t.column("label").to_numpy().astype(np.int64)
-        self.keys = t.column("key").to_numpy(zero_copy_only=False)
-        if self.kind == "imagefolder":
-            self.paths = t.column("path").to_numpy(zero_copy_only=False)
-        else:  # a tar's byte offset, or a parquet file's row
-            self.offsets = t.column("offset").to_numpy()
-            # Which tar holds each row: the shard itself, or (a re-cut source) the "tar" column.
-            self.tars = list(manifest.tars) or self.shards
-            self.tar_index = (t.column("tar") if manifest.tars else t.column("shard")).to_numpy().astype(np.int64)
-        self.nbytes = t.column("size").to_numpy()
-        self.crcs = t.column("crc32c").to_numpy()  # the bytes precompute labelled (-1: not recorded)
-        self._open: OrderedDict[int, object] = OrderedDict()
-        # parquet: a few files open and the last row groups kept, so a batch's samples from one
-        # row group cost one read of it (hf_parquet.ParquetRows; picklable, caches not carried)
-        self.parquet = ParquetRows(self.root, self.tars, self.OPEN_TARS) if self.kind == "parquet" else None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_open": OrderedDict()}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def row(self, shard: int, position: int) -> int:
-        return int(self.starts[shard] + position)
-
-    def read(self, shard: int, position: int) -> bytes:
-        """A sample's bytes, checked against the size and crc32c indexed (SourceChanged if they differ)."""
-        i = self.row(shard, position)
-        if self.kind == "imagefolder":
-            path = os.path.join(self.root, self.paths[i])
-            try:
-                data = read_regular_file(path)
-            except OSError:  # a SourceError (permission denied, not a regular file) is no OSError: it propagates
-                data = b""  # undecodable, like an empty file: the view is skipped and counted
-        elif self.parquet is not None:
-            tar = int(self.tar_index[i])
-            path = self.parquet.path(tar)
-            data = self.parquet.image(tar, int(self.offsets[i]))
-        else:
-            tar = int(self.tar_index[i])
-            path = os.path.join(self.root, self.tars[tar])
-            f = self._open.pop(tar, None)
-            if f is None:
-                try:
-                    f = open(path, "rb")
-                except PermissionError:
-                    raise permission_error(path) from None
-                while len(self._open) >= self.OPEN_TARS:
-                    self._open.popitem(last=False)[1].close()
-            self._open[tar] = f  # most recently used last
-            f.seek(int(self.offsets[i]))
-            data = f.read(int(self.nbytes[i]))
-        check_sample(str(self.keys[i]), path, data, int(self.nbytes[i]), int(self.crcs[i]))
-        return data
-
-    def read_many(self, samples: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """Bytes of several (shard, position)s, read in file order: a parquet row group (or a tar
-        region) that several of them share is read once, not once per sample. b"" for a sample
-        that cannot be read now (undecodable: its views are skipped and counted)."""
-        rows = {s: self.row(*s) for s in samples}
-        if self.kind == "imagefolder":
-            order = sorted(rows)
-        else:
-            order = sorted(rows, key=lambda s: (int(self.tar_index[rows[s]]), int(self.offsets[rows[s]])))
-        out = {}
-        for s in order:
-            try:
-                out[s] = self.read(*s)
-            except SourceError:  # changed or unreadable source: stop, never train on other images
-                raise
-            except Exception:  # unreadable now (a tar gone): undecodable, its views skipped and counted
-                out[s] = b""
-        return out
+from .stream import STREAM_GROUP_SHARDS, epoch_stream, window_slots
 
 
 # ---- what a run trains on ------------------------------------------------------------------
@@ -344,10 +250,17 @@ class EpochPlan:
     def steps(self) -> int:
         return len(self.stream) // self.global_batch
 
-    def rank_batches(self, rank: int, batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+    def rank_rows(self, rank: int, batch_size: int, limit: int | None = None) -> np.ndarray:
+        """One rank's rows of the epoch, [steps * batch_size, 2]: step t is rows [t*B, (t+1)*B), the
+        slice [t*G + rank*B, t*G + (rank+1)*B) of the global stream. One array, not one object per step."""
         steps = self.steps if limit is None else min(self.steps, limit)
         g = self.global_batch
-        return [self.stream[t * g + rank * batch_size: t * g + (rank + 1) * batch_size] for t in range(steps)]
+        per_step = self.stream[:steps * g].reshape(steps, g, 2)[:, rank * batch_size:(rank + 1) * batch_size]
+        return np.ascontiguousarray(per_step).reshape(-1, 2)
+
+    def rank_batches(self, rank: int, batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+        rows = self.rank_rows(rank, batch_size, limit)
+        return [rows[t * batch_size:(t + 1) * batch_size] for t in range(len(rows) // batch_size)]
 
 
 def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
@@ -366,29 +279,82 @@ def plan_epoch(data: TrainData, epoch: int, global_batch: int) -> EpochPlan:
 
 
 # ---- rendering: what a DataLoader worker does ------------------------------------------------
-class ReplayBatches(torch.utils.data.IterableDataset):
-    """Renders one rank's batches of one epoch; worker w of W takes batches w, w+W, ..."""
+@dataclass(frozen=True)
+class RankSteps:
+    """What one rank renders in one epoch: view ``view``, step t from rows [t*B, (t+1)*B) of ``rows``
+    (``EpochPlan.rank_rows``). ``current()`` is itself: a fixed epoch, for ReplayBatches without a channel."""
 
-    def __init__(self, files: SampleFiles, recipe: Recipe, seed: int, view: int, num_classes: int,
-                 batches: list[np.ndarray]):
-        self.files, self.recipe, self.seed, self.view = files, recipe, seed, view
-        self.num_classes, self.batches = num_classes, batches
+    view: int
+    rows: np.ndarray    # [steps * batch_size, 2] int64 (shard, slot)
+    batch_size: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def step_rows(self, t: int) -> np.ndarray:
+        return self.rows[t * self.batch_size:(t + 1) * self.batch_size]  # a view: no copy, no per-row object
+
+    def current(self) -> RankSteps:
+        return self
+
+
+class EpochChannel:
+    """The epoch a rank's DataLoader workers render next, in shared memory.
+
+    Workers are forked once and kept (``persistent_workers``); each epoch the main process writes
+    the rank's rows (``EpochPlan.rank_rows``) and the view here *before* it starts the epoch's
+    iteration, and a worker reads them when its iterator starts (torch starts it on the epoch's
+    resume message, which the main process sends after this write). A worker thus holds one shared
+    int64 array, never a list of per-step objects, and reads only the rows of its own steps.
+    Capacity: the rows of an epoch without invalid views, 16 bytes a row, once per rank (not per
+    worker), in /dev/shm when ``shared`` (with workers): 20 MB for one rank at 1.28M samples.
+    """
+
+    def __init__(self, capacity_rows: int, batch_size: int, shared: bool = True):
+        self.batch_size = batch_size
+        self._rows = torch.zeros((max(capacity_rows, 1), 2), dtype=torch.int64)
+        self._head = torch.zeros(2, dtype=torch.int64)  # view, rows
+        if shared:  # forked workers see the main process's writes
+            self._rows.share_memory_()
+            self._head.share_memory_()
+
+    def publish(self, view: int, rows: np.ndarray) -> None:
+        if len(rows) > len(self._rows):
+            raise ValueError(f"{len(rows)} rows do not fit the channel's {len(self._rows)}")
+        self._rows[:len(rows)] = torch.from_numpy(rows)
+        self._head[0], self._head[1] = view, len(rows)
+
+    def current(self) -> RankSteps:
+        view, n = self._head.tolist()
+        return RankSteps(view, self._rows.numpy()[:n], self.batch_size)
+
+
+class ReplayBatches(torch.utils.data.IterableDataset):
+    """Renders one rank's batches of the epoch ``epochs.current()`` names (an EpochChannel, or one
+    RankSteps); worker w of W takes batches w, w+W, ..."""
+
+    def __init__(self, files: SampleReader, recipe: Recipe, seed: int, num_classes: int, epochs):
+        self.files, self.recipe, self.seed, self.epochs = files, recipe, seed, epochs
+        self.num_classes = num_classes
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.epochs.current()  # read when this epoch's iteration starts, never earlier
+        view = epoch.view
         renderer = ViewRenderer(self.recipe)
         # Only the slots a batch renders are planned (slot_view); the slot order of each shard
         # is cached: a batch spans up to STREAM_GROUP_SHARDS shards, and the next batches the same.
-        order = lru_cache(maxsize=64)(lambda shard: renderer.slot_order(self.seed, self.view, shard,
+        order = lru_cache(maxsize=64)(lambda shard: renderer.slot_order(self.seed, view, shard,
                                                                         int(self.files.sizes[shard])))
 
         @lru_cache(maxsize=1024)  # a pair's lead slot is asked for twice
         def plan(shard: int, slot: int):  # slot 2m: the pair (2m, 2m+1), rendered and mixed at once
-            return renderer.slot_view(self.seed, self.view, shard, slot, order(shard))
+            return renderer.slot_view(self.seed, view, shard, slot, order(shard))
 
-        for t in range(wid, len(self.batches), nw):
-            yield self.render(renderer, plan, t, self.batches[t])
+        for t in range(wid, epoch.steps, nw):
+            yield self.render(renderer, plan, t, epoch.step_rows(t))
 
     def render(self, renderer: ViewRenderer, plan, step: int, rows: np.ndarray) -> dict:
         files, smoothing = self.files, self.recipe.label_smoothing
@@ -455,7 +421,12 @@ class Batch:
 
 
 class LockstepLoader:
-    """One rank's batches, epoch by epoch. ``loader.epoch(e)`` is an iterable of Batch."""
+    """One rank's batches, epoch by epoch. ``loader.epoch(e)`` is an iterable of Batch.
+
+    With workers, one DataLoader lives as long as the loader: its workers are forked at the first
+    epoch and kept (``persistent_workers``), each epoch handed through an EpochChannel. So one
+    epoch is read at a time: starting the next epoch's batches ends the previous epoch's (reading
+    on in it raises TrainError)."""
 
     def __init__(self, data: TrainData, *, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
                  pin_memory: bool = False, max_steps_per_epoch: int | None = None):
@@ -463,11 +434,13 @@ class LockstepLoader:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.workers, self.pin_memory, self.limit = workers, pin_memory, max_steps_per_epoch
-        self.files = SampleFiles(data.manifest)
+        self.files = SampleReader(data.manifest)
         self.global_batch = batch_size * world
         if self.global_batch > len(self.files):
             raise TrainError(f"global batch {self.global_batch} (--batch-size {batch_size} x {world} processes) "
                              f"is more than the {len(self.files)} samples of the source; use a smaller --batch-size")
+        self._dl = self._channel = None
+        self._started = 0  # epochs started: an EpochIter reads on only while its epoch is the last started
 
     def nominal_steps(self) -> int:
         """Steps of an epoch without invalid views (the schedule's updates per epoch)."""
@@ -477,15 +450,29 @@ class LockstepLoader:
     def epoch(self, epoch: int) -> EpochIter:
         return EpochIter(self, plan_epoch(self.data, epoch, self.global_batch))
 
+    def _start(self, view: int, rows: np.ndarray):
+        """Hand an epoch to the (persistent) DataLoader; its iterable, and the start's number."""
+        if self._dl is None:
+            self._channel = EpochChannel(self.nominal_steps() * self.batch_size, self.batch_size, self.workers > 0)
+            ds = ReplayBatches(self.files, self.data.recipe, self.data.seed, self.data.num_classes, self._channel)
+            self._dl = torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=self.workers, worker_init_fn=single_thread_worker,
+                pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0,
+                generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
+        self._channel.publish(view, rows)  # before iter(): workers read it when the epoch's iteration starts
+        self._started += 1
+        return self._dl, self._started
+
 
 class EpochIter:
     def __init__(self, loader: LockstepLoader, plan: EpochPlan):
         self.loader, self.plan = loader, plan
-        self.batches = plan.rank_batches(loader.rank, loader.batch_size, loader.limit)
+        self.rows = plan.rank_rows(loader.rank, loader.batch_size, loader.limit)  # this rank's, one array
         self.skipped = 0  # views dropped from batches so far (undecodable now)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.rows) // self.loader.batch_size
 
     @property
     def invalid(self) -> int:
@@ -494,12 +481,15 @@ class EpochIter:
 
     def __iter__(self):
         lo, p = self.loader, self.plan
-        ds = ReplayBatches(lo.files, lo.data.recipe, lo.data.seed, p.view, lo.data.num_classes, self.batches)
-        dl = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=lo.workers, worker_init_fn=single_thread_worker,
-            pin_memory=lo.pin_memory, prefetch_factor=4 if lo.workers else None,
-            generator=torch.Generator().manual_seed(p.epoch))  # never draw from the global RNG
-        for item in source_errors_in_one_line(dl):  # a worker's SourceChanged: its line, not torch's text
+        dl, started = lo._start(p.view, self.rows)
+        items = source_errors_in_one_line(dl)  # a worker's SourceChanged: its line, not torch's text
+        while True:
+            if lo._started != started:  # the workers now render a later epoch: what follows is not ours
+                raise TrainError(f"epoch {p.epoch}'s batches were read on after a later epoch's started; "
+                                 "a loader reads one epoch at a time: finish (or drop) one before the next")
+            item = next(items, None)
+            if item is None:
+                return
             batch = Batch(**item)
             self.skipped += batch.skipped
             if p.labels is not None:
@@ -526,7 +516,7 @@ class EvalImages(torch.utils.data.Dataset):
     """Every ``world``-th sample of a validation source (from ``rank``), eval-transformed."""
 
     def __init__(self, manifest: Manifest, recipe: Recipe, rank: int = 0, world: int = 1):
-        self.files, self.recipe = SampleFiles(manifest), recipe
+        self.files, self.recipe = SampleReader(manifest), recipe
         self.index = np.arange(rank, len(self.files), world)
         self.shard_of = np.searchsorted(self.files.starts, np.arange(len(self.files)), side="right") - 1
         self._transform = None

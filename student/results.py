@@ -67,7 +67,7 @@ class EpochMetrics:
     train: EpochStats
     invalid_views: int
     skipped_views: int  # views skipped so far this run, all ranks
-    val: dict | None = None      # student.train.evaluate's top-1/top-5 per head; absent without --val
+    val: dict | None = None      # student.evaluate.evaluate's top-1/top-5 per head; absent without --val
     val_ema: dict | None = None  # the same for the EMA weights
 
     def report(self, epochs: int, distilled: bool) -> str:

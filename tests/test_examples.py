@@ -51,6 +51,30 @@ def test_api_batches_are_the_loaders_and_its_loss_is_deit_loss_terms(tiny):
     assert hard.mode == "hard" and hard.loss(outputs, b).item() == want.item()
 
 
+
+def test_api_step_is_the_loss_then_plain_backward_and_step(tiny):
+    """ls.step (student.step.train_step, the trainer's step) equals the own loop's four lines, byte for byte:
+    the same loss, and the same weights after the optimizer step."""
+    ls = open_lockstep(tiny["data"], tiny["store"], 4, distillation="soft", tau=2.0)
+    b = next(iter(ls.epoch(0)))
+    models, opts = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+        models.append(m)
+        opts.append(torch.optim.AdamW(m.parameters(), lr=1e-2))
+    before = models[0][1].weight.detach().clone()
+    stepped = ls.step(models[0], b, opts[0], clip_grad=0.5)
+    loss = ls.loss(models[1](b.images), b)
+    opts[1].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.5)
+    opts[1].step()
+    assert stepped.item() == loss.item()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert p.detach().numpy().tobytes() == q.detach().numpy().tobytes()
+    assert not torch.equal(models[0][1].weight, before)  # it did step
+
 def test_api_refuses_in_one_line(tiny, tmp_path):
     with pytest.raises(TrainError, match="holds hard labels only"):
         open_lockstep(tiny["data"], tiny["hard"], 4, distillation="soft")

@@ -193,7 +193,7 @@ def recut(tmp_path_factory, tiny):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_a_recut_source_replays_the_labelled_views_across_tars(recut, tiny):
     data = open_train_data(recut["data"], labels=recut["store"])
-    assert data.manifest.layout == "shuffle" and len(data.manifest.tars) == 3
+    assert data.manifest.layout == "shuffle" and len(data.manifest.files) == 3
     teacher = create_teacher(TEACHER, weights=tiny["weights"], num_classes=3, model_kwargs={"num_classes": 3},
                              device=torch.device("cpu"))
     runs = [epoch_batches(data, 1, batch_size=6, workers=w) for w in (0, 2)]
@@ -207,3 +207,66 @@ def test_a_recut_source_replays_the_labelled_views_across_tars(recut, tiny):
     # the same tars indexed as-is cannot match the store: refused, naming the store's layout
     with pytest.raises(TrainError, match="was made with --shards shuffle, not --shards as-is"):
         open_train_data(recut["data"], labels=recut["store"], shards="as-is")
+
+
+def fields_bytes(batches):
+    return [(b.step, *(getattr(b, f).numpy().tobytes() for f in ("images", "targets", "rows", "teacher_ids",
+                                                                  "teacher_values"))) for b in batches]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [1, 3])
+def test_persistent_workers_give_the_same_bytes_over_two_epochs(tiny, workers):
+    """One loader, epochs 0 and 1 (two views), workers forked once and kept: the bytes of workers=0."""
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    want = [fields_bytes(epoch_batches(data, e, batch_size=4)) for e in (0, 1)]
+    loader = LockstepLoader(data, batch_size=4, workers=workers)
+    got, pids = [], []
+    for e in (0, 1):
+        got.append(fields_bytes(list(loader.epoch(e))))
+        pids.append([w.pid for w in loader._dl._iterator._workers])  # torch's own worker processes
+    assert got == want and want[0] != want[1]
+    assert pids[0] == pids[1] and len(set(pids[0])) == workers  # not re-forked for epoch 1
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_an_abandoned_epoch_leaves_the_next_one_intact_and_cannot_be_read_on(tiny):
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    want = fields_bytes(epoch_batches(data, 1, batch_size=4))
+    for workers in (0, 2):
+        loader = LockstepLoader(data, batch_size=4, workers=workers)
+        first = iter(loader.epoch(0))
+        next(first)  # epoch 0 left after one batch, its workers still prefetching
+        assert fields_bytes(list(loader.epoch(1))) == want
+        with pytest.raises(TrainError, match="read on after a later epoch's started"):
+            next(first)
+
+
+def reachable_objects(root) -> int:
+    """Python objects reachable from root (what a forked worker may touch, and so copy, when it reads);
+    ints left out: the batch size itself is one, shared or not with another attribute's value."""
+    import gc
+
+    seen, todo = set(), [root]
+    while todo:
+        o = todo.pop()
+        if id(o) not in seen and not isinstance(o, (type, int)):
+            seen.add(id(o))
+            todo.extend(gc.get_referents(o))
+    return len(seen)
+
+
+def test_workers_get_one_array_of_rows_not_an_object_per_step(tiny):
+    """The dataset handed to workers holds the epoch as one int64 array: 24 steps cost the objects of 6."""
+    import numpy as np
+
+    data = open_train_data(tiny["data"], labels=tiny["store"])
+    counts = []
+    for batch_size in (1, 4):
+        loader = LockstepLoader(data, batch_size=batch_size)
+        batches = list(loader.epoch(0))
+        assert len(batches) == 24 // batch_size
+        epoch = loader._dl.dataset.epochs.current()
+        assert isinstance(epoch.rows, np.ndarray) and epoch.rows.shape == (24, 2)
+        counts.append(reachable_objects(loader._dl.dataset))
+    assert counts[0] == counts[1]

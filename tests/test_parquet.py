@@ -13,7 +13,7 @@ import pytest
 from conftest import CLASSES, encode, make_image, write_wds
 from test_loader import make_store, make_teacher_weights
 
-from pipeline.sources import SourceError, index_source
+from pipeline.sources import SampleReader, SourceError, index_source
 
 Features, Image, ClassLabel, Value = datasets.Features, datasets.Image, datasets.ClassLabel, datasets.Value
 
@@ -68,18 +68,24 @@ def test_index_by_glob_directory_file_and_brace(pq_dir):
     assert index_source(pq_dir, shards="as-is", checksums=False).fingerprint == m.fingerprint
 
 
-def test_a_shard_is_read_once_per_row_group_and_checked(pq_dir):
+@pytest.mark.parametrize("pages", [True, False], ids=["by-page-map", "by-row-group"])
+def test_a_shard_is_read_once_per_row_group_and_checked(pq_dir, pages):
+    """By page map (datasets' files): each image read alone, no row group read; by row group (files
+    the map refuses): each row group once, not once per sample."""
     from pipeline.sources import SourceChanged
-    from student.data import SampleFiles
 
     m = index_source(pq_dir, shards="as-is")
+    m.reader().file_reader.rows.pages = pages
     samples = list(m.iter_shard(0))  # 8 rows in row groups of 3: 3 row groups
     assert [s.data for s in samples] == [sample_bytes(i) for i in range(8)]
-    assert m.parquet_rows().group_reads == 3
-    files = SampleFiles(m)
+    assert (m.reader().file_reader.rows.group_reads, m.reader().file_reader.rows.direct_reads) == (
+        (0, 8) if pages else (3, 0))
+    files = SampleReader(m)  # the loader's own copy
+    files.file_reader.rows.pages = pages
     got = files.read_many([(1, p) for p in (7, 0, 4, 1, 2, 3)])  # a loader batch, any order
     assert got == {(1, p): sample_bytes(8 + p) for p in (7, 0, 4, 1, 2, 3)}
-    assert files.parquet.group_reads == 3
+    assert (files.file_reader.rows.group_reads, files.file_reader.rows.direct_reads) == (
+        (0, 6) if pages else (3, 0))
     # bytes other than those indexed are a changed source, not another image's labels
     stale = m.with_checksums_of(m)
     stale.samples = stale.samples.set_column(7, "crc32c", m.samples.column("crc32c").take(
@@ -96,25 +102,32 @@ def test_class_names_from_classes_txt_or_numbers(tmp_path):
     assert index_source(root).class_names == ["disc", "box", "lines"]
 
 
-def test_class_sorted_files_are_recut(tmp_path):
+@pytest.mark.parametrize("pages", [True, False], ids=["by-page-map", "by-row-group"])
+def test_class_sorted_files_are_recut(tmp_path, pages):
     """Files written in class order (as some exports are) hold one class each: --shards auto re-cuts
-    them into seeded virtual shards addressed by (file, row); as-is keeps them."""
+    them into seeded virtual shards addressed by (file, row); as-is keeps them. Read by page map,
+    each sample is one read of its image; by row group, each row group is read once."""
     by_class = sorted(range(24), key=lambda i: (i % 3, i))
     root = write_parquet(tmp_path / "sorted", n=24, per_file=8, order=by_class)
     kept = index_source(root, shards="as-is")
     assert [len(set(kept.labels(j))) for j in range(3)] == [1, 1, 1]
     m = index_source(root, shard_size=8)
-    assert m.layout == "shuffle" and m.tars == kept.shards and m.shards[0] == "virtual-000000"
+    assert m.layout == "shuffle" and m.files == kept.shards and m.shards[0] == "virtual-000000"
     assert min(len(set(m.labels(j))) for j in range(len(m.shards))) >= 2
     assert m.fingerprint != kept.fingerprint
     for shard in range(len(m.shards)):
-        m._rows = None  # a fresh reader: count this shard's row group reads
-        for s in list(m.iter_shard(shard)):  # every sample is its own bytes, in position order
+        reader = SampleReader(m)  # a fresh reader: count this shard's reads
+        reader.file_reader.rows.pages = pages
+        for s in list(reader.iter_shard(shard)):  # every sample is its own bytes, in position order
             file, row = s.key.split("/")
             assert s.data == sample_bytes(by_class[int(file[-1]) * 8 + int(row)])
         t = m.shard_table(shard).to_pydict()
-        groups = {(f, r // 3) for f, r in zip(t["tar"], t["offset"], strict=True)}  # row groups of 3 rows
-        assert m.parquet_rows().group_reads == len(groups)  # each row group once, not once per sample
+        groups = {(f, r // 3) for f, r in zip(t["file"], t["offset"], strict=True)}  # row groups of 3 rows
+        rows = reader.file_reader.rows
+        if pages:  # each image alone, no row group
+            assert (rows.group_reads, rows.direct_reads) == (0, len(t["offset"]))
+        else:
+            assert rows.group_reads == len(groups)  # each row group once, not once per sample
     assert index_source(root, shard_size=8, checksums=False).fingerprint == m.fingerprint
 
 

@@ -69,10 +69,10 @@ def test_class_sorted_tars_are_recut_and_shuffled_tars_kept(classes, class_sorte
     d = class_diversity(tars)
     m, labels = source(classes, class_sorted)
     if class_sorted:  # 1024 sorted samples hold ~C / 8 classes (+1), a random 1024 ~C (1 - e^-1.02)
-        assert d.ratio < 0.25 and m.layout == "shuffle" and m.tars == tars.shards
+        assert d.ratio < 0.25 and m.layout == "shuffle" and m.files == tars.shards
         assert class_diversity(m).ratio > 0.95
     else:
-        assert d.ratio > 0.95 and m.layout == "as-is" and not m.tars
+        assert d.ratio > 0.95 and m.layout == "as-is" and not m.files
     assert sorted(m.samples.column("key").to_pylist()) == tars.samples.column("key").to_pylist()
 
 

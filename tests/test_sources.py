@@ -126,7 +126,7 @@ def test_class_sorted_tars_are_recut_by_default(tmp_path):
     as_is = index_source(src, shards="as-is")
     assert as_is.layout == "as-is" and class_diversity(as_is).observed.tolist() == [1, 1, 1]
     m = index_source(src, shard_size=6, seed=3)  # auto: one class per tar, a random 8 would hold ~3
-    assert m.layout == "shuffle" and m.tars == as_is.shards and m.shard_sizes == (6, 6, 6, 6)
+    assert m.layout == "shuffle" and m.files == as_is.shards and m.shard_sizes == (6, 6, 6, 6)
     assert m.shards == [f"virtual-{i:06d}" for i in range(4)]
     assert sum(len(set(m.labels(j).tolist())) for j in range(4)) > 4, "virtual shards mix classes"
     # every sample once, its bytes read by a seek into its own tar, in position order when streamed
@@ -143,12 +143,12 @@ def test_class_sorted_tars_are_recut_by_default(tmp_path):
     assert index_source(src, shard_size=6, seed=4).fingerprint != m.fingerprint
     assert index_source(src, shards="shuffle", shard_size=8, seed=0).fingerprint != as_is.fingerprint
     back = Manifest.from_bytes(m.to_bytes())
-    assert back.fingerprint == m.fingerprint and back.layout == "shuffle" and back.tars == m.tars
+    assert back.fingerprint == m.fingerprint and back.layout == "shuffle" and back.files == m.files
 
 
 def test_shuffled_tars_stay_as_they_are_unless_asked(wds_dir):
     m = index_source(wds_dir)  # labels i % 3: every tar already mixes classes
-    assert m.layout == "as-is" and not m.tars and m.shards == ["shard-000000.tar", "shard-000001.tar",
+    assert m.layout == "as-is" and not m.files and m.shards == ["shard-000000.tar", "shard-000001.tar",
                                                                 "shard-000002.tar"]
     forced = index_source(wds_dir, shards="shuffle", shard_size=5)
     assert forced.layout == "shuffle" and forced.shard_sizes == (5, 5, 5, 5)

@@ -361,8 +361,8 @@ def _host_reads_in_the_step(monkeypatch) -> list[str]:
     counter, which waits for nothing; nor the loader's, which reads CPU tensors in its workers). On a GPU
     each one waits for the device to finish all queued work."""
     calls = []
-    project = tuple(os.path.join(ROOT, f) for f in ("student/train.py", "student/losses.py", "student/model.py",
-                                                     "storage/soft.py"))
+    project = tuple(os.path.join(ROOT, f) for f in ("student/train.py", "student/step.py", "student/losses.py",
+                                                     "student/model.py", "storage/soft.py"))
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         orig = getattr(torch.Tensor, name)
 

@@ -297,7 +297,7 @@ def test_decoding_mutated_images_returns_an_image_or_undecodable(fmt, ops):
 
 # ---- 7: the parquet row-group cache is bounded by bytes ------------------------------------------------
 def test_parquet_row_groups_kept_are_bounded_by_bytes(tmp_path):
-    from pipeline.hf_parquet import ParquetRows
+    from pipeline.sources.hf_parquet import ParquetRows
 
     names = []
     for f in range(4):  # single-row-group files, pyarrow's default
@@ -349,7 +349,7 @@ BAD_MANIFESTS = {
     "label out of range": (lambda d: _rewrite(d, _set("label", [0] * 11 + [7])), "a label lies outside 0..2"),
     "shard out of range": (lambda d: _rewrite(d, _set("shard", [0] * 5 + [1] * 5 + [9] * 2)), "shard ids"),
     "negative offset": (lambda d: _rewrite(d, _set("offset", [-1] * 12)), "negative"),
-    "tar out of range": (lambda d: _rewrite(d, _set("tar", [5] * 12)), "tar ids"),
+    "file out of range": (lambda d: _rewrite(d, _set("file", [5] * 12)), "file ids"),
     "positions": (lambda d: _rewrite(d, _set("position", list(range(12)))), "positions"),
     "edited keys": (lambda d: _rewrite(d, _set("key", [f"x{i}" for i in range(12)])), "fingerprint"),
 }

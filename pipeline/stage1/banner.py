@@ -54,13 +54,13 @@ def _teacher_line(teacher) -> str:
 
 def _layout_text(asked: str, m: Manifest, existed: bool) -> str:
     n = len(m.shards)
-    if m.tars:  # wds or parquet files re-cut into seeded virtual shards
+    if m.files:  # tar or parquet files re-cut into seeded virtual shards
         why = ("--shards shuffle" if asked == "shuffle" else "--shards auto: the store's layout" if existed
                else "--shards auto: the files are class-skewed")
-        return f"re-cut from {len(m.tars)} files into {n} virtual shards of {m.shard_size} ({why})"
+        return f"re-cut from {len(m.files)} files into {n} virtual shards of {m.shard_size} ({why})"
     if m.layout == "shuffle":  # an ImageFolder's seeded virtual shards
         return f"{n} virtual shards of {m.shard_size} (a seeded shuffle of the folder)"
-    what = "in folder order" if m.kind == "imagefolder" else "the files as they are"
+    what = "the files as they are" if m.file_count is not None else "in folder order"
     text = f"{n} shards as-is ({what})"
     d = class_diversity(m)
     if n > 1 and d.ratio < SKEW_THRESHOLD:

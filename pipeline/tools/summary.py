@@ -199,8 +199,7 @@ def _shard_diversity(reader, s: Summary) -> None:
     manifest = stored_manifest(reader)
     d = class_diversity(manifest)
     s.shard_layout, s.source_kind = manifest.layout, manifest.kind
-    # a re-cut source lists its files in tars; as-is, each shard is one of them
-    s.source_files = None if manifest.kind == "imagefolder" else len(manifest.tars or manifest.shards)
+    s.source_files = manifest.file_count
     s.classes_per_shard = float(d.observed.mean())
     s.classes_per_shard_min = int(d.observed.min())
     s.classes_per_shard_random = float(d.expected.mean())

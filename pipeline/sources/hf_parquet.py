@@ -5,12 +5,13 @@ ImageNet-1k and most image datasets on the Hugging Face hub ship as parquet shar
 and an integer ``label`` column whose ``ClassLabel`` names sit in the schema metadata under
 ``b"huggingface"``. Each file is a shard, as a tar is; a sample's address is (file, row), kept in
 the manifest's ``offset`` column (the row within its file), so a re-cut of class-sorted files
-(``sources.recut_shards``) works as for tars, the ``tar`` column then indexing the files.
+(``sources.recut_shards``) works as for tars, the ``file`` column then indexing the files.
 
-Reading is by row group (the unit parquet compresses and stores the image column in): a shard read
-front to back reads each row group once; random reads keep a few files open and the last row
-groups decoded (``ParquetRows``), so the samples of one row group that a loader batch asks for cost
-one read. Only the ``image`` column is read for images and only ``label`` (plus ``image.path``) to
+Reading: files as ``datasets`` writes them (images uncompressed, PLAIN) are mapped once, page
+headers walked (``parquet_pages``), and each image is then read alone, exactly its bytes; other files
+are read by row group (the unit pyarrow reads): a shard read front to back reads each row group
+once, and random reads keep a few files open and the last row groups decoded (``ParquetRows``).
+Only the ``image`` column is read for images and only ``label`` (plus ``image.path``) to
 index without checksums: parquet stores columns apart, so indexing never touches the image bytes
 unless precompute asks for their checksums.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import OrderedDict
 
 import crc32c
@@ -27,20 +29,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
+from ..source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
+from .base import NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
+from .parquet_pages import RowBytes, Unmapped, map_column
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
 
 
-def _open(path: str) -> pq.ParquetFile:
+def _open(path, name: str | None = None) -> pq.ParquetFile:
+    """A parquet file by path (memory-mapped), or through an open file object ``path`` named ``name``."""
     try:
         # memory-mapped, no pre-buffering: a row group's image column is read from the page cache with
         # one copy (measured ~1.5x faster than the defaults on 4 MB row groups of JPEGs)
+        if name is not None:
+            return pq.ParquetFile(path, pre_buffer=False)
         return pq.ParquetFile(path, memory_map=True, pre_buffer=False)
     except PermissionError:
         raise permission_error(path) from None
     except (pa.ArrowException, OSError) as e:
+        path = path if name is None else name
         raise SourceError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]}); "
                                  "re-download or re-write it, or remove it from --data") from None
 
@@ -157,42 +165,100 @@ def _no_null_images_by_statistics(f: pq.ParquetFile, path: str, rg: int) -> None
                                          "to_parquet embeds Image() files) or drop those rows")
 
 
-# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own).
-# datasets writes 100 images a row group (~10 MB of ImageNet JPEGs): a few fit, which is what a
-# loader batch drawing from several row groups needs. A file written as one row group (pyarrow's
-# default, a whole 140 MB file) keeps only itself, the one group being read, not 8 such files.
+# Bytes of decoded row groups a ParquetRows keeps (per copy: each loader worker has its own), for
+# files read by row group (not datasets' own, which are read image by image). Row groups of 100
+# images (~10 MB of ImageNet JPEGs): a few fit, which is what a loader batch drawing from several
+# row groups needs. A file written as one row group (pyarrow's default, a whole 140 MB file) keeps
+# only itself, the one group being read, not 8 such files.
 ROW_GROUP_CACHE_BYTES = 64 << 20
 
 
 class ParquetRows:
-    """Image bytes by (file, row): a few files open, the last row groups read kept.
+    """Image bytes by (file, row): each image read alone where the file allows, else by row group.
 
-    One read per row group while the rows asked for stay in it (a shard read front to back, or the
+    Files as ``datasets`` writes them (the image column uncompressed, PLAIN) are mapped once on
+    first use (``parquet_pages``: page headers walked, a few bytes a row, no image bytes) and each
+    image is then one read of exactly its bytes, wherever the loader's batches fall. The maps are
+    kept for every file touched (16 bytes a row: 20 MB for ImageNet's 1.28M rows), so a file closed
+    by the ``open_files`` bound is reopened without mapping it again.
+
+    Other files (compressed or dictionary-encoded images, pyarrow's defaults) are read by row group:
+    one read per row group while the rows asked for stay in it (a shard read front to back, or the
     samples of a loader batch from one row group). The kept groups are bounded by count and by
-    ``cache_bytes`` (the group being read is always kept). Picklable: workers start with empty caches."""
+    ``cache_bytes`` (the group being read is always kept).
+
+    ``opener(path)`` opens a file for reading (binary, seek/read); a caller counting bytes passes
+    one, and every byte then goes through it (footers, pages, row groups). ``pages=False`` reads
+    by row group always (the benchmark's before). Picklable: workers start with empty caches."""
 
     def __init__(self, root: str, files: list[str], open_files: int = 16, row_groups: int = 8,
-                 cache_bytes: int = ROW_GROUP_CACHE_BYTES):
+                 cache_bytes: int = ROW_GROUP_CACHE_BYTES, opener=None, pages: bool = True):
         self.root, self.files = root, list(files)
         self.open_files, self.row_groups, self.cache_bytes = open_files, row_groups, cache_bytes
+        self.opener, self.pages = opener, pages
         self._files: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
         self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
+        self._maps: dict[int, RowBytes | None] = {}  # None: not mappable, read by row group
+        self._handles: OrderedDict[int, object] = OrderedDict()  # files open for direct reads
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+        self.direct_reads = 0  # images read alone, at their offset
 
     @property
     def cached_bytes(self) -> int:
         return sum(g.nbytes for g in self._groups.values())
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict()}
+        return {**self.__dict__, "_files": OrderedDict(), "_groups": OrderedDict(), "_maps": {},
+                "_handles": OrderedDict()}
 
     def path(self, file: int) -> str:
         return os.path.join(self.root, self.files[file])
 
+    def _raw(self, file: int):
+        """A file open for reading (``opener``), of the last ``open_files`` used."""
+        hit = self._handles.pop(file, None)
+        if hit is None:
+            path = self.path(file)
+            try:
+                hit = self.opener(path) if self.opener else self._open_regular(path)
+            except PermissionError:
+                raise permission_error(path) from None
+            while len(self._handles) >= self.open_files:
+                self._handles.popitem(last=False)[1].close()
+        self._handles[file] = hit  # most recently used last
+        return hit
+
+    @staticmethod
+    def _open_regular(path: str):
+        """Unbuffered (a read is exactly the bytes asked for), never blocking on a FIFO swapped in
+        after indexing (O_NONBLOCK; then only a regular file is kept: else OSError, the image b"")."""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb", buffering=0)
+
+    def _map(self, file: int) -> RowBytes | None:
+        """Where each row's image lies in ``file`` (mapped on first use), or None: read row groups."""
+        if file in self._maps:
+            return self._maps[file]
+        if not self.pages:
+            return None
+        raw = self._raw(file)
+        try:
+            meta = pq.ParquetFile(raw, pre_buffer=False).metadata
+            columns = [meta.schema.column(i) for i in range(meta.num_columns)]
+            col = next(i for i, c in enumerate(columns) if c.path == "image.bytes")
+            rows = map_column(raw, meta, col, columns[col].max_definition_level, columns[col].max_repetition_level)
+        except (Unmapped, StopIteration):
+            rows = None  # not plain uncompressed images: pyarrow reads its row groups
+        self._maps[file] = rows
+        return rows
+
     def _file(self, file: int) -> tuple[pq.ParquetFile, np.ndarray]:
         hit = self._files.pop(file, None)
         if hit is None:
-            f = _open(self.path(file))
+            f = _open(self.path(file)) if self.opener is None else _open(self._raw(file), self.path(file))
             rows = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
             hit = (f, np.cumsum([0] + rows))  # first row of each row group, then the total
             while len(self._files) >= self.open_files:
@@ -204,11 +270,35 @@ class ParquetRows:
         """The image bytes of one row; b"" when the file or row is gone or unreadable (the caller's
         crc32c check then says the source changed, or the image is undecodable)."""
         try:
-            f, starts = self._file(file)
+            rows = self._map(file)
         except SourceError as e:
             if "permission denied" in str(e):  # unreadable now: an error, never a silently dropped image
                 raise
+            return b""
+        except (pa.ArrowException, OSError):
             return b""  # gone or no longer parquet
+        if rows is not None:
+            if not 0 <= row < len(rows.offsets) or rows.sizes[row] < 0:
+                return b""
+            try:
+                raw = self._raw(file)
+                raw.seek(int(rows.offsets[row]))
+                data = raw.read(int(rows.sizes[row]))
+            except OSError:
+                return b""
+            self.direct_reads += 1
+            return data or b""
+        return self._image_by_group(file, row)
+
+    def _image_by_group(self, file: int, row: int) -> bytes:
+        try:
+            f, starts = self._file(file)
+        except SourceError as e:
+            if "permission denied" in str(e):
+                raise
+            return b""  # gone or no longer parquet
+        except OSError:
+            return b""
         rg = int(np.searchsorted(starts, row, side="right")) - 1
         if not 0 <= rg < len(starts) - 1:
             return b""
@@ -223,7 +313,10 @@ class ParquetRows:
             self.group_reads += 1
             self._make_room(group.nbytes)
         self._groups[file, rg] = group
-        data = group[row - int(starts[rg])].as_py()
+        at = row - int(starts[rg])
+        if at >= len(group):  # pages holding fewer values than the footer says: a damaged file
+            return b""
+        data = group[at].as_py()
         return b"" if data is None else data
 
     def _make_room(self, incoming: int) -> None:
@@ -231,3 +324,80 @@ class ParquetRows:
         held = self.cached_bytes
         while self._groups and (len(self._groups) >= self.row_groups or held + incoming > self.cache_bytes):
             held -= self._groups.popitem(last=False)[1].nbytes
+
+
+# ---- the format: indexing files into a manifest's rows, and reading them by (file, row) -------------
+class ParquetFiles(FileReader):
+    """A sample's image by (file, row), through ``ParquetRows`` (``rows``: its counters)."""
+
+    def __init__(self, root: str, files: list[str]):
+        self.rows = ParquetRows(root, files, OPEN_FILES)
+
+    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
+        return self.rows.image(file, offset)
+
+    def where(self, file: int, path: str) -> str:
+        return self.rows.path(file)
+
+
+OPEN_FILES = 16  # parquet files a reader keeps open (as tars: a batch or a re-cut shard spans several)
+
+
+class HfParquet(SourceFormat):
+    kind, ext, what, recut = "parquet", ".parquet", "Hugging Face parquet files", True
+    sizes_without_content = False  # the image column is read only for checksums
+
+    def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
+        return _index_parquet(src, files, checksums=checksums)
+
+    def open_files(self, root, files) -> ParquetFiles:
+        return ParquetFiles(root, files)
+
+
+FORMAT = HfParquet()
+
+
+def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Indexed:
+    """Parquet files in the Hugging Face ``datasets`` layout -> a manifest of the files as-is.
+
+    Key ``<file stem>/<row>``, path the image's own ``path`` field, offset its row in the file. Class
+    names: the ``ClassLabel`` names in the files' ``huggingface`` metadata, else ``classes.txt``
+    beside the files, else "0".."C-1"."""
+    root = check_files(src, files)
+    cols = {name: [] for name in SCHEMA.names}
+    names, named_by = None, None
+    for shard, path in enumerate(files):
+        rows = index_file(path, checksums)
+        if rows["class_names"] is not None:
+            if names is not None and rows["class_names"] != names:
+                raise SourceError(f"{path}: its ClassLabel names differ from those of {named_by}; all files of "
+                                  "one source need the same classes (re-export them from one dataset)")
+            names, named_by = rows["class_names"], path
+        n = len(rows["labels"])
+        if n and rows["labels"].min() < 0:
+            i = int(np.argmax(rows["labels"] < 0))
+            raise SourceError(f"{path}: row {i} has label {int(rows['labels'][i])}; labels are class indices "
+                              "0..C-1 (-1 is the datasets library's 'no label', e.g. a test split): use a "
+                              "labelled split or drop those rows")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        cols["key"] += [f"{stem}/{r}" for r in range(n)]
+        cols["label"] += rows["labels"].tolist()
+        cols["shard"] += [shard] * n
+        cols["position"] += list(range(n))
+        cols["path"] += rows["paths"]
+        cols["offset"] += list(range(n))
+        cols["size"] += rows["sizes"] if checksums else [0] * n
+        cols["crc32c"] += rows["crcs"] if checksums else [NO_CRC] * n
+        cols.setdefault("file", []).extend([path] * n)
+    if not cols["key"]:
+        raise SourceError(f"{src}: the parquet files hold no rows")
+    files_of = cols.pop("file")
+    labels = np.asarray(cols["label"])
+    if names is None:
+        names = classes_txt_names(root, int(labels.max()) + 1)
+        named_by = os.path.join(root, "classes.txt")
+    if labels.max() >= len(names):
+        i = int(np.argmax(labels >= len(names)))
+        raise SourceError(f"{files_of[i]}: row {cols['offset'][i]} has label {labels[i]}, but {named_by} names "
+                          f"{len(names)} classes (0..{len(names) - 1}); fix the label or the class names")
+    return Indexed("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=SCHEMA))

@@ -1,0 +1,285 @@
+"""Where each row's image bytes lie in a parquet file, found by walking the image column's page headers.
+
+``datasets`` writes embedded images (its ``Image()`` feature) uncompressed and PLAIN-encoded: each
+value is a 4-byte little-endian length and the encoded file, verbatim, in row order, pages of
+256 KiB..1 MiB cut by content (``use_content_defined_chunking``) and row groups of up to 100 MB.
+pyarrow reads no less than a whole column chunk of a row group, so one image cost a row group's
+worth of images. Here the page headers of the ``image.bytes`` column chunks are walked (each header
+says how long its page is; the next page follows it) and, inside each page, the values are hopped
+over by their length prefixes: a few bytes a row, no image bytes. What comes out is each row's
+(file offset, size), so an image is then one read of exactly its bytes.
+
+Anything else (a compressed or dictionary-encoded column, repeated values, a page header this
+minimal reader does not understand, counts that do not add up) is ``Unmapped``: the caller falls
+back to reading row groups, which pyarrow does for any valid file. Nothing here trusts the file:
+every length is bounded by the column chunk it sits in. The parsed layout is checked against the
+footer (values per row group); the bytes read are checked by the caller against the size and
+crc32c indexed, as every source's are.
+
+Thrift's compact protocol (what parquet's page headers are written in) is read by a generic
+skipper of ~40 lines, not a thrift dependency: only the fields named below are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# parquet.thrift: PageType, Encoding, CompressionCodec values used here
+DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
+PLAIN, RLE = 0, 3
+HEADER_READ = 256  # bytes read for a page header (and its levels): more only if it is longer
+MAX_HEADER = 1 << 24  # a page header past this is no header this reader will parse
+
+
+class Unmapped(Exception):
+    """This file's image column is not laid out as plain uncompressed values: read row groups."""
+
+
+@dataclass(frozen=True)
+class RowBytes:
+    """Each row's image bytes in one file: ``offsets[r]`` and ``sizes[r]`` (-1: a null image)."""
+
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+
+# ---- thrift compact protocol: just enough to read a struct into {field id: value} -------------------------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[pos]  # IndexError past the end: the caller reads more and tries again
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, pos
+        shift += 7
+        if shift > 70:
+            raise Unmapped("a varint longer than 10 bytes")
+
+
+def _zigzag(buf: bytes, pos: int) -> tuple[int, int]:
+    v, pos = _varint(buf, pos)
+    return (v >> 1) ^ -(v & 1), pos
+
+
+def _value(buf: bytes, pos: int, kind: int, depth: int):
+    if kind in (1, 2):  # a bool's value is its type (in a struct) or one byte (in a list)
+        return kind == 1, pos
+    if kind == 3:
+        return buf[pos], pos + 1
+    if kind in (4, 5, 6):
+        return _zigzag(buf, pos)
+    if kind == 7:
+        if pos + 8 > len(buf):
+            raise IndexError
+        return None, pos + 8
+    if kind == 8:
+        n, pos = _varint(buf, pos)
+        if pos + n > len(buf):
+            raise IndexError
+        return buf[pos:pos + n], pos + n
+    if kind in (9, 10):
+        head = buf[pos]
+        pos += 1
+        n, elem = head >> 4, head & 0x0F
+        if n == 15:
+            n, pos = _varint(buf, pos)
+        out = []
+        for _ in range(n):
+            if elem in (1, 2):
+                v, pos = buf[pos] == 1, pos + 1
+            else:
+                v, pos = _value(buf, pos, elem, depth + 1)
+            out.append(v)
+        return out, pos
+    if kind == 11:
+        n, pos = _varint(buf, pos)
+        if n:
+            types = buf[pos]
+            pos += 1
+            for i in range(2 * n):  # keys and values alternate; a map is skipped, never used
+                _, pos = _value(buf, pos, (types >> 4) if i % 2 == 0 else (types & 0x0F), depth + 1)
+        return None, pos
+    if kind == 12:
+        return _struct(buf, pos, depth + 1)
+    raise Unmapped(f"thrift type {kind}")
+
+
+def _struct(buf: bytes, pos: int, depth: int = 0) -> tuple[dict, int]:
+    if depth > 16:
+        raise Unmapped("thrift structs nested too deep")
+    out, last = {}, 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return out, pos
+        delta, kind = head >> 4, head & 0x0F
+        if delta:
+            fid = last + delta
+        else:
+            fid, pos = _zigzag(buf, pos)
+        out[fid], pos = _value(buf, pos, kind, depth)
+        last = fid
+
+
+# ---- the page walk -----------------------------------------------------------------------------------------
+def _rle_levels(buf: bytes, count: int, bit_width: int) -> np.ndarray:
+    """Parquet's RLE/bit-packed hybrid: ``count`` levels of ``bit_width`` bits."""
+    out = np.empty(count, np.int64)
+    n = pos = 0
+    width = (bit_width + 7) // 8
+    while n < count:
+        head, pos = _varint(buf, pos)
+        if head & 1:  # bit-packed: (head >> 1) groups of 8 values, LSB first
+            groups = head >> 1
+            raw = np.frombuffer(buf[pos:pos + groups * bit_width], np.uint8)
+            if len(raw) < groups * bit_width:
+                raise Unmapped("bit-packed levels past their page")
+            bits = np.unpackbits(raw, bitorder="little").reshape(-1, bit_width)
+            vals = (bits.astype(np.int64) << np.arange(bit_width)).sum(axis=1)
+            take = min(len(vals), count - n)
+            out[n:n + take] = vals[:take]
+            n, pos = n + take, pos + groups * bit_width
+        else:  # a run: (head >> 1) copies of one value
+            run = head >> 1
+            if run == 0 or pos + width > len(buf):
+                raise Unmapped("an empty or cut RLE run")
+            take = min(run, count - n)
+            out[n:n + take] = int.from_bytes(buf[pos:pos + width], "little")
+            n, pos = n + take, pos + width
+    return out
+
+
+class _Reader:
+    """Reads [offset, offset+n) of a file object, counting nothing itself (the file may)."""
+
+    def __init__(self, f, end: int):
+        self.f, self.end = f, end
+
+    def read(self, offset: int, n: int) -> bytes:
+        n = min(n, self.end - offset)
+        if n <= 0:
+            return b""
+        self.f.seek(offset)
+        return self.f.read(n)
+
+    def header(self, offset: int) -> tuple[dict, int, bytes]:
+        """The page header at ``offset``: (fields, its length, the bytes read from offset)."""
+        n = HEADER_READ
+        while True:
+            buf = self.read(offset, n)
+            try:
+                fields, length = _struct(buf, 0)
+                return fields, length, buf
+            except IndexError:
+                if len(buf) < n or n >= MAX_HEADER:
+                    raise Unmapped("a page header cut by its column chunk") from None
+                n *= 4
+
+
+def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
+    """Each row's (offset, size) in column ``column`` (a BYTE_ARRAY leaf) over all row groups.
+
+    ``f`` is an open binary file (seek/read); ``meta`` its pyarrow FileMetaData. Raises Unmapped
+    when the column is not plain uncompressed values in data pages this reader understands."""
+    if max_rep:
+        raise Unmapped("a repeated image column")
+    offsets, sizes = [], []
+    for rg in range(meta.num_row_groups):
+        cc = meta.row_group(rg).column(column)
+        if cc.physical_type != "BYTE_ARRAY" or cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
+            raise Unmapped(f"image column {cc.physical_type}, {cc.compression}, dictionary {cc.has_dictionary_page}")
+        start = cc.data_page_offset
+        end = start + cc.total_compressed_size
+        rows = meta.row_group(rg).num_rows
+        o, s = _map_chunk(_Reader(f, end), start, end, max_def, rows)
+        if len(o) != rows or cc.num_values != rows:
+            raise Unmapped(f"row group {rg}: {len(o)} values in its pages, {rows} rows in the footer")
+        offsets.append(o)
+        sizes.append(s)
+    if not offsets:
+        return RowBytes(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return RowBytes(np.concatenate(offsets), np.concatenate(sizes))
+
+
+def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, size) of each value in one column chunk [pos, end) of ``rows`` rows."""
+    offsets, sizes = [], []
+    bit_width = int(max_def).bit_length()
+    while pos < end:
+        h, hlen, buf = r.header(pos)
+        kind, page_size = h.get(1), h.get(3)
+        if not isinstance(page_size, int) or page_size < 0 or pos + hlen + page_size > end:
+            raise Unmapped("a page longer than its column chunk")
+        body, body_end = pos + hlen, pos + hlen + page_size
+        if kind == DATA_PAGE:
+            dp = h.get(5)
+            if not isinstance(dp, dict) or dp.get(2) != PLAIN:
+                raise Unmapped("a data page not PLAIN-encoded")
+            count = dp.get(1)
+            values = body
+            if max_def:  # V1: the levels' length (4 bytes LE), then the levels
+                if dp.get(3) != RLE:
+                    raise Unmapped("definition levels not RLE")
+                head = r.read(body, 4)
+                n = int.from_bytes(head, "little") if len(head) == 4 else -1
+                if n < 0 or body + 4 + n > body_end:
+                    raise Unmapped("definition levels past their page")
+                levels = _levels(r, buf, pos, body + 4, n, count, bit_width, rows - len(offsets))
+                values = body + 4 + n
+        elif kind == DATA_PAGE_V2:
+            dp = h.get(8)
+            if not isinstance(dp, dict) or dp.get(4) != PLAIN:
+                raise Unmapped("a data page v2 not PLAIN-encoded")
+            count, def_len, rep_len = dp.get(1), dp.get(5), dp.get(6)
+            if not all(isinstance(v, int) and v >= 0 for v in (count, def_len, rep_len)) or rep_len:
+                raise Unmapped("a data page v2 with repetition levels or bad lengths")
+            if body + def_len > body_end:
+                raise Unmapped("definition levels past their page")
+            levels = (_levels(r, buf, pos, body, def_len, count, bit_width, rows - len(offsets))
+                      if max_def else None)
+            values = body + def_len
+        elif kind == DICTIONARY_PAGE:
+            raise Unmapped("a dictionary page")
+        else:  # an index page (never written by parquet-cpp) or an unknown type
+            raise Unmapped(f"page type {kind}")
+        if not isinstance(count, int) or count < 0 or len(offsets) + count > rows:
+            raise Unmapped("a page with more values than its row group has rows")
+        present = np.ones(count, bool) if not max_def else (levels == max_def)
+        at = values
+        for p in present:
+            if not p:
+                offsets.append(-1)
+                sizes.append(-1)
+                continue
+            head = r.read(at, 4)
+            if len(head) != 4:
+                raise Unmapped("a value's length past its page")
+            size = int.from_bytes(head, "little")
+            if at + 4 + size > body_end:
+                raise Unmapped("a value past its page")
+            offsets.append(at + 4)
+            sizes.append(size)
+            at += 4 + size
+        if at != body_end:
+            raise Unmapped("a page's values do not fill it")
+        pos = body_end
+    return np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+
+
+def _levels(r: _Reader, buf: bytes, buf_at: int, at: int, n: int, count, bit_width: int,
+            rows_left: int) -> np.ndarray:
+    """``count`` definition levels of ``n`` bytes at ``at`` (from ``buf`` when the header read held them)."""
+    if not isinstance(count, int) or count < 0 or count > rows_left:
+        raise Unmapped("a page with more values than its row group has rows")
+    lo = at - buf_at
+    data = buf[lo:lo + n] if lo + n <= len(buf) else r.read(at, n)
+    if len(data) != n:
+        raise Unmapped("definition levels cut")
+    try:
+        return _rle_levels(data, count, bit_width)
+    except IndexError:
+        raise Unmapped("definition levels cut") from None

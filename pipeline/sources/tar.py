@@ -1,0 +1,206 @@
+"""WebDataset sources: ``.tar`` shards, each sample an image member (``.jpg/.jpeg/.png/.webp``) and a
+``.cls`` member holding its class index, grouped by key (the member path up to the first dot of its
+name). Class names from ``classes.txt`` beside the shards, else "0".."C-1".
+
+A sample's ``path`` is its image member, ``offset`` the byte offset of the member's data in the tar and
+``size`` its length, so any sample is one seek and one read (the tar must be uncompressed, as indexing
+requires). Indexing refuses what it cannot index faithfully: two members of one name, two images of
+one key, an image without a label, a label that is no class index.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import crc32c
+import numpy as np
+import pyarrow as pa
+
+from storage.errors import printable
+
+from ..source_errors import SourceError, check_label_bound, permission_error
+from .base import IMAGE_EXTS, NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
+
+LABEL_EXT = ".cls"
+MAX_LABEL_BYTES = 64  # a .cls holds a class index: a few digits and maybe a newline
+
+
+class TarFiles(FileReader):
+    """Samples by one seek into their tar; the last few tars read stay open (a loader batch, or a re-cut
+    shard, spans several)."""
+
+    OPEN_TARS = 16
+
+    def __init__(self, root: str, files: list[str]):
+        self.root, self.files = root, list(files)
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def where(self, file: int, path: str) -> str:
+        return os.path.join(self.root, self.files[file])
+
+    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
+        f = self._open.pop(file, None)
+        try:
+            if f is None:
+                f = open(self.where(file, path), "rb")
+                while len(self._open) >= self.OPEN_TARS:
+                    self._open.popitem(last=False)[1].close()
+            self._open[file] = f  # most recently used last
+            f.seek(offset)
+            data = f.read(size)
+        except PermissionError:
+            raise permission_error(self.where(file, path)) from None
+        except OSError:
+            return b""  # gone or unreadable now
+        # the tar ends inside this sample (cut after indexing, or cut already then): as a tar reader
+        # that stops at the cut, nothing of it is read
+        return data if len(data) == size else b""
+
+
+class WebDataset(SourceFormat):
+    kind, ext, what, recut = "wds", ".tar", "WebDataset .tar shards", True
+    sizes_without_content = True  # the member headers
+
+    def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
+        return _index_wds(src, files, checksums=checksums)
+
+    def open_files(self, root, files) -> TarFiles:
+        return TarFiles(root, files)
+
+
+FORMAT = WebDataset()
+
+
+def _index_wds(src: str, files: list[str], checksums: bool = True) -> Indexed:
+    root = check_files(src, files)
+    cols = {name: [] for name in SCHEMA.names}
+    for shard, path in enumerate(files):
+        for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
+            if label < 0:  # numpy would read -1 as the last class
+                raise SourceError(f"{path}: sample {printable(key)!r} has label {label} in its .cls; labels are class "
+                                  "indices 0..C-1: fix the label")
+            for name, v in zip(SCHEMA.names, (key, label, shard, pos, member, offset, size, crc), strict=True):
+                cols[name].append(v)
+    if not cols["key"]:
+        raise SourceError(f"{src}: the shards hold no images ({', '.join(IMAGE_EXTS)})")
+    table = pa.table(cols, schema=SCHEMA)
+    num_classes = int(max(cols["label"])) + 1
+    names = classes_txt_names(root, num_classes)
+    labels = np.asarray(cols["label"])
+    if labels.max() >= len(names):  # classes.txt is shorter than the labels used
+        i = int(np.argmax(labels >= len(names)))
+        raise SourceError(f"{files[cols['shard'][i]]}: sample {printable(cols['key'][i])!r} has label {labels[i]}, but "
+                          f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
+                          "fix the label or classes.txt")
+    return Indexed("wds", root, [os.path.basename(f) for f in files], names, table)
+
+
+def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, int, int, int]]:
+    """(key, image member, data offset, size, label, crc32c) per sample, in tar order; one pass.
+
+    Two members of one name (valid in a tar: ``tar -r`` appends a second copy) are refused: a
+    sequential reader would take one copy and a seek by offset the other."""
+    images: dict[str, tarfile.TarInfo] = {}
+    crcs: dict[str, int] = {}
+    labels: dict[str, int] = {}
+    order: list[str] = []
+    names: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in _members_until_cut(tar):
+                if not m.isfile():
+                    continue
+                if m.name in names:
+                    raise SourceError(f"{path}: member {printable(m.name)!r} appears twice (appended with tar -r?); "
+                                      "readers would disagree on which copy is the sample: rewrite the shard "
+                                      "with one copy")
+                names.add(m.name)
+                base = os.path.basename(m.name)
+                # WebDataset's convention: the key is the path up to the first dot of the basename.
+                key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+                ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+                if key not in images and key not in labels:
+                    order.append(key)
+                if ext in IMAGE_EXTS:
+                    if key in images:
+                        raise SourceError(f"{path}: sample {printable(key)!r} has two images "
+                                          f"({printable(images[key].name)}, {printable(m.name)}); "
+                                          "keep one per sample")
+                    images[key] = m
+                    if checksums:
+                        try:
+                            crcs[key] = crc32c.crc32c(tar.extractfile(m).read())
+                        except (tarfile.ReadError, EOFError, OSError):
+                            crcs[key] = NO_CRC  # the file ends inside this image (a cut copy): undecodable
+                elif ext == LABEL_EXT:
+                    try:  # a class index is a few digits: a longer .cls is no label, read no more of it
+                        text = tar.extractfile(m).read(min(m.size, MAX_LABEL_BYTES)).decode(errors="replace").strip()
+                    except tarfile.ReadError:
+                        break  # the file ends inside this label: the tar was cut here
+                    try:
+                        if m.size > MAX_LABEL_BYTES:
+                            raise ValueError
+                        labels[key] = int(text)
+                    except ValueError:
+                        raise SourceError(f"{path}: sample {printable(key)!r} has a non-integer label "
+                                          f"{printable(text, 40)!r} in its .cls") from None
+                    check_label_bound(labels[key], f"{path}: sample {printable(key)!r}")
+    except tarfile.ReadError as e:
+        raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
+    except PermissionError:
+        raise permission_error(path) from None
+    out = []
+    for key in order:
+        if key not in images:
+            continue
+        if key not in labels:
+            raise SourceError(f"{path}: sample {printable(key)!r} has no .cls label; every WebDataset sample "
+                              "needs KEY.cls")
+        m = images[key]
+        out.append((key, m.name, m.offset_data, m.size, labels[key], crcs.get(key, NO_CRC)))
+    return out
+
+
+def _members_until_cut(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """A tar's members up to where the file ends early (a copy cut off mid-member): the member
+    being cut is indexed and, undecodable, gets its views flagged; the run goes on. A tar that is
+    unreadable from its first header still raises."""
+    while True:
+        try:
+            m = tar.next()
+        except tarfile.ReadError:
+            if tar.offset == 0:
+                raise
+            return
+        if m is None:
+            return
+        yield m
+
+
+def write_wds_shards(samples: list[tuple[str, bytes, str, int]], out_dir: str, *, per_shard: int,
+                     prefix: str = "shard", class_names: list[str] | None = None) -> list[str]:
+    """Write (key, image bytes, image ext, label) samples as WebDataset tars; used by the demo and tests.
+
+    Each file appears whole or not at all, and durably (storage.fsutil): a demo killed mid-write leaves
+    no torn shard for the next run to index."""
+    import webdataset as wds
+
+    from storage.fsutil import atomic_file, atomic_write
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for start in range(0, len(samples), per_shard):
+        path = os.path.join(out_dir, f"{prefix}-{start // per_shard:06d}.tar")
+        with atomic_file(path) as f, wds.TarWriter(f) as sink:
+            for key, data, ext, label in samples[start:start + per_shard]:
+                sink.write({"__key__": key, ext: data, "cls": str(label).encode()})
+        paths.append(path)
+    if class_names is not None:
+        atomic_write(os.path.join(out_dir, "classes.txt"), ("\n".join(class_names) + "\n").encode())
+    return paths

@@ -1,0 +1,89 @@
+"""The zarr reader's label cache: keyed by view, bounded by bytes, and a block decoded once per the views
+it can keep, not once per epoch (issue 22 item 5). Counted by wrapping the decoder, never timed."""
+
+from __future__ import annotations
+
+import pytest
+from test_storage_support import tiny_spec, write_all
+
+import storage.zarr_backend as zb
+from storage import create_store, open_store
+
+
+class CountingBlosc(zb.Blosc):
+    decoded: list[int] = []  # bytes of each chunk decoded
+
+    def decode(self, buf, out=None):
+        CountingBlosc.decoded.append(out.nbytes)
+        return super().decode(buf, out=out)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """6 views in blocks of 3, 3 shards (7, 4, 9 samples), top-5; the decoder counted."""
+    spec = tiny_spec(views=6, views_per_unit=3)
+    write_all(create_store(tmp_path / "s", spec, backend="zarr", manifest=b"m"))
+    monkeypatch.setattr(zb, "Blosc", CountingBlosc)
+    CountingBlosc.decoded = []
+    return tmp_path / "s"
+
+
+def labels_bytes(reader, view) -> list[bytes]:
+    return [a.tobytes() for _, lab in reader.read_view(view)
+            for a in (lab.values, lab.ids, lab.valid) if a is not None]
+
+
+def reader_with(path, views_fit: float):
+    r = open_store(path)
+    r.cache_bytes = int(views_fit * r.view_nbytes())
+    return r
+
+
+def epochs_decoding(reader, epochs) -> list[int]:
+    """Chunks decoded by read_view in each of the given epochs (view e mod V)."""
+    out = []
+    for e in epochs:
+        before = len(CountingBlosc.decoded)
+        labels_bytes(reader, e % reader.spec.views)
+        out.append(len(CountingBlosc.decoded) - before)
+        assert reader.cached_bytes() <= reader.cache_bytes
+    return out
+
+
+def test_a_block_is_decoded_once_while_the_budget_holds_it(store):
+    r = reader_with(store, 3)
+    unit = 3 * 3  # chunks of one block: 3 shards x (values, ids, valid)
+    assert epochs_decoding(r, range(12)) == [unit, 0, 0, unit, 0, 0] * 2
+    assert r.cached_bytes() == 3 * r.view_nbytes()  # the last block's 3 views: the budget, not more
+
+
+@pytest.mark.parametrize("fit,per_epoch", [(2, [9, 0, 9, 9, 0, 9]), (1, [9] * 6), (0.5, [9] * 6)])
+def test_a_smaller_budget_keeps_the_next_views_that_fit(store, fit, per_epoch):
+    """Budget of 2 views, blocks of 3: the block is decoded at views 0 and 2 (keeping 0-1, then 2),
+    not at every view; 1 view: each epoch decodes (and keeps) its own; half a view: nothing kept."""
+    r = reader_with(store, fit)
+    assert epochs_decoding(r, range(6)) == per_epoch
+    # the second read of the last view decodes nothing while the budget holds a view
+    assert epochs_decoding(r, [5]) == ([0] if fit >= 1 else [9])
+    assert r.cached_bytes() == (min(2, int(fit)) if fit >= 1 else 0) * r.view_nbytes()
+
+
+def test_the_cache_returns_the_bytes_a_fresh_reader_decodes(store):
+    small, fresh = reader_with(store, 2), reader_with(store, 0)
+    for view in (0, 1, 2, 1, 5, 3, 4, 0):
+        assert labels_bytes(small, view) == labels_bytes(fresh, view)
+    for view in (0, 4):  # one shard of a cached view (read), and of one not cached
+        for shard in range(3):
+            a, b = small.read(view, shard), fresh.read(view, shard)
+            assert a.ids.tobytes() == b.ids.tobytes() and a.values.tobytes() == b.values.tobytes()
+
+
+def test_each_cached_view_is_its_own_array(store):
+    """Bytes counted are bytes held: a cached view never keeps its decoded block alive."""
+    r = reader_with(store, 3)
+    labels_bytes(r, 0)
+    for arrays in r._views.values():
+        for a in arrays:
+            if a is not None:
+                assert a.base is None and a.flags.c_contiguous
+    assert sum(a.nbytes for v in r._views.values() for a in v if a is not None) == r.cached_bytes()
