@@ -21,19 +21,18 @@ import click
 
 from pipeline.options import (
     INTERRUPTED,
-    MAX_EPOCHS,
     SEED,
     OneLineGroup,
     at_least,
-    batch_size_option,
     check_device,
-    model_kwargs_option,
+    config_file_option,
+    config_from,
+    config_options,
     non_negative,
     positive,
-    unit_interval,
-    workers_option,
 )
-from storage.api import BACKENDS, DEFAULT_BACKEND  # already loaded by pipeline.options (storage.errors)
+from pipeline.stage1.config import PrecomputeConfig  # no torch: the options are these configs' fields
+from student.config import TrainConfig
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
@@ -94,77 +93,31 @@ def rerun_command(drop: set[str] = frozenset(), add: tuple[str, ...] = ()) -> st
     return shlex.join([*launcher, *kept, *add])
 
 
-def shard_layout_options(command):
-    """--shard-size and --shards: how a source is cut into shards; precompute and train must agree."""
-    layouts = click.Choice(["auto", "as-is", "shuffle"])  # pipeline.sources.SHARD_LAYOUTS, without importing it
-    command = click.option("--shards", default="auto", show_default=True, type=layouts,
-                           help="Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size "
-                                "(read by seeks); as-is keeps the tar or parquet files (an ImageFolder: folder order); "
-                                "auto re-cuts files that hold far fewer classes than random ones (an ImageFolder: "
-                                "shuffle).")(command)
-    return click.option("--shard-size", default=1024, show_default=True, type=at_least(1),
-                        help="Virtual shard size (ImageFolder, re-cut WebDataset or parquet).")(command)
-
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Offline DeiT distillation: precompute the teacher once, train students in lockstep."""
 
 
 # ---- stage one -----------------------------------------------------------------------------
+# Options that are not PrecomputeConfig/TrainConfig fields: the command turns them into fields.
+REPEATS = click.option("--repeats", default=None, type=at_least(1),
+                       help="Repeated augmentation: each sample R times per view, differently augmented "
+                            "[recipe: 3; 1: off]; the recipe's `repeats` (--set repeats=R).")
+OUTPUT = click.option("--output", default=None, metavar="DIR", help="timm's spelling: the run is DIR/EXPERIMENT.")
+EXPERIMENT = click.option("--experiment", default=None, metavar="NAME",
+                          help="timm's spelling: with --output, the run's name [a timestamp and the model].")
+
+
 @main.command()
-@click.option("--data", required=True, help="ImageFolder directory, WebDataset .tar shards or Hugging Face parquet "
-                                            "files (dir, glob, {a..b}).")
-@click.option("--out", required=True, help="Label store to create or resume.")
-@click.option("--teacher", required=True, help="timm model name or name.tag (e.g. regnety_160.deit_in1k).")
-@click.option("--teacher-weights", default=None, help="Local .pth/.pt/.safetensors weights for the teacher.")
-@click.option("--random-teacher", is_flag=True,
-              help="Allow a teacher with neither --teacher-weights nor a pretrained tag: randomly initialised, "
-                   "its labels are noise (tests and smoke runs only).")
-@click.option("--views", default=300, show_default=True, type=at_least(1, MAX_EPOCHS),
-              help="Views per sample (epoch e uses e mod V).")
-@click.option("--topk", default=10, show_default=True, type=at_least(1), help="Soft labels: keep the teacher's top-k.")
-@click.option("--hard", is_flag=True, help="Store only the teacher's argmax.")
-@click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
-              help="Soft labels: also store the tempered tail mass at temperature T (repeatable), which makes "
-                   "`train --tau T` targets exact in top-k weights and tail mass. Each T is one float16 per view: "
-                   "2 bytes/view uncompressed, about 1-1.8 as stored (blosc; less at higher T; "
-                   "benchmarks/tau_bytes.py).")
-@click.option("--recipe", default="deit", show_default=True, help="Augmentation preset: deit or crop-flip.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
-@click.option("--seed", default=0, show_default=True, type=SEED)
-@click.option("--input-size", default=None, type=at_least(1), help="View size in pixels [recipe: 224].")
-@click.option("--repeats", default=None, type=at_least(1),
-              help="Repeated augmentation: each sample R times per view, differently augmented [recipe: 3; 1: off].")
-@shard_layout_options
-@click.option("--views-per-unit", default=10, show_default=True, type=at_least(1), help="Views per work unit.")
-@batch_size_option(256)
-@workers_option
-@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
-@click.option("--format", "backend", default=DEFAULT_BACKEND, show_default=True, type=click.Choice(list(BACKENDS)),
-              help="Label store backend.")
-@model_kwargs_option("teacher")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher (CUDA).")
-@click.option("--rank", default=None, type=at_least(0), help="This process's rank (else RANK or SLURM_PROCID).")
-@click.option("--world-size", default=None, type=at_least(1), help="Fleet size (else WORLD_SIZE or SLURM_NTASKS).")
-@click.option("--join", is_flag=True,
-              help="No rank or world size: claim pending units until none is left (any number of processes, "
-                   "started at any time, on machines sharing the store's filesystem).")
-@click.option("--claim/--no-claim", default=True, show_default=True,
-              help="After this rank's own share, take over other ranks' pending units through leases "
-                   "(--no-claim: the static split, unit i on rank i mod world only).")
-@click.option("--lease-ttl", default=120.0, show_default=True, type=positive(), metavar="SECONDS",
-              help="A lease not renewed for this long (a frozen or lost worker) may be taken over.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@config_options(PrecomputeConfig, after={"input_size": [REPEATS]})  # the rest: PrecomputeConfig's fields
+@config_file_option
 def precompute(**kw):
     """Run the teacher over every view and store its labels (resumable; a fleet under torchrun)."""
-    from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+    from pipeline.stage1.precompute import run_precompute
 
-    kw["compile"] = kw.pop("compile_")
-    kw["overrides"] = list(kw["overrides"])
-    kw["taus"] = list(kw["taus"])
-    repeats = kw.pop("repeats")
-    kw["overrides"] += [f"repeats={repeats}"] if repeats is not None else []  # the recipe's `repeats`
-    summary = run_reporting_errors(lambda: run_precompute(PrecomputeConfig(**kw)), on_interrupt=lambda: (
+    repeats = [f"repeats={kw['repeats']}"] if kw["repeats"] is not None else []  # the recipe's, after --set's
+    cfg = config_from(PrecomputeConfig, kw, overrides=[*kw["overrides"], *repeats])
+    summary = run_reporting_errors(lambda: run_precompute(cfg), on_interrupt=lambda: (
         f"the units already finished are kept in {kw['out']}; rerun the same command to resume: "
         f"{rerun_command(drop={'--overwrite'})}"))
     if summary is not None and summary.rank == 0:
@@ -262,6 +215,7 @@ def _plain(obj):
 @click.option("--tau", "taus", multiple=True, type=positive(), metavar="T",
               help="Also report how far the soft targets rebuilt at temperature T are from the teacher's full "
                    "softmax(z/T) on the recomputed views (total variation, KL); repeatable.")
+@config_file_option
 def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol, taus):
     """Recompute random stored views, check probes (and chunks): PASS, or FAIL naming every bad unit."""
 
@@ -283,70 +237,12 @@ def verify(store, data, teacher_weights, n, full, seed, device, batch_size, atol
 
 # ---- stage two -----------------------------------------------------------------------------
 @main.command()
-@click.option("--data", required=True, help="Training source: the one the label store was made from.")
-@click.option("--out", default=None, metavar="RUN",
-              help="Run directory: checkpoint.pth, metrics.jsonl, summary.csv, summary.json (a new one, unless "
-                   "--resume or --overwrite).")
-@click.option("--output", default=None, metavar="DIR", help="timm's spelling: the run is DIR/EXPERIMENT.")
-@click.option("--experiment", default=None, metavar="NAME",
-              help="timm's spelling: with --output, the run's name [a timestamp and the model].")
-@click.option("--labels", default=None, help="Label store from `precompute` (recipe and seed come from it).")
-@click.option("--model", default="deit_small_distilled_patch16_224", show_default=True, help="timm student.")
-@model_kwargs_option("student")
-@click.option("--distillation", default=None, type=click.Choice(["none", "hard", "soft"]),
-              help="[default: hard with --labels, else none]")
-@click.option("--alpha", default=0.5, show_default=True, type=unit_interval(), help="Weight of the distillation term.")
-@click.option("--tau", default=1.0, show_default=True, type=positive(), help="Soft distillation temperature.")
-@click.option("--kd-reduction", default="batchmean", show_default=True, type=click.Choice(["batchmean", "deit"]),
-              help="batchmean: the true KL; deit: the official repo's numel scaling.")
-@click.option("--epochs", default=300, show_default=True, type=at_least(1, MAX_EPOCHS))
-@batch_size_option(64, help="Per process.")
-@click.option("--lr", default=5e-4, show_default=True, type=positive(), help="For a global batch of 512 (scaled).")
-@click.option("--min-lr", default=1e-5, show_default=True, type=non_negative())
-@click.option("--warmup-lr", default=1e-6, show_default=True, type=non_negative())
-@click.option("--warmup-epochs", default=5, show_default=True, type=at_least(0, MAX_EPOCHS))
-@click.option("--weight-decay", default=0.05, show_default=True, type=non_negative())
-@click.option("--drop-path", default=0.1, show_default=True, type=unit_interval(hi_open=True))
-@click.option("--clip-grad", default=None, type=positive(), help="Clip the gradient norm to this.")
-@click.option("--ema/--no-ema", default=True, show_default=True, help="Keep timm's EMA of the weights.")
-@click.option("--model-ema-decay", default=0.99996, show_default=True, type=unit_interval())
-@click.option("--val", default=None, help="Validation source, evaluated each epoch (resize, centre crop).")
-@click.option("--eval-batch-size", default=None, type=at_least(1), help="[default: 2 x --batch-size]")
-@workers_option
-@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto, cpu, cuda, cuda:N.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--resume", default=None, is_flag=False, flag_value="", metavar="[CHECKPOINT]",
-              help="Continue the run from RUN/checkpoint.pth, or from CHECKPOINT (a run's checkpoint.pth or its "
-                   "folder; the run goes on in that folder unless --out says another); its settings win.")
-@click.option("--overwrite", is_flag=True,
-              help="Start over in an --out that holds a run: its run files (checkpoint.pth, metrics.jsonl, "
-                   "summary.csv, summary.json) are deleted once the new run's checks pass; other files are kept.")
-@click.option("--recipe", default=None, help="Without --labels: augmentation preset [deit].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Without --labels: recipe override.")
-@click.option("--seed", default=None, type=SEED, help="Without --labels: view seed [0].")
-@click.option("--input-size", default=None, type=at_least(1), help="Without --labels: view size [recipe: 224].")
-@click.option("--repeats", default=None, type=at_least(1),
-              help="Repeated augmentation R [recipe: 3]; with --labels it must be the store's.")
-@click.option("--finetune", default=None, metavar="CKPT",
-              help="Start from a checkpoint's weights (ours or timm/DeiT) at the store's input size and classes "
-                   "(pos_embed resampled, heads reset if the class count changed); the defaults of --epochs, --lr, "
-                   "--min-lr, --weight-decay, --warmup-epochs become DeiT's fine-tuning recipe: 30, 5e-6, the "
-                   "scaled lr (flat), 1e-8, 0.")
-@shard_layout_options
-@click.option("--log-every", default=50, show_default=True, type=at_least(1),
-              help="Progress bar update, in steps; the loss is read back from the device (and a non-finite one "
-                   "stops the run) only then.")
-@click.option("--max-steps-per-epoch", default=None, type=at_least(1), help="Cap every epoch at N steps (smoke runs).")
-@click.option("--stop-after-epochs", default=None, type=at_least(1, MAX_EPOCHS),
-              help="End this run after N epochs; --resume goes on.")
+@config_options(TrainConfig, after={"out": [OUTPUT, EXPERIMENT]})  # the rest: TrainConfig's fields
+@config_file_option
 def train(**kw):
     """Train a student from stored teacher labels, replaying the stored views (DDP under torchrun)."""
-    from student.train import TrainConfig
     from student.train import train as run_train
 
-    kw["compile"] = kw.pop("compile_")
-    kw["overrides"] = list(kw["overrides"])
     kw["out"], kw["resume"] = run_folder(kw.pop("out"), kw.pop("output"), kw.pop("experiment"), kw["resume"],
                                          kw["model"])
     if kw["finetune"]:  # DeiT's fine-tuning recipe for every option left at its default
@@ -354,7 +250,8 @@ def train(**kw):
 
         source = click.get_current_context().get_parameter_source
         kw = with_finetune_defaults(kw, {k for k in kw if source(k) != click.core.ParameterSource.DEFAULT})
-    summary = run_reporting_errors(lambda: run_train(TrainConfig(**kw)),
+    cfg = config_from(TrainConfig, kw)
+    summary = run_reporting_errors(lambda: run_train(cfg),
                                    on_interrupt=lambda: train_interrupted(kw["out"]))
     if summary is not None and summary.rank == 0:
         click.echo(summary.report())

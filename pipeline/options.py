@@ -4,6 +4,9 @@ A numeric option is checked by click when the command line is parsed, before any
 indexed, any model built or any store created, so a bad value never costs work and never
 leaves anything behind. Recipe values are checked in ``recipes.py`` (one place for every way a
 recipe is made). ``OneLineGroup`` prints every usage error as one line, ``error: ...``, exit 2.
+
+``opt`` is an option written as a config dataclass field's metadata; ``config_options`` makes the
+click options of a command from those fields, and ``config_file_option`` adds ``--config FILE``.
 """
 
 from __future__ import annotations
@@ -163,16 +166,33 @@ def default_workers() -> int:
     return max(1, min(cpus, WORKERS_CAP))
 
 
-def workers_option(command):
-    """``-j/--workers`` (timm's spelling), defaulting to this machine's CPUs."""
-    return click.option("-j", "--workers", default=default_workers, type=IntIn(min=0, max=MAX_WORKERS),
-                        show_default=f"{default_workers()}: this machine's CPUs, at most {WORKERS_CAP}",
-                        help="DataLoader workers rendering views.")(command)
+def workers_opt() -> dict:
+    """``-j/--workers`` (timm's spelling), defaulting to this machine's CPUs (the field's default_factory)."""
+    return opt("DataLoader workers rendering views.", flags=("-j", "--workers"), type=IntIn(min=0, max=MAX_WORKERS),
+               show_default=f"{default_workers()}: this machine's CPUs, at most {WORKERS_CAP}")
 
 
-def batch_size_option(default: int, help: str | None = None):
+def batch_size_opt(help: str | None = None) -> dict:
     """``-b/--batch-size`` (timm's spelling)."""
-    return click.option("-b", "--batch-size", default=default, show_default=True, type=IntIn(min=1), help=help)
+    return opt(help, flags=("-b", "--batch-size"), type=IntIn(min=1))
+
+
+SHARD_LAYOUTS = ("auto", "as-is", "shuffle")  # pipeline.sources.SHARD_LAYOUTS (checked equal by a test)
+
+
+def shards_opt() -> dict:
+    """--shards: how a source is cut into shards; precompute and train must agree."""
+    return opt("Shard layout: shuffle re-cuts the source into seeded virtual shards of --shard-size (read by seeks); "
+               "as-is keeps the tar or parquet files (an ImageFolder: folder order); auto re-cuts files that hold far "
+               "fewer classes than random ones (an ImageFolder: shuffle).", type=click.Choice(SHARD_LAYOUTS))
+
+
+def shard_size_opt() -> dict:
+    return opt("Virtual shard size (ImageFolder, re-cut WebDataset or parquet).", type=IntIn(min=1))
+
+
+def device_opt(help: str = "auto, cpu, cuda, cuda:N.") -> dict:
+    return opt(help, callback=check_device)
 
 
 def parse_model_kwargs(tokens, flag: str = "--model-kwargs") -> dict:
@@ -227,10 +247,187 @@ class GreedyOption(click.Option):
         return eat
 
 
-def model_kwargs_option(what: str):
+def model_kwargs_opt(what: str) -> dict:
     """``--model-kwargs``: JSON or timm's key=value words, for timm.create_model of ``what``."""
-    return click.option("--model-kwargs", "model_kwargs", cls=GreedyOption, multiple=True,
-                        metavar="KEY=VALUE... | JSON",
-                        callback=lambda ctx, param, value: parse_model_kwargs(value),
-                        help=f"Passed to timm.create_model for the {what}: key=value words as timm takes them "
-                             "(depth=2 embed_dim=64) or a JSON object; repeatable, later keys win.")
+    return opt(f"Passed to timm.create_model for the {what}: key=value words as timm takes them "
+               "(depth=2 embed_dim=64) or a JSON object; repeatable, later keys win.",
+               cls=GreedyOption, multiple=True, metavar="KEY=VALUE... | JSON",
+               callback=lambda ctx, param, value: parse_model_kwargs(value))
+
+
+# ---- one definition per option: a config dataclass's fields are its command's options ---------------
+# A field carries its option in its metadata (``field(default=..., metadata=opt(...))``): help, type (the
+# range, checked once, by click, whether the value came from the command line or from --config FILE),
+# flags, metavar. The default is the field's own; ``config_options`` turns the fields into click options,
+# so a default, a range or a help text is written once, in the config module, and cli.py only wires.
+OPTION = "deit_lockstep.option"
+NO_DEFAULT = object()  # the field's default, unless the command line needs its own "not given" (see opt)
+
+
+def opt(help: str | None = None, *, flags: tuple[str, ...] = (), default=NO_DEFAULT, **click_kwargs) -> dict:
+    """Field metadata making the field a command-line option. ``flags``: its spellings (else --field-name);
+    ``default``: only where the command line's "not given" differs from the field's default (train's
+    --out, which --output/--experiment may replace; --resume, whose flag form means True); the rest goes to
+    click.option as is (type, metavar, show_default, callback, cls, multiple, is_flag...)."""
+    return {OPTION: {"help": help, "flags": tuple(flags), "default": default, **click_kwargs}}
+
+
+def option_fields(cls) -> list:
+    """The fields of config dataclass ``cls`` that are options (a field without ``opt`` metadata, such as
+    ``progress``, is set only by code)."""
+    import dataclasses
+
+    return [f for f in dataclasses.fields(cls) if OPTION in f.metadata]
+
+
+def click_option_args(f) -> tuple[list[str], dict]:
+    """The declarations and keyword arguments of click.option for option field ``f``."""
+    import dataclasses
+
+    spec = dict(f.metadata[OPTION])
+    flags, default = spec.pop("flags") or ("--" + f.name.replace("_", "-"),), spec.pop("default")
+    if default is NO_DEFAULT:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory in (list, dict):  # a repeatable option (or --model-kwargs): none given
+            default = None
+        elif f.default_factory is not dataclasses.MISSING:  # click calls it too (e.g. default_workers)
+            default = f.default_factory
+        else:  # required, from the command line or from --config FILE
+            spec.setdefault("required", True)
+            default = None
+    on_off = "/" in flags[-1]  # --ema/--no-ema
+    if isinstance(default, bool) and not on_off:
+        spec.setdefault("is_flag", True)
+    spec.setdefault("show_default", default is not None and not spec.get("multiple")
+                    and (on_off or not spec.get("is_flag")))
+    if not spec.get("required"):  # click 8.3: an explicit default, even None, satisfies required=True
+        spec["default"] = default
+    return [*flags, f.name], spec
+
+
+def config_options(cls, after: dict | None = None):
+    """A decorator adding one click option per option field of ``cls``, in field order; ``after`` maps a
+    field name to the command's own option decorators (not fields) listed right after that field's."""
+    def decorate(command):
+        for f in reversed(option_fields(cls)):  # click lists the last decorator first
+            for extra in reversed((after or {}).get(f.name, ())):
+                command = extra(command)
+            decls, kwargs = click_option_args(f)
+            command = click.option(*decls, **kwargs)(command)
+        return command
+    return decorate
+
+
+def check_values(cfg) -> None:
+    """Every option field of ``cfg`` through its option's type: for a config made in code, the same range
+    the command line is parsed with (written once, in the field's metadata). One line, exit 2 in cli.py."""
+    for f in option_fields(type(cfg)):
+        kind, value = f.metadata[OPTION].get("type"), getattr(cfg, f.name)
+        if kind is None or value is None:
+            continue
+        param = click.Option(click_option_args(f)[0])  # for the flag in the message
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                kind.convert(item, param, None)
+            except click.BadParameter as e:
+                raise OptionValueError(" ".join(e.format_message().split())) from None
+
+
+def config_from(cls, kw: dict, **extra):
+    """``cls`` from a command's parsed options: the option fields' values (a repeatable option's tuple
+    as the field's list), plus ``extra`` fields that the command computed itself."""
+    values = {f.name: list(kw[f.name]) if isinstance(kw[f.name], tuple) else kw[f.name] for f in option_fields(cls)}
+    return cls(**{**values, **extra})
+
+
+# ---- --config FILE: any option's value from a YAML or JSON file, the command line wins (as timm's --config) ----
+def config_file_option(command):
+    """``--config FILE``: its keys (option names, dash or underscore, or the config field's name) become the
+    command's defaults (click's default_map), so the command line wins and a required option may come
+    from the file. Every value is checked here, by the option's own type and callback, so a bad one is
+    one line naming the key and the file."""
+    return click.option("--config", "config_file", default=None, metavar="FILE", is_eager=True, expose_value=False,
+                        type=click.Path(exists=True, dir_okay=False), callback=_apply_config_file,
+                        help="YAML or JSON file of option values, keyed by option name (views: 30, "
+                             "model-kwargs: {depth: 2}); the command line wins.")(command)
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML or JSON file (JSON is YAML too; an empty file is {})."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise OptionValueError(f"--config {path} is neither YAML nor JSON ({' '.join(str(e).split())[:120]}); "
+                               "write one `option: value` per line") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OptionValueError(f"--config {path} holds a {type(data).__name__}, not a mapping of option names "
+                               "to values (views: 30)")
+    return data
+
+
+def _apply_config_file(ctx, param, path):
+    if path is None:
+        return None
+    options = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p is not param and p.name != "help":
+            for name in (p.name, *(o.lstrip("-") for o in p.opts if o.startswith("--"))):
+                options[name.replace("-", "_")] = p
+    found = {}
+    for key, value in read_config_file(path).items():
+        p = options.get(str(key).replace("-", "_"))
+        if p is None:
+            raise OptionValueError(f"--config {path}: {key!r} is not an option of `{ctx.command_path}` "
+                                   f"(see --help); keys are option names such as {_some_keys(options)}")
+        if p.name in found:
+            raise OptionValueError(f"--config {path}: {key!r} sets {_flag(p)} a second time ({found[p.name]!r}): "
+                                   "keep one of them")
+        found[p.name] = key
+        raw = _config_value(p, value, key, path)
+        try:  # the option's own type and callback: the one place its range is checked
+            p.process_value(ctx, raw)
+        except click.BadParameter as e:
+            raise OptionValueError(f"--config {path}: {key}: {' '.join(e.format_message().split())}") from None
+        ctx.default_map = {**(ctx.default_map or {}), p.name: raw}
+    return path
+
+
+def _flag(p) -> str:
+    return max(p.opts, key=len)
+
+
+def _some_keys(options: dict) -> str:
+    return ", ".join(sorted({_flag(p).lstrip("-") for p in options.values()})[:4]) + "..."
+
+
+def _config_value(p, value, key, path):
+    """A file's value as the command line would give it, refusing what the command line could not
+    spell: a list for a single value, 2.5 for an integer, "yes" for a flag."""
+    def bad(expected: str):
+        raise OptionValueError(f"--config {path}: {key}: expected {expected}, got {value!r}")
+
+    if p.multiple:
+        if isinstance(p, GreedyOption) and isinstance(value, dict):  # --model-kwargs: {depth: 2}
+            return (json.dumps(value),)
+        items = value if isinstance(value, list) else [value]
+        return tuple(_scalar(p, v, bad) for v in items)
+    if isinstance(value, (list, dict)):
+        bad(f"one value for {_flag(p)}")
+    return _scalar(p, value, bad)
+
+
+def _scalar(p, value, bad):
+    if p.is_flag or p.is_bool_flag:
+        return value if isinstance(value, bool) else bad("true or false")
+    kind = p.type
+    if isinstance(kind, click.types.IntParamType):
+        return value if isinstance(value, int) and not isinstance(value, bool) else bad("an integer")
+    if isinstance(kind, click.types.FloatParamType):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else bad("a number")
+    return value if isinstance(value, str) else bad("a string (quote it)")

@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import check_objective
 from .data import Batch, EpochIter, LockstepLoader, TrainData, check_complete, open_train_data
 from .errors import TrainError
-from .losses import MODES, TeacherLabels, deit_loss_terms
+from .losses import TeacherLabels, deit_loss_terms
 from .step import train_step
 
 __all__ = ["Lockstep", "open_lockstep", "Batch", "TeacherLabels", "TrainError"]
@@ -142,8 +143,7 @@ def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0,
     opened = open_train_data(data, labels=labels, **train_data)
     if distillation is None:
         distillation = "none" if opened.reader is None else "hard"  # as `cli.py train`: DeiT's best setting
-    if distillation not in MODES:
-        raise TrainError(f"distillation must be one of {', '.join(MODES)}, got {distillation!r}")
+    check_objective(distillation, kd_reduction)
     if distillation != "none" and opened.reader is None:
         raise TrainError(f"distillation {distillation!r} needs teacher labels: pass labels=STORE")
     if distillation == "soft" and opened.reader.spec.mode == "hard":

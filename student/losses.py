@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("none", "hard", "soft")
-KD_REDUCTIONS = ("batchmean", "deit")
+from .config import KD_REDUCTIONS, MODES, check_objective  # noqa: F401  (defined once, with their options)
 
 
 @dataclass
@@ -124,10 +123,7 @@ def deit_loss_terms(
              test-time average of the two heads meaningless; training both keeps all three
              of eval_logits' numbers honest at no cost.
     """
-    if mode not in MODES:
-        raise ValueError(f"distillation mode must be one of {MODES}, got {mode!r}")
-    if kd_reduction not in KD_REDUCTIONS:
-        raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
+    check_objective(mode, kd_reduction)  # a TrainError, which is a ValueError
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
 

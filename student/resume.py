@@ -3,7 +3,7 @@
 A new run never writes into another run's folder (``check_run_folder``); --resume loads a
 checkpoint as data only, refuses one of another model, source, store or epoch stream, and lets
 the checkpoint's settings win over the command line's, except the run-time ones
-(``RUNTIME_FIELDS``). ``cfg`` is a ``student.train.TrainConfig`` throughout.
+(``RUNTIME_FIELDS``). ``cfg`` is a ``student.config.TrainConfig`` throughout.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What ``train`` checks and says before the first step: the distillation mode, the soft-target
 caveat, the start banner and the warnings about settings that run, but not as expected.
 
-Said once, by rank 0, before any time is spent (``cfg`` is a ``student.train.TrainConfig``).
+Said once, by rank 0, before any time is spent (``cfg`` is a ``student.config.TrainConfig``).
 """
 
 from __future__ import annotations
@@ -12,34 +12,26 @@ from storage.checkpoint import TrainCheckpoint
 
 from .distributed import Dist
 from .errors import TrainError
-from .losses import KD_REDUCTIONS, MODES
 from .model import has_distillation_token
 from .results import plural
 from .resume import resume_path
 
 
 def resolve_mode(cfg, data) -> str:
+    # the values of --distillation, --kd-reduction, --alpha, --epochs...: checked by their option types
+    # (student/config.py) on the command line, and by the loss (check_objective) in library calls
     mode = cfg.distillation or ("hard" if cfg.labels else "none")
-    if mode not in MODES:
-        raise TrainError(f"--distillation {mode}: choose one of {', '.join(MODES)}")
-    if cfg.kd_reduction not in KD_REDUCTIONS:
-        raise TrainError(f"--kd-reduction {cfg.kd_reduction}: choose one of {', '.join(KD_REDUCTIONS)}")
     if mode != "none" and data.reader is None:
         raise TrainError(f"--distillation {mode} needs teacher labels: pass --labels STORE "
                          "(made by `cli.py precompute`), or use --distillation none")
     if mode == "soft" and data.reader.spec.mode == "hard":
         raise TrainError(f"--distillation soft needs a top-k store, but {cfg.labels} holds hard labels only; "
                          "use --distillation hard or precompute with --topk")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise TrainError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     kw_classes = cfg.model_kwargs.get("num_classes")
     if kw_classes is not None and kw_classes != data.num_classes:
         source = f"the store {cfg.labels}" if cfg.labels else f"--data {cfg.data}"
         raise TrainError(f"--model-kwargs num_classes={kw_classes}, but {source} has {data.num_classes} classes; "
                          "drop num_classes from --model-kwargs")
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return mode
 
 

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from storage import (
-    DEFAULT_BACKEND,
     INVALID,
     WRITTEN,
     StoreError,
@@ -47,11 +46,12 @@ from storage import (
 from storage.api import grow_store
 from storage.base import library_versions
 from storage.errors import UserError
-from storage.leases import DEFAULT_TTL, Heartbeat, Leases, new_worker_id
+from storage.leases import Heartbeat, Leases, new_worker_id
 from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
 from storage.soft import recorded_soft_error
 
 from ..devices import resolve_device, single_thread_worker
+from ..options import check_values
 from ..probes import probe_hashes
 from ..progress import progress_bar
 from ..recipes import create_recipe, parse_overrides
@@ -78,37 +78,7 @@ class PrecomputeError(UserError, ValueError):
     """Bad settings for a precompute run: one line, cause and fix."""
 
 
-@dataclass
-class PrecomputeConfig:
-    data: str
-    out: str
-    teacher: str
-    teacher_weights: str | None = None
-    views: int = 300
-    topk: int = 10
-    hard: bool = False
-    taus: list[float] = field(default_factory=list)  # store the tempered tail's log-sum-exp at each
-    recipe: str = "deit"
-    overrides: list[str] = field(default_factory=list)
-    seed: int = 0
-    input_size: int | None = None
-    shard_size: int = 1024
-    shards: str = "auto"          # shard layout (sources.index_source): auto, as-is, shuffle
-    views_per_unit: int = 10
-    batch_size: int = 256
-    workers: int = 8
-    device: str = "auto"
-    backend: str = DEFAULT_BACKEND
-    model_kwargs: dict = field(default_factory=dict)
-    compile: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    claim: bool = True             # after its own share, take over other ranks' pending units (leases)
-    join: bool = False             # no rank or world size: claim pending units until none is left
-    lease_ttl: float = DEFAULT_TTL  # seconds a lease lives without renewal before others may take it over
-    overwrite: bool = False
-    random_teacher: bool = False   # allow a teacher without weights (tests, smoke runs): its labels are noise
-    progress: bool = True          # the start banner and the progress bar (rank 0, or a --join process)
+from .config import PrecomputeConfig  # noqa: E402  (its own module now; still importable from here)
 
 
 @dataclass
@@ -246,23 +216,11 @@ def _identity_with_path(identity: dict) -> dict:
 
 
 def _check(cfg: PrecomputeConfig) -> None:
-    if cfg.views < 1:
-        raise PrecomputeError(f"--views must be >= 1, got {cfg.views}")
-    if cfg.views_per_unit < 1:
-        raise PrecomputeError(f"--views-per-unit must be >= 1, got {cfg.views_per_unit}")
-    if cfg.batch_size < 1:
-        raise PrecomputeError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.workers < 0:
-        raise PrecomputeError(f"--workers must be >= 0, got {cfg.workers}")
-    if not cfg.hard and cfg.topk < 1:
-        raise PrecomputeError(f"--topk must be >= 1 (or use --hard), got {cfg.topk}")
+    """Each value in its range (its option's type, in config.py: what the command line was parsed with),
+    then settings that contradict each other."""
+    check_values(cfg)
     if cfg.taus and cfg.hard:
         raise PrecomputeError("--tau stores the tempered tail of soft labels: drop --tau, or --hard for --topk K")
-    for t in cfg.taus:
-        if not (np.isfinite(t) and t > 0):
-            raise PrecomputeError(f"--tau must be a finite temperature > 0, got {t}")
-    if not (np.isfinite(cfg.lease_ttl) and cfg.lease_ttl > 0):
-        raise PrecomputeError(f"--lease-ttl must be a finite number of seconds > 0, got {cfg.lease_ttl}")
     if cfg.join and (cfg.rank is not None or cfg.world_size is not None):
         raise PrecomputeError("--join takes no rank or world size (each process claims what is left): "
                               "drop --rank/--world-size, or drop --join")
