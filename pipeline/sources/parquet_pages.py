@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..source_errors import SourceError
+
 # parquet.thrift: PageType, Encoding, CompressionCodec values used here
 DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
 PLAIN, RLE = 0, 3
@@ -33,8 +35,9 @@ HEADER_READ = 256  # bytes read for a page header (and its levels): more only if
 MAX_HEADER = 1 << 24  # a page header past this is no header this reader will parse
 
 
-class Unmapped(Exception):
-    """This file's image column is not laid out as plain uncompressed values: read row groups."""
+class Unmapped(SourceError):
+    """This file's image column is not laid out as plain uncompressed values: read row groups. Caught by
+    ``ParquetRows``, never shown; a SourceError so that, if it ever escaped, it would be one line."""
 
 
 @dataclass(frozen=True)
