@@ -6,9 +6,11 @@ file it returned. 4 ranks start together in 4 threads on a fresh store; before e
 first unit, the bytes all of them read are counted byte by byte."""
 
 import builtins
+import json
 import os
 import tarfile
 import threading
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -18,7 +20,7 @@ from test_faults import pconfig
 import pipeline.stage1.index_once as index_once
 import pipeline.stage1.precompute as pc
 from pipeline.sources import stored_manifest
-from pipeline.stage1.fleet import IndexLease
+from pipeline.stage1.fleet import INDEX_UNIT, IndexLease
 from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from pipeline.stage1.units import UnitViews
 from storage import open_store
@@ -215,3 +217,20 @@ def test_four_ranks_started_together_on_a_fresh_store_read_each_source_byte_once
     store = open_store(out)
     assert store.completed_units() == store.spec.units() and store.check(full=True) == []
     assert sum(s.units_done for s in results) == len(store.spec.units())
+
+
+def test_an_index_lease_whose_holder_died_is_taken_over_and_the_store_made(tmp_path, tiny_teacher):
+    """The process that took the index lease died while reading the source (on another host: its lease
+    just stops being renewed): a waiter takes the lease over once it is ttl old, indexes, and makes the store."""
+    src = write_wds(tmp_path / "src", n=8, per_shard=8)
+    out = tmp_path / "store"
+    dead = IndexLease(str(out), "a-lost-node-1-0dead", ttl=2.0)
+    assert dead.claim()
+    path = dead.book.path(INDEX_UNIT)
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps({**body, "host": "a-lost-node"}))
+    old = time.time() - 20.0
+    os.utime(path, (old, old))
+    summary = run_precompute(PrecomputeConfig(**pconfig(src, out, tiny_teacher, lease_ttl=2.0)))
+    assert summary.units_complete == summary.units_total > 0
+    assert not (tmp_path / ".store.indexing").exists(), "the index lease is gone with the store made"

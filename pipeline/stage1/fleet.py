@@ -128,8 +128,13 @@ class IndexLease:
 
     def claim(self) -> bool:
         """Take the lease if nobody holds it (or its holder's lease went stale); True if it is ours."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return self.book.claim(INDEX_UNIT)
+        for _ in range(3):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                return self.book.claim(INDEX_UNIT)
+            except FileNotFoundError:  # its holder made the store and removed the folder as we claimed
+                continue
+        return False
 
     def holder(self) -> str:
         """Who holds the lease now, in words (for the waiting line)."""

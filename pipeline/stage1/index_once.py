@@ -35,10 +35,11 @@ SAY_EVERY = 30.0  # seconds between a waiting process's progress lines
 
 
 @contextlib.contextmanager
-def source_manifest(cfg, worker: str, show: bool):
+def source_manifest(cfg, worker: str, show: bool, fleet: bool):
     """Context manager giving the manifest to label: the store's (an existing store), or a fresh index of
     the source whose index lease is held until the block ends, so the caller creates the store before
-    any other process of the fleet stops waiting. show: print the waiting line (rank 0, a --join)."""
+    any other process of the fleet stops waiting. show: print the waiting line (rank 0, a --join); fleet:
+    other processes may be waiting (world > 1, --join): the indexing process says so."""
     if cfg.overwrite or not _fresh_path(cfg.out):
         # --overwrite (one process: rank 0 alone), or something at --out that is no readable store:
         # index, and create_store names what is wrong there
@@ -55,6 +56,10 @@ def source_manifest(cfg, worker: str, show: bool):
             try:
                 if _fresh_path(cfg.out):  # (made and released between our look and our claim: take it)
                     with Heartbeat(lease.book):
+                        if cfg.progress and fleet:
+                            print(f"precompute: indexing {cfg.data} (every sample's size and crc32c) for the new "
+                                  f"store {cfg.out}; other processes of the fleet wait for it", file=sys.stderr,
+                                  flush=True)
                         yield _index(cfg)
                     return
             finally:

@@ -249,7 +249,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     worker = new_worker_id()
     show = cfg.progress and rank == 0  # rank 0, or every --join process (they all run as rank 0 of 1)
     # A fresh store: one process of the fleet reads the source, the others wait until it made the store.
-    with source_manifest(cfg, worker, show) as manifest:
+    with source_manifest(cfg, worker, show, fleet=world > 1 or cfg.join) as manifest:
         if not cfg.hard and cfg.topk > manifest.num_classes:
             raise PrecomputeError(f"--topk {cfg.topk} is more than the source's {manifest.num_classes} classes; "
                                   f"use --topk <= {manifest.num_classes} or --hard")
