@@ -41,16 +41,17 @@ def _worker(cfg_path: str, wait: float, go: str) -> None:
     """One fleet member (run as a child process of this script)."""
     import torch
 
+    import pipeline.stage1.labelling as lab
     import pipeline.stage1.precompute as pc
 
     torch.set_num_threads(1)  # N processes share the CPU: one thread each
     cfg = pc.PrecomputeConfig(**json.load(open(cfg_path)))
-    orig = pc._label
+    orig = lab._label
 
     def label(*a, **kw):
         time.sleep(wait)  # the forward on this worker's own (model) GPU; a slow GPU waits longer
         return orig(*a, **kw)
-    pc._label = label
+    lab._label = label
     open(cfg_path + ".ready", "w").close()
     while not os.path.exists(go):
         time.sleep(0.01)

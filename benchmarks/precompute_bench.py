@@ -25,8 +25,9 @@ from common import photo_like_jpegs
 from pipeline.devices import resolve_device
 from pipeline.recipes import create_recipe
 from pipeline.sources import index_source, write_wds_shards
-from pipeline.stage1.precompute import PrecomputeConfig, UnitViews, run_precompute
+from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from pipeline.stage1.teacher import create_teacher
+from pipeline.stage1.units import UnitViews
 
 
 def main():

@@ -39,8 +39,8 @@ from common import MALLOC_ENV  # noqa: F401  (sys.path set up for the project im
 
 from pipeline.recipes import create_recipe
 from pipeline.sources import index_source, write_wds_shards
-from pipeline.stage1.precompute import UnitViews
 from pipeline.stage1.teacher import PYPI_EFFICIENTNET_LITE0, create_teacher
+from pipeline.stage1.units import UnitViews
 from storage import StoreSpec, create_store, open_store, soft_targets, tail_logsumexp, target_error, topk_logprobs
 
 KS = (5, 10, 20, 50, 100)
@@ -77,8 +77,8 @@ def teacher_logits(data: str, views: int, batch: int, seed: int = 0) -> tuple[to
     renderer = ViewRenderer(recipe)
     out = []
     for u in range(len(units)):
-        for chunk in ds.render_unit(renderer, u):
-            x = chunk.views[chunk.valid]
+        for batch in ds.render_unit(renderer, u):
+            x = batch.views[batch.valid]
             if len(x):
                 out.append(teacher(x, recipe.mean, recipe.std))
     return torch.cat(out), manifest.num_classes

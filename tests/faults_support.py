@@ -43,6 +43,7 @@ def _install(point: str, n: int) -> None:
     import pathlib
 
     import pipeline.stage1.precompute as pc
+    import pipeline.stage1.units as units
     import storage.zarr_backend as zb
 
     hits = [0]
@@ -53,12 +54,12 @@ def _install(point: str, n: int) -> None:
             _die()
 
     if point == "decode":
-        orig = pc.decode_image
+        orig = units.decode_image
 
         def decode(data):
             hit()
             return orig(data)
-        pc.decode_image = decode
+        units.decode_image = decode
     elif point == "forward":
         orig_create = pc.create_teacher
 
@@ -144,15 +145,16 @@ def kill_precompute(config_path: str, kills: int, seed: int, max_delay: float = 
 def slow_precompute(config_path: str, seconds: float) -> None:
     """A fleet member whose teacher takes `seconds` longer per batch: a slow GPU, so that other
     processes can act while it is still writing."""
+    import pipeline.stage1.labelling as lab
     import pipeline.stage1.precompute as pc
 
     cfg = pc.PrecomputeConfig(**json.load(open(config_path)))
-    orig = pc._label
+    orig = lab._label
 
     def label(*a, **kw):
         time.sleep(seconds)
         return orig(*a, **kw)
-    pc._label = label
+    lab._label = label
     print(pc.run_precompute(cfg).report())
 
 

@@ -14,7 +14,8 @@ import torch
 from cli_support import invoke, one_line_error
 from conftest import CLASSES, encode, make_image, write_wds
 
-import pipeline.stage1.precompute as pc
+import pipeline.stage1.index_once as index_once
+import pipeline.stage1.labelling as lab
 from pipeline.sources import write_wds_shards
 from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from pipeline.stage1.teacher import TeacherError
@@ -91,7 +92,7 @@ def test_the_refusal_reads_no_source_and_builds_or_fetches_nothing(tmp_path, dat
     def must_not_run(*a, **kw):
         raise AssertionError("reached past the refusal")
 
-    monkeypatch.setattr(pc, "index_source", must_not_run)
+    monkeypatch.setattr(index_once, "index_source", must_not_run)
     monkeypatch.setattr(timm, "create_model", must_not_run)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", must_not_run)
     with pytest.raises(TeacherError, match="--random-teacher"):
@@ -171,7 +172,7 @@ def test_a_join_process_reports_units_others_finished_and_ends_its_bar_there(tmp
     out = str(tmp_path / "store")
     common = dict(data=data, out=out, teacher=TEACHER, teacher_weights=bare_teacher, views=4, views_per_unit=2,
                   topk=3, input_size=32, batch_size=8, workers=0, device="cpu")
-    label, other = pc._label, {}
+    label, other = lab._label, {}
 
     def label_while_another_process_works(*a, **kw):
         if not other:  # once, as this process labels its first batch: another finishes half the store
@@ -180,7 +181,7 @@ def test_a_join_process_reports_units_others_finished_and_ends_its_bar_there(tmp
                                                                progress=False))
         return label(*a, **kw)
 
-    monkeypatch.setattr(pc, "_label", label_while_another_process_works)
+    monkeypatch.setattr(lab, "_label", label_while_another_process_works)
     summary = run_precompute(PrecomputeConfig(**common, join=True))
     assert other["summary"].units_done == 2 and summary.units_done == 2 and summary.units_complete == 4
     assert summary.units_by_others == 2

@@ -436,15 +436,15 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
 
     for mod in (sb, fs, zb):
         monkeypatch.setattr(mod, "atomic_write", read_only)
-    import pipeline.stage1.precompute as pc
+    import pipeline.stage1.index_once as index_once
 
-    indexed, real_index = [], pc.index_source
+    indexed, real_index = [], index_once.index_source
 
     def index_source_(*a, **kw):
         indexed.append(kw.get("checksums", True))
         return real_index(*a, **kw)
 
-    monkeypatch.setattr(pc, "index_source", index_source_)
+    monkeypatch.setattr(index_once, "index_source", index_source_)
     code, err = _invoke(*args)
     assert code == 0, err
     assert snapshot(tmp_path / "store") == before
@@ -454,12 +454,12 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
 SLOW_CLI = """
 import sys, time
 sys.path.insert(0, {root!r})
-import pipeline.stage1.precompute as pc
-real = pc._label
+import pipeline.stage1.labelling as lab
+real = lab._label
 def slow(*a, **kw):
     time.sleep({seconds})  # a slow GPU: the other process acts while this one still writes
     return real(*a, **kw)
-pc._label = slow
+lab._label = slow
 from cli import main
 main(sys.argv[1:], prog_name="cli.py")
 """

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_storage_support import tiny_spec, unit_data
 
 from pipeline.sources import Manifest, class_diversity, index_source
-from pipeline.stage1.precompute import _any_free, _pending
+from pipeline.stage1.fleet import any_free, pending
 from storage import create_store
 from storage.leases import Leases
 
@@ -180,10 +180,10 @@ def _poll_counts(tmp_path, monkeypatch, backend: str, num_units: int, complete: 
     order = units[::-1]
     with monkeypatch.context() as m:
         calls = _Syscalls(m)
-        pending = _pending(order, writer)
-        free = _any_free(ours, pending)
-    assert pending == [u for u in order if not writer.is_complete(*u)], "the poll's answer is unchanged"
-    assert free == any(ours.free(u) for u in pending)
+        left = pending(order, writer)
+        free = any_free(ours, left)
+    assert left == [u for u in order if not writer.is_complete(*u)], "the poll's answer is unchanged"
+    assert free == any(ours.free(u) for u in left)
     return calls.stats, calls.listings, free
 
 
