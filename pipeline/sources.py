@@ -53,6 +53,7 @@ from PIL import Image
 from storage.errors import printable
 from storage.spec import shard_starts
 
+from .source_check import stamps_of, stamps_problem
 from .source_errors import (  # noqa: F401 - re-exported
     MAX_CLASSES,
     ManifestError,
@@ -115,6 +116,8 @@ class Manifest:
     layout: str = ""          # "shuffle" (seeded virtual shards) or "as-is"; "" = the kind's default
     tars: list[str] = field(default_factory=list)  # a re-cut wds/parquet: its files (column "tar" indexes them)
     skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
+    # each tar/parquet file's name, size, mtime_ns at indexing (source_check); no part of what the manifest is
+    stamps: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if not self.layout:
@@ -220,6 +223,8 @@ class Manifest:
             "class_names": self.class_names, "shard_size": self.shard_size, "seed": self.seed,
             "fingerprint": self.fingerprint, "layout": self.layout, "tars": self.tars,
         }
+        if self.stamps is not None:  # not part of the fingerprint: a copy of the source is the same source
+            meta["stamps"] = self.stamps
         table = self.samples.replace_schema_metadata({b"deit_lockstep": json.dumps(meta).encode()})
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
@@ -249,7 +254,7 @@ class Manifest:
         m = cls(kind=meta["kind"], root=meta["root"], shards=meta["shards"],
                 class_names=meta["class_names"], samples=table.replace_schema_metadata(None),
                 shard_size=meta["shard_size"], seed=meta["seed"], layout=meta.get("layout", ""),
-                tars=meta.get("tars", []))
+                tars=meta.get("tars", []), stamps=meta.get("stamps"))
         why = _manifest_rows_problem(m)
         # (an older version hashed otherwise: its rows are range-checked only)
         if why is None and meta.get("version") == MANIFEST_VERSION and m.fingerprint != meta.get("fingerprint"):
@@ -357,7 +362,7 @@ def _manifest_meta_problem(meta) -> str | None:
     for key, ok in checks.items():
         if (key not in meta and key not in optional) or (key in meta and not ok(meta[key])):
             return f"its metadata field {key!r} is missing or invalid"
-    return None
+    return stamps_problem(meta["stamps"]) if "stamps" in meta else None  # absent: written before stamps
 
 
 def _first_line(e: Exception) -> str:
@@ -628,7 +633,8 @@ def recut_shards(m: Manifest, *, shard_size: int, seed: int) -> Manifest:
                      pa.array((idx % shard_size).astype(np.int32)))
     t = t.append_column("tar", tar)
     shards = [f"virtual-{i:06d}" for i in range((n + shard_size - 1) // shard_size)]
-    return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards))
+    return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards),
+                    stamps=m.stamps)
 
 
 def _files_in(directory: str, ext: str) -> list[str]:
@@ -837,6 +843,7 @@ def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Manife
     from .hf_parquet import index_file
 
     root = _check_files(src, files)
+    stamps = stamps_of(root, files)  # before reading: a file changed meanwhile fails its stamp next time
     cols = {name: [] for name in _SCHEMA.names}
     names, named_by = None, None
     for shard, path in enumerate(files):
@@ -873,7 +880,8 @@ def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Manife
         i = int(np.argmax(labels >= len(names)))
         raise SourceError(f"{files_of[i]}: row {cols['offset'][i]} has label {labels[i]}, but {named_by} names "
                           f"{len(names)} classes (0..{len(names) - 1}); fix the label or the class names")
-    return Manifest("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=_SCHEMA))
+    return Manifest("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=_SCHEMA),
+                    stamps=stamps)
 
 
 def _index_wds(src: str, checksums: bool = True) -> Manifest:
@@ -882,6 +890,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
         raise SourceError(f"{src}: no such directory or shards; pass an ImageFolder directory, .tar shards or "
                           ".parquet files (a directory, a glob or a brace pattern)")
     root = _check_files(src, files)
+    stamps = stamps_of(root, files)  # before reading: a tar changed meanwhile fails its stamp next time
     cols = {name: [] for name in _SCHEMA.names}
     for shard, path in enumerate(files):
         for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
@@ -901,7 +910,7 @@ def _index_wds(src: str, checksums: bool = True) -> Manifest:
         raise SourceError(f"{files[cols['shard'][i]]}: sample {printable(cols['key'][i])!r} has label {labels[i]}, but "
                           f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
                           "fix the label or classes.txt")
-    return Manifest("wds", root, [os.path.basename(f) for f in files], names, table)
+    return Manifest("wds", root, [os.path.basename(f) for f in files], names, table, stamps=stamps)
 
 
 def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, int, int, int]]:
