@@ -53,7 +53,7 @@ from PIL import Image
 from storage.errors import printable
 from storage.spec import shard_starts
 
-from .source_check import stamps_of, stamps_problem
+from .sample_format import IMAGE_EXTS, LABEL_EXT, MAX_LABEL_BYTES, NO_CRC  # noqa: F401 - re-exported
 from .source_errors import (  # noqa: F401 - re-exported
     MAX_CLASSES,
     ManifestError,
@@ -63,12 +63,11 @@ from .source_errors import (  # noqa: F401 - re-exported
     check_label_bound,
     permission_error,
 )
+from .source_stamps import stamps_of, stamps_problem
+from .tar_index import index_tar
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 PARQUET_EXT = ".parquet"
-LABEL_EXT = ".cls"
 MANIFEST_VERSION = 2  # 2: size and crc32c of every sample; the shard layout (re-cut tars)
-NO_CRC = -1  # crc32c column value of a sample whose bytes were not read at indexing
 SHARD_LAYOUTS = ("auto", "as-is", "shuffle")
 # --shards auto re-cuts tars whose mean distinct classes per shard is under this fraction of a
 # random draw's: class-sorted tars sit near 1 / (that draw's count), a shuffled tar near 1.0.
@@ -77,7 +76,6 @@ SKEW_THRESHOLD = 0.5
 # such as {0..99999999} is one line at once, not 10 GB of names and a minute and a half before
 # "no such file". LAION-5B is ~230,000 tars.
 MAX_PATTERN_FILES = 1_000_000
-MAX_LABEL_BYTES = 64  # a .cls holds a class index: a few digits and maybe a newline
 
 log = logging.getLogger("deit_lockstep.sources")
 
@@ -921,8 +919,6 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
 
     The headers are read directly (``tar_index``, well under 10 us a sample); this ``tarfile`` loop
     reads the tars that needs (see ``tar_headers``), by the same rules."""
-    from .tar_index import index_tar  # it imports this module's constants
-
     fast = index_tar(path, checksums)
     if fast is not None:
         return fast

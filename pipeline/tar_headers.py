@@ -91,7 +91,7 @@ class Blocks:
         end = pos + n
         have = self.start + len(self.buf)
         if pos < self.start or end > have:
-            near = 0 <= pos - have < _SMALL  # the last chunk ended close by: small members, read ahead
+            near = self.start <= pos < have + _SMALL  # the last chunk ended close by: small members, read ahead
             self.buf = read_at(self.fd, max(n, _CHUNK if near or not self.buf else 4 * BLOCK), pos)
             self.start = pos
         return self.buf[pos - self.start:end - self.start]
@@ -125,8 +125,14 @@ def _scan(r: Blocks, file_size: int) -> TarMembers:
     read = r.read
     pos = start = depth = 0
     over_name = over_size = None
+    chunk, chunk_start = b"", 0
     while True:
-        buf = read(pos, BLOCK)
+        at = pos - chunk_start  # the header from the chunk at hand, else through Blocks (a refill)
+        if 0 <= at <= len(chunk) - BLOCK:
+            buf = chunk[at:at + BLOCK]
+        else:
+            buf = read(pos, BLOCK)
+            chunk, chunk_start = r.buf, r.start
         if len(buf) < BLOCK or (not buf[0] and buf == _ZERO):
             if len(buf) == BLOCK and not depth:
                 break  # the end-of-archive block (also before any member: an empty tar)
@@ -135,7 +141,10 @@ def _scan(r: Blocks, file_size: int) -> TarMembers:
             break  # a cut or missing header: tarfile's listing ends here
         headers.append(buf)
         typ = buf[156:157]
-        size = _number(buf[124:136])
+        try:  # the usual field: 11 octal digits and a NUL (any other form: _number, checked at the end)
+            size = int(buf[124:135], 8) if not buf[135] else _number(buf[124:136])
+        except ValueError:
+            size = _number(buf[124:136])
         data = pos + BLOCK
         if size < 0 or depth >= _MAX_CHAIN:
             raise _GiveUp  # a negative (base-256) size: tarfile would read or seek backwards
@@ -148,8 +157,10 @@ def _scan(r: Blocks, file_size: int) -> TarMembers:
             if typ == b"L":
                 if over_name is None:
                     over_name = _name(read(data, _block(size)))
+                chunk, chunk_start = r.buf, r.start
             elif typ != b"K":
                 pax = _pax_fields(read(data, _block(size)))
+                chunk, chunk_start = r.buf, r.start
                 if over_name is None and "path" in pax:
                     over_name = pax["path"].rstrip("/")
                 if over_size is None and "size" in pax:
@@ -174,7 +185,7 @@ def _scan(r: Blocks, file_size: int) -> TarMembers:
                 name = name.rstrip("/")
             if buf[345]:
                 name = _name(buf[345:500]) + "/" + name
-        nxt = data + (_block(size) if typ in _REGULAR or typ not in _SUPPORTED else 0)
+        nxt = data + ((size + BLOCK - 1) & -BLOCK if typ in _REGULAR or typ not in _SUPPORTED else 0)
         if over_size is not None:
             if over_size < 0:
                 raise _GiveUp
@@ -220,6 +231,13 @@ def _pax_fields(buf: bytes) -> dict[str, str]:
     if b"hdrcharset=" in buf and re.search(rb"\d+ hdrcharset=([^\n]+)\n", buf) is not None:
         raise _GiveUp
     fields, pos = {}, 0
+    if b"path=" not in buf and b"size=" not in buf and b"GNU.sparse." not in buf:
+        while match := _PAX_RECORD.match(buf, pos):  # only tarfile's zero-length check to do
+            length = int(match.group(1))
+            if length == 0:
+                raise _GiveUp
+            pos += length
+        return fields
     while match := _PAX_RECORD.match(buf, pos):
         length, keyword = int(match.group(1)), match.group(2)
         if length == 0:

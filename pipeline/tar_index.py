@@ -18,8 +18,8 @@ import crc32c
 from storage.errors import printable
 
 from . import tar_headers
+from .sample_format import IMAGE_EXTS, LABEL_EXT, MAX_LABEL_BYTES, NO_CRC
 from .source_errors import MAX_CLASSES, SourceError, check_label_bound, permission_error
-from .sources import IMAGE_EXTS, LABEL_EXT, MAX_LABEL_BYTES, NO_CRC
 
 # tarfile reads a member through a BufferedReader of this size: a short read of fewer bytes than
 # min(member size, this) is its "unexpected end of data", however few bytes were asked for.
