@@ -31,6 +31,7 @@ BLOCK = 512
 _ZERO = bytes(BLOCK)
 _CHUNK = 1 << 16        # read ahead this much when members are small (most tars of images are)
 _SMALL = 1 << 14        # a member under this: the next header is probably in the same chunk
+_AROUND = 8 * BLOCK     # else this much at a header: an image's label and the next image's pax headers
 _ENCODING = tarfile.ENCODING  # what tarfile decodes names with (errors "surrogateescape")
 _REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES less sparse ("S": given up on)
 _SUPPORTED = (b"0", b"\0", b"1", b"2", b"5", b"6", b"7", b"3", b"4")  # tarfile.SUPPORTED_TYPES less GNU's
@@ -92,7 +93,7 @@ class Blocks:
         have = self.start + len(self.buf)
         if pos < self.start or end > have:
             near = self.start <= pos < have + _SMALL  # the last chunk ended close by: small members, read ahead
-            self.buf = read_at(self.fd, max(n, _CHUNK if near or not self.buf else 4 * BLOCK), pos)
+            self.buf = read_at(self.fd, max(n, _CHUNK if near or not self.buf else _AROUND), pos)
             self.start = pos
         return self.buf[pos - self.start:end - self.start]
 
@@ -271,11 +272,12 @@ def _first_bad_header(headers: list[bytes]) -> int | None:
         if not (ok8.all() and ok12.all()):
             raise _GiveUp  # (else each field's form, in full)
     field = h[:, 148:156]
-    unsigned = 256 + np.add.reduce(h, axis=1, dtype=np.int64) - np.add.reduce(field, axis=1, dtype=np.int64)
-    s8, f8 = h.view(np.int8), field.view(np.int8)
-    signed = 256 + np.add.reduce(s8, axis=1, dtype=np.int64) - np.add.reduce(f8, axis=1, dtype=np.int64)
-    before = ~np.logical_or.accumulate(field == 0, axis=-1)
-    chksum = _octal(field, (field >= ord("0")) & (field <= ord("7")) & before)
+    unsigned = 256 + _byte_sums(h) - np.add.reduce(field, axis=1, dtype=np.int64)
+    signed = unsigned.copy()  # (worked out only where the unsigned sum misses: some tars sum signed bytes)
+    miss = np.flatnonzero(unsigned != _octal(field, _digits(field)))
+    signed[miss] = (256 + np.add.reduce(h[miss].view(np.int8), axis=1, dtype=np.int64)
+                    - np.add.reduce(field[miss].view(np.int8), axis=1, dtype=np.int64))
+    chksum = _octal(field, _digits(field))
     bad = np.flatnonzero((chksum != unsigned) & (chksum != signed))
     return int(bad[0]) if len(bad) else None
 
@@ -308,6 +310,25 @@ def _plain_numbers(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     contiguous = (count == 0) | (last - first + 1 == count)
     base256 = (f[..., 0] == 0o200) | (f[..., 0] == 0o377)
     return base256 | (allowed & contiguous), digit
+
+
+_LANES = np.uint64(0x00FF00FF00FF00FF)
+
+
+def _byte_sums(h: np.ndarray) -> np.ndarray:
+    """Per row of [rows, 512] bytes, their sum: as 8-byte words, added in 16-bit lanes (64 words of two
+    bytes each stay under 2**16 a lane), eight times fewer numpy steps than byte by byte."""
+    w = h.view("<u8")
+    lanes = ((w & _LANES) + ((w >> np.uint64(8)) & _LANES)).sum(axis=1, dtype=np.uint64)
+    total = np.zeros(len(h), np.int64)
+    for shift in (0, 16, 32, 48):
+        total += ((lanes >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
+    return total
+
+
+def _digits(f: np.ndarray) -> np.ndarray:
+    """Where [rows, bytes] fields hold an octal digit before their first NUL."""
+    return (f >= ord("0")) & (f <= ord("7")) & ~np.logical_or.accumulate(f == 0, axis=-1)
 
 
 def _octal(f: np.ndarray, digit: np.ndarray) -> np.ndarray:
