@@ -31,10 +31,12 @@ BLOCK = 512
 _ZERO = bytes(BLOCK)
 _CHUNK = 1 << 16        # read ahead this much when members are small (most tars of images are)
 _SMALL = 1 << 14        # a member under this: the next header is probably in the same chunk
+_BIG = 1 << 20          # read ahead this much in a tar of small members (_plain_tar)
 _AROUND = 8 * BLOCK     # else this much at a header: an image's label and the next image's pax headers
 _ENCODING = tarfile.ENCODING  # what tarfile decodes names with (errors "surrogateescape")
 _REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES less sparse ("S": given up on)
 _SUPPORTED = (b"0", b"\0", b"1", b"2", b"5", b"6", b"7", b"3", b"4")  # tarfile.SUPPORTED_TYPES less GNU's
+_NO_DATA = tuple(b"123456")  # links, devices, directories, FIFOs: no data follows (as ints)
 _EXTENDED = (b"L", b"K", b"x", b"X")  # headers that extend the next one (tarfile: GNU longname/link, pax)
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _MAX_EXTENDED = 1 << 20  # a longname or pax header larger than this is checked before it is read
@@ -104,11 +106,92 @@ def scan(path: str) -> TarMembers | None:
     try:
         file_size = os.fstat(fd).st_size
         try:
-            return _scan(Blocks(fd, file_size), file_size)
+            return _plain_tar(fd, file_size) or _scan(Blocks(fd, file_size), file_size)
         except _GiveUp:
             return None
     finally:
         os.close(fd)
+
+
+def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
+    """The usual tar, fast: a walk that only follows the sizes, the names decoded and the headers checked
+    after it, all at once. Usual: regular files ('0'), directories, links and devices, pax headers that
+    set neither path nor size (webdataset's: an mtime), plain number fields, a clean end. Anything else
+    (None) is left to ``_scan``, which reads every case as tarfile does."""
+    headers: list[bytes] = []   # every header, for the checks after the walk
+    regular: list[bytes] = []   # the regular members' headers
+    offsets: list[int] = []
+    sizes: list[int] = []
+    chunk, start = b"", 0
+    pos, chained = 0, False
+    while True:
+        at = pos - start
+        if at < 0 or at > len(chunk) - BLOCK:
+            near = start <= pos < start + len(chunk) + _SMALL  # small members: read far ahead
+            chunk, start, at = read_at(fd, _BIG if near or not chunk else _AROUND, pos), pos, 0
+            if len(chunk) < BLOCK:
+                if pos == file_size and pos and not chained:
+                    break  # the file ends at a header boundary: tarfile ends there too
+                return None
+        typ = chunk[at + 156]
+        if not typ and not chunk[at] and chunk[at:at + BLOCK] == _ZERO:
+            if chained:
+                return None
+            break  # the end-of-archive block
+        if chunk[at + 135]:
+            return None
+        try:
+            size = int(chunk[at + 124:at + 135], 8)
+        except ValueError:
+            return None
+        head = chunk[at:at + BLOCK]
+        headers.append(head)
+        data = pos + BLOCK
+        if typ == 48:  # '0', a regular file
+            regular.append(head)
+            offsets.append(data)
+            sizes.append(size)
+            pos, chained = data + ((size + BLOCK - 1) & -BLOCK), False
+            if pos > file_size:
+                return None  # cut short
+        elif typ == 120:  # 'x', a pax header for the next one
+            length = (size + BLOCK - 1) & -BLOCK
+            if chained or not 0 <= size <= _MAX_EXTENDED:
+                return None
+            pax = chunk[at + BLOCK:at + BLOCK + length]
+            if len(pax) < length:
+                pax = read_at(fd, length, data)
+            if not _pax_sets_nothing(pax, size):
+                return None
+            pos, chained = data + length, True
+        elif typ in _NO_DATA:
+            pos, chained = data, False
+        else:
+            return None
+    if _first_bad_header(headers) is not None:
+        return None
+    names = [_name(h[0:100]) if not h[345] else _name(h[345:500]) + "/" + _name(h[0:100]) for h in regular]
+    return TarMembers(names, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), file_size)
+
+
+def _pax_sets_nothing(buf: bytes, size: int) -> bool:
+    """Whether tarfile, reading this pax header (``size`` bytes of records, padded to blocks), would set
+    neither path nor size and reject no record (of length 0); ``hdrcharset`` only changes how a path
+    record is decoded, and a path record is not "nothing". Where the padding is all NUL, as writers leave
+    it, tarfile's record walk ends in the first ``size`` bytes: walked there only."""
+    if buf[size:] != _ZERO[:len(buf) - size]:
+        return False
+    text = buf[:size]
+    space = text.find(b" ", 0, 24)
+    if 0 < space and text[:space].isdigit() and int(text[:space]) == size and text.startswith(b"mtime=", space + 1):
+        return True  # webdataset's: one record, an mtime, the whole header (the walk's next record: padding)
+    pos = 0
+    while match := _PAX_RECORD.match(text, pos):
+        length, key = int(match.group(1)), match.group(2)
+        if length == 0 or key == b"path" or key == b"size" or key.startswith(b"GNU.sparse."):
+            return False
+        pos += length
+    return True
 
 
 def _scan(r: Blocks, file_size: int) -> TarMembers:

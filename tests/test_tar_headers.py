@@ -7,6 +7,7 @@ symlinks, empty and block-sized files), whole or cut off anywhere, compared memb
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +27,7 @@ def _tar(entries, fmt: int) -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         for i, (kind, name, size) in enumerate(entries):
             info = tarfile.TarInfo(name)
+            info.mtime = 1.5e9 + i / 3 if i % 2 else 0  # a float: a pax mtime record (webdataset's), in pax
             if kind == "file":
                 info.size = size
                 tar.addfile(info, io.BytesIO(bytes([i % 251]) * size))
@@ -77,6 +79,23 @@ def _first_chain_end(entries, fmt: int) -> int:
     with tarfile.open(fileobj=io.BytesIO(whole), mode="r:") as tar:
         first = tar.next()
     return first.offset_data if first is not None else tarfile.BLOCKSIZE
+
+
+def test_a_webdataset_tar_takes_the_fast_walk_and_lists_what_tarfile_lists(tmp_path):
+    from pipeline.sources import write_wds_shards
+
+    write_wds_shards([(f"d/{i:04d}", b"\xff" * i, "jpg", i % 3) for i in range(40)], str(tmp_path), per_shard=40)
+    path = tmp_path / "shard-000000.tar"
+    with open(path, "rb") as f:
+        assert b" mtime=" in f.read(2048)  # webdataset's pax header per member
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fast = tar_headers._plain_tar(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert fast is not None
+    assert [(n, int(o), int(s)) for n, o, s in zip(fast.names, fast.offsets, fast.sizes, strict=True)] == \
+        _by_tarfile(path)
 
 
 def test_scan_gives_up_where_tarfile_raises(tmp_path):
@@ -134,8 +153,9 @@ def test_index_tar_gives_the_same_rows_and_errors_as_the_tarfile_loop(tmp_path, 
                                                                         checksums):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        for key, ext, data in members:
+        for i, (key, ext, data) in enumerate(members):
             info = tarfile.TarInfo(key + ext)
+            info.mtime = 1.5e9 + i / 3 if i % 2 else 0
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
