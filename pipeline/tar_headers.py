@@ -32,6 +32,7 @@ _ZERO = bytes(BLOCK)
 _CHUNK = 1 << 16        # read ahead this much when members are small (most tars of images are)
 _SMALL = 1 << 14        # a member under this: the next header is probably in the same chunk
 _BIG = 1 << 20          # read ahead this much in a tar of small members (_plain_tar)
+_BATCH = 4096           # headers checked at a time (_plain_tar): 2 MiB
 _AROUND = 8 * BLOCK     # else this much at a header: an image's label and the next image's pax headers
 _ENCODING = tarfile.ENCODING  # what tarfile decodes names with (errors "surrogateescape")
 _REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES less sparse ("S": given up on)
@@ -115,11 +116,12 @@ def scan(path: str) -> TarMembers | None:
 
 def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
     """The usual tar, fast: a walk that only follows the sizes, the names decoded and the headers checked
-    after it, all at once. Usual: regular files ('0'), directories, links and devices, pax headers that
+    behind it, a batch at a time in numpy. Usual: regular files ('0'), directories, links and devices, pax headers that
     set neither path nor size (webdataset's: an mtime), plain number fields, a clean end. Anything else
     (None) is left to ``_scan``, which reads every case as tarfile does."""
-    headers: list[bytes] = []   # every header, for the checks after the walk
-    regular: list[bytes] = []   # the regular members' headers
+    headers: list[bytes] = []   # the headers since the last batch was checked
+    regular: list[bytes] = []   # the regular members' headers among them
+    names: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
     chunk, start = b"", 0
@@ -144,6 +146,9 @@ def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
             size = int(chunk[at + 124:at + 135], 8)
         except ValueError:
             return None
+        if len(headers) >= _BATCH and not chained:  # checked and named a batch at a time: in cache, memory bounded
+            if not _checked_and_named(headers, regular, names):
+                return None
         head = chunk[at:at + BLOCK]
         headers.append(head)
         data = pos + BLOCK
@@ -168,10 +173,20 @@ def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
             pos, chained = data, False
         else:
             return None
-    if _first_bad_header(headers) is not None:
+    if not _checked_and_named(headers, regular, names):
         return None
-    names = [_name(h[0:100]) if not h[345] else _name(h[345:500]) + "/" + _name(h[0:100]) for h in regular]
     return TarMembers(names, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), file_size)
+
+
+def _checked_and_named(headers: list[bytes], regular: list[bytes], names: list[str]) -> bool:
+    """Check a batch of headers (False: one is bad, leave the tar to ``_scan``), append the names of its
+    regular members to ``names``, and empty both lists for the next batch."""
+    if _first_bad_header(headers) is not None:
+        return False
+    names += [_name(h[0:100]) if not h[345] else _name(h[345:500]) + "/" + _name(h[0:100]) for h in regular]
+    headers.clear()
+    regular.clear()
+    return True
 
 
 def _pax_sets_nothing(buf: bytes, size: int) -> bool:

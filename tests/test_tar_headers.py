@@ -10,6 +10,7 @@ import io
 import os
 import tarfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,8 +82,11 @@ def _first_chain_end(entries, fmt: int) -> int:
     return first.offset_data if first is not None else tarfile.BLOCKSIZE
 
 
-def test_a_webdataset_tar_takes_the_fast_walk_and_lists_what_tarfile_lists(tmp_path):
+@pytest.mark.parametrize("batch", [3, 4096])
+def test_a_webdataset_tar_takes_the_fast_walk_and_lists_what_tarfile_lists(tmp_path, monkeypatch, batch):
     from pipeline.sources import write_wds_shards
+
+    monkeypatch.setattr(tar_headers, "_BATCH", batch)  # headers checked a few at a time, or all at once
 
     write_wds_shards([(f"d/{i:04d}", b"\xff" * i, "jpg", i % 3) for i in range(40)], str(tmp_path), per_shard=40)
     path = tmp_path / "shard-000000.tar"
@@ -96,6 +100,15 @@ def test_a_webdataset_tar_takes_the_fast_walk_and_lists_what_tarfile_lists(tmp_p
     assert fast is not None
     assert [(n, int(o), int(s)) for n, o, s in zip(fast.names, fast.offsets, fast.sizes, strict=True)] == \
         _by_tarfile(path)
+    data = bytearray(path.read_bytes())
+    data[int(fast.offsets[30]) - 512 + 5] ^= 0xFF  # a header late in the tar fails its checksum
+    path.write_bytes(bytes(data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert tar_headers._plain_tar(fd, len(data)) is None  # left to the exact loop, which stops there
+    finally:
+        os.close(fd)
+    assert _by_scan(path) == _by_tarfile(path) and len(_by_tarfile(path)) == 30
 
 
 def test_scan_gives_up_where_tarfile_raises(tmp_path):
