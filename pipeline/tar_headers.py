@@ -3,15 +3,17 @@
 ``tarfile`` builds a ``TarInfo`` per member and decodes every header field: 78 us a sample at
 ImageNet scale, two minutes per rank per start. This reads each header once, decodes only the name,
 type and size, skips the data by offset, and checks the header checksums and the number fields
-``tarfile`` would reject in one numpy pass at the end (a clean tar is the common case).
+``tarfile`` would reject in numpy, many headers at a time. Two readers: ``_plain_tar``, a walk that
+follows only the sizes, for the usual tar (regular files, directories, links, pax headers that set
+neither path nor size, as webdataset writes one per member, a clean end); ``_scan`` for every other
+case it knows (GNU longnames 'L', longlinks 'K', pax ``path`` and ``size``, a tar cut short or
+damaged after its first member).
 
-It gives exactly what ``tarfile`` (Python 3.11, ``mode="r:"``, iterating until it stops or raises)
-gives for ``isfile()`` members, including GNU longnames ('L'), longlinks ('K') and pax extended
-headers ('x', 'X': ``path`` and ``size``). Where matching ``tarfile`` would need its slow paths it
-gives up and returns None, so the caller asks ``tarfile`` itself: a header ``tarfile`` would reject
-(bad checksum, a number field it cannot parse, one not in the plain octal form writers use),
-sparse members, pax global headers ('g') and ``hdrcharset``, a pax record it would parse otherwise,
-and any header problem in the first member (``tarfile`` raises there, with its own message).
+Both give exactly what ``tarfile`` (Python 3.11, ``mode="r:"``, iterating until it stops or raises)
+gives for ``isfile()`` members. Where matching ``tarfile`` would need its own slow paths they give up
+(None), so the caller asks ``tarfile`` itself: a number field not in the plain octal or base-256 form
+writers use, sparse members, pax global headers ('g') and ``hdrcharset``, and any header problem in
+the first member (``tarfile`` raises there, with its own message).
 
 A file that ends early (a cut copy) ends the listing as ``tarfile`` ends it: the member whose data is
 cut is listed, nothing after it. A leaf module: it imports nothing from the project.
