@@ -48,21 +48,26 @@ def _samples(path: str, members: tar_headers.TarMembers, blocks: tar_headers.Blo
     labels: dict[str, int] = {}
     order: list[str] = []
     names: set[str] = set()
+    # (a duplicate name is refused where the loop meets it, after what comes before: looked for per member
+    # only in a tar that has one)
+    unique = len(set(members.names)) == len(members.names)
+    image_exts, read = IMAGE_EXTS, blocks.read
     for name, offset, size in zip(members.names, members.offsets.tolist(), members.sizes.tolist(), strict=True):
-        if name in names:
-            raise SourceError(f"{path}: member {printable(name)!r} appears twice (appended with tar -r?); "
-                              "readers would disagree on which copy is the sample: rewrite the shard "
-                              "with one copy")
-        names.add(name)
+        if not unique:
+            if name in names:
+                raise SourceError(f"{path}: member {printable(name)!r} appears twice (appended with tar -r?); "
+                                  "readers would disagree on which copy is the sample: rewrite the shard "
+                                  "with one copy")
+            names.add(name)
         slash = name.rfind("/")
-        base = name[slash + 1:]
-        stem, dot, rest = base.partition(".")
+        stem, dot, rest = name[slash + 1:].partition(".")
         # WebDataset's convention: the key is the path up to the first dot of the basename.
-        key = name[:slash + 1] + stem if "//" not in name else os.path.join(os.path.dirname(name), stem)
+        key = (stem if slash < 0 else name[:slash + 1] + stem) if "//" not in name else \
+            os.path.join(os.path.dirname(name), stem)
         ext = "." + rest.lower() if dot else ""
         if key not in images and key not in labels:
             order.append(key)
-        if ext in IMAGE_EXTS:
+        if ext in image_exts:
             if key in images:
                 raise SourceError(f"{path}: sample {printable(key)!r} has two images "
                                   f"({printable(images[key][0])}, {printable(name)}); keep one per sample")
@@ -72,7 +77,7 @@ def _samples(path: str, members: tar_headers.TarMembers, blocks: tar_headers.Blo
                 crcs[key] = crc32c.crc32c(data) if len(data) == size else NO_CRC  # a cut copy: undecodable
         elif ext == LABEL_EXT:
             need = min(size, _TARFILE_READ)
-            data = blocks.read(offset, need)
+            data = read(offset, need)
             if len(data) < need:
                 break  # the file ends inside this label: the tar was cut here
             text = data[:min(size, MAX_LABEL_BYTES)].decode(errors="replace").strip()
