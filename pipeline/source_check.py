@@ -5,8 +5,9 @@ Indexing records, per tar or parquet file of a source, its name, size and mtime_
 A later ``train``, ``verify``, probes or ``inspect --render`` on that store asks ``unchanged_source``:
 it lists the --data files as indexing would, stats each once (one stat per file, never per sample)
 and, where every stamp holds, takes the stored manifest (its root moved to the --data given) without
-reading a byte of the source. A file whose stamp changed (touched, copied without -p, rewritten) is
-re-indexed alone and its rows compared with the stored ones: equal, the start goes on; else, or for
+reading a byte of the source. A file whose stamp changed (touched, copied without -p, rewritten), or
+whose mtime lies within a coarse file system's tick of when it was stamped (``source_stamps.racy``),
+is re-indexed alone and its rows compared with the stored ones: equal, the start goes on; else, or for
 other files, another layout, or a manifest without stamps (written before them), it gives None and
 the caller indexes the whole source as before, so every refusal keeps its words ("--data ... is not
 the source the store ... was made from", naming the difference and the fix).
@@ -28,7 +29,7 @@ import stat
 import numpy as np
 
 from .source_errors import SourceError
-from .source_stamps import classes_stamp
+from .source_stamps import classes_stamp, racy
 
 
 def unchanged_source(stored, data: str):
@@ -60,9 +61,10 @@ def unchanged_source(stored, data: str):
             return None  # gone or unreadable: indexing says which, in its words
         if not stat.S_ISREG(st.st_mode):
             return None
-        if [st.st_size, st.st_mtime_ns] != stamps[i][1:]:
+        if [st.st_size, st.st_mtime_ns] != stamps[i][1:] or racy(st.st_mtime_ns, stored.stamps):
             changed.append(i)
-    if classes_stamp(root) != stored.stamps["classes"]:
+    classes = classes_stamp(root)
+    if classes != stored.stamps["classes"] or (classes is not None and racy(classes[1], stored.stamps)):
         return None
     try:
         if any(not _same_rows(stored, i, files[i]) for i in changed):

@@ -25,7 +25,14 @@ from student.errors import TrainError
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("source_check")
     data = write_wds(root / "wds", n=24, per_shard=8)
+    _age(data)  # written a day ago: not "racy" (within an mtime tick of the store's stamps)
     return {"data": data, "store": make_store(data, root / "store", make_teacher_weights(root / "teacher.pth"))}
+
+
+def _age(folder, seconds: int = 86400):
+    for f in os.listdir(folder):
+        st = os.stat(os.path.join(folder, f))
+        os.utime(os.path.join(folder, f), ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
 
 
 @pytest.fixture
@@ -107,6 +114,19 @@ def test_a_rewritten_tar_with_other_labels_is_refused_as_before(tiny, copy):
     os.replace(os.path.join(copy, "tmp-000000.tar"), victim)
     with pytest.raises(TrainError, match="is not the source the store"):
         open_train_data(str(copy), labels=tiny["store"])
+
+
+def test_a_source_written_just_before_its_store_is_reindexed_per_file(tiny, copy, monkeypatch):
+    stored = stored_manifest(open_store(tiny["store"]))
+    now = stored.stamps["at"]
+    victim = os.path.join(copy, stored.shards[1])
+    os.utime(victim, ns=(now, now - 10**9))  # file 1 as if written a second before it was stamped
+    files = [list(f) for f in stored.stamps["files"]]
+    files[1][2] = now - 10**9
+    fresh = {**stored.stamps, "files": files}
+    counts = _Counts(monkeypatch, copy)
+    assert source_check.unchanged_source(dataclasses.replace(stored, stamps=fresh), str(copy)) is not None
+    assert counts.scanned == [stored.shards[1]]  # its stamp proves nothing: its rows were compared
 
 
 def test_another_source_and_a_manifest_without_stamps_are_indexed_in_full(tiny, copy, tmp_path):
