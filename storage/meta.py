@@ -9,6 +9,7 @@ from __future__ import annotations
 TEACHER_IDENTITY = "teacher_identity"  # the teacher that labelled: name, weights sha256, data config (creation)
 PROBES = "probes"                      # hashes of a few replayed views (pipeline.probes), re-rendered before use
 VERSIONS = "versions"                  # library versions when the probes were hashed (explains a drift)
+SOURCE_STAMPS = "source_stamps"       # source files' name, size, mtime at indexing (creation; sources.check)
 SOFT_ERROR = "soft_error_rank"         # + rank: that rank's soft-target error sums (storage.soft)
 
 

@@ -64,6 +64,7 @@ from pipeline.sources import (
     layout_for_store,
     source_errors_in_one_line,
     stored_manifest,
+    unchanged_source,
 )
 from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN, open_store
@@ -130,8 +131,9 @@ def open_train_data(data: str, *, labels: str | None = None, recipe: str | None 
     layout, wrong_layout = layout_for_store(shards, stored, labels)
     if wrong_layout:
         raise TrainError(wrong_layout)
-    manifest = index_source(data, shard_size=stored.shard_size or shard_size, seed=stored.seed, shards=layout,
-                            checksums=False)
+    # The stored manifest where each source file's stamp holds (no re-index at start), else indexed again.
+    manifest = unchanged_source(stored, data) or index_source(
+        data, shard_size=stored.shard_size or shard_size, seed=stored.seed, shards=layout, checksums=False)
     if manifest.fingerprint != spec.manifest_fingerprint:
         raise TrainError(f"--data {data} is not the source the store {labels} was made from: "
                          f"{_manifest_difference(manifest, stored)}; point --data at that source")

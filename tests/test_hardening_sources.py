@@ -448,7 +448,9 @@ def test_precompute_resumes_a_complete_read_only_store(tmp_path, tiny_teacher, m
     code, err = _invoke(*args)
     assert code == 0, err
     assert snapshot(tmp_path / "store") == before
-    assert indexed == [False], "a resume indexes names only and takes the checksums from the store"
+    # a resume takes the store's manifest: with every tar's stamp holding nothing is indexed; a tar stamped
+    # within a coarse mtime tick is re-indexed alone (never through index_source); never with checksums
+    assert indexed in ([], [False]), "a resume indexes names only, at most, and takes the checksums from the store"
 
 
 SLOW_CLI = """

@@ -19,7 +19,7 @@ from test_faults import pconfig
 
 import pipeline.stage1.index_once as index_once
 import pipeline.stage1.precompute as pc
-from pipeline.sources import stored_manifest
+from pipeline.sources import stored_manifest, tar_headers
 from pipeline.stage1.fleet import INDEX_UNIT, IndexLease
 from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
 from pipeline.stage1.units import UnitViews
@@ -110,6 +110,15 @@ class _SourceReads:
                 reads.record(path, pos, len(data))
             return data
 
+        real_pread = os.pread
+
+        def os_pread(fd, n, offset):  # the tar header walk (sources.tar_headers.read_at)
+            data = real_pread(fd, n, offset)
+            path = reads.fds.get(fd)
+            if path is not None:
+                reads.record(path, offset, len(data))
+            return data
+
         def os_close(fd):
             with reads.lock:
                 reads.fds.pop(fd, None)
@@ -123,6 +132,8 @@ class _SourceReads:
         monkeypatch.setattr(builtins, "open", wrap_open(builtins.open))
         monkeypatch.setattr(tarfile, "bltn_open", wrap_open(tarfile.bltn_open))
         monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "pread", os_pread)
+        monkeypatch.setattr(tar_headers, "read_at", os_pread)
         monkeypatch.setattr(os, "read", os_read)
         monkeypatch.setattr(os, "close", os_close)
         monkeypatch.setattr(os, "fdopen", os_fdopen)

@@ -26,6 +26,7 @@ from ..source_errors import (
     permission_error,
 )
 from .base import IMAGE_EXTS, NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, read_regular_file
+from .check import unchanged_source
 from .decode import Undecodable, decode_image
 from .layout import (
     SHARD_LAYOUTS,
@@ -51,5 +52,5 @@ __all__ = [
     "brace_count", "check_class_count", "check_label_bound", "check_outside_source", "check_same_classes",
     "check_sample", "class_diversity", "decode_image", "expand_braces", "expand_files", "formats_in_words",
     "index_source", "is_class_skewed", "layout_for_store", "permission_error", "read_regular_file",
-    "recut_shards", "source_errors_in_one_line", "stored_manifest", "write_wds_shards",
+    "recut_shards", "source_errors_in_one_line", "stored_manifest", "unchanged_source", "write_wds_shards",
 ]

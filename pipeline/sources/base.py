@@ -50,6 +50,7 @@ class Indexed:
     seed: int = 0
     layout: str = ""
     skipped: tuple[str, ...] = ()
+    stamps: dict | None = None  # each file's name, size, mtime_ns at indexing (sources.stamps)
 
 
 class FileReader(ABC):

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from ..source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 from .base import NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
 from .parquet_pages import RowBytes, Unmapped, map_column
+from .stamps import stamps_of
 
 IMAGE, LABEL = "image", "label"
 HF_META = b"huggingface"
@@ -364,6 +365,7 @@ def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Indexe
     names: the ``ClassLabel`` names in the files' ``huggingface`` metadata, else ``classes.txt``
     beside the files, else "0".."C-1"."""
     root = check_files(src, files)
+    stamps = stamps_of(root, files)  # before reading: a file changed meanwhile fails its stamp next time
     cols = {name: [] for name in SCHEMA.names}
     names, named_by = None, None
     for shard, path in enumerate(files):
@@ -400,4 +402,5 @@ def _index_parquet(src: str, files: list[str], checksums: bool = True) -> Indexe
         i = int(np.argmax(labels >= len(names)))
         raise SourceError(f"{files_of[i]}: row {cols['offset'][i]} has label {labels[i]}, but {named_by} names "
                           f"{len(names)} classes (0..{len(names) - 1}); fix the label or the class names")
-    return Indexed("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=SCHEMA))
+    return Indexed("parquet", root, [os.path.basename(f) for f in files], names, pa.table(cols, schema=SCHEMA),
+                   stamps=stamps)

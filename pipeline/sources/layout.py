@@ -42,7 +42,7 @@ def index_source(src: str, *, shard_size: int = 1024, seed: int = 0, shards: str
     fmt, files = source_format(src)
     got = fmt.index(src, files, checksums=checksums, shard_size=shard_size, seed=seed, shuffle=shards != "as-is")
     m = Manifest(got.kind, got.root, got.shards, got.class_names, got.samples, got.shard_size, got.seed,
-                 got.layout, skipped=got.skipped)
+                 got.layout, skipped=got.skipped, stamps=got.stamps)
     return apply_layout(m, shards=shards, shard_size=shard_size, seed=seed) if fmt.recut else m
 
 
@@ -148,4 +148,5 @@ def recut_shards(m: Manifest, *, shard_size: int, seed: int) -> Manifest:
                      pa.array((idx % shard_size).astype(np.int32)))
     t = t.append_column(FILE_COLUMN, file)
     shards = [f"virtual-{i:06d}" for i in range((n + shard_size - 1) // shard_size)]
-    return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards))
+    return Manifest(m.kind, m.root, shards, m.class_names, t, shard_size, seed, "shuffle", list(m.shards),
+                    stamps=m.stamps)

@@ -35,6 +35,7 @@ from ..source_errors import MAX_CLASSES, ManifestError, SourceError
 from .base import FILE_COLUMN, NO_CRC, SCHEMA
 from .reader import Sample, SampleReader
 from .registry import FORMATS
+from .stamps import stamps_problem
 
 MANIFEST_VERSION = 2  # 2: size and crc32c of every sample; the shard layout (re-cut files)
 # The names a manifest written before the format-neutral ones used (a store keeps its manifest's bytes).
@@ -53,6 +54,9 @@ class Manifest:
     layout: str = ""          # "shuffle" (seeded virtual shards) or "as-is"; "" = the format's default
     files: list[str] = field(default_factory=list)  # re-cut files: their names (column "file" indexes them)
     skipped: tuple[str, ...] = ()  # non-regular files named like images, left out (not serialised)
+    # each tar/parquet file's name, size, mtime_ns at indexing (sources.check). Not in to_bytes: a manifest's
+    # bytes are the same for every copy of a source; a store keeps them in store.json (storage.meta.SOURCE_STAMPS)
+    stamps: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if not self.layout:
@@ -227,7 +231,22 @@ def stored_manifest(reader) -> Manifest:
     except OSError as e:
         raise ManifestError(f"{origin}: cannot read the store's manifest ({e.strerror or e}); restore the store, "
                             "or re-run precompute with --overwrite") from None
-    return Manifest.from_bytes(data, origin)
+    m = Manifest.from_bytes(data, origin)
+    m.stamps = _stored_stamps(reader)
+    return m
+
+
+def _stored_stamps(reader) -> dict | None:
+    """The source's stamps the store recorded at creation (store.json's meta), checked; None for a store made
+    before stamps (its source is then indexed in full at each start, as before)."""
+    from storage.base import STORE_JSON
+    from storage.meta import SOURCE_STAMPS
+
+    stamps = reader.meta.get(SOURCE_STAMPS)
+    if stamps is not None and stamps_problem(stamps):
+        raise ManifestError(f"{os.path.join(str(reader.path), STORE_JSON)}: {stamps_problem(stamps)}; the store's "
+                            "metadata is damaged: restore the store, or re-run precompute with --overwrite")
+    return stamps
 
 
 def _new_names(meta, table: pa.Table) -> tuple[dict, pa.Table]:

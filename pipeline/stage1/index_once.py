@@ -25,7 +25,15 @@ from storage import StoreError, open_store
 from storage.base import STORE_JSON
 from storage.leases import Heartbeat
 
-from ..sources import Manifest, ManifestError, expand_files, index_source, layout_for_store, stored_manifest
+from ..sources import (
+    Manifest,
+    ManifestError,
+    expand_files,
+    index_source,
+    layout_for_store,
+    stored_manifest,
+    unchanged_source,
+)
 from .errors import PrecomputeError
 from .fleet import IndexLease
 
@@ -76,7 +84,11 @@ def check_source(manifest: Manifest, data: str) -> Manifest | None:
     """Is the source at ``data`` still the one the store's manifest describes? None when it is, else the
     source's own manifest, names and labels only, which the store then refuses naming the first
     difference (``create_store``: other shards, samples or classes). The one place a resumed run or a
-    --join checks its source; every sample read is checked against its crc32c besides."""
+    --join checks its source; every sample read is checked against its crc32c besides. Where every source
+    file's stamp (name, size, mtime) holds, nothing is read (``sources.unchanged_source``: one stat per file,
+    a changed file re-indexed alone); else the source is indexed names-only and compared whole."""
+    if unchanged_source(manifest, data) is not None:
+        return None
     m = index_source(data, shard_size=manifest.shard_size or 1024, seed=manifest.seed, shards=manifest.layout,
                      checksums=False)
     return None if m.fingerprint == manifest.fingerprint else m

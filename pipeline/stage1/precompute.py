@@ -26,7 +26,7 @@ from storage import StoreError, StoreSpec, create_store, open_store
 from storage.api import grow_store
 from storage.base import library_versions
 from storage.leases import Leases, new_worker_id
-from storage.meta import PROBES, TEACHER_IDENTITY, VERSIONS, soft_error_key
+from storage.meta import PROBES, SOURCE_STAMPS, TEACHER_IDENTITY, VERSIONS, soft_error_key
 
 from ..devices import resolve_device
 from ..options import check_values
@@ -106,6 +106,16 @@ def _units(n: int, were: str = "") -> str:
     return f"{text} {'was' if n == 1 else 'were'} {were}" if were else text
 
 
+
+
+def _creation_meta(teacher, manifest: Manifest) -> dict:
+    """store.json's meta: the teacher's identity, and the source files' stamps (a later start checks the
+    source by them, one stat per file: ``sources.unchanged_source``; not in the manifest, whose bytes are
+    the same for any copy of the source)."""
+    meta = {TEACHER_IDENTITY: _identity_with_path(teacher.identity)}
+    if manifest.stamps is not None:
+        meta[SOURCE_STAMPS] = manifest.stamps
+    return meta
 
 
 def build_spec(cfg: PrecomputeConfig, manifest: Manifest, recipe, teacher) -> StoreSpec:
@@ -215,7 +225,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         existed = not cfg.overwrite and _existing_store(cfg.out)
         grown_from = _grow_if_asked(cfg.out, spec) if existed else None
         writer = create_store(cfg.out, spec, backend=cfg.backend, manifest=manifest.to_bytes(),
-                              meta={TEACHER_IDENTITY: _identity_with_path(teacher.identity)}, overwrite=cfg.overwrite)
+                              meta=_creation_meta(teacher, manifest), overwrite=cfg.overwrite)
     # Same names and labels (the spec's fingerprint matched), but the bytes? A resumed run must not
     # label half the views from one image and half from another.
     changed = manifest.first_changed_sample(stored_manifest(open_store(cfg.out)))

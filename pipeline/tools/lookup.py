@@ -15,7 +15,7 @@ import numpy as np
 from storage import Labels
 from storage.errors import UserError, printable
 
-from ..sources import Manifest, Undecodable, decode_image, index_source
+from ..sources import Manifest, Undecodable, decode_image, index_source, unchanged_source
 from ..sources import stored_manifest as parsed_manifest
 
 if TYPE_CHECKING:  # views imports torch; the summary path must not pay for it
@@ -86,8 +86,9 @@ def source_manifest(reader, data: str | None) -> Manifest:
     stored = stored_manifest(reader)
     if data is None:
         return stored
-    m = index_source(data, shard_size=stored.shard_size or 1024, seed=stored.seed, shards=stored.layout,
-                     checksums=False)
+    # The stored manifest where each source file's stamp holds (no re-index), else indexed again.
+    m = unchanged_source(stored, data) or index_source(
+        data, shard_size=stored.shard_size or 1024, seed=stored.seed, shards=stored.layout, checksums=False)
     if m.fingerprint != reader.spec.manifest_fingerprint:
         raise InspectError(
             f"{data} is not the source this store was made from (manifest fingerprint "

@@ -1,0 +1,49 @@
+"""Stamps of a source's files (name, size, mtime_ns) as indexing records them in a manifest, and their
+check on reading one back: a leaf module (``sources`` records them, ``check`` compares them)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+CLASSES_FILE = "classes.txt"
+RACY_NS = 3 * 10**9  # the coarsest mtime tick we allow for (FAT: 2 s), and a margin
+
+
+def stamps_of(root: str, files: list[str]) -> dict:
+    """The stamps of a source's files (paths, all in ``root``) and of ``root``/classes.txt, for the manifest:
+    {"files": [[name, size, mtime_ns], ...], "classes": [size, mtime_ns] or None}. Taken before the files
+    are read: a file changed while it is indexed then has another stamp at the next start."""
+    at = time.time_ns()
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+    return {"files": out, "classes": classes_stamp(root), "at": at}
+
+
+def racy(mtime_ns: int, stamps: dict) -> bool:
+    """Whether a file's mtime lies so close to when it was stamped that it could change again within the
+    same mtime tick (coarse file systems: 1-2 s) and keep its stamp: such a file proves nothing by its
+    stamp (git's "racy clean"). A source written just before its store was made is re-indexed per file."""
+    return mtime_ns >= stamps.get("at", 0) - RACY_NS
+
+
+def stamps_problem(stamps) -> str | None:
+    """What is wrong with a manifest's ``stamps`` metadata field, in words; None when nothing is."""
+    ok = (isinstance(stamps, dict) and set(stamps) == {"files", "classes", "at"} and isinstance(stamps["at"], int)
+          and isinstance(stamps["files"], list)
+          and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
+                  and all(isinstance(v, int) for v in s[1:]) for s in stamps["files"])
+          and (stamps["classes"] is None or (isinstance(stamps["classes"], list) and len(stamps["classes"]) == 2
+                                             and all(isinstance(v, int) for v in stamps["classes"]))))
+    return None if ok else "its metadata field 'stamps' is invalid"
+
+
+def classes_stamp(root: str) -> list[int] | None:
+    try:
+        st = os.stat(os.path.join(root, CLASSES_FILE))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
