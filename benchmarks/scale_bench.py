@@ -168,8 +168,8 @@ def run_cli(repo: str, args: list[str]) -> dict:
 
 
 def train_args(src: str, store: str, run: str) -> list[str]:
-    return ["train", "--data", src, "--labels", store, "--out", run, "--overwrite", "--model", "deit_tiny_patch16_224",
-            "--model-kwargs", "img_size=32", "patch_size=16", "depth=1", "embed_dim=32", "num_heads=1",
+    return ["train", "--data", src, "--labels", store, "--out", run, "--model", "deit_tiny_patch16_224",
+            "--model-kwargs", json.dumps(dict(img_size=32, patch_size=16, depth=1, embed_dim=32, num_heads=1)),
             "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "8", "--workers", "0",
             "--device", "cpu", "--no-ema", "--warmup-epochs", "0"]
 
@@ -204,7 +204,9 @@ def main():
             for name, repo in repos.items():
                 store = os.path.join(args.work, f"store-{size}-{name}")
                 if row == "train_start":
-                    r = run_cli(repo, train_args(src, store, os.path.join(args.work, f"run-{name}")))
+                    # a new run folder each time: older commits lack train --overwrite
+                    run = os.path.join(args.work, f"run-{name}-{size}-{time.time_ns()}")
+                    r = run_cli(repo, train_args(src, store, run))
                 elif row == "inspect":
                     r = run_cli(repo, ["inspect", store])
                 else:

@@ -81,9 +81,12 @@ def synthetic_manifest(root: str, n: int):
 
 def child(a) -> None:
     """One run: the loader of the tree on sys.path, `epochs` epochs, each worker's USS at its last batch."""
+    import importlib.util
+
     import torch
 
-    import student.data as sd
+    # the loader's own module (its globals are what is patched): student.loader since the split, else student.data
+    sd = importlib.import_module("student.loader" if importlib.util.find_spec("student.loader") else "student.data")
     from pipeline.recipes import create_recipe
 
     report = tempfile.mkdtemp(prefix="uss-")
