@@ -33,7 +33,7 @@ from ..sources import formats_in_words  # the --data help names the registry's f
 
 @dataclass
 class PrecomputeConfig:
-    data: str = field(metadata=opt(f"{formats_in_words().capitalize()} (dir, glob, {{a..b}})."))
+    data: str = field(metadata=opt(f"{formats_in_words()[:1].upper()}{formats_in_words()[1:]} (dir, glob, {{a..b}})."))
     out: str = field(metadata=opt("Label store to create or resume."))
     teacher: str = field(metadata=opt("timm model name or name.tag (e.g. regnety_160.deit_in1k)."))
     teacher_weights: str | None = field(default=None, metadata=opt(
