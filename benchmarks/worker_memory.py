@@ -81,12 +81,14 @@ def synthetic_manifest(root: str, n: int):
 
 def child(a) -> None:
     """One run: the loader of the tree on sys.path, `epochs` epochs, each worker's USS at its last batch."""
-    import importlib.util
+    import importlib
 
     import torch
 
     # the loader's own module (its globals are what is patched): student.loader since the split, else student.data
-    sd = importlib.import_module("student.loader" if importlib.util.find_spec("student.loader") else "student.data")
+    # (asked of the tree's files: an editable install would find student.loader in another checkout)
+    sd = importlib.import_module("student.loader" if os.path.exists(os.path.join("student", "loader.py"))
+                                 else "student.data")
     from pipeline.recipes import create_recipe
 
     report = tempfile.mkdtemp(prefix="uss-")
