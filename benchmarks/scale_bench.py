@@ -94,7 +94,7 @@ def child(what: str, src: str, store: str) -> dict:
                          views=VIEWS, shard_sizes=m.shard_sizes, views_per_unit=VIEWS,
                          recipe=create_recipe("deit", ["input_size=32"]).to_dict(), seed=0,
                          manifest_fingerprint=m.fingerprint, teacher={"name": "synthetic", "fingerprint": "0"})
-        w = create_store(store, spec, manifest=m.to_bytes(), overwrite=True)
+        w = create_store(store, spec, manifest=m.to_bytes(), meta=creation_meta(m), overwrite=True)
         g = np.random.default_rng(0)
         for shard, n in enumerate(spec.shard_sizes):
             ids = g.integers(0, m.num_classes - TOPK, (VIEWS, n, 1)) + np.arange(TOPK)  # k distinct classes
@@ -145,6 +145,16 @@ def child(what: str, src: str, store: str) -> dict:
         peak = tracemalloc.get_traced_memory()[1]
         return {"seconds": seconds, "peak_MB": peak / 2**20}
     raise SystemExit(f"unknown row {what}")
+
+
+def creation_meta(m) -> dict:
+    """What precompute puts in store.json beside the spec: the source files' stamps, where the checkout
+    records them (a start then checks the source by one stat per file instead of indexing it)."""
+    try:
+        from storage.meta import SOURCE_STAMPS
+    except ImportError:  # a checkout from before stamps
+        return {}
+    return {SOURCE_STAMPS: m.stamps} if m.stamps is not None else {}
 
 
 def run_child(repo: str, what: str, src: str, store: str) -> dict:
