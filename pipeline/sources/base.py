@@ -66,6 +66,20 @@ class FileReader(ABC):
     def where(self, file: int, path: str) -> str:
         """The file to name in a message about this sample."""
 
+    def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes | None]:
+        """Each (file, offset, size, path)'s bytes as ``read`` gives them, asked in file order; None for one
+        whose read raised (undecodable now; a SourceError still stops the run). A format that can merge
+        neighbours' reads (a tar on a bucket) does so here."""
+        out = []
+        for w in wanted:
+            try:
+                out.append(self.read(*w))
+            except SourceError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable now: undecodable, its views skipped
+                out.append(None)
+        return out
+
 
 class SourceFormat(ABC):
     """One source format. ``kind`` is stored in manifests (never rename it: stores carry it)."""
@@ -90,7 +104,14 @@ class SourceFormat(ABC):
 
 
 def check_files(src: str, files: list[str]) -> str:
-    """The files of a source exist, are regular and sit in one directory: that directory."""
+    """The files of a source exist, are regular and sit in one directory: that directory (a bucket
+    source: the prefix its objects sit under, their existence checked by ``expand_url``)."""
+    from storage.bucket import is_url
+
+    if files and is_url(files[0]):
+        from .bucket_files import check_objects
+
+        return check_objects(src, files)
     for f in files:
         if not os.path.isfile(f):
             what = "not a regular file (a FIFO or device?)" if os.path.exists(f) else "no such file"
@@ -106,6 +127,14 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
 
     ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
+    from storage.bucket import is_url
+
+    if is_url(root):
+        from .bucket_files import read_small
+
+        data = read_small(path, MAX_CLASSES_TXT)
+        return _names_of(data.decode(errors="replace").splitlines(), path) if data is not None else \
+            [str(i) for i in range(num_classes)]
     if os.path.isfile(path):
         names = []
         with open(path, errors="replace") as f:
@@ -115,6 +144,18 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
                     check_class_count(len(names), path)  # stop reading a hostile file early
         return names  # fewer names than labels used: the format's indexer names the sample
     return [str(i) for i in range(num_classes)]
+
+
+MAX_CLASSES_TXT = 64 * 1024 * 1024  # a bucket's classes.txt is read whole: refused past this size
+
+
+def _names_of(lines, path: str) -> list[str]:
+    names = []
+    for line in lines:
+        if line.strip():
+            names.append(line.strip())
+            check_class_count(len(names), path)
+    return names
 
 
 def read_regular_file(path: str) -> bytes:
