@@ -108,10 +108,11 @@ def check_files(src: str, files: list[str]) -> str:
     source: the prefix its objects sit under, their existence checked by ``expand_url``)."""
     from storage.bucket import is_url
 
-    if files and is_url(files[0]):
-        from .bucket_files import check_objects
-
-        return check_objects(src, files)
+    if files and is_url(files[0]):  # on a bucket: the prefix its objects sit under
+        root = files[0].rsplit("/", 1)[0]
+        if any(f.rsplit("/", 1)[0] != root for f in files):
+            raise SourceError(f"{src}: shards must sit under one prefix")
+        return root
     for f in files:
         if not os.path.isfile(f):
             what = "not a regular file (a FIFO or device?)" if os.path.exists(f) else "no such file"
@@ -127,12 +128,15 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
 
     ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
-    from storage.bucket import is_url
+    from storage.bucket import BucketError, as_path, is_url
 
     if is_url(root):
-        from .bucket_files import read_small
-
-        data = read_small(path, MAX_CLASSES_TXT)
+        try:
+            data = as_path(path).read(MAX_CLASSES_TXT)
+        except FileNotFoundError:
+            data = None
+        except BucketError as e:  # a SourceError: no OSError handler of the indexers may swallow it
+            raise SourceError(str(e)) from None
         return _names_of(data.decode(errors="replace").splitlines(), path) if data is not None else \
             [str(i) for i in range(num_classes)]
     if os.path.isfile(path):

@@ -91,24 +91,6 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
     return []
 
 
-def check_objects(src: str, files: list[str]) -> str:
-    """The files of a bucket source sit under one prefix: that prefix's URL (the manifest's root)."""
-    root = _parent(files[0])
-    if any(_parent(f) != root for f in files):
-        raise SourceError(f"{printable(src)}: shards must sit under one prefix")
-    return root
-
-
-def read_small(url: str, limit: int) -> bytes | None:
-    """A small object's bytes (classes.txt), None when there is none; refused past ``limit`` bytes."""
-    try:
-        return as_path(url).read(limit)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise _source_error(e, url) from None
-
-
 class RangeFile:
     """A read-only, seekable file over one object: each read past what it holds is one range request of
     at least ``block`` bytes (module doc). ``requests``/``bytes_read`` count them."""
@@ -238,4 +220,4 @@ class BucketTars(FileReader):
         return out
 
 
-__all__ = ["BucketTars", "RangeFile", "check_objects", "coalesce", "expand_url", "is_url", "read_small"]
+__all__ = ["BucketTars", "RangeFile", "coalesce", "expand_url", "is_url"]
