@@ -113,11 +113,13 @@ def _retry():
 def client(scheme: str, bucket: str, prefix: str | None = None):
     """An obstore store for the bucket (and key prefix), configured from the environment as it is now."""
     settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else ()
-    return _client(scheme, bucket, prefix or None, settings)
+    # per process: a DataLoader worker forked from a process that used a client makes its own (the
+    # parent's connection pool is no one's to share)
+    return _client(scheme, bucket, prefix or None, settings, os.getpid())
 
 
 @functools.lru_cache(maxsize=64)
-def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple):
+def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple, pid: int):
     from obstore.store import GCSStore, S3Store
 
     url = f"{scheme}://{bucket}"

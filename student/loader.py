@@ -265,6 +265,11 @@ class LockstepLoader:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.workers, self.pin_memory, self.limit = workers, pin_memory, max_steps_per_epoch
+        if workers and is_url(data.manifest.root):
+            # obstore's runtime (its threads) does not survive the fork of a DataLoader worker: a worker
+            # forked after the source was listed would wait on it forever
+            raise TrainError(f"--workers {workers} with a source on a bucket ({data.manifest.root}): bucket "
+                             "sources are read in the main process for now; pass --workers 0")
         self.files = SampleReader(data.manifest)
         self.global_batch = batch_size * world
         if self.global_batch > len(self.files):

@@ -67,6 +67,20 @@ class FileReader(ABC):
     def where(self, file: int, path: str) -> str:
         """The file to name in a message about this sample."""
 
+    def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes | None]:
+        """Each (file, offset, size, path)'s bytes as ``read`` gives them, asked in file order; None for one
+        whose read raised (undecodable now; a SourceError still stops the run). A format that can merge
+        neighbours' reads (a tar on a bucket) does so here."""
+        out = []
+        for w in wanted:
+            try:
+                out.append(self.read(*w))
+            except SourceError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable now: undecodable, its views skipped
+                out.append(None)
+        return out
+
 
 class SourceFormat(ABC):
     """One source format. ``kind`` is stored in manifests (never rename it: stores carry it)."""
@@ -91,7 +105,15 @@ class SourceFormat(ABC):
 
 
 def check_files(src: str, files: list[str]) -> str:
-    """The files of a source exist, are regular and sit in one directory: that directory."""
+    """The files of a source exist, are regular and sit in one directory: that directory (a bucket
+    source: the prefix its objects sit under, their existence checked by ``expand_url``)."""
+    from storage.bucket import is_url
+
+    if files and is_url(files[0]):  # on a bucket: the prefix its objects sit under
+        root = files[0].rsplit("/", 1)[0]
+        if any(f.rsplit("/", 1)[0] != root for f in files):
+            raise SourceError(f"{src}: shards must sit under one prefix")
+        return root
     for f in files:
         if not os.path.isfile(f):
             what = "not a regular file (a FIFO or device?)" if os.path.exists(f) else "no such file"
@@ -107,6 +129,17 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
 
     ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
+    from storage.bucket import BucketError, as_path, is_url
+
+    if is_url(root):
+        try:
+            data = as_path(path).read(MAX_CLASSES_TXT)
+        except FileNotFoundError:
+            data = None
+        except BucketError as e:  # a SourceError: no OSError handler of the indexers may swallow it
+            raise SourceError(str(e)) from None
+        return _names_of(data.decode(errors="replace").splitlines(), path) if data is not None else \
+            [str(i) for i in range(num_classes)]
     if os.path.isfile(path):
         names = []
         with open(path, errors="replace") as f:
@@ -116,6 +149,18 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
                     check_class_count(len(names), path)  # stop reading a hostile file early
         return names  # fewer names than labels used: the format's indexer names the sample
     return [str(i) for i in range(num_classes)]
+
+
+MAX_CLASSES_TXT = 64 * 1024 * 1024  # a bucket's classes.txt is read whole: refused past this size
+
+
+def _names_of(lines, path: str) -> list[str]:
+    names = []
+    for line in lines:
+        if line.strip():
+            names.append(line.strip())
+            check_class_count(len(names), path)
+    return names
 
 
 def read_regular_file(path: str) -> bytes:

@@ -349,10 +349,20 @@ class HfParquet(SourceFormat):
     sizes_without_content = False  # the image column is read only for checksums
 
     def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
+        _not_on_a_bucket(src)
         return _index_parquet(src, files, checksums=checksums)
 
     def open_files(self, root, files) -> ParquetFiles:
+        _not_on_a_bucket(root)
         return ParquetFiles(root, files)
+
+
+def _not_on_a_bucket(where: str) -> None:
+    from storage.bucket import is_url
+
+    if is_url(where):
+        raise SourceError(f"{where}: parquet sources cannot be read from a bucket yet (WebDataset .tar shards "
+                          "can); copy the files to a local disk and pass that folder to --data")
 
 
 FORMAT = HfParquet()

@@ -94,14 +94,18 @@ class SampleReader:
         that cannot be read now (undecodable: its views are skipped and counted)."""
         rows = {s: self.row(*s) for s in samples}
         order = sorted(rows, key=lambda s: (int(self.file_index[rows[s]]), int(self.offsets[rows[s]]), rows[s]))
+        wanted = [(int(self.file_index[rows[s]]), int(self.offsets[rows[s]]), int(self.nbytes[rows[s]]),
+                   self.paths[rows[s]].as_py()) for s in order]
+        got = self.file_reader.read_many(wanted)  # None: raised reading (undecodable); SourceError: stop
         out = {}
-        for s in order:
-            try:
-                out[s] = self.read(*s)
-            except SourceError:  # changed or unreadable source: stop, never train on other images
-                raise
-            except Exception:  # noqa: BLE001 - unreadable now (a file gone): undecodable, its views skipped and counted
+        for s, (file, _off, size, path), data in zip(order, wanted, got, strict=True):
+            crc = int(self.crcs[rows[s]])
+            if data is None:  # unreadable now (its views are skipped and counted), as a read that raised
                 out[s] = b""
+                continue
+            if crc != NO_CRC and (len(data) != size or crc32c.crc32c(data) != crc):
+                check_sample(self.key(rows[s]), self.file_reader.where(file, path), data, size, crc)  # raises
+            out[s] = data
         return out
 
     def read_sample(self, shard: int, position: int) -> Sample:

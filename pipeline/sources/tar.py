@@ -19,6 +19,7 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 
+from storage.bucket import is_url
 from storage.errors import printable
 
 from ..source_errors import SourceError, check_label_bound, permission_error
@@ -69,7 +70,11 @@ class WebDataset(SourceFormat):
     def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
         return _index_wds(src, files, checksums=checksums)
 
-    def open_files(self, root, files) -> TarFiles:
+    def open_files(self, root, files) -> FileReader:
+        if is_url(root):  # on a bucket: range requests, a batch's neighbours merged into one
+            from .bucket_files import BucketTars
+
+            return BucketTars(root, files)
         return TarFiles(root, files)
 
 
@@ -81,7 +86,7 @@ def _index_wds(src: str, files: list[str], checksums: bool = True) -> Indexed:
     stamps = stamps_of(root, files)  # before reading: a tar changed meanwhile fails its stamp next time
     cols = {name: [] for name in SCHEMA.names}
     for shard, path in enumerate(files):
-        for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums)):
+        for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums, _open_url(path))):
             if label < 0:  # numpy would read -1 as the last class
                 raise SourceError(f"{path}: sample {printable(key)!r} has label {label} in its .cls; labels are class "
                                   "indices 0..C-1: fix the label")
@@ -101,8 +106,19 @@ def _index_wds(src: str, files: list[str], checksums: bool = True) -> Indexed:
     return Indexed("wds", root, [os.path.basename(f) for f in files], names, table, stamps=stamps)
 
 
-def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, int, int, int]]:
-    """(key, image member, data offset, size, label, crc32c) per sample, in tar order; one pass.
+def _open_url(path: str):
+    """A tar on a bucket as a file of range requests (headers read, members' data skipped by offset);
+    None for a local path (tarfile opens it)."""
+    if not is_url(path):
+        return None
+    from .bucket_files import RangeFile
+
+    return RangeFile(path)
+
+
+def _index_tar(path: str, checksums: bool = True, fileobj=None) -> list[tuple[str, str, int, int, int, int]]:
+    """(key, image member, data offset, size, label, crc32c) per sample, in tar order; one pass. ``fileobj``:
+    the tar's bytes as a seekable reader (a bucket's ``RangeFile``), else ``path`` is opened.
 
     Two members of one name (valid in a tar: ``tar -r`` appends a second copy) are refused: a
     sequential reader would take one copy and a seek by offset the other.
@@ -118,7 +134,7 @@ def _index_tar(path: str, checksums: bool = True) -> list[tuple[str, str, int, i
     order: list[str] = []
     names: set[str] = set()
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(path, mode="r:", fileobj=fileobj) as tar:
             for m in _members_until_cut(tar):
                 if not m.isfile():
                     continue
