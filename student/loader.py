@@ -61,6 +61,7 @@ from pipeline.sources import (
 )
 from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN
+from storage.bucket import is_url
 
 from .errors import TrainError
 from .stream import epoch_stream
