@@ -11,10 +11,12 @@ CLASSES_FILE = "classes.txt"
 RACY_NS = 3 * 10**9  # the coarsest mtime tick we allow for (FAT: 2 s), and a margin
 
 
-def stamps_of(root: str, files: list[str]) -> dict:
+def stamps_of(root: str, files: list[str]) -> dict | None:
     """The stamps of a source's files (paths, all in ``root``) and of ``root``/classes.txt, for the manifest:
     {"files": [[name, size, mtime_ns], ...], "classes": [size, mtime_ns] or None}. Taken before the files
     are read: a file changed while it is indexed then has another stamp at the next start."""
+    if "://" in root:  # a bucket: no stamps yet (each start indexes its headers by range requests)
+        return None
     at = time.time_ns()
     out = []
     for f in files:

@@ -125,7 +125,7 @@ def _index_tar(path: str, checksums: bool = True, fileobj=None) -> list[tuple[st
 
     The headers are read directly (``tar_index``, ~8x faster than ``tarfile``); this ``tarfile`` loop
     reads the tars that needs (see ``tar_headers``), by the same rules."""
-    fast = index_tar(path, checksums)
+    fast = None if fileobj is not None else index_tar(path, checksums)  # (the header walk reads local files)
     if fast is not None:
         return fast
     images: dict[str, tarfile.TarInfo] = {}
