@@ -25,17 +25,17 @@ epoch, counted through the files (every read of the file, footers included), old
 """
 
 import argparse
-import io
 import os
+import sys
 import tempfile
 
 import pyarrow.parquet as pq
 from common import interleaved, photo_like_jpegs
 
-from pipeline.recipes import create_recipe
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from test_parquet_pages import CountingFile, loader_batches  # noqa: E402 - the counting the test asserts on, reused
+
 from pipeline.sources import SampleReader, decode_image, index_source, write_wds_shards
-from pipeline.views import ViewRenderer
-from student.stream import epoch_stream
 
 
 def write_parquet(jpegs, labels, root, per_file, row_group):
@@ -48,24 +48,6 @@ def write_parquet(jpegs, labels, root, per_file, row_group):
                                 "label": [labels[i] for i in rows]},
                                features=Features({"image": Image(), "label": ClassLabel(names=names)}))
         ds.to_parquet(os.path.join(root, f"train-{f:05d}.parquet"), **({"batch_size": row_group} if row_group else {}))
-
-
-def loader_batches(manifest, batch: int, repeats: int = 3):
-    """The (shard, position)s of each batch of epoch 0's stream, as ReplayBatches reads them."""
-    renderer = ViewRenderer(create_recipe("deit", [f"repeats={repeats}"]))
-    sizes = manifest.shard_sizes
-    order = {j: renderer.slot_order(0, 0, j, sizes[j]) for j in range(len(sizes))}
-    stream = epoch_stream(0, 0, sizes, repeats)
-    out = []
-    for t in range(len(stream) // batch):
-        need = set()
-        for shard, slot in stream[t * batch:(t + 1) * batch].tolist():
-            lead = renderer.slot_view(0, 0, shard, slot & ~1, order[shard])
-            need.add((shard, lead.position))
-            if lead.partner_position is not None:
-                need.add((shard, lead.partner_position))
-        out.append(sorted(need))
-    return out
 
 
 def main():
@@ -171,24 +153,6 @@ def main():
             ratios[name] = counter[0] / used
         print("loader's epoch, bytes read per byte used: "
               + "  ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "  (tar: 1.00)")
-
-
-class CountingFile(io.FileIO):
-    """A file whose reads add the bytes they return to ``counter[0]`` (pyarrow's reads included)."""
-
-    def __init__(self, path, counter):
-        super().__init__(path, "rb")
-        self.counter = counter
-
-    def read(self, n=-1):
-        data = super().read(n)
-        self.counter[0] += len(data or b"")
-        return data
-
-    def readinto(self, b):
-        n = super().readinto(b)
-        self.counter[0] += n or 0
-        return n
 
 
 if __name__ == "__main__":
