@@ -19,6 +19,7 @@ from pipeline.sources import (
     source_errors_in_one_line,
 )
 from pipeline.views import ViewRenderer
+from storage.bucket import is_url
 
 from .train_data import TrainData
 
@@ -69,7 +70,8 @@ def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, w
     ds = EvalImages(manifest, train.recipe, rank, world)
     return _OneLineSourceErrors(torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
-        worker_init_fn=single_thread_worker, pin_memory=pin_memory))
+        worker_init_fn=single_thread_worker, pin_memory=pin_memory,
+        multiprocessing_context="forkserver" if workers and is_url(manifest.root) else None))  # (see loader)
 
 
 class _OneLineSourceErrors:

@@ -266,11 +266,6 @@ class LockstepLoader:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.workers, self.pin_memory, self.limit = workers, pin_memory, max_steps_per_epoch
-        if workers and is_url(data.manifest.root):
-            # obstore's runtime (its threads) does not survive the fork of a DataLoader worker: a worker
-            # forked after the source was listed would wait on it forever
-            raise TrainError(f"--workers {workers} with a source on a bucket ({data.manifest.root}): bucket "
-                             "sources are read in the main process for now; pass --workers 0")
         self.files = SampleReader(data.manifest)
         self.global_batch = batch_size * world
         if self.global_batch > len(self.files):
@@ -296,6 +291,9 @@ class LockstepLoader:
                 ds, batch_size=None, num_workers=self.workers, worker_init_fn=single_thread_worker,
                 pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
+                # obstore's runtime (its threads) does not survive a fork: a worker forked after a bucket
+                # source was listed would wait on it forever; forkserver workers start clean (and persist)
+                multiprocessing_context="forkserver" if self.workers and is_url(self.data.manifest.root) else None,
                 generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
         self._channel.publish(view, rows)  # before iter(): workers read it when the epoch's iteration starts
         self._started += 1
