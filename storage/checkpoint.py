@@ -28,7 +28,10 @@ its code.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,9 +109,32 @@ class TrainCheckpoint:
 
 def save(path, ckpt: TrainCheckpoint) -> None:
     """Write the checkpoint durably: a kill or a full disk at any moment leaves the previous one or this
-    one, whole, and no temporary (storage.fsutil.atomic_file: fsync, rename, fsync the directory)."""
-    with atomic_file(path) as f:
+    one, whole, and no temporary (storage.fsutil.atomic_file: fsync, rename, fsync the directory).
+
+    Ctrl-C is held while it writes and arrives right after: raised inside torch's zip writer, a
+    KeyboardInterrupt surfaces as a RuntimeError ("unexpected pos"), a traceback and exit 1 instead of
+    the run's "interrupted: ... resume with" line and exit 130."""
+    with _sigint_held(), atomic_file(path) as f:
         torch.save(ckpt.to_dict(), f)
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ctrl-C noted, not raised, while the block runs; raised (by the handler that was there) at its end."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])  # Python's default handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def load_data(path, *, context: str, fix: str, error: type[Exception] = CheckpointError) -> Any:

