@@ -118,10 +118,27 @@ def client(scheme: str, bucket: str, prefix: str | None = None):
     return _client(scheme, bucket, prefix or None, settings, os.getpid())
 
 
+def used_in_this_process() -> bool:
+    """Whether this process has made an object-store client: its runtime's threads (and the locks they may
+    hold) do not survive a fork, so a process that used one must start workers by forkserver or spawn."""
+    return any(key[-1] == os.getpid() for key in _made)
+
+
+def worker_start(workers: int) -> str | None:
+    """The DataLoader ``multiprocessing_context`` for ``workers`` workers: "forkserver" once this process used
+    a bucket (a worker forked then could wait forever on a lock of the client's runtime; forkserver workers
+    start clean and, persistent, start once), else the platform's default (fork on Linux)."""
+    return "forkserver" if workers and used_in_this_process() else None
+
+
+_made: list[tuple] = []  # the keys of the clients made (with the pid that made them)
+
+
 @functools.lru_cache(maxsize=64)
 def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple, pid: int):
     from obstore.store import GCSStore, S3Store
 
+    _made.append((scheme, bucket, pid))
     url = f"{scheme}://{bucket}"
     if scheme == "gs":
         return GCSStore(bucket, prefix=prefix, retry_config=_retry())

@@ -19,7 +19,7 @@ from pipeline.sources import (
     source_errors_in_one_line,
 )
 from pipeline.views import ViewRenderer
-from storage.bucket import is_url
+from storage.bucket import worker_start
 
 from .train_data import TrainData
 
@@ -71,7 +71,7 @@ def eval_loader(val: str, train: TrainData, *, batch_size: int, rank: int = 0, w
     return _OneLineSourceErrors(torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_valid,
         worker_init_fn=single_thread_worker, pin_memory=pin_memory,
-        multiprocessing_context="forkserver" if workers and is_url(manifest.root) else None))  # (see loader)
+        multiprocessing_context=worker_start(workers)))
 
 
 class _OneLineSourceErrors:

@@ -61,7 +61,7 @@ from pipeline.sources import (
 )
 from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN
-from storage.bucket import is_url
+from storage.bucket import worker_start
 
 from .errors import TrainError
 from .stream import epoch_stream
@@ -291,9 +291,8 @@ class LockstepLoader:
                 ds, batch_size=None, num_workers=self.workers, worker_init_fn=single_thread_worker,
                 pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
-                # obstore's runtime (its threads) does not survive a fork: a worker forked after a bucket
-                # source was listed would wait on it forever; forkserver workers start clean (and persist)
-                multiprocessing_context="forkserver" if self.workers and is_url(self.data.manifest.root) else None,
+                # forkserver once this process used a bucket (a source or the store): see worker_start
+                multiprocessing_context=worker_start(self.workers),
                 generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
         self._channel.publish(view, rows)  # before iter(): workers read it when the epoch's iteration starts
         self._started += 1
