@@ -136,7 +136,8 @@ def test_precompute_and_train_from_a_bucket_source_give_the_bytes_of_the_local_c
     local, url = wds_pair
     stores = {"d": tmp_path / "store-d", "b": tmp_path / "store-b"}
     precompute(local, stores["d"], tiny_teacher, views=3)
-    precompute(url + "/shard-{000000..000002}.tar", stores["b"], tiny_teacher, views=3)
+    # (2 workers: forkserver, since this process used the bucket; a forked worker could hang on its client)
+    precompute(url + "/shard-{000000..000002}.tar", stores["b"], tiny_teacher, views=3, workers=2)
     a, b = snapshot(stores["d"]), snapshot(stores["b"])
     assert sorted(a) == sorted(b)
     same = lambda snap: {k: v for k, v in snap.items() if k not in ("store.json", "manifest.parquet")}

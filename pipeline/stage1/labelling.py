@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from storage import INVALID, WRITTEN, StoreSpec, open_store, soft_targets, tail_logsumexp, target_error, topk_logprobs
+from storage.bucket import worker_start
 from storage.meta import soft_error_key
 from storage.soft import recorded_soft_error
 
@@ -91,7 +92,8 @@ class Labeller:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=cfg.workers, worker_init_fn=single_thread_worker,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if cfg.workers else None)
+            prefetch_factor=4 if cfg.workers else None,
+            multiprocessing_context=worker_start(cfg.workers))  # forkserver once a bucket was used: no fork hang
         buffers: dict[int, _UnitBuffer] = {}
         for batch in source_errors_in_one_line(loader):
             shard, views = units[batch.index]
