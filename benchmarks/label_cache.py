@@ -9,7 +9,7 @@ is scaled by the same factor as the view, so the run decodes what a 14M store wo
 down; the figures are printed scaled back up to 14M.
 
     git worktree add /tmp/old cccf9cc
-    python benchmarks/label_cache.py --old-tree /tmp/old [--views 30] [--budget-gib 2]
+    python benchmarks/label_cache.py --old-tree /tmp/old [--views 30] [--budget-gib auto|2]
 """
 
 from __future__ import annotations
@@ -66,14 +66,18 @@ def child(a) -> None:
             w.write_unit(shard, block, values=values, ids=ids, valid=np.ones((vb, PER_SHARD), np.uint8))
         zb.Blosc = Counting
         r = open_store(os.path.join(root, "s"))
-        r.cache_bytes = int(a.budget_gib * 2**30 / scale)
+        # "auto": the reader's default for a 14M store on this machine (a tree without one: 2 GiB, its default)
+        budget = (getattr(zb, "label_cache_bytes", lambda spec: 2 << 30)(big) if a.budget_gib == "auto"
+                  else float(a.budget_gib) * 2**30)
+        r.cache_bytes = int(budget / scale)
         per_epoch = []
         for epoch in range(a.views):
             decoded[0] = 0
             for _ in r.read_view(epoch % a.views):
                 pass
             per_epoch.append(decoded[0] * scale)
-    print(json.dumps({"per_epoch": per_epoch, "view": view_bytes(big), "block": view_bytes(big) * a.views_per_unit}))
+    print(json.dumps({"per_epoch": per_epoch, "view": view_bytes(big), "block": view_bytes(big) * a.views_per_unit,
+                      "budget": budget}))
 
 
 def main():
@@ -81,7 +85,8 @@ def main():
     ap.add_argument("--old-tree", help="a checkout of commit cccf9cc (git worktree add /tmp/old cccf9cc)")
     ap.add_argument("--views", type=int, default=30, help="V: epochs read, one per view")
     ap.add_argument("--views-per-unit", type=int, default=10, help="precompute's default")
-    ap.add_argument("--budget-gib", type=float, default=2.0, help="the reader's cache_bytes (default 2 GiB)")
+    ap.add_argument("--budget-gib", default="auto",
+                    help="the reader's cache_bytes in GiB, or auto: its default for a 14M store on this machine")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -96,13 +101,13 @@ def main():
         rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
     one = next(iter(rows.values()))
     print(f"read_view at {SAMPLES_21K} samples, top-{K}, {CLASSES_21K} classes: {gib(one['view']):.2f} GiB a view, "
-          f"{gib(one['block']):.2f} GiB a block of {a.views_per_unit} views; cache budget {a.budget_gib} GiB; "
+          f"{gib(one['block']):.2f} GiB a block of {a.views_per_unit} views; cache budget {a.budget_gib}; "
           f"{a.views} epochs (views 0-{a.views - 1})")
-    print(f"{'':<6}{'GiB decoded per epoch (first 12)':<70}{'mean':>8}{'blocks decoded':>16}")
+    print(f"{'':<6}{'budget GiB':>11}  {'GiB decoded per epoch (first 12)':<70}{'mean':>8}{'blocks decoded':>16}")
     for name, r in rows.items():
         per = r["per_epoch"]
         first = " ".join(f"{gib(b):.1f}" for b in per[:12])
-        print(f"{name:<6}{first:<70}{gib(np.mean(per)):>8.2f}{sum(per) / r['block']:>16.1f}")
+        print(f"{name:<6}{gib(r['budget']):>11.2f}  {first:<70}{gib(np.mean(per)):>8.2f}{sum(per) / r['block']:>16.1f}")
 
 
 if __name__ == "__main__":

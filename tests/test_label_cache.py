@@ -87,3 +87,32 @@ def test_each_cached_view_is_its_own_array(store):
             if a is not None:
                 assert a.base is None and a.flags.c_contiguous
     assert sum(a.nbytes for v in r._views.values() for a in v if a is not None) == r.cached_bytes()
+
+
+def test_the_default_budget_holds_a_block_where_the_machines_share_can(monkeypatch):
+    """At 14M samples (top-10, 21,841 classes) a block of 10 views is 5.4 GiB: held by one rank of a 24 GiB
+    machine or 8 of a 256 GiB node (each block then decoded once per pass of its views), not by 8 ranks of
+    64 GiB (2 GiB each, the floor); a small store's budget is the floor, never less."""
+    from storage import StoreSpec
+
+    spec = StoreSpec(mode="topk", k=10, num_classes=21_841, class_names=(), views=30,
+                     shard_sizes=(1024,) * 13_865, views_per_unit=10)
+    block = 10 * zb.view_nbytes(spec)
+    assert 5.3 * 2**30 < block < 5.5 * 2**30
+    gib = 2**30
+    assert zb.label_cache_bytes(spec, memory=24 * gib, local_ranks=1) == block
+    assert zb.label_cache_bytes(spec, memory=256 * gib, local_ranks=8) == block
+    assert zb.label_cache_bytes(spec, memory=64 * gib, local_ranks=8) == zb.MIN_CACHE_BYTES
+    assert zb.label_cache_bytes(spec, memory=32 * gib, local_ranks=1) == block
+    assert zb.label_cache_bytes(spec, memory=16 * gib, local_ranks=1) == 4 * gib  # a quarter of 16 GiB
+    assert zb.label_cache_bytes(tiny_spec(views=6, views_per_unit=3), memory=256 * gib) == zb.MIN_CACHE_BYTES
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's: ranks sharing this machine
+    assert zb.label_cache_bytes(spec, memory=64 * gib) == zb.MIN_CACHE_BYTES
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert zb.label_cache_bytes(spec, memory=64 * gib) == block
+
+
+def test_a_reader_opened_without_a_budget_takes_the_default(store):
+    r = open_store(store)
+    assert r.cache_bytes == zb.label_cache_bytes(r.spec) >= zb.MIN_CACHE_BYTES
+    assert zb.machine_memory() > 0
