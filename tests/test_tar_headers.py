@@ -54,7 +54,7 @@ def _by_scan(path) -> list[tuple[str, int, int]] | None:
     got = tar_headers.scan(str(path))
     if got is None:
         return None
-    return [(n, int(o), int(s)) for n, o, s in zip(got.names, got.offsets, got.sizes, strict=True)]
+    return [(n, int(o), int(s)) for n, o, s in zip(got.name_list(), got.offsets, got.sizes, strict=True)]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -99,7 +99,7 @@ def test_a_webdataset_tar_takes_the_fast_walk_and_lists_what_tarfile_lists(tmp_p
     finally:
         os.close(fd)
     assert fast is not None
-    assert [(n, int(o), int(s)) for n, o, s in zip(fast.names, fast.offsets, fast.sizes, strict=True)] == \
+    assert [(n, int(o), int(s)) for n, o, s in zip(fast.name_list(), fast.offsets, fast.sizes, strict=True)] == \
         _by_tarfile(path)
     data = bytearray(path.read_bytes())
     data[int(fast.offsets[30]) - 512 + 5] ^= 0xFF  # a header late in the tar fails its checksum
@@ -194,3 +194,69 @@ def test_an_index_with_checksums_reads_each_byte_once_through_tarfile(tmp_path):
     assert index_tar(path, checksums=True) is None and index_tar(path, checksums=False) is not None
     rows = _index_tar(path, checksums=True)
     assert [r[5] for r in rows] == [crc32c.crc32c(bytes([i]) * 300) for i in range(5)]
+
+
+# ---- tar_index._columns: the usual tar, column-wise, without the per-member loop ---------------------
+_KEY = st.text(alphabet="abcxyz019_-é", min_size=1, max_size=12).filter(lambda s: not s.startswith("-"))
+_DIR = st.sampled_from(["", "d/", "d.x/e/", "long/" * 25])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(samples=st.lists(st.tuples(_DIR, _KEY, st.sampled_from([".jpg", ".JPEG", ".png", ".webp", ".Png"]),
+                                  st.integers(0, 25_000), st.sampled_from(["{}", "{}\n", "00{}"]),
+                                  st.booleans(), st.booleans(), st.integers(0, 3000)),
+                        min_size=1, max_size=12, unique_by=lambda s: s[0] + s[1]),
+       fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_the_column_wise_index_of_a_usual_tar_is_the_loops(tmp_path, samples, fmt):
+    """Images and labels in either order, an extra .json before or after, names in directories, long
+    (ustar prefix) and non-ASCII: the column-wise path takes every such tar and gives the loop's rows."""
+    from pipeline.sources import tar_index
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for d, key, ext, label, text, label_first, json_first, size in samples:
+            members = [(key + ext, bytes([size % 251]) * size), (key + ".cls", text.format(label).encode())]
+            members = members[::-1] if label_first else members
+            members.insert(0 if json_first else 2, (key + ".json", b"{}"))
+            for name, data in members:
+                info = tarfile.TarInfo(d + name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "w.tar"
+    path.write_bytes(buf.getvalue())
+    members = tar_headers.scan(str(path))
+    assert members is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fast = tar_index._columns(members, tar_headers.Blocks(fd, members.file_size))
+        loop = tar_index._samples(str(path), members, tar_headers.Blocks(fd, members.file_size))
+    finally:
+        os.close(fd)
+    # GNU longnames and pax path records: the general walk names those members (a list, not the column-wise
+    # path); a ustar tar keeps every name in its headers
+    assert (fast is not None) == (fmt == tarfile.USTAR_FORMAT or not isinstance(members.names, list))
+    if fast is None:
+        return
+    assert fast.tuples() == loop
+    assert [r[0] for r in loop] == [d + k for d, k, *_ in samples]  # each sample once, in tar order
+    assert [r[4] for r in loop] == [s[3] for s in samples]
+
+
+def test_a_member_before_the_image_does_not_list_its_sample_twice(tmp_path):
+    """A .json (or any member) written before a sample's image made the key's first appearance count once
+    for it and once for the image: every such sample was indexed twice. Each reader, both ways round."""
+    from pipeline.sources import tar as sources
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("a.json", b"{}"), ("a.jpg", b"xx"), ("a.cls", b"1"), ("b.txt", b"z"), ("b.png", b"yy"),
+                           ("b.cls", b"2"), ("c.cls", b"0"), ("c.jpg", b"q"), ("c.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "w.tar"
+    path.write_bytes(buf.getvalue())
+    for checksums in (False, True):
+        for fast in (True, False):
+            rows = sources._index_tar(str(path), checksums, fast=fast)
+            assert [(r[0], r[1], r[4]) for r in rows] == [("a", "a.jpg", 1), ("b", "b.png", 2), ("c", "c.jpg", 0)]

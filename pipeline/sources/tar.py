@@ -25,7 +25,7 @@ from storage.errors import printable
 from ..source_errors import SourceError, check_label_bound, permission_error
 from .base import IMAGE_EXTS, NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
 from .stamps import stamps_of
-from .tar_index import LABEL_EXT, MAX_LABEL_BYTES, index_tar
+from .tar_index import LABEL_EXT, MAX_LABEL_BYTES, TarRows, index_tar
 
 
 class TarFiles(FileReader):
@@ -84,23 +84,31 @@ FORMAT = WebDataset()
 def _index_wds(src: str, files: list[str], checksums: bool = True) -> Indexed:
     root = check_files(src, files)
     stamps = stamps_of(root, files)  # before reading: a tar changed meanwhile fails its stamp next time
-    cols = {name: [] for name in SCHEMA.names}
-    for shard, path in enumerate(files):
-        for pos, (key, member, offset, size, label, crc) in enumerate(_index_tar(path, checksums, _open_url(path))):
-            if label < 0:  # numpy would read -1 as the last class
-                raise SourceError(f"{path}: sample {printable(key)!r} has label {label} in its .cls; labels are class "
-                                  "indices 0..C-1: fix the label")
-            for name, v in zip(SCHEMA.names, (key, label, shard, pos, member, offset, size, crc), strict=True):
-                cols[name].append(v)
-    if not cols["key"]:
+    parts: list[TarRows] = []
+    for path in files:
+        rows = _index_tar_rows(path, checksums, _open_url(path))
+        if len(rows) and rows.labels.min() < 0:  # numpy would read -1 as the last class
+            i = int(np.argmax(rows.labels < 0))
+            raise SourceError(f"{path}: sample {printable(rows.keys[i].as_py())!r} has label {rows.labels[i]} in its "
+                              ".cls; labels are class indices 0..C-1: fix the label")
+        parts.append(rows)
+    counts = np.array([len(p) for p in parts], np.int64)
+    if not counts.sum():
         raise SourceError(f"{src}: the shards hold no images ({', '.join(IMAGE_EXTS)})")
-    table = pa.table(cols, schema=SCHEMA)
-    num_classes = int(max(cols["label"])) + 1
+    labels = np.concatenate([p.labels for p in parts])
+    shard = np.repeat(np.arange(len(parts), dtype=np.int64), counts)
+    position = np.arange(len(labels), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    keys = pa.chunked_array([p.keys for p in parts], pa.string())
+    table = pa.Table.from_arrays([
+        keys, pa.array(labels, pa.int32()), pa.array(shard, pa.int32()), pa.array(position, pa.int32()),
+        pa.chunked_array([p.members for p in parts], pa.string()), pa.array(np.concatenate([p.offsets for p in parts])),
+        pa.array(np.concatenate([p.sizes for p in parts])), pa.array(np.concatenate([p.crcs for p in parts]))],
+        schema=SCHEMA)
+    num_classes = int(labels.max()) + 1
     names = classes_txt_names(root, num_classes)
-    labels = np.asarray(cols["label"])
     if labels.max() >= len(names):  # classes.txt is shorter than the labels used
         i = int(np.argmax(labels >= len(names)))
-        raise SourceError(f"{files[cols['shard'][i]]}: sample {printable(cols['key'][i])!r} has label {labels[i]}, but "
+        raise SourceError(f"{files[shard[i]]}: sample {printable(keys[i].as_py())!r} has label {labels[i]}, but "
                           f"{os.path.join(root, 'classes.txt')} lists {len(names)} classes (0..{len(names) - 1}); "
                           "fix the label or classes.txt")
     return Indexed("wds", root, [os.path.basename(f) for f in files], names, table, stamps=stamps)
@@ -116,7 +124,15 @@ def _open_url(path: str):
     return RangeFile(path)
 
 
-def _index_tar(path: str, checksums: bool = True, fileobj=None) -> list[tuple[str, str, int, int, int, int]]:
+def _index_tar_rows(path: str, checksums: bool = True, fileobj=None) -> TarRows:
+    """``_index_tar`` column-wise: from the header walk where it reads the tar (no Python object per member),
+    else from the ``tarfile`` loop's rows."""
+    fast = None if fileobj is not None else index_tar(path, checksums)  # (the header walk reads local files)
+    return fast if fast is not None else TarRows.of(_index_tar(path, checksums, fileobj, fast=False))
+
+
+def _index_tar(path: str, checksums: bool = True, fileobj=None, fast: bool = True
+               ) -> list[tuple[str, str, int, int, int, int]]:
     """(key, image member, data offset, size, label, crc32c) per sample, in tar order; one pass. ``fileobj``:
     the tar's bytes as a seekable reader (a bucket's ``RangeFile``), else ``path`` is opened.
 
@@ -125,13 +141,14 @@ def _index_tar(path: str, checksums: bool = True, fileobj=None) -> list[tuple[st
 
     The headers are read directly (``tar_index``, ~8x faster than ``tarfile``); this ``tarfile`` loop
     reads the tars that needs (see ``tar_headers``), by the same rules."""
-    fast = None if fileobj is not None else index_tar(path, checksums)  # (the header walk reads local files)
-    if fast is not None:
-        return fast
+    rows = None if fileobj is not None or not fast else index_tar(path, checksums)  # (the walk reads local files)
+    if rows is not None:
+        return rows.tuples()
     images: dict[str, tarfile.TarInfo] = {}
     crcs: dict[str, int] = {}
     labels: dict[str, int] = {}
     order: list[str] = []
+    seen: set[str] = set()
     names: set[str] = set()
     try:
         with tarfile.open(path, mode="r:", fileobj=fileobj) as tar:
@@ -147,7 +164,8 @@ def _index_tar(path: str, checksums: bool = True, fileobj=None) -> list[tuple[st
                 # WebDataset's convention: the key is the path up to the first dot of the basename.
                 key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
                 ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
-                if key not in images and key not in labels:
+                if key not in seen:  # (a key once, where any of its members comes first: a .json before the image too)
+                    seen.add(key)
                     order.append(key)
                 if ext in IMAGE_EXTS:
                     if key in images:
