@@ -131,23 +131,40 @@ def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
     """The usual tar, fast: a walk that only follows the sizes, the names decoded and the headers checked
     behind it, a batch at a time in numpy. Usual: regular files ('0'), directories, links and devices, pax headers that
     set neither path nor size (webdataset's: an mtime), plain number fields, a clean end. Anything else
-    (None) is left to ``_scan``, which reads every case as tarfile does."""
-    headers: list[bytes] = []   # the headers since the last batch was checked
-    regular: list[int] = []     # the regular members' headers among them (indices)
+    (None) is left to ``_scan``, which reads every case as tarfile does.
+
+    In a chunk read far ahead (small members), every block's type and size are parsed at once and the walk
+    follows them (``_Chunk.follow``) until a header that needs this loop's own checks; this loop takes that
+    header, and so on."""
+    headers = _Headers()
     names: list[tuple[np.ndarray, np.ndarray]] = []  # per batch checked: the names' bytes and lengths
     offsets: list[int] = []
     sizes: list[int] = []
-    chunk, start = b"", 0
+    chunk, start, parsed = b"", 0, None
     pos, chained = 0, False
     while True:
         at = pos - start
         if at < 0 or at > len(chunk) - BLOCK:
             near = start <= pos < start + len(chunk) + _SMALL  # small members: read far ahead
-            chunk, start, at = read_at(fd, _BIG if near or not chunk else _AROUND, pos), pos, 0
+            ahead = near or not chunk
+            chunk, start, at = read_at(fd, _BIG if ahead else _AROUND, pos), pos, 0
+            parsed = _Chunk(chunk, file_size - start) if ahead and len(chunk) >= 4 * BLOCK else None
             if len(chunk) < BLOCK:
                 if pos == file_size and pos and not chained:
                     break  # the file ends at a header boundary: tarfile ends there too
                 return None
+        if parsed is not None:
+            b, chained, rows = parsed.follow(at // BLOCK, chained)
+            if len(rows):
+                headers.add_rows(parsed.blocks[rows], parsed.regular[rows])
+                regular = rows[parsed.regular[rows]]
+                offsets += (start + (regular + 1) * BLOCK).tolist()
+                sizes += parsed.sizes[regular].tolist()
+                pos, at = start + b * BLOCK, b * BLOCK
+                if headers.count >= _BATCH and not chained and not _checked_and_named(headers, names):
+                    return None
+                if at > len(chunk) - BLOCK:
+                    continue  # the next header is past this chunk
         typ = chunk[at + 156]
         if not typ and not chunk[at] and chunk[at:at + BLOCK] == _ZERO:
             if chained:
@@ -159,13 +176,12 @@ def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
             size = int(chunk[at + 124:at + 135], 8)
         except ValueError:
             return None
-        if len(headers) >= _BATCH and not chained:  # checked and named a batch at a time: in cache, memory bounded
-            if not _checked_and_named(headers, regular, names):
+        if headers.count >= _BATCH and not chained:  # checked and named a batch at a time: in cache, memory bounded
+            if not _checked_and_named(headers, names):
                 return None
-        headers.append(chunk[at:at + BLOCK])
         data = pos + BLOCK
+        headers.add(chunk[at:at + BLOCK], typ == 48)
         if typ == 48:  # '0', a regular file
-            regular.append(len(headers) - 1)
             offsets.append(data)
             sizes.append(size)
             pos, chained = data + ((size + BLOCK - 1) & -BLOCK), False
@@ -185,26 +201,114 @@ def _plain_tar(fd: int, file_size: int) -> TarMembers | None:
             pos, chained = data, False
         else:
             return None
-    if not _checked_and_named(headers, regular, names):
+    if not _checked_and_named(headers, names):
         return None
     data = np.concatenate([b for b, _ in names]) if names else np.zeros(0, np.uint8)
     lengths = np.concatenate([n for _, n in names]) if names else np.zeros(0, np.int64)
     return TarMembers(_decoded(data, lengths), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), file_size)
 
 
-def _checked_and_named(headers: list[bytes], regular: list[int], names: list) -> bool:
+_OCTAL_PLACES = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_NO_DATA_CODES = np.frombuffer(bytes(_NO_DATA), np.uint8)
+
+
+class _Chunk:
+    """A chunk read far ahead, every block taken as if it were a header: its type and plain octal size
+    parsed at once, so the walk over the headers in it follows a list of steps (``follow``). ``room``: the
+    bytes from the chunk's start to the file's end."""
+
+    def __init__(self, chunk: bytes, room: int):
+        n = len(chunk) // BLOCK
+        self.chunk = chunk
+        self.blocks = np.frombuffer(chunk, np.uint8, n * BLOCK).reshape(n, BLOCK)
+        digits = self.blocks[:, 124:135].astype(np.int64) - ord("0")
+        plain = ((digits >= 0) & (digits <= 7)).all(1) & (self.blocks[:, 135] == 0)
+        self.sizes = digits @ _OCTAL_PLACES
+        typ = self.blocks[:, 156]
+        self.regular = typ == 48
+        pax = typ == 120
+        step = np.where(self.regular | pax, 1 + (self.sizes + BLOCK - 1) // BLOCK,
+                        np.isin(typ, _NO_DATA_CODES).astype(np.int64))
+        step = np.where(plain, step, 0)  # 0: the loop looks at this header itself (the end, any other type...)
+        cut = self.regular & ((np.arange(n) + step) * BLOCK > room)  # a file cut short: the loop says so
+        self.steps = step.tolist()
+        # a regular file (not cut short), a directory, link or device: taken without a look
+        self.plain = np.where(pax | cut, 0, step).tolist()
+
+    def follow(self, b: int, chained: bool) -> tuple[int, bool, np.ndarray]:
+        """Walk from block ``b`` while each header is one the loop would take without a question: a regular
+        file that ends before the file does, a directory, link or device, a pax header (not after another)
+        that sets nothing, with its records in the chunk. -> (the block where the walk stopped, whether a pax
+        header waits for its member, the headers walked)."""
+        plain, walked, n = self.plain, [], len(self.plain)
+        last_pax = chained
+        while b < n:
+            step = plain[b]
+            if step:
+                walked.append(b)
+                b += step
+                last_pax = False
+                continue
+            step = self.steps[b]
+            if not step or self.regular[b]:
+                break
+            size = int(self.sizes[b])  # a pax header
+            if last_pax or size > _MAX_EXTENDED or b + step > n or \
+                    not _pax_sets_nothing(self.chunk[(b + 1) * BLOCK:(b + step) * BLOCK], size):
+                break  # (the loop says what is wrong, or reads the records past the chunk)
+            walked.append(b)
+            b += step
+            last_pax = True
+        return b, last_pax, np.asarray(walked, np.int64)
+
+
+class _Headers:
+    """The headers walked since the last batch was checked, in order: blocks the loop took one at a time and
+    rows the chunk walk took at once; and which of them are regular members'."""
+
+    def __init__(self):
+        self.count = 0
+        self._pieces: list[np.ndarray] = []
+        self._regular: list[np.ndarray] = []
+        self._blocks: list[bytes] = []
+        self._block_regular: list[bool] = []
+
+    def add(self, header: bytes, regular: bool) -> None:
+        self._blocks.append(header)
+        self._block_regular.append(regular)
+        self.count += 1
+
+    def add_rows(self, rows: np.ndarray, regular: np.ndarray) -> None:
+        self._flush()
+        self._pieces.append(rows)
+        self._regular.append(regular)
+        self.count += len(rows)
+
+    def _flush(self) -> None:
+        if self._blocks:
+            self._pieces.append(np.frombuffer(b"".join(self._blocks), np.uint8).reshape(-1, BLOCK))
+            self._regular.append(np.asarray(self._block_regular, bool))
+            self._blocks, self._block_regular = [], []
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """(headers [n, 512], which are regular), and empty for the next batch."""
+        self._flush()
+        h = np.concatenate(self._pieces) if self._pieces else np.zeros((0, BLOCK), np.uint8)
+        regular = np.concatenate(self._regular) if self._regular else np.zeros(0, bool)
+        self._pieces, self._regular, self.count = [], [], 0
+        return h, regular
+
+
+def _checked_and_named(headers: _Headers, names: list) -> bool:
     """Check a batch of headers (False: one is bad, leave the tar to ``_scan``), append the names of its
-    regular members (``regular``: their indices in ``headers``) to ``names`` (``_name_bytes``), and empty
-    both lists for the next batch."""
-    if not headers:
+    regular members to ``names`` (``_name_bytes``), and empty it for the next batch."""
+    h, regular = headers.take()
+    if not len(h):
         return True
-    h = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, BLOCK)
     if _first_bad_row(h) is not None:
         return False
-    if regular:
+    if regular.any():
         names.append(_name_bytes(h[regular]))
-    headers.clear()
-    regular.clear()
     return True
 
 

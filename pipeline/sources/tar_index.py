@@ -4,8 +4,13 @@
 ``tarfile``'s own reading (None here). The rules are that loop's, in the same order, so a tar gives
 the same rows and the same first error either way: a member name twice is refused, the key is the
 path up to the first dot of the basename, one image and one ``.cls`` per key, a label read from at
-most MAX_LABEL_BYTES. Reads behave as ``tarfile``'s do on a tar cut short: an image whose bytes end
-early gets NO_CRC (undecodable, its views flagged); a ``.cls`` cut short ends the listing there.
+most MAX_LABEL_BYTES, samples in the order their keys first appear. Reads behave as ``tarfile``'s do on
+a tar cut short: an image whose bytes end early gets NO_CRC (undecodable, its views flagged); a ``.cls``
+cut short ends the listing there.
+
+The usual tar (every key with one image and one plain-integer label, UTF-8 names) is indexed column-wise
+(``_columns``: numpy over the names' bytes, no Python object per member); ``_samples``, the loop, takes
+every other tar and says what is wrong with it in the order it meets it.
 """
 
 from __future__ import annotations
