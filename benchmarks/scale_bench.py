@@ -41,7 +41,8 @@ REPO = os.path.dirname(HERE)
 SIZES = {"10k": 10_000, "100k": 100_000, "1.28M": 1_281_167, "14M": 14_197_122}
 PER_TAR, CLASSES, VIEWS, TOPK = 1024, 1000, 2, 10
 TARGETS = {"index_names": "well under 10 us/sample", "index_crc": "once per fleet",
-           "train_start": "seconds", "inspect": "seconds", "class_diversity": "< 1 s, < 200 MB"}
+           "train_start": "seconds", "inspect": "seconds", "class_diversity": "< 1 s, < 200 MB",
+           "fleet_bytes": "each source byte read once before the first unit", "worker_uss": "< 30 MB"}
 
 
 # ---- the synthetic source (cached) ---------------------------------------------------------------
@@ -146,7 +147,89 @@ def child(what: str, src: str, store: str) -> dict:
         seconds = time.perf_counter() - t
         peak = tracemalloc.get_traced_memory()[1]
         return {"seconds": seconds, "peak_MB": peak / 2**20}
+    if what == "fleet_bytes":
+        return fleet_bytes(src, store)
     raise SystemExit(f"unknown row {what}")
+
+
+def worker_uss(repo: str, n: int, workers: int = 2) -> dict:
+    """A DataLoader worker's private memory after one epoch of ``n`` samples: ``worker_memory.py`` (its
+    read path, batch 256) run on ``repo``'s loader."""
+    script = os.path.join(HERE, "worker_memory.py")
+    r = subprocess.run([sys.executable, script, "--samples", str(n), "--workers", str(workers), "--batch", "256",
+                        "--epochs", "1", "--child"], cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                       capture_output=True, text=True)
+    if r.returncode:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    return {"uss_MiB_max": max(json.loads(r.stdout.strip().splitlines()[-1])[0]["uss"]) / 2**20}
+
+
+def fleet_bytes(src: str, store: str, ranks: int = 4) -> dict:
+    """``ranks`` precompute ranks started together (threads) on a fresh store: how many times each source byte
+    was read before each rank's first unit, counted by ``tests/test_read_once.py``'s wrappers of every way a
+    file is read. Each rank stops at its first unit (the units read their shards, as they must)."""
+    import shutil
+    import threading
+
+    import pytest
+    import timm
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))  # (this script's tree: its counting wrappers)
+    try:
+        from test_read_once import _SourceReads, _times_read
+
+        from pipeline.stage1.precompute import PrecomputeConfig, run_precompute
+        from pipeline.stage1.units import UnitViews
+    except ImportError as e:
+        return {"error": f"not measurable in this tree ({e})"}
+    shutil.rmtree(store, ignore_errors=True)
+    teacher = store + "-teacher.pth"
+    g = torch.Generator().manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=CLASSES)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    torch.save(model.state_dict(), teacher)
+
+    class FirstUnit(Exception):
+        pass
+
+    mp = pytest.MonkeyPatch()
+    reads = _SourceReads(src)
+    reads.install(mp)
+
+    def render_unit(self, *a, **kw):  # the first unit starts: what follows is the units' reading
+        reads.local.unit_started = True
+        raise FirstUnit
+    mp.setattr(UnitViews, "render_unit", render_unit)
+    start, errors = threading.Barrier(ranks), []
+
+    def rank(r: int) -> None:
+        try:
+            start.wait()
+            run_precompute(PrecomputeConfig(
+                data=src, out=store, teacher="resnet10t", teacher_weights=teacher, views=VIEWS, views_per_unit=1,
+                topk=TOPK, input_size=32, batch_size=8, workers=0, model_kwargs={"num_classes": CLASSES},
+                progress=False, rank=r, world_size=ranks, lease_ttl=600.0))
+        except FirstUnit:
+            pass
+        except BaseException as e:  # noqa: BLE001 (reported)
+            errors.append(f"rank {r}: {e}")
+    t = time.perf_counter()
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    mp.undo()
+    if errors:
+        return {"error": "; ".join(errors)[:300]}
+    times = _times_read(reads.reads["start"])
+    source = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".tar"))
+    tars = [c for p, c in times.items() if p.endswith(".tar")]
+    return {"source_read_x": sum(int(c.sum()) for c in tars) / source,
+            "bytes_read_twice": sum(int((c > 1).sum()) for c in tars), "seconds": time.perf_counter() - t}
 
 
 def creation_meta(m) -> dict:
@@ -191,7 +274,8 @@ def main():
     ap.add_argument("--sizes", default="10k,100k", help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--baseline", default=None, help="a checkout of an older commit to run side by side")
     ap.add_argument("--work", default="/tmp/scale-bench", help="where sources (cached) and stores go")
-    ap.add_argument("--rows", default="index_names,index_crc,train_start,inspect,plan_read,class_diversity")
+    ap.add_argument("--rows", default="index_names,index_crc,train_start,inspect,plan_read,class_diversity,"
+                                      "worker_uss,fleet_bytes")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -223,6 +307,8 @@ def main():
                     r = run_cli(repo, train_args(src, store, run))
                 elif row == "inspect":
                     r = run_cli(repo, ["inspect", store])
+                elif row == "worker_uss":
+                    r = worker_uss(repo, n)
                 else:
                     r = run_child(repo, row, src, store)
                 results[(size, row, name)] = r
