@@ -23,7 +23,8 @@ import time
 import crc32c
 from common import interleaved, photo_like_jpegs
 
-from pipeline.sources import _index_tar, decode_image, index_source, tar_headers, write_wds_shards
+from pipeline.sources import decode_image, index_source, tar_headers, write_wds_shards
+from pipeline.sources.tar import _index_tar, _index_tar_rows
 
 
 def main():
@@ -49,15 +50,16 @@ def tar_old_vs_new(n: int, rounds: int):
         real_scan = tar_headers.scan
 
         def by_tarfile():
-            tar_headers.scan = lambda p: None  # sources._index_tar's own tarfile loop
+            tar_headers.scan = lambda p: None  # sources.tar._index_tar's own tarfile loop
             try:
                 return _index_tar(path, checksums=False)
             finally:
                 tar_headers.scan = real_scan
 
-        old, new = by_tarfile(), _index_tar(path, checksums=False)
+        old, new = by_tarfile(), _index_tar_rows(path, checksums=False).tuples()
         assert old == new, "the two readers disagree"
-        med = interleaved({"tarfile": by_tarfile, "headers": lambda: _index_tar(path, checksums=False)},
+        # (the headers' rows column-wise, as index_source takes them; tarfile's as its loop makes them)
+        med = interleaved({"tarfile": by_tarfile, "headers": lambda: _index_tar_rows(path, checksums=False)},
                           rounds=rounds)
         print(f"tar of {n} samples ({os.path.getsize(path) / 2**20:.0f} MiB), names only: "
               f"tarfile {med['tarfile'] / n * 1e6:6.2f} us/sample | headers {med['headers'] / n * 1e6:6.2f} "

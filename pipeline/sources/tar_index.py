@@ -163,10 +163,8 @@ def _labels(offsets: np.ndarray, sizes: np.ndarray, blocks: tar_headers.Blocks) 
         return None
     lo, hi = int(offsets[0]), int(offsets[-1] + sizes[-1])
     values = None
-    if hi - lo <= _DENSE * len(sizes):  # small members: one read (the header walk read these bytes too)
-        buf = blocks.read(lo, hi - lo)
-        if len(buf) == hi - lo:
-            values = _plain_labels(np.frombuffer(buf, np.uint8), offsets - lo, sizes)
+    if hi - lo <= _DENSE * len(sizes):  # small members: a read per window (the header walk read these bytes too)
+        values = _dense_labels(offsets, sizes, blocks)
     if values is None:
         read, out = blocks.read, []
         try:
@@ -182,6 +180,27 @@ def _labels(offsets: np.ndarray, sizes: np.ndarray, blocks: tar_headers.Blocks) 
     if values.min() < 0 or values.max() >= MAX_CLASSES:
         return None  # (a negative label: the loop takes it, and the caller refuses it by name)
     return values.astype(np.int64)
+
+
+_WINDOW = 4 << 20  # bytes of a tar read at once for the labels in them
+
+
+def _dense_labels(offsets: np.ndarray, sizes: np.ndarray, blocks: tar_headers.Blocks) -> np.ndarray | None:
+    """``_plain_labels`` of labels close together, a window of at most _WINDOW bytes read at a time."""
+    ends, out, i = offsets + sizes, [], 0
+    while i < len(offsets):
+        lo = int(offsets[i])
+        j = max(i + 1, int(np.searchsorted(ends, lo + _WINDOW, side="right")))
+        hi = int(ends[j - 1])
+        buf = blocks.read(lo, hi - lo)
+        if len(buf) != hi - lo:
+            return None
+        got = _plain_labels(np.frombuffer(buf, np.uint8), offsets[i:j] - lo, sizes[i:j])
+        if got is None:
+            return None
+        out.append(got)
+        i = j
+    return np.concatenate(out)
 
 
 def _plain_labels(buf: np.ndarray, at: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
