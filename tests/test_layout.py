@@ -191,3 +191,26 @@ def test_the_graph_sees_lazy_imports():
     graph = import_graph()
     assert "storage.base" in graph["pipeline.sources.manifest"]
     assert "demo" in graph["cli"]
+
+
+_CONFLICT = ("<<<<<<< ", ">>>>>>> ")  # what git writes around a conflict (its "=======" is also a heading rule)
+
+
+def _conflicted_lines(text: str) -> list[int]:
+    return [i + 1 for i, line in enumerate(text.splitlines()) if line.startswith(_CONFLICT)]
+
+
+def test_no_file_holds_a_merge_conflict():
+    """A merge once left its conflict markers in docs/BENCHMARKS.md for a session: every text file of the
+    tree is looked at."""
+    found = []
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules", "data", "runs",
+                                                                          "demo-out", "build")]
+        for name in files:
+            if name.endswith((".py", ".md", ".toml", ".txt", ".cfg", ".yaml", ".yml", ".json")) or name == "Makefile":
+                path = os.path.join(top, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    found += [f"{os.path.relpath(path, ROOT)}:{n}" for n in _conflicted_lines(f.read())]
+    assert not found, found
+    assert _conflicted_lines("a\n<<<<<<< HEAD\nb\n=======\nc\n>>>>>>> other\n") == [2, 6]  # (the check can fail)
