@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-GAP_BUDGET = 0.4              # bytes in gaps read along, at most this fraction of the bytes needed
+GAP_BUDGET = 0.45             # bytes in gaps read along, at most this fraction of the bytes needed
 SPAN = 64 * 1024 * 1024       # one range request at most this many bytes
 HORIZON = 32                  # the samples of one range are needed within this many steps
 AHEAD = 24                    # the prefetcher stays at most this many steps ahead of the slowest consumer
