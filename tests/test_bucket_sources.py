@@ -234,8 +234,8 @@ def test_plan_ranges_merges_the_smallest_gaps_within_the_budget_and_horizon():
     files, offsets = np.array([0, 0, 0, 0, 1]), np.array([0, 110, 400, 1000, 0])
     sizes = np.full(5, 100)
     first = last = np.array([0, 1, 2, 3, 0])
-    ranges, member = plan_ranges(files, offsets, sizes, first, last, gap_budget=0.5)  # 250 bytes of gaps
+    ranges, member = plan_ranges(files, offsets, sizes, first, last, budget=250)  # 250 bytes of gaps
     assert ranges[:, :3].tolist() == [[0, 0, 500], [1, 0, 100], [0, 1000, 1100]]  # gaps 10 + 190 fit, 500 not
     assert member.tolist() == [0, 0, 0, 2, 1] and ranges[:, 3:].tolist() == [[0, 2], [0, 0], [3, 3]]
-    near, _ = plan_ranges(files, offsets, sizes, first, last, gap_budget=0.5, horizon=1)
+    near, _ = plan_ranges(files, offsets, sizes, first, last, budget=250, horizon=1)
     assert near[:, :3].tolist() == [[0, 0, 210], [1, 0, 100], [0, 400, 500], [0, 1000, 1100]]

@@ -6,10 +6,12 @@ the samples of the other workers' steps too) can merge reads well. The main proc
 rows of the rank, hence every sample each step needs, so it reads for all its workers:
 
 - ``plan_ranges`` (vectorised but for one linear pass): the samples the epoch needs, in file order, merged
-  into range requests across the smallest gaps first, as long as the bytes in gaps stay within
-  ``GAP_BUDGET`` of the bytes needed (so bytes read <= (1 + GAP_BUDGET) x bytes used, whatever the data),
-  a range stays under ``SPAN`` bytes, and its samples are needed within ``HORIZON`` steps of each other
-  (a range is cached from its first step to its last, so this bounds how long it stays).
+  into range requests across the smallest gaps first, as long as the bytes in gaps fit a budget, a range
+  stays under ``SPAN`` bytes, and its samples are needed within ``HORIZON`` steps of each other (a range
+  is cached from its first step to its last, so this bounds how long it stays). The budget: the plan
+  reads at most ``READ_PER_USED`` bytes per byte the steps use (each step's distinct samples, as the
+  loader's batches read them; a sample used by two steps counts twice, as two batches reading it
+  directly would read it twice), whatever the data; the rest up to 1.5 is room for direct reads.
 - ``ReadAhead``: a thread of the main process fetches the ranges in the order of the first step that
   needs them (``INFLIGHT`` requests at once), at most ``AHEAD`` steps ahead of the slowest consumer, into a
   node-local cache: one file per range (a 16-byte header: file index and start offset, then the bytes)
@@ -22,8 +24,9 @@ rows of the rank, hence every sample each step needs, so it reads for all its wo
   comes, so batches are the same bytes with it, without it, or with it stopped.
 
 Bound: the cache holds the ranges whose [first step, last step] meets [slowest - 1, slowest + AHEAD]:
-about (AHEAD + HORIZON) steps' samples x (1 + GAP_BUDGET), and never more than ``cap`` bytes (the
-prefetcher waits for deletions; a consumer that needs a range not fetched yet reads it directly).
+about (AHEAD + HORIZON) steps' samples x READ_PER_USED, and never more than ``cap`` bytes (2 GiB, or
+half the folder's free space if less; the prefetcher waits for deletions; a consumer that needs a range
+not fetched yet reads it directly, as it does a range that could not be written).
 Counters: ``requests``/``bytes_read`` are the prefetcher's requests plus every consumer's direct reads,
 in a small shared array (one row per writer, so no two processes add to one number).
 """
@@ -41,7 +44,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-GAP_BUDGET = 0.45             # bytes in gaps read along, at most this fraction of the bytes needed
+READ_PER_USED = 1.45          # the plan reads at most this many bytes per byte the steps use (target 1.5)
 SPAN = 64 * 1024 * 1024       # one range request at most this many bytes
 HORIZON = 32                  # the samples of one range are needed within this many steps
 AHEAD = 24                    # the prefetcher stays at most this many steps ahead of the slowest consumer
@@ -60,17 +63,17 @@ def cache_dir() -> str:
 
 
 def plan_ranges(files: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, first: np.ndarray, last: np.ndarray,
-                gap_budget: float = GAP_BUDGET, span: int = SPAN, horizon: int = HORIZON):
+                budget: float, span: int = SPAN, horizon: int = HORIZON):
     """Range requests for samples in file order (``files``, ``offsets`` sorted that way, one entry each, the
     steps ``first``..``last`` needing it): [R, 5] int64 (file, start, end, first step, last step) sorted by
-    first step, and each sample's range number. Merges across the smallest gaps first (module doc)."""
+    first step, and each sample's range number. Merges across the smallest gaps first while the gaps' bytes
+    stay within ``budget`` (module doc)."""
     n = len(files)
     if n == 0:
         return np.zeros((0, 5), np.int64), np.zeros(0, np.int64)
     ends = offsets + sizes
     same = files[1:] == files[:-1]
     gaps = np.where(same, offsets[1:] - ends[:-1], np.iinfo(np.int64).max)
-    budget = gap_budget * float(sizes.sum())
     ok = np.sort(gaps[same])
     within = ok[np.cumsum(ok, dtype=np.float64) <= budget]
     threshold = int(within[-1]) if len(within) else -1  # merge gaps up to this many bytes
@@ -174,7 +177,7 @@ class ReadAhead:
     DataLoader's workers (1 without). ``shared``: tensors in shared memory (workers)."""
 
     def __init__(self, tars, files: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, consumers: int, *,
-                 shared: bool = True, ahead: int = AHEAD, horizon: int = HORIZON, gap_budget: float = GAP_BUDGET,
+                 shared: bool = True, ahead: int = AHEAD, horizon: int = HORIZON, read_per_used: float = READ_PER_USED,
                  cap: int = CAP_BYTES, wait_s: float = WAIT_S, inflight: int = INFLIGHT):
         keys = (np.asarray(files, np.int64) << _FILE_SHIFT) | np.asarray(offsets, np.int64)
         self._order = np.argsort(keys, kind="stable")  # sample k (file order) is row _order[k]
@@ -191,8 +194,11 @@ class ReadAhead:
             for v in t.values():
                 v.share_memory_()
         self.tars, self.folder = tars, cache_dir()
+        st = os.statvfs(self.folder)  # a container's /dev/shm may be small: at most half of what is free
+        cap = min(cap, st.f_bavail * st.f_frsize // 2)
         self.view = CacheView(self.folder, wait_s=wait_s, **t)
-        self.ahead, self.horizon, self.gap_budget, self.cap, self.inflight = ahead, horizon, gap_budget, cap, inflight
+        self.ahead, self.horizon, self.read_per_used = ahead, horizon, read_per_used
+        self.cap, self.inflight = cap, inflight
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._next_id = 1
@@ -216,12 +222,16 @@ class ReadAhead:
         k = self._k_of_row[np.asarray(need_row, np.int64)]
         step = np.asarray(need_step, np.int64)
         uk, inv = np.unique(k, return_inverse=True)
+        n = len(self._ksizes)
+        used = int(self._ksizes[np.unique(step * n + k) % n].sum())  # each step's distinct samples
         first = np.full(len(uk), np.iinfo(np.int64).max)
         last = np.full(len(uk), -1, np.int64)
         np.minimum.at(first, inv, step)
         np.maximum.at(last, inv, step)
-        ranges, member = plan_ranges(self._kfiles[uk], self._koffsets[uk], self._ksizes[uk], first, last,
-                                     self.gap_budget, horizon=self.horizon)
+        sizes = self._ksizes[uk]
+        budget = max(0.0, self.read_per_used * used - float(sizes.sum()))  # bytes in gaps the plan may read
+        ranges, member = plan_ranges(self._kfiles[uk], self._koffsets[uk], sizes, first, last, budget,
+                                     horizon=self.horizon)
         self.view._progress.zero_()
         slots = self.view._slots
         slots[torch.from_numpy(uk)] = PENDING
@@ -274,10 +284,15 @@ class ReadAhead:
             cid = self._claim_id()
             path = os.path.join(self.folder, str(cid))
             tmp = path + ".part"
-            with open(tmp, "wb") as f:
-                f.write(np.asarray([file, start], dtype="<i8").tobytes())
-                f.write(data)
-            os.rename(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(np.asarray([file, start], dtype="<i8").tobytes())
+                    f.write(data)
+                os.rename(tmp, path)
+            except OSError:  # the folder full (a small /dev/shm) or gone: the consumers read it directly
+                with _quiet():
+                    os.unlink(tmp)
+                return r, None
             return r, (cid, path, len(data))
 
         pool = ThreadPoolExecutor(self.inflight, thread_name_prefix="bucket-read-ahead")
@@ -299,10 +314,10 @@ class ReadAhead:
                     state["next"] += 1
                 if not inflight and state["next"] >= len(ranges) and not held:
                     return
-                if not inflight:  # ahead enough, or the cap: wait for the consumers
-                    time.sleep(0.002)
+                if not inflight:  # ahead enough, or the cap: wait for the consumers (a step takes far longer)
+                    time.sleep(0.005)
                     continue
-                done, inflight = wait(inflight, timeout=0.005, return_when=FIRST_COMPLETED)
+                done, inflight = wait(inflight, timeout=0.02, return_when=FIRST_COMPLETED)
                 for fut in done:
                     r, got = fut.result()
                     if got is None:
