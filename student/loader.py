@@ -59,6 +59,8 @@ from pipeline.sources import (
     decode_image,
     source_errors_in_one_line,
 )
+from pipeline.sources.bucket_cache import ReadAhead
+from pipeline.sources.bucket_files import BucketTars
 from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN
 from storage.bucket import worker_start
@@ -186,7 +188,9 @@ class ReplayBatches(torch.utils.data.IterableDataset):
             return renderer.slot_view(self.seed, view, shard, slot, order(shard))
 
         for t in range(wid, epoch.steps, nw):
+            self.files.at_step(wid, t)  # a bucket's read-ahead frees what every worker is past
             yield self.render(renderer, plan, t, epoch.step_rows(t))
+        self.files.at_step(wid, epoch.steps)
 
     def render(self, renderer: ViewRenderer, plan, step: int, rows: np.ndarray) -> dict:
         files, smoothing = self.files, self.recipe.label_smoothing
@@ -233,6 +237,29 @@ class ReplayBatches(torch.utils.data.IterableDataset):
         }
 
 
+def step_needs(files: SampleReader, renderer: ViewRenderer, seed: int, view: int, rows: np.ndarray,
+               batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(step, manifest row) of every image the steps of ``rows`` read (a slot's sample and its pair
+    partner's, as ``ReplayBatches.render`` reads them), vectorised per shard: what a read-ahead fetches."""
+    shards, slots = rows[:, 0], rows[:, 1]
+    steps = np.arange(len(rows), dtype=np.int64) // batch_size
+    pos = np.zeros(len(rows), np.int64)
+    other = np.full(len(rows), -1, np.int64)
+    by_shard = np.argsort(shards, kind="stable")
+    found, first = np.unique(shards[by_shard], return_index=True)
+    for shard, idx in zip(found.tolist(), np.split(by_shard, first[1:]), strict=True):
+        n = int(files.sizes[shard])
+        order = renderer.slot_order(seed, view, shard, n)
+        s = slots[idx]
+        pos[idx] = order[s]
+        partner = s ^ 1  # slots (2m, 2m+1) pair up; an odd last slot has none
+        has = partner < n
+        other[idx[has]] = order[partner[has]]
+    base = np.asarray(files.starts, np.int64)[shards]
+    has = other >= 0
+    return np.concatenate([steps, steps[has]]), np.concatenate([base + pos, (base + other)[has]])
+
+
 def _pair_positions(lead) -> tuple[int, ...]:
     return (lead.position,) if lead.partner_position is None else (lead.position, lead.partner_position)
 
@@ -261,7 +288,7 @@ class LockstepLoader:
     on in it raises TrainError)."""
 
     def __init__(self, data: TrainData, *, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
-                 pin_memory: bool = False, max_steps_per_epoch: int | None = None):
+                 pin_memory: bool = False, max_steps_per_epoch: int | None = None, read_ahead: bool = True):
         if batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
@@ -273,6 +300,12 @@ class LockstepLoader:
                              f"is more than the {len(self.files)} samples of the source; use a smaller --batch-size")
         self._dl = self._channel = None
         self._started = 0  # epochs started: an EpochIter reads on only while its epoch is the last started
+        # Tars on a bucket: the main process reads ahead for all workers by the epoch's plan (bucket_cache);
+        # local files are read directly (a pread is already cheap).
+        self.read_ahead = None
+        if read_ahead and isinstance(self.files.file_reader, BucketTars):
+            f = self.files
+            self.read_ahead = ReadAhead(f.file_reader, f.file_index, f.offsets, f.nbytes, workers, shared=workers > 0)
 
     def nominal_steps(self) -> int:
         """Steps of an epoch without invalid views (the schedule's updates per epoch)."""
@@ -291,10 +324,15 @@ class LockstepLoader:
                 ds, batch_size=None, num_workers=self.workers, worker_init_fn=single_thread_worker,
                 pin_memory=self.pin_memory, prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
-                # forkserver once this process used a bucket (a source or the store): see worker_start
-                multiprocessing_context=worker_start(self.workers),
+                # forkserver once this process used a bucket (a source or the store): see worker_start;
+                # always with a read-ahead, whose thread runs the object-store client in this process
+                multiprocessing_context=("forkserver" if self.workers and self.read_ahead
+                                         else worker_start(self.workers)),
                 generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
         self._channel.publish(view, rows)  # before iter(): workers read it when the epoch's iteration starts
+        if self.read_ahead is not None:  # after the DataLoader exists: its workers start by forkserver
+            renderer = ViewRenderer(self.data.recipe)
+            self.read_ahead.start(*step_needs(self.files, renderer, self.data.seed, view, rows, self.batch_size))
         self._started += 1
         return self._dl, self._started
 

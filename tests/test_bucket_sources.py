@@ -154,3 +154,88 @@ def test_precompute_and_train_from_a_bucket_source_give_the_bytes_of_the_local_c
     with_workers = tconfig(url, stores["b"], tmp_path / "run-w", epochs=2, workers=2)
     train(with_workers)
     assert weights_bytes(with_workers.out) == weights_bytes(runs[1].out)
+
+
+def epoch_batches(loader, epoch=0):
+    return [(b.step, b.rows.numpy().tobytes(), b.images.numpy().tobytes(), b.targets.numpy().tobytes(), b.skipped)
+            for b in loader.epoch(epoch)]
+
+
+def used_by_steps(loader, epoch=0):
+    """(images read, bytes used) by one epoch's steps: each step's distinct samples, as render reads them."""
+    import numpy as np
+
+    from pipeline.views import ViewRenderer
+    from student.loader import step_needs
+
+    rows = loader.epoch(epoch).rows
+    steps, needed = step_needs(loader.files, ViewRenderer(loader.data.recipe), loader.data.seed, epoch, rows,
+                               loader.batch_size)
+    pairs = np.unique(np.stack([steps, needed], axis=1), axis=0)
+    return len(pairs), int(loader.files.nbytes[pairs[:, 1]].sum())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loaders_read_ahead_gives_the_local_batches_in_few_requests(wds_pair, workers):
+    """The rank's read-ahead (pipeline.sources.bucket_cache): the batches of the local copy, byte for byte, for 0
+    and 2 workers; over one epoch at most 0.2 requests per sample read and 1.5 bytes read per byte used, counted
+    by the loader's reader (the read-ahead's requests plus any direct read of a worker)."""
+    from student.data import LockstepLoader, open_train_data
+
+    local, url = wds_pair
+    make = lambda src: LockstepLoader(open_train_data(src, input_size=32, repeats=1, shards="as-is"), batch_size=4,
+                                      workers=workers)
+    disk, bucket = make(local), make(url)
+    assert bucket.read_ahead is not None and disk.read_ahead is None  # local files: read directly
+    for epoch in (0, 1):
+        fr = bucket.files.file_reader
+        fr.requests = fr.bytes_read = 0
+        assert epoch_batches(bucket, epoch) == epoch_batches(disk, epoch)
+        samples, used = used_by_steps(bucket, epoch)
+        assert samples == 20  # every sample once (repeats=1)
+        assert 3 <= fr.requests <= 0.2 * samples, fr.requests  # a request per tar
+        assert used <= fr.bytes_read <= 1.5 * used, (fr.bytes_read, used)
+    bucket.read_ahead.close()
+
+
+def test_a_sample_whose_read_ahead_never_arrives_is_read_directly(wds_pair):
+    """A read-ahead that fetches nothing (stopped before it started): each consumer waits its ``wait_s`` for the
+    pending samples, then reads them itself; the batches are the local copy's and the direct reads counted."""
+    import functools
+
+    from student.data import LockstepLoader, open_train_data
+
+    local, url = wds_pair
+    make = lambda src: LockstepLoader(open_train_data(src, input_size=32, shards="as-is"), batch_size=4)
+    disk, bucket = make(local), make(url)
+    ra = bucket.read_ahead
+    ra.start = functools.partial(ra.start, paused=True)
+    ra.view.wait_s = 0.05
+    assert epoch_batches(bucket) == epoch_batches(disk)
+    fr = bucket.files.file_reader
+    assert ra.view._counts[0].tolist() == [0, 0] and fr.requests > 0  # no prefetch; the fallback's reads counted
+    assert fr.requests == int(ra.view._counts[1:].sum(axis=0)[0])
+    # stopped midway: what it had cached is deleted, the rest read directly
+    ra.start = ra.start.func
+    epoch = iter(bucket.epoch(1))
+    first = next(epoch)
+    ra.stop()
+    got = [first.images.numpy().tobytes()] + [b.images.numpy().tobytes() for b in epoch]
+    assert got == [b.images.numpy().tobytes() for b in disk.epoch(1)]
+    ra.close()
+
+
+def test_plan_ranges_merges_the_smallest_gaps_within_the_budget_and_horizon():
+    import numpy as np
+
+    from pipeline.sources.bucket_cache import plan_ranges
+
+    # file 0: samples of 100 bytes at 0, 110, 400, 1000; file 1: one at 0
+    files, offsets = np.array([0, 0, 0, 0, 1]), np.array([0, 110, 400, 1000, 0])
+    sizes = np.full(5, 100)
+    first = last = np.array([0, 1, 2, 3, 0])
+    ranges, member = plan_ranges(files, offsets, sizes, first, last, budget=250)  # 250 bytes of gaps
+    assert ranges[:, :3].tolist() == [[0, 0, 500], [1, 0, 100], [0, 1000, 1100]]  # gaps 10 + 190 fit, 500 not
+    assert member.tolist() == [0, 0, 0, 2, 1] and ranges[:, 3:].tolist() == [[0, 2], [0, 0], [3, 3]]
+    near, _ = plan_ranges(files, offsets, sizes, first, last, budget=250, horizon=1)
+    assert near[:, :3].tolist() == [[0, 0, 210], [1, 0, 100], [0, 400, 500], [0, 1000, 1100]]

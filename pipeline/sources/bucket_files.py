@@ -11,7 +11,9 @@ stores' (``storage.bucket``): one endpoint, one set of keys, one BucketError lin
 - ``BucketTars``: the tar ``FileReader`` on a bucket. ``read_many`` groups a batch's samples by tar and
   merges neighbours (gap <= ``GAP``, span <= ``SPAN``) into one range request, ``READ_AHEAD`` requests
   in flight at once; ``requests`` and ``bytes_read`` count what it asked for (the tests and the
-  benchmark compare them with the samples and bytes used).
+  benchmark compare them with the samples and bytes used). The loader adds a rank-level read-ahead
+  (``bucket_cache``): its workers then take samples from a node-local cache the main process fills by
+  the epoch's plan, and read directly only what is not there in time; the counters then count both.
 """
 
 from __future__ import annotations
@@ -171,11 +173,34 @@ def coalesce(requests: list[tuple[int, int]], gap: int = GAP, span: int = SPAN) 
 
 class BucketTars(FileReader):
     """Tar samples in a bucket by range requests; a batch's neighbours in one request (module doc).
-    Picklable: a worker makes its own client on its first read."""
+    Picklable: a worker makes its own client on its first read. ``cache``: a ``bucket_cache.CacheView``
+    (the rank's read-ahead) to take samples from first; what it has not, or not in time, is read directly."""
 
     def __init__(self, root: str, files: list[str]):
         self.root, self.files = root.rstrip("/"), list(files)
-        self.requests = self.bytes_read = 0
+        self.cache = None
+        self._requests = self._bytes_read = 0
+        self._base = (0, 0)  # the cache's totals when the counters were last set
+
+    def _shared(self) -> tuple[int, int]:
+        return self.cache.totals() if self.cache is not None else (0, 0)
+
+    @property
+    def requests(self) -> int:
+        """Range requests made: this reader's, plus (with a cache) the read-ahead's and every consumer's."""
+        return self._requests + self._shared()[0] - self._base[0]
+
+    @requests.setter
+    def requests(self, value: int) -> None:
+        self._requests, self._base = value, (self._shared()[0], self._base[1])
+
+    @property
+    def bytes_read(self) -> int:
+        return self._bytes_read + self._shared()[1] - self._base[1]
+
+    @bytes_read.setter
+    def bytes_read(self, value: int) -> None:
+        self._bytes_read, self._base = value, (self._base[0], self._shared()[1])
 
     def where(self, file: int, path: str) -> str:
         return f"{self.root}/{self.files[file]}"
@@ -185,6 +210,22 @@ class BucketTars(FileReader):
 
     def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
         """Each (file, offset, size, path)'s bytes; b"" for a sample whose object is gone or cut short."""
+        if self.cache is None:
+            out, requests, nbytes = self._direct(wanted)
+            self._requests += requests
+            self._bytes_read += nbytes
+            return out
+        out = self.cache.take(wanted)
+        missing = [i for i, data in enumerate(out) if data is None]
+        if missing:
+            got, requests, nbytes = self._direct([wanted[i] for i in missing])
+            self.cache.count(requests, nbytes)
+            for i, data in zip(missing, got, strict=True):
+                out[i] = data
+        return out
+
+    def _direct(self, wanted: list[tuple[int, int, int, str]]) -> tuple[list[bytes], int, int]:
+        """The samples by coalesced range requests (GAP/SPAN), READ_AHEAD in flight; (bytes, requests, bytes read)."""
         by_file: dict[int, list[int]] = {}
         for i, (file, *_rest) in enumerate(wanted):
             by_file.setdefault(file, []).append(i)
@@ -205,19 +246,19 @@ class BucketTars(FileReader):
             except Exception:  # noqa: BLE001 - gone, or shorter now (a range past its end): undecodable
                 return b""
 
-        self.requests += len(jobs)
         if len(jobs) == 1:
             results = [get(jobs[0])]
         else:
             with ThreadPoolExecutor(min(READ_AHEAD, len(jobs))) as pool:
                 results = list(pool.map(get, jobs))
+        nbytes = 0
         for (_file, start, _end, members), data in zip(jobs, results, strict=True):
-            self.bytes_read += len(data)
+            nbytes += len(data)
             for i in members:
                 off, size = wanted[i][1] - start, wanted[i][2]
                 piece = data[off:off + size]
                 out[i] = piece if len(piece) == size else b""  # the tar ends inside it: nothing of it
-        return out
+        return out, len(jobs), nbytes
 
 
 __all__ = ["BucketTars", "RangeFile", "coalesce", "expand_url", "is_url"]

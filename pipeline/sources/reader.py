@@ -108,6 +108,13 @@ class SampleReader:
             out[s] = data
         return out
 
+    def at_step(self, consumer: int, step: int) -> None:
+        """Consumer ``consumer`` (a loader worker, 0 without) now renders step ``step``: a read-ahead shared
+        by the rank's consumers (a bucket's ``bucket_cache``) frees what every consumer is past."""
+        cache = getattr(self.file_reader, "cache", None)
+        if cache is not None:
+            cache.at_step(consumer, step)
+
     def read_sample(self, shard: int, position: int) -> Sample:
         i = self.row(shard, position)
         return Sample(self.key(i), int(self.labels[i]), shard, position, self._read_row(i))
