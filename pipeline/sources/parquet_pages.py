@@ -128,6 +128,40 @@ def _struct(buf: bytes, pos: int, depth: int = 0) -> tuple[dict, int]:
         last = fid
 
 
+# ---- the footer -------------------------------------------------------------------------------------------
+FOOTER_READ = 16 * 1024  # the tail read for a footer (pyarrow reads 64 KiB): more only for a longer footer
+
+
+def read_footer(f):
+    """A parquet file's FileMetaData from an open file object's tail, in one read of ``FOOTER_READ`` bytes
+    (two for a longer footer): pyarrow's own first read is 64 KiB, a request's worth on a bucket for a
+    footer of a few KiB. None when the tail is no parquet footer (pyarrow then opens it and says why)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = f.seek(0, 2)
+    if size < 12:
+        return None
+    f.seek(size - min(size, FOOTER_READ))
+    tail = f.read(min(size, FOOTER_READ))
+    if len(tail) < 8 or tail[-4:] != b"PAR1":
+        return None
+    n = int.from_bytes(tail[-8:-4], "little")
+    if n + 12 > size:
+        return None
+    if n + 8 > len(tail):
+        f.seek(size - 8 - n)
+        tail = f.read(n + 8 - len(tail)) + tail
+        if len(tail) != n + 8:
+            return None
+    try:
+        return pq.read_metadata(io.BytesIO(b"PAR1" + tail[-(n + 8):]))
+    except (pa.ArrowException, OSError):
+        return None
+
+
 # ---- the page walk -----------------------------------------------------------------------------------------
 def _rle_levels(buf: bytes, count: int, bit_width: int) -> np.ndarray:
     """Parquet's RLE/bit-packed hybrid: ``count`` levels of ``bit_width`` bits."""
@@ -183,14 +217,22 @@ class _Reader:
                 n *= 4
 
 
-def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
+def map_column(f, meta, column: int, max_def: int, max_rep: int, known: np.ndarray | None = None) -> RowBytes:
     """Each row's (offset, size) in column ``column`` (a BYTE_ARRAY leaf) over all row groups.
 
     ``f`` is an open binary file (seek/read); ``meta`` its pyarrow FileMetaData. Raises Unmapped
-    when the column is not plain uncompressed values in data pages this reader understands."""
+    when the column is not plain uncompressed values in data pages this reader understands.
+
+    ``known``: each row's size as indexed (a manifest with checksums has them). Then a value's length
+    is not read from the file: the page headers alone place every value (a read per page, not per
+    row: what a file on a bucket, read by range requests, needs). The sizes must still fill each page
+    exactly, else Unmapped; a size that is wrong but fits is caught by the crc32c of what is read."""
     if max_rep:
         raise Unmapped("a repeated image column")
+    if known is not None and len(known) != meta.num_rows:
+        raise Unmapped(f"{len(known)} sizes known, {meta.num_rows} rows in the footer")
     offsets, sizes = [], []
+    first = 0
     for rg in range(meta.num_row_groups):
         cc = meta.row_group(rg).column(column)
         if cc.physical_type != "BYTE_ARRAY" or cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
@@ -198,7 +240,9 @@ def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
         start = cc.data_page_offset
         end = start + cc.total_compressed_size
         rows = meta.row_group(rg).num_rows
-        o, s = _map_chunk(_Reader(f, end), start, end, max_def, rows)
+        o, s = _map_chunk(_Reader(f, end), start, end, max_def, rows,
+                          None if known is None else known[first:first + rows])
+        first += rows
         if len(o) != rows or cc.num_values != rows:
             raise Unmapped(f"row group {rg}: {len(o)} values in its pages, {rows} rows in the footer")
         offsets.append(o)
@@ -208,8 +252,10 @@ def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
     return RowBytes(np.concatenate(offsets), np.concatenate(sizes))
 
 
-def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offset, size) of each value in one column chunk [pos, end) of ``rows`` rows."""
+def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int,
+               known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, size) of each value in one column chunk [pos, end) of ``rows`` rows (``known``: their
+    sizes, not read from the file: ``map_column``)."""
     offsets, sizes = [], []
     bit_width = int(max_def).bit_length()
     while pos < end:
@@ -258,10 +304,13 @@ def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int) -> tuple
                 offsets.append(-1)
                 sizes.append(-1)
                 continue
-            head = r.read(at, 4)
-            if len(head) != 4:
-                raise Unmapped("a value's length past its page")
-            size = int.from_bytes(head, "little")
+            if known is not None:
+                size = int(known[len(offsets)])
+            else:
+                head = r.read(at, 4)
+                if len(head) != 4:
+                    raise Unmapped("a value's length past its page")
+                size = int.from_bytes(head, "little")
             if at + 4 + size > body_end:
                 raise Unmapped("a value past its page")
             offsets.append(at + 4)

@@ -67,6 +67,7 @@ class SampleReader:
         # Which file holds each row: the shard itself, or (a re-cut source) the "file" column.
         self.file_index = (t.column(FILE_COLUMN) if manifest.files else t.column("shard")).to_numpy().astype(np.int64)
         self.file_reader = FORMATS[manifest.kind].open_files(manifest.root, list(manifest.files or manifest.shards))
+        self.file_reader.use_sizes(self.file_index, self.offsets, self.nbytes)
 
     def __len__(self) -> int:
         return len(self.labels)
