@@ -214,7 +214,8 @@ def test_a_parquet_batch_on_a_bucket_is_the_local_bytes_by_page_map_and_coalesce
     assert r.bytes_read / used <= 1.3, (r.bytes_read, used)
     r.counts.requests = r.counts.bytes_read = 0  # mapped: a batch is its images' bytes, neighbours merged
     again = bucket.read_many(batch)
-    assert again == got and r.requests == 3 and r.bytes_read / used <= 1.01, (r.requests, r.bytes_read, used)
+    # (file 2's rows 1 and 2 lie between rows 0 and 3, within the gap: read too)
+    assert again == got and r.requests == 3 and r.bytes_read / used <= 1.2, (r.requests, r.bytes_read, used)
     # a manifest without sizes (names only) maps by each value's length: more requests, the same bytes
     names_only = SampleReader(index_source(url, shards="as-is", checksums=False))
     assert names_only.read_many(batch) == got
@@ -325,6 +326,7 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
     first read of it is "changed since it was indexed"."""
     import tarfile
 
+    import pyarrow.compute as pc
     from conftest import write_wds
 
     from pipeline.sources import stored_manifest, unchanged_source, write_wds_shards
@@ -335,9 +337,11 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
 
     url, store = bucket_store
     stored = stored_manifest(open_store(store))
-    # the same keys and labels, other pictures (another size): a content change only
-    other = write_wds(tmp_path / "other", n=20, per_shard=8, size=(96, 96))
-    as_path(url + "/shard-000001.tar").put(open(os.path.join(other, "shard-000001.tar"), "rb").read())
+    # the same members, one byte of a picture changed: a content change only (its stamp, the ETag, differs)
+    blob = bytearray(as_path(url + "/shard-000001.tar").read())
+    first = stored.samples.filter(pc.equal(stored.samples.column("shard"), 1)).slice(0, 1).to_pylist()[0]
+    blob[first["offset"] + first["size"] // 2] ^= 0xFF
+    as_path(url + "/shard-000001.tar").put(bytes(blob))
     before = COUNTS.requests
     m = unchanged_source(stored, url)
     assert m is not None  # its rows (names, labels) are the same: the start goes on ...
@@ -345,6 +349,7 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
     with pytest.raises(SourceChanged, match=r"shard-000001\.tar changed since it was indexed"):
         SampleReader(m).read(1, 0)
     # other labels: refused at start
+    other = write_wds(tmp_path / "other", n=20, per_shard=8)
     with tarfile.open(os.path.join(other, "shard-000002.tar")) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     rows = [(n.split(".")[0], blob, "png", (int(members[n.split(".")[0] + ".cls"]) + 1) % 3)

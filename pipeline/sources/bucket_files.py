@@ -134,7 +134,7 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
     as_path(src)  # no bucket name: one line
     name = src.rsplit("/", 1)[1] if src.count("/") > 2 else ""
     if is_web_url(src):
-        return _expand_web(src, name)
+        return _expand_web(src, name, exts)
     if any(c in src for c in "{}"):
         urls = expand_braces(src)
         listings: dict[str, dict[str, int]] = {}
@@ -162,9 +162,9 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
     return []
 
 
-def _expand_web(src: str, name: str) -> list[str]:
+def _expand_web(src: str, name: str, exts: list[str]) -> list[str]:
     """A web server's files: a brace pattern or one file, each checked by one HEAD (HTTP cannot list)."""
-    if any(c in name for c in "*?[") or "{" not in src and (not name or src.endswith("/")):
+    if any(c in name for c in "*?[") or "{" not in src and not any(name.endswith(e) for e in exts):
         raise SourceError(f"--data {printable(src)}: a web server cannot list its files, so an http(s) source is a "
                           "brace pattern naming each one (https://host/path/shard-{000000..000009}.tar), not a "
                           "glob or a folder")
