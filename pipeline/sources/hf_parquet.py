@@ -444,6 +444,7 @@ class BucketParquet(FileReader):
             elif 0 <= row < len(rows.offsets) and rows.sizes[row] >= 0:
                 direct.append((i, file, int(rows.offsets[row]), int(rows.sizes[row])))
         got = RangeReads(lambda f: self.where(f, ""), self.counts).read([d[1:] for d in direct])
+        self.rows.direct_reads += len(direct)
         for (i, *_), data in zip(direct, got, strict=True):
             out[i] = data
         return out
