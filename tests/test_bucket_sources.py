@@ -105,6 +105,10 @@ def test_a_loader_batch_is_the_local_bytes_in_few_coalesced_requests(wds_pair):
     # a sample alone is one request of its own bytes
     r.requests = r.bytes_read = 0
     assert bucket.read(1, 5) == disk.read(1, 5) and (r.requests, r.bytes_read) == (1, len(got[(1, 5)]))
+    # precompute reads a shard front to back (iter_shard): its neighbours merged too, not a request per sample
+    r.requests = 0
+    assert [s.data for s in bucket.iter_shard(0)] == [s.data for s in disk.iter_shard(0)]
+    assert r.requests == 1, r.requests
 
 
 def test_coalesce_merges_neighbours_within_the_gap_and_span():
@@ -320,6 +324,9 @@ def test_a_store_from_a_bucket_records_sizes_and_etags_and_an_unchanged_source_c
     m = unchanged_source(stored, url)
     assert m is not None and m.root == url
     assert (COUNTS.requests - before[0], COUNTS.bytes_read - before[1]) == (1, 0)  # one listing, no byte read
+    before = COUNTS.requests
+    assert unchanged_source(stored, url + "/shard-{000000..000002}.tar") is not None
+    assert COUNTS.requests - before == 1  # a brace pattern too: one listing of its prefix, not one per name
     data = open_train_data(url, labels=store)
     assert data.manifest.fingerprint == stored.fingerprint
 

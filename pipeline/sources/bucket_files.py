@@ -139,8 +139,9 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
         urls = expand_braces(src)
         listings: dict[str, dict[str, int]] = {}
         for u in urls:
-            names = listings.setdefault(_parent(u), _listing(_parent(u)))
-            if posixpath.basename(u) not in names:
+            if _parent(u) not in listings:  # one listing per prefix (setdefault would list for every name)
+                listings[_parent(u)] = _listing(_parent(u))
+            if posixpath.basename(u) not in listings[_parent(u)]:
                 raise SourceError(f"{printable(u)}: no such object; check the pattern given to --data")
         return urls
     if any(c in name for c in "*?["):
