@@ -212,8 +212,9 @@ def test_a_parquet_batch_on_a_bucket_is_the_local_bytes_by_page_map_and_coalesce
     assert got == disk.read_many(batch) and all(got.values())
     used = sum(len(b) for b in got.values())
     assert r.rows.group_reads == 0  # every image read alone, by the page map
-    # mapping three files (HEAD, footer, a page header per row group: the sizes come from the manifest), then
-    # one request per file for the batch's images
+    # mapping three files (HEAD, footer with the offset index in its tail read, a page header per row group
+    # to check it: the sizes come from the manifest), then one request per file for the batch's images
+    assert r.rows.offset_index_maps == 3
     assert r.requests <= 3 * (2 + 3) + 3, r.requests
     assert r.bytes_read / used <= 1.3, (r.bytes_read, used)
     r.counts.requests = r.counts.bytes_read = 0  # mapped: a batch is its images' bytes, neighbours merged

@@ -18,6 +18,7 @@ unless precompute asks for their checksums.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from ..source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 from .base import NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
-from .parquet_pages import RowBytes, Unmapped, map_column, read_footer
+from .parquet_pages import RowBytes, Unmapped, footer, map_by_offset_index, map_column, read_footer
 from .stamps import stamps_of
 
 IMAGE, LABEL = "image", "label"
@@ -219,6 +220,7 @@ class ParquetRows:
         self._handles: OrderedDict[int, object] = OrderedDict()  # files open for direct reads
         self.known = None  # file -> each row's indexed size, or None (BucketParquet: map_column's ``known``)
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+        self.offset_index_maps = 0  # files mapped by their offset index (no page header walked but one a group)
         self.direct_reads = 0  # images read alone, at their offset
 
     @property
@@ -264,17 +266,23 @@ class ParquetRows:
             return None
         raw = self._raw(file)
         try:
-            meta = read_footer(raw) or pq.ParquetFile(raw, pre_buffer=False).metadata
+            meta, thrift = footer(raw) or (pq.ParquetFile(raw, pre_buffer=False).metadata, None)
             columns = [meta.schema.column(i) for i in range(meta.num_columns)]
             col = next(i for i, c in enumerate(columns) if c.path == "image.bytes")
             levels = columns[col].max_definition_level, columns[col].max_repetition_level
             known = self.known(file) if self.known else None
-            try:
-                rows = map_column(raw, meta, col, *levels, known)
-            except Unmapped:
-                if known is None:
-                    raise
-                rows = map_column(raw, meta, col, *levels)  # the sizes do not fit (changed?): read them
+            rows = None
+            if known is not None and thrift is not None:  # the offset index and the sizes: no page walk
+                with contextlib.suppress(Unmapped):
+                    rows = map_by_offset_index(raw, thrift, meta, col, *levels, known)
+                    self.offset_index_maps += 1
+            if rows is None:
+                try:
+                    rows = map_column(raw, meta, col, *levels, known)
+                except Unmapped:
+                    if known is None:
+                        raise
+                    rows = map_column(raw, meta, col, *levels)  # the sizes do not fit (changed?): read them
         except (Unmapped, StopIteration):
             rows = None  # not plain uncompressed images: pyarrow reads its row groups
         self._maps[file] = rows
