@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--parquet", action="store_true", help="parquet files (datasets' layout) instead of tars")
+    ap.add_argument("--no-precompute", action="store_true", help="skip the precompute comparison (counts, loader only)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = start_weed(Path(tmp) / "weed")
@@ -108,6 +109,25 @@ def run(args, tmp: str) -> None:
           f"{fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5)"
           + (f"; {fr.rows.direct_reads} images read alone, {fr.rows.group_reads} row groups" if args.parquet else ""))
 
+    if args.parquet:  # what mapping a file costs a reader (once per file, per worker)
+        nfiles = len(m.files or m.shards)
+        for how in ("offset index + sizes", "page walk + sizes", "page walk, names only"):
+            r = SampleReader(m).file_reader
+            if how != "offset index + sizes":  # (no footer thrift: no offset index; no sizes: read them)
+                import pipeline.sources.hf_parquet as hp
+
+                real = hp.footer
+                hp.footer = lambda f: None
+            if how == "page walk, names only":
+                r.rows.known = None
+            try:
+                for f in range(nfiles):
+                    r.rows._map(f)
+            finally:
+                if how != "offset index + sizes":
+                    hp.footer = real
+            print(f"mapping a file ({how}): {r.requests / nfiles:.1f} requests, {r.bytes_read / nfiles:.0f} bytes")
+
     # speed: persistent-worker loaders, epochs interleaved
     loaders = {name: LockstepLoader(open_train_data(src, input_size=64), batch_size=args.batch, workers=args.workers)
                for name, src in (("disk", local), ("bucket", url))}
@@ -123,6 +143,8 @@ def run(args, tmp: str) -> None:
     print(f"loader images/s: disk {best['disk']:.0f}, bucket {best['bucket']:.0f}, "
           f"bucket/disk {best['bucket'] / best['disk']:.2f}x (target >= 0.8)")
 
+    if args.no_precompute:
+        return
     # precompute with --data on the bucket and on disk
     teacher = ["--teacher", "resnet10t", "--random-teacher", "--model-kwargs", '{"num_classes": 10}',
                "--views", "2", "--input-size", "32", "--batch-size", "64", "--workers", str(args.workers)]

@@ -293,6 +293,23 @@ def test_an_http_source_by_brace_pattern_is_its_local_copy(web_wds):
         index_source(web + "/shard-{000000..000003}.tar")
 
 
+def test_an_http_parquet_source_is_its_local_copy(tmp_path, s3_env):
+    import uuid
+
+    from s3_support import OPEN_BUCKET
+    from test_parquet import write_parquet
+
+    local = write_parquet(tmp_path / "pq", n=12, per_file=6)
+    key = uuid.uuid4().hex[:12]
+    upload(local, as_path(f"s3://{OPEN_BUCKET}/{key}"))
+    web = f"{s3_env.endpoint}/{OPEN_BUCKET}/{key}"
+    want = index_source(local, shards="as-is")
+    got = index_source(web + "/train-{00000..00001}.parquet", shards="as-is")
+    assert got.fingerprint == want.fingerprint and columns(got) == columns(want)
+    batch = [(0, 5), (1, 0), (0, 1)]
+    assert SampleReader(got).read_many(batch) == SampleReader(want).read_many(batch)
+
+
 @pytest.mark.parametrize("tail", ["/*.tar", "/", ""])
 def test_a_glob_or_a_folder_on_a_web_server_is_one_line_exit_2(web_wds, tmp_path, tiny_teacher, tail):
     from test_faults import invoke, one_line_error, pconfig, pflags
