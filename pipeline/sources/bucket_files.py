@@ -137,7 +137,7 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
         return _expand_web(src, name, exts)
     if any(c in src for c in "{}"):
         urls = expand_braces(src)
-        listings: dict[str, dict[str, int]] = {}
+        listings: dict[str, dict] = {}
         for u in urls:
             if _parent(u) not in listings:  # one listing per prefix (setdefault would list for every name)
                 listings[_parent(u)] = _listing(_parent(u))
@@ -170,8 +170,8 @@ def _expand_web(src: str, name: str, exts: list[str]) -> list[str]:
                           "brace pattern naming each one (https://host/path/shard-{000000..000009}.tar), not a "
                           "glob or a folder")
     urls = expand_braces(src) if "{" in src or "}" in src else [src]
-    for u in urls:
-        _head(u)
+    with ThreadPoolExecutor(min(16, len(urls))) as pool:  # (a thousand shards: not a thousand round trips)
+        list(pool.map(_head, urls))
     return urls
 
 
