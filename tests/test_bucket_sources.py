@@ -105,6 +105,10 @@ def test_a_loader_batch_is_the_local_bytes_in_few_coalesced_requests(wds_pair):
     # a sample alone is one request of its own bytes
     r.requests = r.bytes_read = 0
     assert bucket.read(1, 5) == disk.read(1, 5) and (r.requests, r.bytes_read) == (1, len(got[(1, 5)]))
+    # precompute reads a shard front to back (iter_shard): its neighbours merged too, not a request per sample
+    r.requests = 0
+    assert [s.data for s in bucket.iter_shard(0)] == [s.data for s in disk.iter_shard(0)]
+    assert r.requests == 1, r.requests
 
 
 def test_coalesce_merges_neighbours_within_the_gap_and_span():
@@ -239,3 +243,233 @@ def test_plan_ranges_merges_the_smallest_gaps_within_the_budget_and_horizon():
     assert member.tolist() == [0, 0, 0, 2, 1] and ranges[:, 3:].tolist() == [[0, 2], [0, 0], [3, 3]]
     near, _ = plan_ranges(files, offsets, sizes, first, last, budget=250, horizon=1)
     assert near[:, :3].tolist() == [[0, 0, 210], [1, 0, 100], [0, 400, 500], [0, 1000, 1100]]
+
+
+# ---- Hugging Face parquet on a bucket ------------------------------------------------------------------------
+@pytest.fixture
+def pq_pair(tmp_path, s3_root):
+    """(local folder, its copy's URL): 20 rows in 3 parquet files as ``datasets`` writes them (8, 8, 4 rows,
+    row groups of 3), 128x128 PNGs (~50 KB: an image is most of what a page holds)."""
+    from conftest import encode, make_image
+    from test_parquet import write_parquet
+
+    local = write_parquet(tmp_path / "pq", n=20, per_file=8,
+                          image_of=lambda i: encode(make_image(i % 3, i, (128, 128))))
+    return local, upload(local, s3_root / "pq")
+
+
+def test_a_parquet_source_on_a_bucket_is_its_local_copys_manifest(pq_pair):
+    local, url = pq_pair
+    want = index_source(local, shards="as-is")
+    for src in (url, url + "/", url + "/*.parquet", url + "/train-{00000..00002}.parquet"):
+        got = index_source(src, shards="as-is")
+        assert (got.kind, got.root, got.shards, got.class_names) == ("parquet", url, want.shards, want.class_names)
+        assert got.fingerprint == want.fingerprint and columns(got) == columns(want), src  # sizes, crc32c too
+    recut, recut_here = index_source(url, shard_size=6), index_source(local, shard_size=6)
+    assert recut.files == recut_here.files and columns(recut) == columns(recut_here)
+
+
+def test_parquet_indexing_on_a_bucket_reads_footers_and_labels_not_images(pq_pair):
+    """Names only: per object a HEAD, its footer (one small tail read) and the label and image.path column
+    chunks, by range requests; never the image bytes (counted by the bucket client, all requests)."""
+    from pipeline.sources.bucket_files import COUNTS
+
+    local, url = pq_pair
+    total = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local))
+    before = (COUNTS.requests, COUNTS.bytes_read)
+    m = index_source(url, shards="as-is", checksums=False)
+    requests, nbytes = COUNTS.requests - before[0], COUNTS.bytes_read - before[1]
+    assert m.fingerprint == index_source(local, shards="as-is").fingerprint
+    assert nbytes < total / 5, (nbytes, total)
+    assert requests <= 2 + 3 * (2 + 2 * 3), requests  # listing, classes.txt; per file HEAD, footer, 2 per group
+
+
+def test_a_parquet_batch_on_a_bucket_is_the_local_bytes_by_page_map_and_coalesced_requests(pq_pair):
+    from pipeline.sources.hf_parquet import BucketParquet
+
+    local, url = pq_pair
+    disk, bucket = SampleReader(index_source(local, shards="as-is")), SampleReader(index_source(url, shards="as-is"))
+    r = bucket.file_reader
+    assert isinstance(r, BucketParquet)
+    batch = [(s, p) for s in (0, 1) for p in range(8)] + [(2, 3), (2, 0)]
+    random.Random(1).shuffle(batch)
+    got = bucket.read_many(batch)
+    assert got == disk.read_many(batch) and all(got.values())
+    used = sum(len(b) for b in got.values())
+    assert r.rows.group_reads == 0  # every image read alone, by the page map
+    # mapping three files (HEAD, footer with the offset index in its tail read, a page header per row group
+    # to check it: the sizes come from the manifest), then one request per file for the batch's images
+    assert r.rows.offset_index_maps == 3
+    assert r.requests <= 3 * (2 + 3) + 3, r.requests
+    assert r.bytes_read / used <= 1.3, (r.bytes_read, used)
+    r.counts.requests = r.counts.bytes_read = 0  # mapped: a batch is its images' bytes, neighbours merged
+    again = bucket.read_many(batch)
+    # (file 2's rows 1 and 2 lie between rows 0 and 3, within the gap: read too)
+    assert again == got and r.requests == 3 and r.bytes_read / used <= 1.2, (r.requests, r.bytes_read, used)
+    # a manifest without sizes (names only) maps by each value's length: more requests, the same bytes
+    names_only = SampleReader(index_source(url, shards="as-is", checksums=False))
+    assert names_only.read_many(batch) == got
+
+
+def test_a_parquet_object_rewritten_after_indexing_is_a_changed_source(pq_pair):
+    local, url = pq_pair
+    m = index_source(url, shards="as-is")
+    with open(os.path.join(local, "train-00000.parquet"), "rb") as f:
+        other = f.read()
+    as_path(url + "/train-00001.parquet").put(other)  # another file's rows under its name
+    with pytest.raises(SourceChanged, match=r"train-00001\.parquet changed since it was indexed"):
+        SampleReader(m).read_many([(1, 0), (1, 1)])
+    as_path(url + "/train-00001.parquet").unlink()  # gone: the same, read by a fresh reader
+    with pytest.raises(SourceChanged, match=r"train-00001\.parquet changed since it was indexed"):
+        SampleReader(m).read_many([(0, 0), (1, 0)])
+    assert SampleReader(m).read_many([(0, 0)])[(0, 0)]
+
+
+def test_precompute_and_train_from_a_parquet_bucket_give_the_bytes_of_the_local_copy(pq_pair, tmp_path,
+                                                                                     tiny_teacher):
+    from test_faults import precompute, tconfig, weights_bytes
+
+    from student.train import train
+
+    local, url = pq_pair
+    stores = {"d": tmp_path / "store-d", "b": tmp_path / "store-b"}
+    precompute(local, stores["d"], tiny_teacher, views=2)
+    precompute(url, stores["b"], tiny_teacher, views=2, workers=2)
+    a, b = snapshot(stores["d"]), snapshot(stores["b"])
+    same = lambda snap: {k: v for k, v in snap.items() if k not in ("store.json", "manifest.parquet")}
+    assert sorted(a) == sorted(b) and same(a) == same(b)
+    # a second run on the finished store resumes from the bucket (its root the prefix, not a local folder
+    # named "s3:": the samples it checks were read from the bucket, not found missing)
+    precompute(url, stores["b"], tiny_teacher, views=2)
+    assert snapshot(stores["b"]) == b
+    runs = [tconfig(src, stores[name], tmp_path / f"run-{name}", epochs=1) for src, name in ((local, "d"), (url, "b"))]
+    for cfg in runs:
+        train(cfg)
+    assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
+
+
+# ---- a web server's files (http:// here, https:// the same client with TLS) -----------------------------------
+@pytest.fixture
+def web_wds(tmp_path, s3_env):
+    """(local folder, the http:// URL prefix of its copy): the tars in SeaweedFS's public-read bucket, served
+    by its S3 gateway to plain unsigned GETs (with Range) as any web server's files."""
+    import uuid
+
+    from conftest import write_wds
+    from s3_support import OPEN_BUCKET
+
+    local = write_wds(tmp_path / "wds", n=20, per_shard=8, size=(128, 128))
+    key = uuid.uuid4().hex[:12]
+    upload(local, as_path(f"s3://{OPEN_BUCKET}/{key}"))
+    return local, f"{s3_env.endpoint}/{OPEN_BUCKET}/{key}"
+
+
+def test_an_http_source_by_brace_pattern_is_its_local_copy(web_wds):
+    local, web = web_wds
+    want = index_source(local, shards="as-is")
+    got = index_source(web + "/shard-{000000..000002}.tar", shards="as-is")
+    assert got.root == web and got.fingerprint == want.fingerprint and columns(got) == columns(want)
+    assert got.stamps is None  # a web server cannot list: no stamps (each start indexes names only)
+    reader = SampleReader(got)
+    batch = [(0, 1), (0, 2), (1, 0), (2, 3)]
+    assert reader.read_many(batch) == SampleReader(want).read_many(batch)
+    assert reader.file_reader.requests == 3  # one per tar
+    with pytest.raises(SourceError, match=r"shard-000003\.tar: no such object"):
+        index_source(web + "/shard-{000000..000003}.tar")
+
+
+def test_an_http_parquet_source_is_its_local_copy(tmp_path, s3_env):
+    import uuid
+
+    from s3_support import OPEN_BUCKET
+    from test_parquet import write_parquet
+
+    local = write_parquet(tmp_path / "pq", n=12, per_file=6)
+    key = uuid.uuid4().hex[:12]
+    upload(local, as_path(f"s3://{OPEN_BUCKET}/{key}"))
+    web = f"{s3_env.endpoint}/{OPEN_BUCKET}/{key}"
+    want = index_source(local, shards="as-is")
+    got = index_source(web + "/train-{00000..00001}.parquet", shards="as-is")
+    assert got.fingerprint == want.fingerprint and columns(got) == columns(want)
+    batch = [(0, 5), (1, 0), (0, 1)]
+    assert SampleReader(got).read_many(batch) == SampleReader(want).read_many(batch)
+
+
+@pytest.mark.parametrize("tail", ["/*.tar", "/", ""])
+def test_a_glob_or_a_folder_on_a_web_server_is_one_line_exit_2(web_wds, tmp_path, tiny_teacher, tail):
+    from test_faults import invoke, one_line_error, pconfig, pflags
+
+    _, web = web_wds
+    code, lines, crashed, _ = invoke("precompute", *pflags(pconfig(web + tail, tmp_path / "s", tiny_teacher)))
+    one_line_error(code, lines, crashed, 2, "cannot list its files", "brace pattern")
+
+
+# ---- stamps of bucket objects: no re-index at start -------------------------------------------------------------
+@pytest.fixture
+def bucket_store(wds_pair, tmp_path):
+    from test_loader import make_store, make_teacher_weights
+
+    local, url = wds_pair
+    return url, make_store(url, tmp_path / "store", make_teacher_weights(tmp_path / "teacher.pth"))
+
+
+def test_a_store_from_a_bucket_records_sizes_and_etags_and_an_unchanged_source_costs_one_listing(bucket_store):
+    from pipeline.sources import stored_manifest, unchanged_source
+    from pipeline.sources.bucket_files import COUNTS
+    from storage import open_store
+    from student.data import open_train_data
+
+    url, store = bucket_store
+    stored = stored_manifest(open_store(store))
+    assert [s[0] for s in stored.stamps["files"]] == stored.shards
+    assert all(isinstance(s[1], int) and s[2] for s in stored.stamps["files"]) and stored.stamps["classes"][1]
+    before = (COUNTS.requests, COUNTS.bytes_read)
+    m = unchanged_source(stored, url)
+    assert m is not None and m.root == url
+    assert (COUNTS.requests - before[0], COUNTS.bytes_read - before[1]) == (1, 0)  # one listing, no byte read
+    before = COUNTS.requests
+    assert unchanged_source(stored, url + "/shard-{000000..000002}.tar") is not None
+    assert COUNTS.requests - before == 1  # a brace pattern too: one listing of its prefix, not one per name
+    data = open_train_data(url, labels=store)
+    assert data.manifest.fingerprint == stored.fingerprint
+
+
+def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_store, tmp_path):
+    """Other labels under a tar's name: its ETag differs, it is re-indexed alone and refused, as on disk. The
+    same names and labels with other image bytes: the start goes on (re-indexing that object only) and the
+    first read of it is "changed since it was indexed"."""
+    import tarfile
+
+    import pyarrow.compute as pc
+    from conftest import write_wds
+
+    from pipeline.sources import stored_manifest, unchanged_source, write_wds_shards
+    from pipeline.sources.bucket_files import COUNTS
+    from storage import open_store
+    from student.data import open_train_data
+    from student.errors import TrainError
+
+    url, store = bucket_store
+    stored = stored_manifest(open_store(store))
+    # the same members, one byte of a picture changed: a content change only (its stamp, the ETag, differs)
+    blob = bytearray(as_path(url + "/shard-000001.tar").read())
+    first = stored.samples.filter(pc.equal(stored.samples.column("shard"), 1)).slice(0, 1).to_pylist()[0]
+    blob[first["offset"] + first["size"] // 2] ^= 0xFF
+    as_path(url + "/shard-000001.tar").put(bytes(blob))
+    before = COUNTS.requests
+    m = unchanged_source(stored, url)
+    assert m is not None  # its rows (names, labels) are the same: the start goes on ...
+    assert COUNTS.requests - before <= 1 + 1 + 2 * 8 + 1  # ... a listing, then that one tar's headers
+    with pytest.raises(SourceChanged, match=r"shard-000001\.tar changed since it was indexed"):
+        SampleReader(m).read(1, 0)
+    # other labels: refused at start
+    other = write_wds(tmp_path / "other", n=20, per_shard=8)
+    with tarfile.open(os.path.join(other, "shard-000002.tar")) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    rows = [(n.split(".")[0], blob, "png", (int(members[n.split(".")[0] + ".cls"]) + 1) % 3)
+            for n, blob in members.items() if n.endswith(".png")]
+    (path,) = write_wds_shards(rows, str(tmp_path / "relabelled"), per_shard=len(rows))
+    as_path(url + "/shard-000002.tar").put(open(path, "rb").read())
+    assert unchanged_source(stored, url) is None
+    with pytest.raises(TrainError, match="is not the source the store"):
+        open_train_data(url, labels=store)

@@ -107,6 +107,39 @@ def test_the_page_map_is_pyarrows_values_byte_for_byte(tmp_path, writer):
     assert got == pyarrow_values(path) == images
 
 
+@pytest.mark.parametrize("writer", ["datasets default", "datasets row groups of 7", "pyarrow one page a value",
+                                    "pyarrow v2 pages, page index"])
+def test_the_offset_index_and_known_sizes_map_as_the_page_walk_does(tmp_path, writer):
+    """With each row's size known (a manifest with checksums), the offset index (datasets writes one) places
+    every value without a page header but one a row group; pyarrow's files without one are Unmapped."""
+    from pipeline.sources.parquet_pages import Unmapped, footer, map_by_offset_index
+
+    path = tmp_path / "f.parquet"
+    images = blobs(60, lo=1, hi=40_000)
+    if writer.startswith("datasets"):
+        write_datasets(path, images, [i % 3 for i in range(60)], 3, **({"batch_size": 7} if "7" in writer else {}))
+    else:
+        write_pyarrow(path, images, **PLAIN_UNCOMPRESSED, row_group_size=25, write_page_index="index" in writer,
+                      data_page_version="2.0" if "v2" in writer else "1.0",
+                      data_page_size=1 if "one page" in writer else 64 << 10)
+    want = mapped(path)
+    with open(path, "rb", buffering=0) as f:
+        meta, thrift = footer(f)
+        col = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == "image.bytes")
+        c = meta.schema.column(col)
+        args = (f, thrift, meta, col, c.max_definition_level, c.max_repetition_level)
+        if "pyarrow" in writer and "index" not in writer:
+            with pytest.raises(Unmapped, match="offset index"):
+                map_by_offset_index(*args, want.sizes)
+            return
+        got = map_by_offset_index(*args, want.sizes)
+        assert got.offsets.tolist() == want.offsets.tolist() and got.sizes.tolist() == want.sizes.tolist()
+        wrong = want.sizes.copy()
+        wrong[0] += 1  # a size that is not the file's: the first page's walk disagrees
+        with pytest.raises(Unmapped):
+            map_by_offset_index(*args, wrong)
+
+
 @pytest.mark.parametrize("kw", [{}, {"use_dictionary": False}, {"compression": "none"}],
                          ids=["pyarrow defaults", "snappy", "dictionary"])
 def test_files_the_map_does_not_understand_are_read_by_row_group(tmp_path, kw):

@@ -67,6 +67,12 @@ class FileReader(ABC):
     def where(self, file: int, path: str) -> str:
         """The file to name in a message about this sample."""
 
+    def use_sizes(self, file_index, offsets, sizes) -> None:
+        """The manifest's address and size columns (numpy, one row per sample), for a reader that finds
+        samples faster knowing their sizes (a parquet file on a bucket: no read per row to learn where
+        each image starts). Kept by reference: SampleReader holds the same arrays. Others ignore them."""
+        return None
+
     def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes | None]:
         """Each (file, offset, size, path)'s bytes as ``read`` gives them, asked in file order; None for one
         whose read raised (undecodable now; a SourceError still stops the run). A format that can merge
@@ -107,9 +113,9 @@ class SourceFormat(ABC):
 def check_files(src: str, files: list[str]) -> str:
     """The files of a source exist, are regular and sit in one directory: that directory (a bucket
     source: the prefix its objects sit under, their existence checked by ``expand_url``)."""
-    from storage.bucket import is_url
+    from storage.bucket import is_source_url
 
-    if files and is_url(files[0]):  # on a bucket: the prefix its objects sit under
+    if files and is_source_url(files[0]):  # on a bucket: the prefix its objects sit under
         root = files[0].rsplit("/", 1)[0]
         if any(f.rsplit("/", 1)[0] != root for f in files):
             raise SourceError(f"{src}: shards must sit under one prefix")
@@ -129,11 +135,11 @@ def classes_txt_names(root: str, num_classes: int) -> list[str]:
 
     ``num_classes`` comes from the largest label, which the caller bounded (check_label_bound)."""
     path = os.path.join(root, "classes.txt")
-    from storage.bucket import BucketError, as_path, is_url
+    from storage.bucket import BucketError, is_source_url, source_path
 
-    if is_url(root):
+    if is_source_url(root):
         try:
-            data = as_path(path).read(MAX_CLASSES_TXT)
+            data = source_path(path).read(MAX_CLASSES_TXT)
         except FileNotFoundError:
             data = None
         except BucketError as e:  # a SourceError: no OSError handler of the indexers may swallow it

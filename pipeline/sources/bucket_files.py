@@ -14,15 +14,26 @@ stores' (``storage.bucket``): one endpoint, one set of keys, one BucketError lin
   benchmark compare them with the samples and bytes used). The loader adds a rank-level read-ahead
   (``bucket_cache``): its workers then take samples from a node-local cache the main process fills by
   the epoch's plan, and read directly only what is not there in time; the counters then count both.
+- ``RangeReads``: that coalesced, counted read of (file, offset, size)s, shared by ``BucketTars`` and the
+  parquet reader on a bucket (``hf_parquet.BucketParquet``: the images' offsets come from its page map).
+- ``object_stamps``: each object's (size, ETag) from one listing of its prefix (the one ``expand_url``
+  just made, when it made it), the bucket's stamps for ``check.unchanged_source``.
+
+A web server (``http://``, ``https://``: ``storage.bucket.source_path``) is read the same way, by range
+requests, but cannot list: a brace pattern names its files (each checked by one HEAD), and its objects
+have no stamps (a store made from it re-indexes the source at each start, names only).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import posixpath
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from storage.bucket import BucketError, as_path, is_url
+from storage.bucket import BucketError, is_source_url, is_url, is_web_url
+from storage.bucket import source_path as as_path
 from storage.errors import printable
 
 from ..source_errors import SourceError
@@ -46,16 +57,74 @@ def _source_error(e: Exception, url: str) -> Exception:
     return e
 
 
-def _listing(prefix_url: str) -> dict[str, int]:
-    """{name: size} of the objects directly under a prefix URL (one listing)."""
+class Counts:
+    """Requests and bytes asked of a store (thread-safe: a batch's reads run in a pool)."""
+
+    def __init__(self):
+        self.requests = self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def add(self, requests: int, nbytes: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_read += nbytes
+
+    def __getstate__(self):
+        return {"requests": self.requests, "bytes_read": self.bytes_read}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.requests, self.bytes_read = state["requests"], state["bytes_read"]
+
+
+# Every request of this process for source bytes (HEADs, range GETs, listings): what the tests and the
+# benchmark count where a reader is made deep inside indexing.
+COUNTS = Counts()
+RECENT_LISTING_S = 60.0  # a listing expand_url made is the stamps' listing if taken within this long
+
+
+_recent: dict[str, tuple[float, dict]] = {}  # prefix URL -> (when, listing): expand_url's, for object_stamps
+
+
+def _listing(prefix_url: str) -> dict[str, dict]:
+    """{name: {"size", "e_tag"}} of the objects directly under a prefix URL (one listing)."""
     import obstore
 
     p = as_path(prefix_url.rstrip("/") or prefix_url)
+    if is_web_url(p):
+        raise SourceError(f"--data {printable(prefix_url)}: a web server cannot list its files; name them with a brace "
+                          "pattern (https://host/path/shard-{000000..000009}.tar)")
     try:
         found = obstore.list_with_delimiter(p.store, p.key + "/" if p.key else None)
     except Exception as e:  # noqa: BLE001 (mapped to one line)
         raise _source_error(e, str(p)) from None
-    return {posixpath.basename(o["path"]): int(o["size"]) for o in found["objects"]}
+    COUNTS.add(1, 0)
+    out = {posixpath.basename(o["path"]): {"size": int(o["size"]), "e_tag": o.get("e_tag") or ""}
+           for o in found["objects"]}
+    _recent[prefix_url.rstrip("/")] = (time.monotonic(), out)
+    return out
+
+
+def object_stamps(root: str, files: list[str]) -> dict | None:
+    """The stamps of a bucket source's objects (all under ``root``) and of ``root``/classes.txt: each one's
+    size and ETag, from one listing of ``root`` (the one expand_url just made, if it did: no HEAD per
+    object). {"files": [[name, size, etag], ...], "classes": [size, etag] or None, "at": ns}. None on a web
+    server (it cannot list) or where an object has no ETag (nothing then proves it unchanged)."""
+    if is_web_url(root):
+        return None
+    at = time.time_ns()
+    when, listing = _recent.pop(root.rstrip("/"), (0.0, None))
+    if listing is None or time.monotonic() - when > RECENT_LISTING_S:
+        listing = _listing(root)
+        _recent.pop(root.rstrip("/"), None)
+    out = []
+    for f in files:
+        meta = listing.get(posixpath.basename(f))
+        if meta is None or not meta["e_tag"]:
+            return None  # (gone since it was named: indexing says so, in its words)
+        out.append([posixpath.basename(f), meta["size"], meta["e_tag"]])
+    classes = listing.get("classes.txt")
+    return {"files": out, "classes": [classes["size"], classes["e_tag"]] if classes else None, "at": at}
 
 
 def _parent(url: str) -> str:
@@ -66,12 +135,15 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
     """The object URLs ``--data src`` names (module doc); a missing one is a one-line SourceError."""
     as_path(src)  # no bucket name: one line
     name = src.rsplit("/", 1)[1] if src.count("/") > 2 else ""
+    if is_web_url(src):
+        return _expand_web(src, name, exts)
     if any(c in src for c in "{}"):
         urls = expand_braces(src)
-        listings: dict[str, dict[str, int]] = {}
+        listings: dict[str, dict] = {}
         for u in urls:
-            names = listings.setdefault(_parent(u), _listing(_parent(u)))
-            if posixpath.basename(u) not in names:
+            if _parent(u) not in listings:  # one listing per prefix (setdefault would list for every name)
+                listings[_parent(u)] = _listing(_parent(u))
+            if posixpath.basename(u) not in listings[_parent(u)]:
                 raise SourceError(f"{printable(u)}: no such object; check the pattern given to --data")
         return urls
     if any(c in name for c in "*?["):
@@ -93,20 +165,52 @@ def expand_url(src: str, exts: list[str]) -> list[str]:
     return []
 
 
+def _expand_web(src: str, name: str, exts: list[str]) -> list[str]:
+    """A web server's files: a brace pattern or one file, each checked by one HEAD (HTTP cannot list)."""
+    if any(c in name for c in "*?[") or "{" not in src and not any(name.endswith(e) for e in exts):
+        raise SourceError(f"--data {printable(src)}: a web server cannot list its files, so an http(s) source is a "
+                          "brace pattern naming each one (https://host/path/shard-{000000..000009}.tar), not a "
+                          "glob or a folder")
+    urls = expand_braces(src) if "{" in src or "}" in src else [src]
+    with ThreadPoolExecutor(min(16, len(urls))) as pool:  # (a thousand shards: not a thousand round trips)
+        list(pool.map(_head, urls))
+    return urls
+
+
+def _head(url: str) -> dict:
+    """One HEAD: {size, e_tag, ...}; a missing object is a one-line SourceError."""
+    import obstore
+
+    p = as_path(url)
+    COUNTS.add(1, 0)
+    try:
+        return obstore.head(p.store, p.key)
+    except Exception as e:  # noqa: BLE001
+        err = _source_error(e, url)
+        if isinstance(err, FileNotFoundError):
+            raise SourceError(f"{printable(url)}: no such object; check the pattern given to --data") from None
+        raise err from None
+
+
 class RangeFile:
     """A read-only, seekable file over one object: each read past what it holds is one range request of
     at least ``block`` bytes (module doc). ``requests``/``bytes_read`` count them."""
 
-    def __init__(self, url: str, block: int = HEADER_BLOCK):
+    closed = False  # (pyarrow asks)
+
+    def __init__(self, url: str, block: int = HEADER_BLOCK, counts: Counts | None = None):
         import obstore
 
-        self.url, self.block = url, block
+        self.url, self.block, self.counts = url, block, counts
         p = as_path(url)
         self._store, self._key = p.store, p.key
         try:
             self.size = int(obstore.head(self._store, self._key)["size"])
         except Exception as e:  # noqa: BLE001
             raise _source_error(e, url) from None
+        COUNTS.add(1, 0)
+        if counts is not None:
+            counts.add(1, 0)
         self.pos, self._start, self._buf = 0, 0, b""
         self.requests, self.bytes_read = 1, 0  # the HEAD
 
@@ -132,6 +236,8 @@ class RangeFile:
             self._start, self._buf = self.pos, fetch_range(self._store, self._key, self.pos, stop, self.url)
             self.requests += 1
             self.bytes_read += len(self._buf)
+            if self.counts is not None:
+                self.counts.add(1, len(self._buf))
         out = self._buf[self.pos - self._start:end - self._start]
         self.pos += len(out)
         return out
@@ -151,9 +257,11 @@ def fetch_range(store, key: str, start: int, end: int, url: str) -> bytes:
     import obstore
 
     try:
-        return bytes(obstore.get_range(store, key, start=start, end=end))
+        data = bytes(obstore.get_range(store, key, start=start, end=end))
     except Exception as e:  # noqa: BLE001
         raise _source_error(e, url) from None
+    COUNTS.add(1, len(data))
+    return data
 
 
 def coalesce(requests: list[tuple[int, int]], gap: int = GAP, span: int = SPAN) -> list[tuple[int, int, list[int]]]:
@@ -171,61 +279,15 @@ def coalesce(requests: list[tuple[int, int]], gap: int = GAP, span: int = SPAN) 
     return out
 
 
-class BucketTars(FileReader):
-    """Tar samples in a bucket by range requests; a batch's neighbours in one request (module doc).
-    Picklable: a worker makes its own client on its first read. ``cache``: a ``bucket_cache.CacheView``
-    (the rank's read-ahead) to take samples from first; what it has not, or not in time, is read directly."""
+class RangeReads:
+    """(file, offset, size)s of one source's objects in few range requests: a batch's neighbours in one
+    (``coalesce``), ``READ_AHEAD`` in flight; ``counts`` (requests, bytes_read) counts them."""
 
-    def __init__(self, root: str, files: list[str]):
-        self.root, self.files = root.rstrip("/"), list(files)
-        self.cache = None
-        self._requests = self._bytes_read = 0
-        self._base = (0, 0)  # the cache's totals when the counters were last set
+    def __init__(self, where, counts: Counts):
+        self.where, self.counts = where, counts  # where(file) -> the object's URL
 
-    def _shared(self) -> tuple[int, int]:
-        return self.cache.totals() if self.cache is not None else (0, 0)
-
-    @property
-    def requests(self) -> int:
-        """Range requests made: this reader's, plus (with a cache) the read-ahead's and every consumer's."""
-        return self._requests + self._shared()[0] - self._base[0]
-
-    @requests.setter
-    def requests(self, value: int) -> None:
-        self._requests, self._base = value, (self._shared()[0], self._base[1])
-
-    @property
-    def bytes_read(self) -> int:
-        return self._bytes_read + self._shared()[1] - self._base[1]
-
-    @bytes_read.setter
-    def bytes_read(self, value: int) -> None:
-        self._bytes_read, self._base = value, (self._base[0], self._shared()[1])
-
-    def where(self, file: int, path: str) -> str:
-        return f"{self.root}/{self.files[file]}"
-
-    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
-        return self.read_many([(file, offset, size, path)])[0]
-
-    def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
-        """Each (file, offset, size, path)'s bytes; b"" for a sample whose object is gone or cut short."""
-        if self.cache is None:
-            out, requests, nbytes = self._direct(wanted)
-            self._requests += requests
-            self._bytes_read += nbytes
-            return out
-        out = self.cache.take(wanted)
-        missing = [i for i, data in enumerate(out) if data is None]
-        if missing:
-            got, requests, nbytes = self._direct([wanted[i] for i in missing])
-            self.cache.count(requests, nbytes)
-            for i, data in zip(missing, got, strict=True):
-                out[i] = data
-        return out
-
-    def _direct(self, wanted: list[tuple[int, int, int, str]]) -> tuple[list[bytes], int, int]:
-        """The samples by coalesced range requests (GAP/SPAN), READ_AHEAD in flight; (bytes, requests, bytes read)."""
+    def read(self, wanted: list[tuple[int, int, int]]) -> list[bytes]:
+        """Each (file, offset, size)'s bytes; b"" for one whose object is gone or cut short."""
         by_file: dict[int, list[int]] = {}
         for i, (file, *_rest) in enumerate(wanted):
             by_file.setdefault(file, []).append(i)
@@ -237,7 +299,7 @@ class BucketTars(FileReader):
 
         def get(job):
             file, start, end, _ = job
-            url = self.where(file, "")
+            url = self.where(file)
             p = as_path(url)
             try:
                 return fetch_range(p.store, p.key, start, end, url)
@@ -251,14 +313,70 @@ class BucketTars(FileReader):
         else:
             with ThreadPoolExecutor(min(READ_AHEAD, len(jobs))) as pool:
                 results = list(pool.map(get, jobs))
-        nbytes = 0
         for (_file, start, _end, members), data in zip(jobs, results, strict=True):
-            nbytes += len(data)
+            self.counts.add(1, len(data))
             for i in members:
                 off, size = wanted[i][1] - start, wanted[i][2]
                 piece = data[off:off + size]
-                out[i] = piece if len(piece) == size else b""  # the tar ends inside it: nothing of it
-        return out, len(jobs), nbytes
+                out[i] = piece if len(piece) == size else b""  # the object ends inside it: nothing of it
+        return out
 
 
-__all__ = ["BucketTars", "RangeFile", "coalesce", "expand_url", "is_url"]
+class BucketTars(FileReader):
+    """Tar samples in a bucket by range requests; a batch's neighbours in one request (module doc).
+    Picklable: a worker makes its own client on its first read. ``cache``: a ``bucket_cache.CacheView``
+    (the rank's read-ahead) to take samples from first; what it has not, or not in time, is read directly."""
+
+    def __init__(self, root: str, files: list[str]):
+        self.root, self.files = root.rstrip("/"), list(files)
+        self.counts = Counts()
+        self.cache = None
+        self._base = (0, 0)  # the cache's totals when the counters were last set
+
+    def _shared(self) -> tuple[int, int]:
+        return self.cache.totals() if self.cache is not None else (0, 0)
+
+    @property
+    def requests(self) -> int:
+        """Range requests made: this reader's, plus (with a cache) the read-ahead's and every consumer's."""
+        return self.counts.requests + self._shared()[0] - self._base[0]
+
+    @requests.setter
+    def requests(self, value: int) -> None:
+        self.counts.requests, self._base = value, (self._shared()[0], self._base[1])
+
+    @property
+    def bytes_read(self) -> int:
+        return self.counts.bytes_read + self._shared()[1] - self._base[1]
+
+    @bytes_read.setter
+    def bytes_read(self, value: int) -> None:
+        self.counts.bytes_read, self._base = value, (self._base[0], self._shared()[1])
+
+    def where(self, file: int, path: str) -> str:
+        return f"{self.root}/{self.files[file]}"
+
+    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
+        return self.read_many([(file, offset, size, path)])[0]
+
+    def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
+        """Each (file, offset, size, path)'s bytes; b"" for a sample whose object is gone or cut short."""
+        if self.cache is None:
+            return self._direct(wanted, self.counts)
+        out = self.cache.take(wanted)
+        missing = [i for i, data in enumerate(out) if data is None]
+        if missing:
+            counts = Counts()  # (a worker's direct reads: counted in the cache's shared totals)
+            got = self._direct([wanted[i] for i in missing], counts)
+            self.cache.count(counts.requests, counts.bytes_read)
+            for i, data in zip(missing, got, strict=True):
+                out[i] = data
+        return out
+
+    def _direct(self, wanted: list[tuple[int, int, int, str]], counts: Counts) -> list[bytes]:
+        """The samples by coalesced range requests (``RangeReads``), counted in ``counts``."""
+        return RangeReads(lambda f: self.where(f, ""), counts).read([w[:3] for w in wanted])
+
+
+__all__ = ["COUNTS", "BucketTars", "Counts", "RangeFile", "RangeReads", "coalesce", "expand_url", "is_source_url",
+           "is_url", "object_stamps"]

@@ -28,9 +28,11 @@ import stat
 
 import numpy as np
 
+from storage.bucket import is_source_url
+
 from ..source_errors import SourceError
 from .registry import expand_files, format_of_kind
-from .stamps import classes_stamp, racy
+from .stamps import classes_stamp, is_bucket_stamps, racy
 
 
 def unchanged_source(stored, data: str):
@@ -45,11 +47,15 @@ def unchanged_source(stored, data: str):
         return None  # (a bad pattern: the full index says so, in its order)
     if not files or any(not f.endswith(format_of_kind(stored.kind).ext) for f in files):
         return None
-    root = os.path.dirname(os.path.abspath(files[0]))
     names = [os.path.basename(f) for f in files]
     stamps = stored.stamps["files"]
     if names != (stored.files or stored.shards) or [s[0] for s in stamps] != names:
         return None
+    if is_source_url(files[0]):
+        return _unchanged_objects(stored, files)
+    if is_bucket_stamps(stored.stamps):
+        return None  # a store made from a bucket, a local copy now: indexed in full (names only)
+    root = os.path.dirname(os.path.abspath(files[0]))
     if any(os.path.dirname(os.path.abspath(f)) != root for f in files):
         return None
     changed = []
@@ -73,6 +79,29 @@ def unchanged_source(stored, data: str):
     return dataclasses.replace(stored, root=root)
 
 
+def _unchanged_objects(stored, files: list[str]):
+    """``unchanged_source`` on a bucket: each object's size and ETag, from one listing of the prefix (the one
+    ``expand_files`` just made), against its stamp; a changed object re-indexed alone, as a file on disk."""
+    from .bucket_files import object_stamps
+
+    root = files[0].rsplit("/", 1)[0]
+    if any(f.rsplit("/", 1)[0] != root for f in files) or not is_bucket_stamps(stored.stamps):
+        return None
+    try:
+        now = object_stamps(root, files)
+    except SourceError:
+        return None
+    if now is None or now["classes"] != stored.stamps["classes"]:
+        return None  # no ETags, or classes.txt changed (or came or went): a full index says how
+    changed = [i for i, (a, b) in enumerate(zip(now["files"], stored.stamps["files"], strict=True)) if a != b]
+    try:
+        if any(not _same_rows(stored, i, files[i]) for i in changed):
+            return None
+    except SourceError:
+        return None
+    return dataclasses.replace(stored, root=root)
+
+
 def _same_rows(stored, file: int, path: str) -> bool:
     """Whether ``path`` (file ``file`` of the source) indexes, names only, to the rows the manifest holds for it."""
     t = stored.samples
@@ -82,9 +111,9 @@ def _same_rows(stored, file: int, path: str) -> bool:
     order = np.argsort(mine["offset"], kind="stable")  # the file's own order (a re-cut permutes it)
     mine = {c: v[order].tolist() for c, v in mine.items()}
     if stored.kind == "wds":
-        from .tar import _index_tar
+        from .tar import _index_tar, _open_url
 
-        got = _index_tar(path, checksums=False)
+        got = _index_tar(path, False, _open_url(path))  # (an object: its headers by range requests)
         return [(k, m, o, s, lab) for k, m, o, s, lab, _ in got] == list(
             zip(mine["key"], mine["path"], mine["offset"], mine["size"], mine["label"], strict=True))
     from .hf_parquet import index_file

@@ -18,6 +18,7 @@ unless precompute asks for their checksums.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from ..source_errors import MAX_CLASSES, SourceError, check_class_count, check_label_bound, permission_error
 from .base import NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
-from .parquet_pages import RowBytes, Unmapped, map_column
+from .parquet_pages import RowBytes, Unmapped, footer, map_by_offset_index, map_column, read_footer
 from .stamps import stamps_of
 
 IMAGE, LABEL = "image", "label"
@@ -43,8 +44,8 @@ def _open(path, name: str | None = None) -> pq.ParquetFile:
     try:
         # memory-mapped, no pre-buffering: a row group's image column is read from the page cache with
         # one copy (measured ~1.5x faster than the defaults on 4 MB row groups of JPEGs)
-        if name is not None:
-            return pq.ParquetFile(path, pre_buffer=False)
+        if name is not None:  # (a file object: its footer in one small read, not pyarrow's 64 KiB)
+            return pq.ParquetFile(path, metadata=read_footer(path), pre_buffer=False)
         return pq.ParquetFile(path, memory_map=True, pre_buffer=False)
     except PermissionError:
         raise permission_error(path) from None
@@ -96,12 +97,28 @@ def hf_class_names(schema: pa.Schema, path: str = "the parquet file") -> list[st
     return [str(n) for n in names]
 
 
+def _open_source(path: str) -> pq.ParquetFile:
+    """A parquet file on disk (``_open``), or on a bucket through a ``RangeFile``: the footer and the
+    column chunks asked for are range requests, never the whole object."""
+    from storage.bucket import is_source_url
+
+    if not is_source_url(path):
+        return _open(path)
+    from .bucket_files import RangeFile
+
+    try:
+        return _open(RangeFile(path, block=PAGE_BLOCK), path)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no such object; check the URL or pattern given to --data") from None
+
+
 def index_file(path: str, checksums: bool) -> dict:
     """One file's rows: labels, image paths, and (checksums) each image's size and crc32c.
 
     Null images (or images stored as a path only, not embedded) and null labels are refused with the
-    row; ``sources`` checks the label range against the class names."""
-    f = _open(path)
+    row; ``sources`` checks the label range against the class names. On a bucket the same, by range
+    requests: names only reads the footer and the label and image.path column chunks."""
+    f = _open_source(path)
     _check_schema(path, f.schema_arrow)
     labels, paths, sizes, crcs = [], [], [], []
     for rg in range(f.num_row_groups):
@@ -201,7 +218,9 @@ class ParquetRows:
         self._groups: OrderedDict[tuple[int, int], pa.Array] = OrderedDict()
         self._maps: dict[int, RowBytes | None] = {}  # None: not mappable, read by row group
         self._handles: OrderedDict[int, object] = OrderedDict()  # files open for direct reads
+        self.known = None  # file -> each row's indexed size, or None (BucketParquet: map_column's ``known``)
         self.group_reads = 0  # row groups read (what the benchmark and tests count)
+        self.offset_index_maps = 0  # files mapped by their offset index (no page header walked but one a group)
         self.direct_reads = 0  # images read alone, at their offset
 
     @property
@@ -247,10 +266,23 @@ class ParquetRows:
             return None
         raw = self._raw(file)
         try:
-            meta = pq.ParquetFile(raw, pre_buffer=False).metadata
+            meta, thrift = footer(raw) or (pq.ParquetFile(raw, pre_buffer=False).metadata, None)
             columns = [meta.schema.column(i) for i in range(meta.num_columns)]
             col = next(i for i, c in enumerate(columns) if c.path == "image.bytes")
-            rows = map_column(raw, meta, col, columns[col].max_definition_level, columns[col].max_repetition_level)
+            levels = columns[col].max_definition_level, columns[col].max_repetition_level
+            known = self.known(file) if self.known else None
+            rows = None
+            if known is not None and thrift is not None:  # the offset index and the sizes: no page walk
+                with contextlib.suppress(Unmapped):
+                    rows = map_by_offset_index(raw, thrift, meta, col, *levels, known)
+                    self.offset_index_maps += 1
+            if rows is None:
+                try:
+                    rows = map_column(raw, meta, col, *levels, known)
+                except Unmapped:
+                    if known is None:
+                        raise
+                    rows = map_column(raw, meta, col, *levels)  # the sizes do not fit (changed?): read them
         except (Unmapped, StopIteration):
             rows = None  # not plain uncompressed images: pyarrow reads its row groups
         self._maps[file] = rows
@@ -342,6 +374,88 @@ class ParquetFiles(FileReader):
 
 
 OPEN_FILES = 16  # parquet files a reader keeps open (as tars: a batch or a re-cut shard spans several)
+PAGE_BLOCK = 4096  # on a bucket, a read of a footer, page header or value length fetches at least this much
+
+
+class _RangeOpener:
+    """ParquetRows' opener for objects: a RangeFile counting into the reader's counts (picklable)."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def __call__(self, url: str):
+        from .bucket_files import RangeFile
+
+        return RangeFile(url, block=PAGE_BLOCK, counts=self.counts)
+
+
+class BucketParquet(FileReader):
+    """Parquet files on a bucket (or a web server), by range requests. Each file is mapped on first use
+    as on disk (``ParquetRows``: the footer, then the image column's page headers; with the manifest's
+    sizes (``use_sizes``) a request per page, else a small one per row as well), and a batch's images
+    are then read by their offsets, neighbours merged into one request (``bucket_files.RangeReads``).
+    Files the map does not understand are read by row group through a ``RangeFile``. ``requests`` and
+    ``bytes_read`` count everything asked of the store. Picklable: workers start with empty maps."""
+
+    def __init__(self, root: str, files: list[str]):
+        from .bucket_files import Counts
+
+        self.root, self.files = root.rstrip("/"), list(files)
+        self.counts = Counts()
+        self.rows = ParquetRows(self.root, self.files, OPEN_FILES, opener=_RangeOpener(self.counts))
+        self.rows.known = self._known
+        self._sizes, self._order = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": None}
+
+    requests = property(lambda self: self.counts.requests)
+    bytes_read = property(lambda self: self.counts.bytes_read)
+
+    def where(self, file: int, path: str) -> str:
+        return f"{self.root}/{self.files[file]}"
+
+    def use_sizes(self, file_index, offsets, sizes) -> None:
+        self._sizes, self._order = (file_index, offsets, sizes), None
+
+    def _known(self, file: int) -> np.ndarray | None:
+        """Each row's indexed size in ``file``, in row order; None where the manifest has none (names only)."""
+        if self._sizes is None:
+            return None
+        which, rows, sizes = self._sizes
+        if self._order is None:  # (file, row) order, and where each file's rows start in it
+            order = np.lexsort((rows, which))
+            self._order = order, np.searchsorted(which[order], np.arange(len(self.files) + 1))
+        order, starts = self._order
+        mine = order[starts[file]:starts[file + 1]]
+        if not len(mine) or not np.array_equal(rows[mine], np.arange(len(mine))) or sizes[mine].min() <= 0:
+            return None
+        return np.asarray(sizes[mine], np.int64)
+
+    def read(self, file: int, offset: int, size: int, path: str) -> bytes:
+        return self.read_many([(file, offset, size, path)])[0]
+
+    def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
+        from .bucket_files import RangeReads
+
+        out: list[bytes] = [b""] * len(wanted)
+        direct = []  # (i, file, byte offset, size)
+        for i, (file, row, _size, _path) in enumerate(wanted):
+            try:
+                rows = self.rows._map(file)
+            except SourceError:  # no such bucket, no credentials, no endpoint: one line, the run stops
+                raise
+            except (pa.ArrowException, OSError):
+                continue  # gone, or no longer parquet: b"" (the crc32c check says the source changed)
+            if rows is None:
+                out[i] = self.rows._image_by_group(file, row)
+            elif 0 <= row < len(rows.offsets) and rows.sizes[row] >= 0:
+                direct.append((i, file, int(rows.offsets[row]), int(rows.sizes[row])))
+        got = RangeReads(lambda f: self.where(f, ""), self.counts).read([d[1:] for d in direct])
+        self.rows.direct_reads += len(direct)
+        for (i, *_), data in zip(direct, got, strict=True):
+            out[i] = data
+        return out
 
 
 class HfParquet(SourceFormat):
@@ -349,20 +463,14 @@ class HfParquet(SourceFormat):
     sizes_without_content = False  # the image column is read only for checksums
 
     def index(self, src, files, *, checksums, shard_size, seed, shuffle) -> Indexed:
-        _not_on_a_bucket(src)
         return _index_parquet(src, files, checksums=checksums)
 
-    def open_files(self, root, files) -> ParquetFiles:
-        _not_on_a_bucket(root)
+    def open_files(self, root, files) -> FileReader:
+        from storage.bucket import is_source_url
+
+        if is_source_url(root):  # on a bucket: page-mapped images by range requests, a batch's merged
+            return BucketParquet(root, files)
         return ParquetFiles(root, files)
-
-
-def _not_on_a_bucket(where: str) -> None:
-    from storage.bucket import is_url
-
-    if is_url(where):
-        raise SourceError(f"{where}: parquet sources cannot be read from a bucket yet (WebDataset .tar shards "
-                          "can); copy the files to a local disk and pass that folder to --data")
 
 
 FORMAT = HfParquet()

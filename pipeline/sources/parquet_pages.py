@@ -128,6 +128,116 @@ def _struct(buf: bytes, pos: int, depth: int = 0) -> tuple[dict, int]:
         last = fid
 
 
+# ---- the footer -------------------------------------------------------------------------------------------
+FOOTER_READ = 16 * 1024  # the tail read for a footer (pyarrow reads 64 KiB): more only for a longer footer
+
+
+def read_footer(f):
+    """A parquet file's FileMetaData from an open file object's tail, in one read of ``FOOTER_READ`` bytes
+    (two for a longer footer): pyarrow's own first read is 64 KiB, a request's worth on a bucket for a
+    footer of a few KiB. None when the tail is no parquet footer (pyarrow then opens it and says why)."""
+    got = footer(f)
+    return None if got is None else got[0]
+
+
+def footer(f):
+    """(FileMetaData, the footer's thrift bytes) of an open parquet file (``read_footer``), or None."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = f.seek(0, 2)
+    if size < 12:
+        return None
+    f.seek(size - min(size, FOOTER_READ))
+    tail = f.read(min(size, FOOTER_READ))
+    if len(tail) < 8 or tail[-4:] != b"PAR1":
+        return None
+    n = int.from_bytes(tail[-8:-4], "little")
+    if n + 12 > size:
+        return None
+    if n + 8 > len(tail):
+        f.seek(size - 8 - n)
+        tail = f.read(n + 8 - len(tail)) + tail
+        if len(tail) != n + 8:
+            return None
+    try:
+        return pq.read_metadata(io.BytesIO(b"PAR1" + tail[-(n + 8):])), tail[-(n + 8):-8]
+    except (pa.ArrowException, OSError):
+        return None
+
+
+# ---- the offset index: every page's place without reading a page header -----------------------------------
+MAX_OFFSET_INDEX = 64 << 20  # the offset indexes of one file's image column, read in one request, at most
+
+
+def map_by_offset_index(f, raw_footer: bytes, meta, column: int, max_def: int, max_rep: int,
+                        known: np.ndarray) -> RowBytes:
+    """Each row's (offset, size) from the image column's offset index (where each data page lies and its
+    first row; ``datasets`` writes one) and the indexed sizes ``known``: a page's values end where the
+    page ends, each after its 4-byte length, so they are placed from the page's end backwards. One read
+    for the offset indexes of all row groups (written together, before the footer) and one page header
+    per row group, its first page walked (``_map_chunk``) to check the placing. Unmapped when the file
+    has no offset index or anything does not add up: the caller walks the page headers instead."""
+    if max_rep or len(known) != meta.num_rows:
+        raise Unmapped("a repeated image column, or sizes not the file's rows")
+    try:
+        groups = _struct(raw_footer, 0)[0].get(4)
+        if not isinstance(groups, list) or len(groups) != meta.num_row_groups:
+            raise Unmapped("row groups in the footer")
+        where = []
+        for rg, g in enumerate(groups):
+            cc = meta.row_group(rg).column(column)
+            if cc.physical_type != "BYTE_ARRAY" or cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
+                raise Unmapped("image column not plain")
+            chunk = g.get(1)[column] if isinstance(g, dict) and isinstance(g.get(1), list) else None
+            at, n = (chunk.get(4), chunk.get(5)) if isinstance(chunk, dict) else (None, None)
+            if not (isinstance(at, int) and isinstance(n, int) and at >= 0 and n > 0):
+                raise Unmapped("no offset index")
+            where.append((at, n))
+        lo, hi = min(a for a, _ in where), max(a + n for a, n in where)
+        if hi - lo > MAX_OFFSET_INDEX:
+            raise Unmapped("offset indexes too far apart")
+        f.seek(lo)
+        buf = f.read(hi - lo)
+        if len(buf) != hi - lo:
+            raise Unmapped("offset index past the file")
+        offsets = np.empty(meta.num_rows, np.int64)
+        first = 0
+        for rg, (at, n) in enumerate(where):
+            pages = _struct(buf[at - lo:at - lo + n], 0)[0].get(1)
+            rows = meta.row_group(rg).num_rows
+            cc = meta.row_group(rg).column(column)
+            start, end = cc.data_page_offset, cc.data_page_offset + cc.total_compressed_size
+            if not isinstance(pages, list) or not pages:
+                raise Unmapped("an empty offset index")
+            locs = [(p.get(1), p.get(2), p.get(3)) if isinstance(p, dict) else (None,) * 3 for p in pages]
+            if locs[0][2] != 0 or locs[0][0] != start:
+                raise Unmapped("the first page is not where the column chunk starts")
+            for j, (off, length, r0) in enumerate(locs):
+                r1 = locs[j + 1][2] if j + 1 < len(locs) else rows
+                if not all(isinstance(v, int) for v in (off, length, r0, r1)) or not (
+                        start <= off and off + length <= end and 0 <= r0 <= r1 <= rows):
+                    raise Unmapped("a page outside its column chunk")
+                e = off + length
+                for k in range(first + r1 - 1, first + r0 - 1, -1):
+                    offsets[k] = e - int(known[k])
+                    e = offsets[k] - 4
+                if e <= off:
+                    raise Unmapped("sizes longer than their page")
+            first_rows = locs[1][2] if len(locs) > 1 else rows
+            page_end = locs[0][0] + locs[0][1]
+            o, _ = _map_chunk(_Reader(f, page_end), start, page_end, max_def, first_rows,
+                              known[first:first + first_rows])
+            if not np.array_equal(o, offsets[first:first + first_rows]):
+                raise Unmapped("the first page's values are not where the offset index puts them")
+            first += rows
+    except (IndexError, TypeError, AttributeError):
+        raise Unmapped("a footer or offset index this reader does not understand") from None
+    return RowBytes(offsets, np.asarray(known, np.int64))
+
+
 # ---- the page walk -----------------------------------------------------------------------------------------
 def _rle_levels(buf: bytes, count: int, bit_width: int) -> np.ndarray:
     """Parquet's RLE/bit-packed hybrid: ``count`` levels of ``bit_width`` bits."""
@@ -183,14 +293,22 @@ class _Reader:
                 n *= 4
 
 
-def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
+def map_column(f, meta, column: int, max_def: int, max_rep: int, known: np.ndarray | None = None) -> RowBytes:
     """Each row's (offset, size) in column ``column`` (a BYTE_ARRAY leaf) over all row groups.
 
     ``f`` is an open binary file (seek/read); ``meta`` its pyarrow FileMetaData. Raises Unmapped
-    when the column is not plain uncompressed values in data pages this reader understands."""
+    when the column is not plain uncompressed values in data pages this reader understands.
+
+    ``known``: each row's size as indexed (a manifest with checksums has them). Then a value's length
+    is not read from the file: the page headers alone place every value (a read per page, not per
+    row: what a file on a bucket, read by range requests, needs). The sizes must still fill each page
+    exactly, else Unmapped; a size that is wrong but fits is caught by the crc32c of what is read."""
     if max_rep:
         raise Unmapped("a repeated image column")
+    if known is not None and len(known) != meta.num_rows:
+        raise Unmapped(f"{len(known)} sizes known, {meta.num_rows} rows in the footer")
     offsets, sizes = [], []
+    first = 0
     for rg in range(meta.num_row_groups):
         cc = meta.row_group(rg).column(column)
         if cc.physical_type != "BYTE_ARRAY" or cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
@@ -198,7 +316,9 @@ def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
         start = cc.data_page_offset
         end = start + cc.total_compressed_size
         rows = meta.row_group(rg).num_rows
-        o, s = _map_chunk(_Reader(f, end), start, end, max_def, rows)
+        o, s = _map_chunk(_Reader(f, end), start, end, max_def, rows,
+                          None if known is None else known[first:first + rows])
+        first += rows
         if len(o) != rows or cc.num_values != rows:
             raise Unmapped(f"row group {rg}: {len(o)} values in its pages, {rows} rows in the footer")
         offsets.append(o)
@@ -208,8 +328,10 @@ def map_column(f, meta, column: int, max_def: int, max_rep: int) -> RowBytes:
     return RowBytes(np.concatenate(offsets), np.concatenate(sizes))
 
 
-def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offset, size) of each value in one column chunk [pos, end) of ``rows`` rows."""
+def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int,
+               known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, size) of each value in one column chunk [pos, end) of ``rows`` rows (``known``: their
+    sizes, not read from the file: ``map_column``)."""
     offsets, sizes = [], []
     bit_width = int(max_def).bit_length()
     while pos < end:
@@ -258,10 +380,13 @@ def _map_chunk(r: _Reader, pos: int, end: int, max_def: int, rows: int) -> tuple
                 offsets.append(-1)
                 sizes.append(-1)
                 continue
-            head = r.read(at, 4)
-            if len(head) != 4:
-                raise Unmapped("a value's length past its page")
-            size = int.from_bytes(head, "little")
+            if known is not None:
+                size = int(known[len(offsets)])
+            else:
+                head = r.read(at, 4)
+                if len(head) != 4:
+                    raise Unmapped("a value's length past its page")
+                size = int.from_bytes(head, "little")
             if at + 4 + size > body_end:
                 raise Unmapped("a value past its page")
             offsets.append(at + 4)

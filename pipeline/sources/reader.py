@@ -21,8 +21,10 @@ import pyarrow as pa
 from storage.errors import printable
 
 from ..source_errors import SourceChanged, SourceError
-from .base import FILE_COLUMN, NO_CRC
+from .base import FILE_COLUMN, NO_CRC, FileReader
 from .registry import FORMATS
+
+SHARD_BLOCK = 256  # samples of a shard read at once by a reader that merges neighbours (iter_shard)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class SampleReader:
         # Which file holds each row: the shard itself, or (a re-cut source) the "file" column.
         self.file_index = (t.column(FILE_COLUMN) if manifest.files else t.column("shard")).to_numpy().astype(np.int64)
         self.file_reader = FORMATS[manifest.kind].open_files(manifest.root, list(manifest.files or manifest.shards))
+        self.file_reader.use_sizes(self.file_index, self.offsets, self.nbytes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,6 +129,16 @@ class SampleReader:
         start, n = int(self.starts[shard]), int(self.sizes[shard])
         rows = np.arange(start, start + n)
         order = rows[np.lexsort((rows, self.offsets[rows], self.file_index[rows]))]
+        if type(self.file_reader).read_many is not FileReader.read_many:
+            # a reader that merges neighbours' reads (an object store: a request per sample otherwise):
+            # the shard in blocks of samples, each block's neighbours one range request
+            for block in range(0, n, SHARD_BLOCK):
+                pos = list(range(block, min(n, block + SHARD_BLOCK)))
+                got = self.read_many([(shard, p) for p in pos])
+                for p in pos:
+                    i = start + p
+                    yield Sample(self.key(i), int(self.labels[i]), shard, p, got.pop((shard, p)))
+            return
         if np.array_equal(order, rows):
             for i in rows.tolist():
                 data = self._read_row(i)

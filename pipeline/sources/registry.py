@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from storage.bucket import is_url
+from storage.bucket import is_source_url
 
 from ..source_errors import SourceError
 from . import folder, hf_parquet, tar
@@ -48,7 +48,7 @@ def _file_format(path: str) -> SourceFormat:
 def expand_files(src: str) -> list[str]:
     """A directory (its files of the first format that has any), a glob, a brace pattern or one file -> paths;
     the same on a bucket (a prefix is its directory: ``bucket_files.expand_url``)."""
-    if is_url(src):
+    if is_source_url(src):
         from .bucket_files import expand_url
 
         return expand_url(src, [f.ext for f in FORMATS.values() if f.ext])
@@ -64,7 +64,7 @@ def expand_files(src: str) -> list[str]:
 def source_format(src: str) -> tuple[SourceFormat, list[str]]:
     """The format of ``--data src`` and its files (none for a directory format): one format per source."""
     files = expand_files(src)
-    if is_url(src) and not files:
+    if is_source_url(src) and not files:
         raise SourceError(f"{src}: no {', '.join(f.ext for f in FORMATS.values() if f.ext)} objects there; on a "
                           f"bucket pass {', '.join(f.what for f in FORMATS.values() if f.ext)} (a prefix, a glob "
                           f"or a brace pattern): {DIRECTORY_FORMAT.what} cannot be read from a bucket")

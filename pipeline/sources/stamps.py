@@ -1,5 +1,9 @@
 """Stamps of a source's files (name, size, mtime_ns) as indexing records them in a manifest, and their
-check on reading one back: a leaf module (``sources`` records them, ``check`` compares them)."""
+check on reading one back: a leaf module (``sources`` records them, ``check`` compares them).
+
+Objects on a bucket are stamped (name, size, ETag), all from one listing of their prefix
+(``bucket_files.object_stamps``): the ETag changes with every write of other bytes, so there is no
+"racy" case; a web server's files (no listing) get no stamps."""
 
 from __future__ import annotations
 
@@ -15,14 +19,21 @@ def stamps_of(root: str, files: list[str]) -> dict | None:
     """The stamps of a source's files (paths, all in ``root``) and of ``root``/classes.txt, for the manifest:
     {"files": [[name, size, mtime_ns], ...], "classes": [size, mtime_ns] or None}. Taken before the files
     are read: a file changed while it is indexed then has another stamp at the next start."""
-    if "://" in root:  # a bucket: no stamps yet (each start indexes its headers by range requests)
-        return None
+    if "://" in root:  # a bucket: sizes and ETags from one listing (a web server: none)
+        from .bucket_files import object_stamps
+
+        return object_stamps(root, files)
     at = time.time_ns()
     out = []
     for f in files:
         st = os.stat(f)
         out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
     return {"files": out, "classes": classes_stamp(root), "at": at}
+
+
+def is_bucket_stamps(stamps: dict) -> bool:
+    """Whether stamps are a bucket's (an ETag, a string, where a file has its mtime_ns)."""
+    return bool(stamps["files"]) and isinstance(stamps["files"][0][2], str)
 
 
 def racy(mtime_ns: int, stamps: dict) -> bool:
@@ -36,10 +47,12 @@ def stamps_problem(stamps) -> str | None:
     """What is wrong with a manifest's ``stamps`` metadata field, in words; None when nothing is."""
     ok = (isinstance(stamps, dict) and set(stamps) == {"files", "classes", "at"} and isinstance(stamps["at"], int)
           and isinstance(stamps["files"], list)
-          and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
-                  and all(isinstance(v, int) for v in s[1:]) for s in stamps["files"])
+          and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and isinstance(s[1], int)
+                  and isinstance(s[2], int | str) for s in stamps["files"])
+          and len({type(s[2]) for s in stamps["files"]}) <= 1  # all mtimes (a disk) or all ETags (a bucket)
           and (stamps["classes"] is None or (isinstance(stamps["classes"], list) and len(stamps["classes"]) == 2
-                                             and all(isinstance(v, int) for v in stamps["classes"]))))
+                                             and isinstance(stamps["classes"][0], int)
+                                             and isinstance(stamps["classes"][1], int | str))))
     return None if ok else "its metadata field 'stamps' is invalid"
 
 

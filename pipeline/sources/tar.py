@@ -19,7 +19,7 @@ import crc32c
 import numpy as np
 import pyarrow as pa
 
-from storage.bucket import is_url
+from storage.bucket import is_source_url
 from storage.errors import printable
 
 from ..source_errors import SourceError, check_label_bound, permission_error
@@ -71,7 +71,7 @@ class WebDataset(SourceFormat):
         return _index_wds(src, files, checksums=checksums)
 
     def open_files(self, root, files) -> FileReader:
-        if is_url(root):  # on a bucket: range requests, a batch's neighbours merged into one
+        if is_source_url(root):  # on a bucket: range requests, a batch's neighbours merged into one
             from .bucket_files import BucketTars
 
             return BucketTars(root, files)
@@ -117,7 +117,7 @@ def _index_wds(src: str, files: list[str], checksums: bool = True) -> Indexed:
 def _open_url(path: str):
     """A tar on a bucket as a file of range requests (headers read, members' data skipped by offset);
     None for a local path (tarfile opens it)."""
-    if not is_url(path):
+    if not is_source_url(path):
         return None
     from .bucket_files import RangeFile
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from storage import StoreError, open_store
 from storage.base import STORE_JSON
+from storage.bucket import is_source_url
 from storage.leases import Heartbeat
 
 from ..sources import (
@@ -121,7 +122,10 @@ def _root_of(data: str, kind: str) -> str:
     """The directory a manifest's relative paths start from, for the source at data (as indexing sets it)."""
     if kind == "imagefolder":
         return os.path.abspath(data)
-    return os.path.dirname(os.path.abspath(expand_files(data)[0]))
+    first = expand_files(data)[0]
+    if is_source_url(first):  # a bucket's or web server's prefix (abspath would make it a local folder)
+        return first.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(first))
 
 
 def _fresh_path(out: str) -> bool:
