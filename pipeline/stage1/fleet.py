@@ -17,6 +17,7 @@ the index lease (``IndexLease``) while it reads the source and creates the store
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from storage.leases import Heartbeat, Leases
 
 from .errors import PrecomputeError
 from .units import Unit
+
+log = logging.getLogger(__name__)
 
 
 def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -105,8 +108,28 @@ def work_through(order: list[Unit], writer, leases: Leases | None, labeller) -> 
                     break
     finally:
         if leases is not None:
-            for unit in leases.held():
-                leases.release(unit)
+            release_all(leases)
+
+
+def release_all(leases: Leases) -> None:
+    """Free our leases for the others, as far as the store lets us. A release that fails (the server or the
+    filesystem gone: what stopped the run, most likely) is left, logged at debug level only: it must not
+    replace, or add lines to, the one-line error being reported, and the lease it leaves is taken over
+    anyway (at once by a rerun on this host, its process gone; by anyone after --lease-ttl)."""
+    try:
+        held = leases.held()
+    except Exception as e:  # noqa: BLE001 (any failure here: the leases expire by themselves)
+        log.debug("could not list our leases to release them (%s); they expire by themselves", _short(e))
+        return
+    for unit in held:
+        try:
+            leases.release(unit)
+        except Exception as e:  # noqa: BLE001
+            log.debug("could not release the lease on unit %s (%s); it expires by itself", unit, _short(e))
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 INDEX_UNIT = (0, 0)  # the index lease's one "unit": a lease book holds leases by unit name
