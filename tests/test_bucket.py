@@ -441,3 +441,28 @@ def test_a_worker_killed_mid_unit_then_the_server_killed_and_restarted_rerun_com
     assert labels_bytes(ref) == labels_bytes(out)
     code, lines, crashed, _ = invoke("verify", out, "--data", wds_source, "--n", 4, "--full", "--device", "cpu")
     assert (code, crashed) == (0, None), lines
+
+
+def test_a_heartbeat_survives_errors_that_are_not_oserrors(s3_root, monkeypatch, capfd):
+    """obstore raises its own errors (a 5xx after the retries: GenericError, no OSError): a heartbeat that
+    meets one beats again, and prints nothing (a thread's death would print a traceback)."""
+    from obstore.exceptions import GenericError
+
+    from storage.leases import Heartbeat
+
+    book = Leases(s3_root / "s", "w", ttl=0.2)
+    assert book.claim((0, 0))
+    real, beats = book.renew, []
+
+    def renew():
+        beats.append(1)
+        if len(beats) <= 2:
+            raise GenericError("Generic S3 error: 503 Service Unavailable")
+        return real()
+    monkeypatch.setattr(book, "renew", renew)
+    with Heartbeat(book):
+        deadline = time.monotonic() + 30
+        while len(beats) < 4:
+            assert time.monotonic() < deadline, "the heartbeat stopped beating"
+            time.sleep(0.05)
+    assert capfd.readouterr().err == ""
