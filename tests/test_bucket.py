@@ -466,3 +466,25 @@ def test_a_heartbeat_survives_errors_that_are_not_oserrors(s3_root, monkeypatch,
             assert time.monotonic() < deadline, "the heartbeat stopped beating"
             time.sleep(0.05)
     assert capfd.readouterr().err == ""
+
+
+def test_a_run_on_a_bucket_store_takes_its_manifest_and_leaves_no_local_folder(s3_root, tmp_path, wds_source,
+                                                                              tiny_teacher, monkeypatch):
+    """The source is indexed once per store on a bucket too: a resumed run and a --join process take the
+    store's manifest (the URL taken for a local path never existed, so each process read the whole source
+    again), and the index lease is an object beside the store, not a folder named "s3:" in the cwd."""
+    from test_faults import precompute
+
+    import pipeline.stage1.index_once as index_once
+
+    indexed, real = [], index_once._index
+    monkeypatch.setattr(index_once, "_index", lambda cfg: indexed.append(cfg.out) or real(cfg))
+    monkeypatch.chdir(tmp_path)
+    out = str(s3_root / "store")
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2)
+    assert len(indexed) == 1
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2)  # resumed: nothing to do
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2, join=True)
+    assert len(indexed) == 1, "read from the store's manifest, not the source"
+    assert [p for p in os.listdir(tmp_path) if p.startswith("s3")] == []
+    assert [k for k in snapshot(s3_root) if ".indexing" in k] == [], "the index lease was released"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage import open_store
+from storage.bucket import ObjPath, as_path, is_url
 from storage.leases import Heartbeat, Leases
 
 from .errors import PrecomputeError
@@ -145,7 +146,9 @@ class IndexLease:
     over and indexes instead."""
 
     def __init__(self, out: str, worker: str, ttl: float):
-        out = Path(os.path.abspath(out))
+        # a bucket's URL stays one (a lease object under the bucket's prefix, judged by the server's clock):
+        # as a local path it was a folder named "s3:" in the working directory, one per host
+        out = as_path(out) if is_url(out) else Path(os.path.abspath(out))
         self.dir = out.parent / f".{out.name}.indexing"
         self.book = Leases(self.dir, worker, ttl)
 
@@ -170,6 +173,8 @@ class IndexLease:
         """Drop the lease (the store exists now, or indexing failed and another may try), and the
         folder it lived in when nobody else is claiming there."""
         self.book.release(INDEX_UNIT)
+        if isinstance(self.dir, ObjPath):
+            return  # a prefix goes with its last object
         for d in (self.book.dir, self.dir):
             with contextlib.suppress(OSError):  # another process claims there right now: leave it
                 d.rmdir()
