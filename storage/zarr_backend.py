@@ -422,6 +422,7 @@ def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
     made with new.views from the start (same shape, same chunking)."""
     if new.views < old.views:
         raise ValueError("zarr arrays only grow here")
-    group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="r+", zarr_format=3)
-    for name, (shape, _) in _array_shapes(new).items():
-        group[name].resize(shape)
+    with object_errors(root / ARRAYS_DIR):  # on a bucket: its one-line errors, as a chunk write's
+        group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="r+", zarr_format=3)
+        for name, (shape, _) in _array_shapes(new).items():
+            group[name].resize(shape)
