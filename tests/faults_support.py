@@ -178,11 +178,17 @@ def pause_at_chunk(n: int) -> None:
 
 def cli(hook: str, n: int, args: list) -> None:
     """The deit-lockstep CLI itself (its error reporting and exit codes) with one hook installed: a precompute
-    point of POINTS where it SIGKILLs itself the n-th time, or "pause" before the n-th chunk (pause_at_chunk)."""
+    point of POINTS where it SIGKILLs itself the n-th time, "pause" before the n-th chunk (pause_at_chunk), or
+    "slow-index" (n seconds more to index the source)."""
     from cli import main
 
     if hook == "pause":
         pause_at_chunk(n)
+    elif hook == "slow-index":  # the source takes n seconds longer to index: others arrive while it does
+        import pipeline.stage1.index_once as index_once
+
+        real = index_once._index
+        index_once._index = lambda cfg: (time.sleep(n), real(cfg))[1]
     else:
         _install(hook, n)
     main(args)

@@ -488,3 +488,26 @@ def test_a_run_on_a_bucket_store_takes_its_manifest_and_leaves_no_local_folder(s
     assert len(indexed) == 1, "read from the store's manifest, not the source"
     assert [p for p in os.listdir(tmp_path) if p.startswith("s3")] == []
     assert [k for k in snapshot(s3_root) if ".indexing" in k] == [], "the index lease was released"
+
+
+@pytest.mark.slow
+def test_a_fresh_fleet_on_a_bucket_indexes_the_source_once(s3_env, s3_root, tmp_path, wds_source, tiny_teacher):
+    """Two --join processes started together on a fresh bucket store: the one holding the index lease (an
+    object beside the store) indexes and creates the store, the other waits for it and indexes nothing."""
+    from test_faults import ENV, SUPPORT, pconfig, pflags
+
+    out = str(s3_root / "store")
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    args = ["precompute", *pflags(pconfig(wds_source, out, tiny_teacher, views=2, views_per_unit=2)), "--join"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    procs = [subprocess.Popen([sys.executable, SUPPORT, "cli", "slow-index", "8", *args], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    indexing = ["precompute: indexing" in e for e in errs]
+    waiting = ["precompute: waiting" in e and "to index" in e for e in errs]
+    assert sorted(indexing) == [False, True] and waiting == [not i for i in indexing], [e[-2000:] for e in errs]
+    r = open_store(out)
+    assert r.completed_units() == r.spec.units() and r.check() == []
+    assert [k for k in snapshot(s3_root) if ".indexing" in k] == [] and os.listdir(cwd) == []
