@@ -2,7 +2,9 @@
 
 The store conformance tests run on the bucket too (tests/test_storage.py, the ``root`` fixture); here: a
 bucket store is the disk store object for object, leases are conditional creates judged by the server's
-clock, and bad input on a bucket is one line naming the URL."""
+clock, bad input on a bucket is one line naming the URL, the source is indexed once per bucket store, and
+a server SIGKILLed mid-run and restarted on its data (a weed of the test's own, ``own_weed``) costs a
+one-line exit of the worker it stranded, never a torn object, and a rerun completes the store."""
 
 from __future__ import annotations
 
