@@ -33,7 +33,7 @@ import crc32c
 import numpy as np
 
 from . import schema as sc
-from .bucket import ObjPath, as_path
+from .bucket import BucketError, ObjPath, as_path
 from .encoding import decode_values, encode_values, pad_slots
 from .fsutil import atomic_write, read_if_exists, read_regular
 from .meta import PROBES, SOFT_ERROR, VERSIONS
@@ -183,9 +183,13 @@ class StoreReplaced(StoreError):
 
 
 def store_generation(path: Path) -> str | None:
-    """The generation id in path/store.json now; None when there is no readable store.json."""
+    """The generation id in path/store.json now; None when there is no readable store.json. A bucket that
+    does not answer (or refuses us) raises its BucketError: that is not a store deleted or rebuilt, and
+    StoreReplaced would send the user after another process that never was."""
     try:
         return json.loads(read_regular(as_path(path) / STORE_JSON, STORE_JSON_LIMIT)).get("generation")
+    except BucketError:
+        raise
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
 

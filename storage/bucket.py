@@ -22,6 +22,7 @@ credentials, access denied, an endpoint that does not answer (after a bounded re
 from __future__ import annotations
 
 import configparser
+import contextlib
 import datetime
 import errno
 import fnmatch
@@ -404,6 +405,22 @@ class ObjPath:
             return probe.mtime()
         finally:
             probe.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def object_errors(path):
+    """Around calls another library makes through obstore (zarr's ObjectStore, zarr_store) on path: its
+    errors as ObjPath's own (_explain), so a dead endpoint is the one-line BucketError, not obstore's
+    multi-line report as a traceback. Nothing for a local path."""
+    if not isinstance(path, ObjPath):
+        yield
+        return
+    from obstore.exceptions import BaseError
+
+    try:
+        yield
+    except BaseError as e:
+        raise _explain(str(path), e) from None
 
 
 def zarr_store(path: ObjPath):

@@ -438,7 +438,11 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.leases.ttl / 4):
-            with contextlib.suppress(OSError):  # a transient filesystem error: try again next beat
+            # A failed beat (a transient filesystem error; a bucket's server down or answering 5xx, which
+            # obstore raises as its own errors, not OSError) is tried again next beat: an exception here
+            # would end the thread with a traceback on stderr, and the worker, renewing nothing, would
+            # lose its units to others after ttl.
+            with contextlib.suppress(Exception):
                 self.leases.renew()
 
     def __enter__(self) -> Heartbeat:

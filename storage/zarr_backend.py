@@ -53,7 +53,7 @@ from .base import (
     unit_arrays,
     unit_name,
 )
-from .bucket import ObjPath, zarr_store
+from .bucket import ObjPath, object_errors, zarr_store
 from .fsutil import atomic_write, disk_full, fsync_path, is_disk_full, lexists, listdir, read_regular, unlink
 from .schema import UnitDamaged
 from .spec import Flags, Problem, StoreCorrupt, StoreSpec
@@ -304,7 +304,8 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         for name in _array_shapes(self.spec):
             # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk (a
             # unit whose argmax is class 0 everywhere) is silently not written and the unit is torn.
-            arr = zarr.open_array(_zarr_target(self.path / ARRAYS_DIR), path=name, mode="r+")
+            with object_errors(self.path / ARRAYS_DIR / name):
+                arr = zarr.open_array(_zarr_target(self.path / ARRAYS_DIR), path=name, mode="r+")
             self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def _retract(self, shard, block):
@@ -331,7 +332,8 @@ class ZarrWriter(_ZarrMixin, StoreWriter):
         sel = (slice(self.spec.block_views(block).start, self.spec.block_views(block).stop), slice(shard, shard + 1))
         try:
             for name, data in new.items():
-                self._arrays[name][sel] = data[:, None]
+                with object_errors(self._chunk_path(name, shard, block)):
+                    self._arrays[name][sel] = data[:, None]
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full(self.path / ARRAYS_DIR) from None
@@ -454,6 +456,7 @@ def grow_arrays(root: Path, old: StoreSpec, new: StoreSpec) -> None:
     made with new.views from the start (same shape, same chunking)."""
     if new.views < old.views:
         raise ValueError("zarr arrays only grow here")
-    group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="r+", zarr_format=3)
-    for name, (shape, _) in _array_shapes(new).items():
-        group[name].resize(shape)
+    with object_errors(root / ARRAYS_DIR):  # on a bucket: its one-line errors, as a chunk write's
+        group = zarr.open_group(_zarr_target(root / ARRAYS_DIR), mode="r+", zarr_format=3)
+        for name, (shape, _) in _array_shapes(new).items():
+            group[name].resize(shape)

@@ -1,6 +1,7 @@
 """Helpers for test_faults.py, run as a script in its own process.
 
     python tests/faults_support.py kill-precompute CONFIG.json KILLS SEED
+    python tests/faults_support.py cli HOOK N PRECOMPUTE-ARGS...   (one CLI run with one hook: cli())
 
 A "zygote": imports torch, timm and the pipeline once, then forks one precompute worker per
 attempt and SIGKILLs it, either at a random time (from the parent, like an OOM killer or a
@@ -158,6 +159,41 @@ def slow_precompute(config_path: str, seconds: float) -> None:
     print(pc.run_precompute(cfg).report())
 
 
+def pause_at_chunk(n: int) -> None:
+    """Hold this process as it is about to write the n-th zarr chunk of its run (the chunks before it PUT or
+    written, the unit's marker not): print PAUSED, wait for a line on stdin, go on. The parent acts (kills
+    the server) while the worker is mid-unit, at a known point."""
+    import zarr
+
+    orig, calls = zarr.Array.__setitem__, [0]
+
+    def setitem(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            print("PAUSED", flush=True)
+            sys.stdin.readline()
+        return orig(self, *a, **kw)
+    zarr.Array.__setitem__ = setitem
+
+
+def cli(hook: str, n: int, args: list) -> None:
+    """The deit-lockstep CLI itself (its error reporting and exit codes) with one hook installed: a precompute
+    point of POINTS where it SIGKILLs itself the n-th time, "pause" before the n-th chunk (pause_at_chunk), or
+    "slow-index" (n seconds more to index the source)."""
+    from cli import main
+
+    if hook == "pause":
+        pause_at_chunk(n)
+    elif hook == "slow-index":  # the source takes n seconds longer to index: others arrive while it does
+        import pipeline.stage1.index_once as index_once
+
+        real = index_once._index
+        index_once._index = lambda cfg: (time.sleep(n), real(cfg))[1]
+    else:
+        _install(hook, n)
+    main(args)
+
+
 def _install_train(how: str, n: int) -> None:
     import io
 
@@ -248,6 +284,8 @@ if __name__ == "__main__":
         print(json.dumps(kill_precompute(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
     elif cmd == "slow-precompute":
         slow_precompute(sys.argv[2], float(sys.argv[3]))
+    elif cmd == "cli":  # cli HOOK N ARGS...
+        cli(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     elif cmd == "kill-train":
         print(json.dumps(kill_train(sys.argv[2], json.loads(sys.argv[3]))))
     else:

@@ -7,7 +7,9 @@ Two identities are configured: ``writer`` may do everything, ``reader`` may only
 "access denied" case); without a key nothing is allowed (the "no credentials" case).
 
 weed can outlive SIGTERM for minutes: ``stop`` sends SIGTERM to its process group, waits, then SIGKILL,
-and checks the group is gone.
+and checks the group is gone. ``kill`` is the crash: SIGKILL at once, no shutdown of any kind; ``restart``
+starts weed again on the same data directory and ports (the server's own restart after a crash, which the
+fault tests need: the clients keep their endpoint).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class Weed:
     proc: subprocess.Popen
     endpoint: str
     workdir: Path
+    args: list
 
     def env(self, key=WRITER) -> dict:
         """The environment that points AWS clients (ours included) at this server."""
@@ -82,16 +85,33 @@ class Weed:
     def stop(self) -> None:
         stop_group(self.proc)
 
+    def kill(self) -> None:
+        """A crash: SIGKILL to the whole group at once (nothing flushed or closed by weed itself)."""
+        stop_group(self.proc, grace=0.0)
+
+    def restart(self, timeout: float = 90.0) -> None:
+        """Start weed again on the same data directory and ports (after kill or stop) and wait until it
+        serves the bucket again."""
+        assert self.proc.poll() is not None, "restart a weed that was stopped or killed"
+        self.proc = _spawn(self.args, self.workdir)
+        try:
+            _wait_and_make_bucket(self, timeout)
+        except BaseException:
+            stop_group(self.proc)
+            raise
+
 
 def stop_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
-    """SIGTERM the process group, wait, SIGKILL, and make sure no process of the group is left."""
+    """SIGTERM the process group, wait, SIGKILL, and make sure no process of the group is left.
+    grace 0: SIGKILL only (a crash, not a shutdown)."""
     pgid = proc.pid  # the child called setsid: its pgid is its pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
+    if grace > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     proc.wait(30)
@@ -115,6 +135,14 @@ def _own_group_dies_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _spawn(args: list, workdir: Path) -> subprocess.Popen:
+    log = open(workdir / "weed.log", "ab")  # noqa: SIM115 (kept open for the process's life; a restart appends)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_own_group_dies_with_parent)
+    log.close()
+    return proc
+
+
 def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
     """Start weed with a bucket named BUCKET, wait until its S3 gateway answers, return it."""
     weed = weed_binary()
@@ -136,16 +164,13 @@ def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
             f"-master.port={p}", f"-volume.port={p + 1}", f"-filer.port={p + 2}", f"-s3.port={p + 3}",
             f"-master.port.grpc={p + 10000}", f"-volume.port.grpc={p + 10001}", f"-filer.port.grpc={p + 10002}",
             f"-s3.port.grpc={p + 10003}", "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
-            f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100"]
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 (kept open for the process's life)
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_own_group_dies_with_parent)
-    log.close()
-    server = Weed(proc, f"http://127.0.0.1:{p + 3}", workdir)
+            f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
+            "-master.electionTimeout=1s"]  # one master: a restart on its old state elects itself in ~1 s, not 20
+    server = Weed(_spawn(args, workdir), f"http://127.0.0.1:{p + 3}", workdir, args)
     try:
         _wait_and_make_bucket(server, timeout)
     except BaseException:
-        stop_group(proc)
+        stop_group(server.proc)
         raise
     return server
 

@@ -2,7 +2,9 @@
 
 The store conformance tests run on the bucket too (tests/test_storage.py, the ``root`` fixture); here: a
 bucket store is the disk store object for object, leases are conditional creates judged by the server's
-clock, and bad input on a bucket is one line naming the URL."""
+clock, bad input on a bucket is one line naming the URL, the source is indexed once per bucket store, and
+a server SIGKILLed mid-run and restarted on its data (a weed of the test's own, ``own_weed``) costs a
+one-line exit of the worker it stranded, never a torn object, and a rerun completes the store."""
 
 from __future__ import annotations
 
@@ -261,7 +263,7 @@ def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_e
 
     from test_faults import ENV, SUPPORT, pconfig, pflags, precompute
 
-    ref, out = tmp_path / "ref", str(s3_root / "store")
+    ref, out = tmp_path / "ref", f"s3://{BUCKET}/store"  # a fresh server: the bucket is this test's
     precompute(wds_source, ref, tiny_teacher, views=4)
     env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
     common = dict(views=4, lease_ttl=2.0)
@@ -298,3 +300,216 @@ def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_e
     a, b = snapshot(ref), snapshot(as_path(out))
     assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in b.items()
                                                                 if k != "store.json" and not k.startswith("leases/")}
+
+
+# ---- a worker killed, then the server itself killed and restarted mid-run ------------------------
+@pytest.fixture
+def own_weed(tmp_path, monkeypatch):
+    """A weed of this test's own (the session's serves every other test, so this one may not be killed),
+    the environment pointing at it; stopped at teardown, each of its process groups checked gone."""
+    from s3_support import start_weed
+
+    server = start_weed(tmp_path / "weed")
+    try:
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+    finally:
+        server.stop()
+
+
+def assert_no_torn_object(root, finished: bool = True) -> dict:
+    """Every object under root, listed, is whole: its GET returns the size the listing and a HEAD give,
+    every JSON object (store.json, markers, leases, zarr.json) parses, and every chunk a marker names is
+    there with the size and crc32c the marker recorded. finished: also, every zarr chunk is one a marker
+    names (a chunk without one is the leftover of an unfinished unit: after a finished run there is none).
+    Returns {key: bytes}."""
+    import json
+
+    import crc32c
+
+    objects = {}
+    for meta in as_path(root).walk_objects():
+        obj = as_path(f"s3://{BUCKET}/{meta['path']}")
+        data = obj.read()
+        assert len(data) == meta["size"] == obj.head()["size"], (obj, len(data), meta["size"])
+        objects[obj.relative_to(as_path(root))] = data
+    for key, data in objects.items():
+        if key.endswith(".json"):
+            json.loads(data)
+    named = {}
+    for key, data in objects.items():
+        if key.startswith("units/") and key.endswith(".json"):
+            for chunk in json.loads(data)["chunks"].values():
+                named[chunk["key"]] = chunk
+    chunks = {k: v for k, v in objects.items() if "/c/" in k}
+    assert set(named) <= set(chunks), "every chunk a marker names is there"
+    if finished:
+        assert chunks and sorted(chunks) == sorted(named), "every chunk is one a marker names"
+    for key, info in named.items():
+        assert len(chunks[key]) == info["nbytes"] and crc32c.crc32c(chunks[key]) == info["crc32c"], key
+    return objects
+
+
+def test_a_writer_whose_server_died_says_so_and_writes_on_once_it_is_back(own_weed):
+    """With the server killed, write_unit fails with the one-line "does not answer" (not "rebuilt by another
+    process": store.json unreadable because the server is gone is no sign of a rebuilt store), for both
+    backends; the unit stays absent, and the same writer commits it once the server is back."""
+    from test_storage_support import unit_data
+
+    writers = {b: create_store(as_path(f"s3://{BUCKET}/{b}"), tiny_spec(), backend=b) for b in ("zarr", "wds")}
+    for w in writers.values():
+        w.write_unit(0, 0, **unit_data(w.spec, 0, 0))
+    own_weed.kill()
+    for backend, w in writers.items():
+        with pytest.raises(BucketError, match=rf"s3://{BUCKET}/{backend}/\S+: the endpoint .* does not answer"):
+            w.write_unit(1, 0, **unit_data(w.spec, 1, 0))
+    own_weed.restart()
+    for backend, w in writers.items():
+        r = open_store(w.path)
+        assert r.completed_units() == [(0, 0)] and r.check(full=True) == [], backend
+        w.write_unit(1, 0, **unit_data(w.spec, 1, 0))
+        assert open_store(w.path).completed_units() == [(0, 0), (1, 0)], backend
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_unit_then_the_server_killed_and_restarted_rerun_completes_the_store(
+        own_weed, tmp_path, wds_source, tiny_teacher):
+    """Issue 23 item 4 on a real server. A precompute worker is SIGKILLed mid-unit (its chunks PUT, its
+    marker not); then, while a --join worker is between two chunk PUTs of a unit it holds, weed itself is
+    SIGKILLed: that worker fails in one line naming the object it could not write (exit 2) after the
+    bounded retry, instead of hanging or a traceback. weed restarts on the same data and ports, and
+    rerunning the first command completes a store equal, object for file, to one process's on disk;
+    `verify --full` passes; no object is torn (assert_no_torn_object)."""
+    from test_faults import ENV, SUPPORT, invoke, labels_bytes, pconfig, pflags, precompute
+
+    from storage.bucket import RETRY_SECONDS
+
+    ref, out = tmp_path / "ref", f"s3://{BUCKET}/store"  # a fresh server: the bucket is this test's
+    precompute(wds_source, ref, tiny_teacher, views=2)
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    args = ["precompute", *pflags(pconfig(wds_source, out, tiny_teacher, views=2))]
+    support = [sys.executable, SUPPORT, "cli"]
+
+    # 1. SIGKILLed at its second unit's marker: one unit committed, the second's chunks on the bucket
+    killed = subprocess.run([*support, "marker", "2", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    r = open_store(out)
+    assert len(r.completed_units()) == 1 and r.check() == []
+    assert len([k for k in snapshot(as_path(out)) if "/c/" in k]) > 3, "the second unit's chunks are there"
+
+    # 2. the server SIGKILLed while a --join worker is mid-unit: its first chunk PUT, its second not yet
+    worker = subprocess.Popen([*support, "pause", "2", *args, "--join"], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "PAUSED", worker.stderr.read()[-2000:]
+        held = [lease.unit for lease in Leases(out).all() if lease.pid == worker.pid]
+        assert len(held) == 1, held
+        own_weed.kill()
+        start = time.monotonic()
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        _, err = worker.communicate(timeout=120 + 4 * RETRY_SECONDS)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # after the start banner
+    assert worker.returncode == 2 and errors == err.strip().splitlines()[-1:] and "Traceback" not in err, err[-3000:]
+    assert f"{out}/labels.zarr/" in errors[0] and "does not answer" in errors[0], errors  # not a lease's
+    assert time.monotonic() - start < 4 * RETRY_SECONDS + 30, "a bounded retry, not a hang"
+
+    # 3. the server back on the same data: what was committed is still there and whole, nothing is torn
+    own_weed.restart()
+    r = open_store(out)
+    assert len(r.completed_units()) == 1 and r.check(full=True) == []
+    assert_no_torn_object(out, finished=False)
+    assert Leases(out).read(held[0]) is not None, "the failed worker's lease outlived it (released by the rerun)"
+
+    # 4. rerunning the first command completes the store (in this process: the CLI's own entry point)
+    code, lines, crashed, _ = invoke(*args)
+    assert (code, crashed) == (0, None), lines
+    r = open_store(out)
+    assert r.completed_units() == r.spec.units() and r.check(full=True) == []
+    objects = assert_no_torn_object(out)
+    assert [k for k in objects if k.startswith("leases/")] == [], "every lease released"
+    a = snapshot(ref)
+    assert sorted(a) == sorted(objects)
+    assert {k: v for k, v in a.items() if k != "store.json"} == {k: v for k, v in objects.items() if k != "store.json"}
+    assert labels_bytes(ref) == labels_bytes(out)
+    code, lines, crashed, _ = invoke("verify", out, "--data", wds_source, "--n", 4, "--full", "--device", "cpu")
+    assert (code, crashed) == (0, None), lines
+
+
+def test_a_heartbeat_survives_errors_that_are_not_oserrors(s3_root, monkeypatch, capfd):
+    """obstore raises its own errors (a 5xx after the retries: GenericError, no OSError): a heartbeat that
+    meets one beats again, and prints nothing (a thread's death would print a traceback)."""
+    from obstore.exceptions import GenericError
+
+    from storage.leases import Heartbeat
+
+    book = Leases(s3_root / "s", "w", ttl=0.2)
+    assert book.claim((0, 0))
+    real, beats = book.renew, []
+
+    def renew():
+        beats.append(1)
+        if len(beats) <= 2:
+            raise GenericError("Generic S3 error: 503 Service Unavailable")
+        return real()
+    monkeypatch.setattr(book, "renew", renew)
+    with Heartbeat(book):
+        deadline = time.monotonic() + 30
+        while len(beats) < 4:
+            assert time.monotonic() < deadline, "the heartbeat stopped beating"
+            time.sleep(0.05)
+    assert capfd.readouterr().err == ""
+
+
+def test_a_run_on_a_bucket_store_takes_its_manifest_and_leaves_no_local_folder(s3_root, tmp_path, wds_source,
+                                                                              tiny_teacher, monkeypatch):
+    """The source is indexed once per store on a bucket too: a resumed run and a --join process take the
+    store's manifest (the URL taken for a local path never existed, so each process read the whole source
+    again), and the index lease is an object beside the store, not a folder named "s3:" in the cwd."""
+    from test_faults import precompute
+
+    import pipeline.stage1.index_once as index_once
+
+    indexed, real = [], index_once._index
+    monkeypatch.setattr(index_once, "_index", lambda cfg: indexed.append(cfg.out) or real(cfg))
+    monkeypatch.chdir(tmp_path)
+    out = str(s3_root / "store")
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2)
+    assert len(indexed) == 1
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2)  # resumed: nothing to do
+    precompute(wds_source, out, tiny_teacher, views=2, views_per_unit=2, join=True)
+    assert len(indexed) == 1, "read from the store's manifest, not the source"
+    assert [p for p in os.listdir(tmp_path) if p.startswith("s3")] == []
+    assert [k for k in snapshot(s3_root) if ".indexing" in k] == [], "the index lease was released"
+
+
+@pytest.mark.slow
+def test_a_fresh_fleet_on_a_bucket_indexes_the_source_once(s3_env, s3_root, tmp_path, wds_source, tiny_teacher):
+    """Two --join processes started together on a fresh bucket store: the one holding the index lease (an
+    object beside the store) indexes and creates the store, the other waits for it and indexes nothing."""
+    from test_faults import ENV, SUPPORT, pconfig, pflags
+
+    out = str(s3_root / "store")
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    args = ["precompute", *pflags(pconfig(wds_source, out, tiny_teacher, views=2, views_per_unit=2)), "--join"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    procs = [subprocess.Popen([sys.executable, SUPPORT, "cli", "slow-index", "8", *args], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    indexing = ["precompute: indexing" in e for e in errs]
+    waiting = ["precompute: waiting" in e and "to index" in e for e in errs]
+    assert sorted(indexing) == [False, True] and waiting == [not i for i in indexing], [e[-2000:] for e in errs]
+    r = open_store(out)
+    assert r.completed_units() == r.spec.units() and r.check() == []
+    assert [k for k in snapshot(s3_root) if ".indexing" in k] == [] and os.listdir(cwd) == []

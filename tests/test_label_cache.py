@@ -19,13 +19,13 @@ class CountingBlosc(zb.Blosc):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """6 views in blocks of 3, 3 shards (7, 4, 9 samples), top-5; the decoder counted."""
+def store(root, monkeypatch):
+    """6 views in blocks of 3, 3 shards (7, 4, 9 samples), top-5, on a disk or a bucket; the decoder counted."""
     spec = tiny_spec(views=6, views_per_unit=3)
-    write_all(create_store(tmp_path / "s", spec, backend="zarr", manifest=b"m"))
+    write_all(create_store(root / "s", spec, backend="zarr", manifest=b"m"))
     monkeypatch.setattr(zb, "Blosc", CountingBlosc)
     CountingBlosc.decoded = []
-    return tmp_path / "s"
+    return root / "s"
 
 
 def labels_bytes(reader, view) -> list[bytes]:

@@ -126,21 +126,31 @@ def child_create_and_write(path, backend, start_at, shard):
 
 
 def child_hang_before_commit(path, backend, seed):
-    """Writer that writes a unit's data, then hangs just before making it visible (the commit rename)."""
+    """Writer that writes a unit's data, then hangs just before making it visible (the commit: a rename on
+    a disk, the PUT of the marker (zarr) or of the tar itself (wds) on a bucket)."""
     from pathlib import Path
 
     from storage import create_store
+    from storage.bucket import ObjPath
 
     writer = create_store(path, tiny_spec(), backend=backend)
-    real_replace = os.replace
+    real_replace, real_put = os.replace, ObjPath.put
+
+    def hang():
+        print("READY", flush=True)
+        time.sleep(3600)
 
     def replace(src, dst):
         if Path(dst).parent.name == "units":  # the marker (zarr) or the tar itself (wds)
-            print("READY", flush=True)
-            time.sleep(3600)
+            hang()
         real_replace(src, dst)
 
-    os.replace = replace
+    def put(self, data):
+        if self.parent.name == "units":
+            hang()
+        real_put(self, data)
+
+    os.replace, ObjPath.put = replace, put
     writer.write_unit(1, 0, **unit_data(writer.spec, 1, 0, seed))
 
 

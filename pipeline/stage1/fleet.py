@@ -17,16 +17,20 @@ the index lease (``IndexLease``) while it reads the source and creates the store
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage import open_store
+from storage.bucket import ObjPath, as_path, is_url
 from storage.leases import Heartbeat, Leases
 
 from .errors import PrecomputeError
 from .units import Unit
+
+log = logging.getLogger(__name__)
 
 
 def fleet_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -105,8 +109,28 @@ def work_through(order: list[Unit], writer, leases: Leases | None, labeller) -> 
                     break
     finally:
         if leases is not None:
-            for unit in leases.held():
-                leases.release(unit)
+            release_all(leases)
+
+
+def release_all(leases: Leases) -> None:
+    """Free our leases for the others, as far as the store lets us. A release that fails (the server or the
+    filesystem gone: what stopped the run, most likely) is left, logged at debug level only: it must not
+    replace, or add lines to, the one-line error being reported, and the lease it leaves is taken over
+    anyway (at once by a rerun on this host, its process gone; by anyone after --lease-ttl)."""
+    try:
+        held = leases.held()
+    except Exception as e:  # noqa: BLE001 (any failure here: the leases expire by themselves)
+        log.debug("could not list our leases to release them (%s); they expire by themselves", _short(e))
+        return
+    for unit in held:
+        try:
+            leases.release(unit)
+        except Exception as e:  # noqa: BLE001
+            log.debug("could not release the lease on unit %s (%s); it expires by itself", unit, _short(e))
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 INDEX_UNIT = (0, 0)  # the index lease's one "unit": a lease book holds leases by unit name
@@ -122,7 +146,9 @@ class IndexLease:
     over and indexes instead."""
 
     def __init__(self, out: str, worker: str, ttl: float):
-        out = Path(os.path.abspath(out))
+        # a bucket's URL stays one (a lease object under the bucket's prefix, judged by the server's clock):
+        # as a local path it was a folder named "s3:" in the working directory, one per host
+        out = as_path(out) if is_url(out) else Path(os.path.abspath(out))
         self.dir = out.parent / f".{out.name}.indexing"
         self.book = Leases(self.dir, worker, ttl)
 
@@ -147,6 +173,8 @@ class IndexLease:
         """Drop the lease (the store exists now, or indexing failed and another may try), and the
         folder it lived in when nobody else is claiming there."""
         self.book.release(INDEX_UNIT)
+        if isinstance(self.dir, ObjPath):
+            return  # a prefix goes with its last object
         for d in (self.book.dir, self.dir):
             with contextlib.suppress(OSError):  # another process claims there right now: leave it
                 d.rmdir()

@@ -19,11 +19,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from storage import StoreError, open_store
 from storage.base import STORE_JSON
-from storage.bucket import is_source_url
+from storage.bucket import ObjPath, as_path, is_source_url
 from storage.leases import Heartbeat
 
 from ..sources import (
@@ -129,9 +128,14 @@ def _root_of(data: str, kind: str) -> str:
 
 
 def _fresh_path(out: str) -> bool:
-    """Nothing at out yet (or an empty folder): a store is to be made there."""
-    path = Path(out)
+    """Nothing at out yet (or an empty folder): a store is to be made there. On a bucket: no store.json
+    yet, since a store being created there appears object by object, store.json last (a waiter that saw
+    the first objects would index the source again instead of waiting for the store). A URL taken for a
+    local path never exists: every process on a bucket store read the whole source, as if it were new."""
+    path = as_path(out)
     try:
+        if isinstance(path, ObjPath):
+            return not (path / STORE_JSON).exists()
         return not path.exists() or (path.is_dir() and not path.is_symlink() and not any(path.iterdir()))
     except OSError:
         return False  # unreadable: create_store says what is wrong
@@ -139,7 +143,7 @@ def _fresh_path(out: str) -> bool:
 
 def _stored(out: str) -> Manifest | None:
     """The manifest of the store at out; None when there is no readable store (create_store says why)."""
-    if not (Path(out) / STORE_JSON).exists():
+    if not (as_path(out) / STORE_JSON).exists():
         return None
     try:
         return stored_manifest(open_store(out))
