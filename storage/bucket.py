@@ -29,6 +29,7 @@ import fnmatch
 import functools
 import os
 import posixpath
+import re
 import uuid
 
 from .errors import UserError
@@ -209,6 +210,12 @@ def _explain(url: str, e: Exception) -> Exception:
         endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
+    failed = re.search(r"status code: (5\d\d[^:<]*)", text)
+    if isinstance(e, ox.GenericError) and (failed or "SlowDown" in text):
+        # a server error or throttling that outlasted the retries: the service's trouble, not the user's input
+        status = failed.group(1).strip() if failed else "SlowDown"
+        return BucketError(f"{url}: the server kept failing ({status}) after retries for up to "
+                           f"{RETRY_SECONDS:.0f}s; try again later, or check the service's status")
     return e
 
 

@@ -513,3 +513,20 @@ def test_a_fresh_fleet_on_a_bucket_indexes_the_source_once(s3_env, s3_root, tmp_
     r = open_store(out)
     assert r.completed_units() == r.spec.units() and r.check() == []
     assert [k for k in snapshot(s3_root) if ".indexing" in k] == [] and os.listdir(cwd) == []
+
+
+def test_a_server_error_that_outlasts_the_retries_is_one_line():
+    """A 5xx or SlowDown after obstore's bounded retries reached the user as obstore's own error text (a
+    traceback where no handler knew it); it is one line naming the URL and the status. (obstore's own
+    exception type with the text it writes; a real server cannot be made to fail on cue here.)"""
+    from obstore import exceptions as ox
+
+    from storage.bucket import BucketError, _explain
+
+    text = ("Generic S3 error: Error performing GET http://127.0.0.1:1/b/k in 4.2s, after 8 retries, max_retries: 8, "
+            "retry_timeout: 15s  - Server returned non-2xx status code: 503 Service Unavailable: <Error></Error>")
+    got = _explain("s3://b/k", ox.GenericError(text))
+    assert isinstance(got, BucketError) and "\n" not in str(got)
+    assert str(got).startswith("s3://b/k: the server kept failing (503 Service Unavailable) after retries")
+    other = ox.GenericError("Generic S3 error: something else")
+    assert _explain("s3://b/k", other) is other  # (anything else is left as it is)
