@@ -473,3 +473,27 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
     assert unchanged_source(stored, url) is None
     with pytest.raises(TrainError, match="is not the source the store"):
         open_train_data(url, labels=store)
+
+
+def test_a_killed_runs_read_ahead_cache_is_removed_at_the_next_start(tmp_path):
+    """The cache lives in /dev/shm (memory) and is removed by a finalizer; a run killed (SIGKILL) left it
+    there for good. The next start removes the folders of processes that are gone, and only those."""
+    import subprocess
+    import sys
+
+    from pipeline.sources import bucket_cache
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"deit-readahead-{int(gone.stdout)}-abc"
+    mine = tmp_path / f"deit-readahead-{os.getpid()}-def"
+    other = tmp_path / "deit-readahead-notapid"
+    for d in (dead, mine, other):
+        d.mkdir()
+        (d / "1").write_bytes(b"x" * 100)
+    assert bucket_cache.sweep_dead(str(tmp_path)) == [dead.name]
+    assert not dead.exists() and mine.exists() and other.exists()
+    made = bucket_cache.cache_dir()
+    try:
+        assert os.path.basename(made).startswith(f"deit-readahead-{os.getpid()}-")
+    finally:
+        os.rmdir(made)

@@ -56,10 +56,37 @@ PENDING = -1                  # a slot's value: planned, not fetched yet (0: not
 _FILE_SHIFT = 40              # the key of a sample: file << 40 | offset (tars under 1 TB)
 
 
+_PREFIX = "deit-readahead-"
+
+
 def cache_dir() -> str:
-    """A folder for the cache: under /dev/shm (memory) where it is writable, else the temporary folder."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="deit-readahead-", dir=base)
+    """A folder for the cache: under /dev/shm (memory) where it is writable, else the temporary folder. Its
+    name holds this process's pid; the folders of processes that are gone (killed: no finalizer ran) are
+    removed first, so a run killed mid-epoch leaves at most its own cache in memory until the next start."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    sweep_dead(base)
+    return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base)
+
+
+def sweep_dead(base: str) -> list[str]:
+    """Remove the cache folders under ``base`` whose process is gone; the ones removed."""
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(_PREFIX):].split("-", 1)[0]
+        if not name.startswith(_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # gone (another user's live process raises PermissionError: kept)
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def plan_ranges(files: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, first: np.ndarray, last: np.ndarray,
