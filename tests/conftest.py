@@ -98,12 +98,9 @@ def weed_server(tmp_path_factory):
 @pytest.fixture
 def s3_env(weed_server, monkeypatch):
     """The environment pointing at the test server with the writer's keys (a clean one: no profile)."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    for name, value in weed_server.env().items():
-        monkeypatch.setenv(name, value)
+    from s3_support import point_env_at
+
+    point_env_at(weed_server, monkeypatch)
     return weed_server
 
 

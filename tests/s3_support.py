@@ -287,3 +287,14 @@ class HeaderStrippingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def point_env_at(server: Weed, monkeypatch) -> None:
+    """The environment pointing at ``server`` with the writer's keys, and a clean one: no profile, no other
+    endpoint (the code finds the endpoint and keys the standard way, as it would on AWS)."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)

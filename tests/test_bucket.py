@@ -307,16 +307,11 @@ def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_e
 def own_weed(tmp_path, monkeypatch):
     """A weed of this test's own (the session's serves every other test, so this one may not be killed),
     the environment pointing at it; stopped at teardown, each of its process groups checked gone."""
-    from s3_support import start_weed
+    from s3_support import point_env_at, start_weed
 
     server = start_weed(tmp_path / "weed")
     try:
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
+        point_env_at(server, monkeypatch)
         yield server
     finally:
         server.stop()
