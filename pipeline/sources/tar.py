@@ -25,7 +25,7 @@ from storage.errors import printable
 from ..source_errors import SourceError, check_label_bound, permission_error
 from .base import IMAGE_EXTS, NO_CRC, SCHEMA, FileReader, Indexed, SourceFormat, check_files, classes_txt_names
 from .stamps import stamps_of
-from .tar_index import LABEL_EXT, MAX_LABEL_BYTES, TarRows, index_tar
+from .tar_index import LABEL_EXT, MAX_LABEL_BYTES, TarRows, index_tar, rows_in_order
 
 
 class TarFiles(FileReader):
@@ -195,16 +195,8 @@ def _index_tar(path: str, checksums: bool = True, fileobj=None, fast: bool = Tru
         raise SourceError(f"{path}: not a readable tar ({e}); re-create the shard") from None
     except PermissionError:
         raise permission_error(path) from None
-    out = []
-    for key in order:
-        if key not in images:
-            continue
-        if key not in labels:
-            raise SourceError(f"{path}: sample {printable(key)!r} has no .cls label; every WebDataset sample "
-                              "needs KEY.cls")
-        m = images[key]
-        out.append((key, m.name, m.offset_data, m.size, labels[key], crcs.get(key, NO_CRC)))
-    return out
+    return rows_in_order(path, order, {key: (m.name, m.offset_data, m.size, crcs.get(key, NO_CRC))
+                                       for key, m in images.items()}, labels)
 
 
 def _members_until_cut(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -267,6 +267,13 @@ def _samples(path: str, members: tar_headers.TarMembers, blocks: tar_headers.Blo
                                   f"{printable(text, 40)!r} in its .cls") from None
             if labels[key] >= MAX_CLASSES:  # (the message is built only for a label out of bounds)
                 check_label_bound(labels[key], f"{path}: sample {printable(key)!r}")
+    return rows_in_order(path, order, {key: (*image, NO_CRC) for key, image in images.items()}, labels)
+
+
+def rows_in_order(path: str, order: list[str], images: dict[str, tuple[str, int, int, int]],
+                  labels: dict[str, int]) -> list[tuple[str, str, int, int, int, int]]:
+    """Both loops' rows (this module's and ``tar``'s tarfile loop): each key with an image, (member, offset,
+    size, crc32c), in the order keys first appeared; an image's key without a label is refused."""
     out = []
     for key in order:
         if key not in images:
@@ -274,6 +281,6 @@ def _samples(path: str, members: tar_headers.TarMembers, blocks: tar_headers.Blo
         if key not in labels:
             raise SourceError(f"{path}: sample {printable(key)!r} has no .cls label; every WebDataset sample "
                               "needs KEY.cls")
-        name, offset, size = images[key]
-        out.append((key, name, offset, size, labels[key], NO_CRC))
+        name, offset, size, crc = images[key]
+        out.append((key, name, offset, size, labels[key], crc))
     return out
