@@ -9,11 +9,13 @@ bucket, and prints:
 
 - the training loader (``LockstepLoader``, no store, ``--workers`` persistent workers) from the bucket with
   its read-ahead, from the bucket without (each worker reading its batches alone, as before the read-ahead)
-  and from disk: images/s, epochs interleaved, and the ratios to disk (target >= 0.8 with 2 workers);
+  with ``--source-cache``, and from disk: images/s, epochs interleaved, and the ratios to disk (target >= 0.8
+  with 2 workers);
 - requests per sample and bytes read per byte used over one epoch of the loader's batches (targets <= 0.2 and
   <= 1.5), counted by the bucket reader: each batch read alone (old), and the loader with its read-ahead
   (the prefetcher's requests plus its workers' direct reads); and the fewest single-range requests any
-  reader could make for that epoch within 1.5 bytes read per byte used (the bound the data sets);
+  reader could make for that epoch within 1.5 bytes read per byte used (the bound the data sets); and the
+  loader with ``--source-cache`` (whole objects kept on local disk), epoch by epoch over ``--epochs``;
 - ``cli.py precompute`` (a random tiny teacher, 2 views at 32 px) with ``--data`` on the bucket and on disk.
 
 ``--parquet``: the same JPEGs as parquet files of ``--per-tar`` rows written by ``datasets`` (its default
@@ -40,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from s3_support import BUCKET, start_weed  # noqa: E402 - the tests' own server start, reused
+from test_bucket_sources import used_by_steps  # noqa: E402 - (images, bytes) an epoch's steps use
 from test_parquet_pages import loader_batches  # noqa: E402 - one epoch's batches, as ReplayBatches reads them
 
 
@@ -50,6 +53,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs counted with --source-cache")
     ap.add_argument("--parquet", action="store_true", help="parquet files (datasets' layout) instead of tars")
     ap.add_argument("--no-precompute", action="store_true", help="skip the precompute comparison (counts, loader only)")
     args = ap.parse_args()
@@ -144,23 +148,44 @@ def run(args, tmp: str) -> None:
               f"{rows} views, cache peak {ra.peak_bytes / 2**20:.1f} MiB; the lower bound on requests for one "
               f"epoch with bytes read <= 1.5 x used: {bound:.3f}")
         ra.close()
+    # counts with --source-cache (local_copies): epoch by epoch, and over the run so far (the copies are made
+    # while the first epoch reads, and outlive it); the read-ahead still serves what is not copied yet
+    loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers,
+                            source_cache=os.path.join(tmp, "copies-counts"))
+    fr, total = loader.files.file_reader, [0, 0, 0, 0]  # requests, bytes read, samples, bytes used
+    for epoch in range(args.epochs):
+        before = (fr.requests, fr.bytes_read)
+        for _ in loader.epoch(epoch):
+            pass
+        loader.copy_filler.join()  # (the copies are whole long before a real epoch ends)
+        n, b = fr.requests - before[0], fr.bytes_read - before[1]
+        s_e, u_e = used_by_steps(loader, epoch)
+        total = [total[0] + n, total[1] + b, total[2] + s_e, total[3] + u_e]
+        print(f"  --source-cache, epoch {epoch}: {n / s_e:.3f} requests per sample, {b / u_e:.3f} bytes read per "
+              f"byte used; epochs 0-{epoch}: {total[0] / total[2]:.3f} requests per sample, "
+              f"{total[1] / total[3]:.3f} bytes read per byte used")
+    if loader.read_ahead is not None:
+        loader.read_ahead.close()
 
-    # speed: persistent-worker loaders, epochs interleaved
+    # speed: persistent-worker loaders, epochs interleaved (epoch 0 starts the workers, and makes the copies)
+    kinds = (("disk", local, True, None), ("bucket", url, True, None), ("bucket-old", url, False, None),
+             ("bucket-copies", url, True, os.path.join(tmp, "copies-speed")))
     loaders = {name: LockstepLoader(open_train_data(src, input_size=64), batch_size=args.batch, workers=args.workers,
-                                    read_ahead=ahead)
-               for name, src, ahead in (("disk", local, True), ("bucket", url, True), ("bucket-old", url, False))}
+                                    read_ahead=ahead, source_cache=cache)
+               for name, src, ahead, cache in kinds}
     rates = {name: [] for name in loaders}
     for epoch in range(args.rounds + 1):
         for name, loader in loaders.items():
             t, n = time.perf_counter(), 0
             for b in loader.epoch(epoch):
                 n += len(b.rows)
-            if epoch:  # epoch 0 starts the workers
-                rates[name].append(n / (time.perf_counter() - t))
-    best = {k: max(v) for k, v in rates.items()}
+            rates[name].append(n / (time.perf_counter() - t))
+    best = {k: max(v[1:]) for k, v in rates.items()}
     print(f"loader images/s: disk {best['disk']:.0f}, bucket with read-ahead {best['bucket']:.0f} "
           f"({best['bucket'] / best['disk']:.2f}x, target >= 0.8), bucket per-batch reads (old) "
-          f"{best['bucket-old']:.0f} ({best['bucket-old'] / best['disk']:.2f}x)")
+          f"{best['bucket-old']:.0f} ({best['bucket-old'] / best['disk']:.2f}x), bucket with --source-cache "
+          f"{best['bucket-copies']:.0f} ({best['bucket-copies'] / best['disk']:.2f}x; its first epoch, workers' "
+          f"start included: {rates['bucket-copies'][0]:.0f} vs disk's {rates['disk'][0]:.0f})")
 
     if args.no_precompute:
         return

@@ -123,4 +123,10 @@ class TrainConfig:
     # end this run after N more epochs (preemptible jobs)
     stop_after_epochs: int | None = field(default=None, metadata=opt(
         "End this run after N epochs; --resume goes on.", type=at_least(1, MAX_EPOCHS)))
+    # a bucket source's objects kept whole on node-local disk (pipeline/sources/local_copies.py)
+    source_cache: str | None = field(default=None, metadata=opt(
+        "With --data on a bucket: keep its objects whole in this node-local folder (shared by the node's ranks, "
+        "kept after the run): the first epoch copies each once, later epochs read the copies.", metavar="DIR"))
+    source_cache_gib: float | None = field(default=None, metadata=opt(
+        "At most this many GiB of copies in --source-cache [default: 90% of its free space].", type=positive()))
     progress: bool = True  # the progress bar and console lines: set by code, not an option

@@ -61,6 +61,8 @@ from pipeline.sources import (
 )
 from pipeline.sources.bucket_cache import ReadAhead
 from pipeline.sources.bucket_files import BucketTars
+from pipeline.sources.hf_parquet import BucketParquet
+from pipeline.sources.local_copies import CopyFiller
 from pipeline.views import ViewRenderer, mixed_targets
 from storage import WRITTEN
 from storage.bucket import worker_start
@@ -288,7 +290,8 @@ class LockstepLoader:
     on in it raises TrainError)."""
 
     def __init__(self, data: TrainData, *, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
-                 pin_memory: bool = False, max_steps_per_epoch: int | None = None, read_ahead: bool = True):
+                 pin_memory: bool = False, max_steps_per_epoch: int | None = None, read_ahead: bool = True,
+                 source_cache: str | None = None, source_cache_bytes: int | None = None):
         if batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
@@ -306,6 +309,13 @@ class LockstepLoader:
         if read_ahead and isinstance(self.files.file_reader, BucketTars):
             f = self.files
             self.read_ahead = ReadAhead(f.file_reader, f.file_index, f.offsets, f.nbytes, workers, shared=workers > 0)
+        # --source-cache: whole objects kept on node-local disk, read there from the first epoch they are whole
+        self.copy_filler = None
+        if source_cache is not None and isinstance(self.files.file_reader, BucketTars | BucketParquet):
+            r = self.files.file_reader
+            self.copy_filler = CopyFiller(source_cache, [r.where(f, "") for f in range(len(r.files))],
+                                          source_cache_bytes, shared=workers > 0)
+            r.copies = self.copy_filler.copies
 
     def nominal_steps(self) -> int:
         """Steps of an epoch without invalid views (the schedule's updates per epoch)."""
@@ -326,13 +336,17 @@ class LockstepLoader:
                 persistent_workers=self.workers > 0,
                 # forkserver once this process used a bucket (a source or the store): see worker_start;
                 # always with a read-ahead, whose thread runs the object-store client in this process
-                multiprocessing_context=("forkserver" if self.workers and self.read_ahead
+                multiprocessing_context=("forkserver" if self.workers and (self.read_ahead or self.copy_filler)
                                          else worker_start(self.workers)),
                 generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
         self._channel.publish(view, rows)  # before iter(): workers read it when the epoch's iteration starts
-        if self.read_ahead is not None:  # after the DataLoader exists: its workers start by forkserver
-            renderer = ViewRenderer(self.data.recipe)
-            self.read_ahead.start(*step_needs(self.files, renderer, self.data.seed, view, rows, self.batch_size))
+        if self.read_ahead is not None or self.copy_filler is not None:  # after the DataLoader exists (forkserver)
+            step, row = step_needs(self.files, ViewRenderer(self.data.recipe), self.data.seed, view, rows,
+                                   self.batch_size)
+            if self.copy_filler is not None:  # (the first epoch's order; later epochs change nothing)
+                self.copy_filler.start(self.files.file_index[row[np.argsort(step, kind="stable")]])
+            if self.read_ahead is not None:
+                self.read_ahead.start(step, row)
         self._started += 1
         return self._dl, self._started
 

@@ -26,7 +26,7 @@ RUN_FILES = (CHECKPOINT, METRICS_FILE, SUMMARY_CSV, SUMMARY_FILE)
 
 # Fields that may differ on --resume without changing what is trained.
 RUNTIME_FIELDS = {"out", "resume", "overwrite", "workers", "device", "progress", "log_every", "stop_after_epochs",
-                  "data", "labels", "val", "eval_batch_size", "compile"}
+                  "data", "labels", "val", "eval_batch_size", "compile", "source_cache", "source_cache_gib"}
 # Fields whose change on --resume is an error, not an override.
 IDENTITY_FIELDS = ("model", "model_kwargs")
 

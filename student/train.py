@@ -110,6 +110,32 @@ def save_epoch(cfg: TrainConfig, run: Run, model, data: TrainData, epoch: int, s
     append_summary(cfg.out, row)  # timm's summary.csv, the same numbers as a table
 
 
+def check_source_cache(cfg: TrainConfig) -> None:
+    """--source-cache keeps a bucket's objects on local disk: pointless for a local --data, and it must be a
+    folder this process can write (checked now, not by a thread that would quietly copy nothing)."""
+    if cfg.source_cache is None:
+        if cfg.source_cache_gib is not None:
+            raise TrainError("--source-cache-gib bounds --source-cache: pass --source-cache DIR too, or drop it")
+        return
+    from storage.bucket import is_source_url
+
+    if not is_source_url(cfg.data):
+        raise TrainError(f"--source-cache keeps a bucket source's objects on local disk, and --data {cfg.data} is "
+                         "local already: drop --source-cache")
+    try:
+        os.makedirs(cfg.source_cache, exist_ok=True)
+        probe = os.path.join(cfg.source_cache, f".probe-{os.getpid()}")
+        open(probe, "wb").close()
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainError(f"--source-cache {cfg.source_cache}: cannot write there ({e.strerror}); pass a writable "
+                         "node-local folder") from None
+
+
+def cache_bytes(cfg: TrainConfig) -> int | None:
+    return None if cfg.source_cache_gib is None else int(cfg.source_cache_gib * 1024 ** 3)
+
+
 @dataclass
 class Started:
     """What ``start_run`` opened, checked and built: everything the epochs need."""
@@ -136,6 +162,7 @@ def start_run(cfg: TrainConfig, d: Dist, say) -> Started:
                          f"{cfg.out} from its own checkpoint: pass one of them")
     check_run_folder(cfg)
     check_outside_source(cfg.data, cfg.out)  # a run folder inside an ImageFolder would become one of its classes
+    check_source_cache(cfg)
     cfg, ckpt = load_checkpoint(cfg, say)
     data = open_train_data(cfg.data, labels=cfg.labels, recipe=cfg.recipe, overrides=cfg.overrides,
                            seed=cfg.seed, input_size=cfg.input_size, shard_size=cfg.shard_size,
@@ -153,7 +180,8 @@ def start_run(cfg: TrainConfig, d: Dist, say) -> Started:
     check_complete(data, range(start_epoch, end_epoch))
     cuda = d.device.type == "cuda"
     loader = LockstepLoader(data, batch_size=cfg.batch_size, rank=d.rank, world=d.world, workers=cfg.workers,
-                            pin_memory=cuda, max_steps_per_epoch=cfg.max_steps_per_epoch)
+                            pin_memory=cuda, max_steps_per_epoch=cfg.max_steps_per_epoch,
+                            source_cache=cfg.source_cache, source_cache_bytes=cache_bytes(cfg))
     val = None
     if cfg.val:
         val = eval_loader(cfg.val, data, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, rank=d.rank,

@@ -122,3 +122,31 @@ def root(request, tmp_path):
     if request.param == "disk":
         return tmp_path
     return request.getfixturevalue("s3_root")
+
+
+# ---- a source folder and its copy in the bucket (test_bucket_sources, test_source_copies) ----------------
+def upload(local: str, prefix) -> str:
+    """Every file of a local source folder as an object under ``prefix`` (an ObjPath); its URL."""
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as f:
+            (prefix / name).put(f.read())
+    return str(prefix)
+
+
+@pytest.fixture
+def wds_pair(tmp_path, s3_root):
+    """(local folder, its copy's URL): 3 tars of 8 samples (the last 4), 128x128 PNGs (~50 KB, an ImageNet
+    JPEG's order: a member's headers are a small part of it), classes.txt."""
+    local = write_wds(tmp_path / "wds", n=20, per_shard=8, size=(128, 128))
+    return local, upload(local, s3_root / "wds")
+
+
+@pytest.fixture
+def pq_pair(tmp_path, s3_root):
+    """(local folder, its copy's URL): 20 rows in 3 parquet files as ``datasets`` writes them (8, 8, 4 rows,
+    row groups of 3), 128x128 PNGs (~50 KB: an image is most of what a page holds)."""
+    from test_parquet import write_parquet
+
+    local = write_parquet(tmp_path / "pq", n=20, per_file=8,
+                          image_of=lambda i: encode(make_image(i % 3, i, (128, 128))))
+    return local, upload(local, s3_root / "pq")

@@ -8,6 +8,7 @@ import os
 import random
 
 import pytest
+from conftest import upload
 from test_storage_support import snapshot
 
 from pipeline.sources import SampleReader, SourceChanged, SourceError, index_source
@@ -15,24 +16,6 @@ from pipeline.sources.bucket_files import BucketTars, RangeFile, coalesce
 from storage.bucket import as_path
 
 pytestmark = pytest.mark.bucket
-
-
-def upload(local: str, prefix) -> str:
-    """Every file of a local source folder as an object under ``prefix`` (an ObjPath); its URL."""
-    for name in sorted(os.listdir(local)):
-        with open(os.path.join(local, name), "rb") as f:
-            (prefix / name).put(f.read())
-    return str(prefix)
-
-
-@pytest.fixture
-def wds_pair(tmp_path, s3_root):
-    """(local folder, its copy's URL): 3 tars of 8 samples (the last 4), 128x128 PNGs (~50 KB, an ImageNet
-    JPEG's order: a member's headers are a small part of it), classes.txt."""
-    from conftest import write_wds
-
-    local = write_wds(tmp_path / "wds", n=20, per_shard=8, size=(128, 128))
-    return local, upload(local, s3_root / "wds")
 
 
 def columns(m) -> dict:
@@ -246,18 +229,6 @@ def test_plan_ranges_merges_the_smallest_gaps_within_the_budget_and_horizon():
 
 
 # ---- Hugging Face parquet on a bucket ------------------------------------------------------------------------
-@pytest.fixture
-def pq_pair(tmp_path, s3_root):
-    """(local folder, its copy's URL): 20 rows in 3 parquet files as ``datasets`` writes them (8, 8, 4 rows,
-    row groups of 3), 128x128 PNGs (~50 KB: an image is most of what a page holds)."""
-    from conftest import encode, make_image
-    from test_parquet import write_parquet
-
-    local = write_parquet(tmp_path / "pq", n=20, per_file=8,
-                          image_of=lambda i: encode(make_image(i % 3, i, (128, 128))))
-    return local, upload(local, s3_root / "pq")
-
-
 def test_a_parquet_source_on_a_bucket_is_its_local_copys_manifest(pq_pair):
     local, url = pq_pair
     want = index_source(local, shards="as-is")

@@ -248,6 +248,10 @@ class ReadAhead:
         self.stop()
         k = self._k_of_row[np.asarray(need_row, np.int64)]
         step = np.asarray(need_step, np.int64)
+        copies = getattr(self.tars, "copies", None)
+        if copies is not None:  # samples of a file kept whole on local disk are read there (local_copies)
+            keep = copies.ready.numpy()[self._kfiles[k]] == 0
+            k, step = k[keep], step[keep]
         uk, inv = np.unique(k, return_inverse=True)
         n = len(self._ksizes)
         used = int(self._ksizes[np.unique(step * n + k) % n].sum())  # each step's distinct samples
@@ -292,6 +296,8 @@ class ReadAhead:
 
         slots, progress = self.view._slots, self.view._progress
         counts = self.view._counts.numpy()
+        copies = getattr(self.tars, "copies", None)
+        copied = copies.ready.numpy() if copies is not None else None
         lock = threading.Lock()
         held: dict[int, tuple[int, int, str]] = {}  # range -> (last step, bytes, file path)
         state = {"next": 0}
@@ -337,8 +343,12 @@ class ReadAhead:
                        and ranges[state["next"], 3] <= slow + self.ahead
                        and (self.cached_bytes + int(ranges[state["next"], 2] - ranges[state["next"], 1]) <= self.cap
                             or not held)):
-                    inflight.add(pool.submit(fetch, state["next"]))
+                    r = state["next"]
                     state["next"] += 1
+                    if copied is not None and copied[ranges[r, 0]]:  # its file was kept whole meanwhile
+                        slots[torch.from_numpy(members[r])] = 0
+                        continue
+                    inflight.add(pool.submit(fetch, r))
                 if not inflight and state["next"] >= len(ranges) and not held:
                     return
                 if not inflight:  # ahead enough, or the cap: wait for the consumers (a step takes far longer)

@@ -279,6 +279,12 @@ def coalesce(requests: list[tuple[int, int]], gap: int = GAP, span: int = SPAN) 
     return out
 
 
+def _shared_totals(*parts) -> tuple[int, int]:
+    """(requests, bytes) counted in shared memory by a reader's read-ahead and copies (each may be None)."""
+    totals = [p.totals() for p in parts if p is not None]
+    return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+
 class RangeReads:
     """(file, offset, size)s of one source's objects in few range requests: a batch's neighbours in one
     (``coalesce``), ``READ_AHEAD`` in flight; ``counts`` (requests, bytes_read) counts them."""
@@ -308,8 +314,8 @@ class RangeReads:
             except Exception:  # noqa: BLE001 - gone, or shorter now (a range past its end): undecodable
                 return b""
 
-        if len(jobs) == 1:
-            results = [get(jobs[0])]
+        if len(jobs) <= 1:  # (none: every one of them came from a local copy)
+            results = [get(job) for job in jobs]
         else:
             with ThreadPoolExecutor(min(READ_AHEAD, len(jobs))) as pool:
                 results = list(pool.map(get, jobs))
@@ -324,17 +330,19 @@ class RangeReads:
 
 class BucketTars(FileReader):
     """Tar samples in a bucket by range requests; a batch's neighbours in one request (module doc).
-    Picklable: a worker makes its own client on its first read. ``cache``: a ``bucket_cache.CacheView``
-    (the rank's read-ahead) to take samples from first; what it has not, or not in time, is read directly."""
+    Picklable: a worker makes its own client on its first read. ``copies``: whole objects on node-local disk
+    (``local_copies``), taken first; ``cache``: a ``bucket_cache.CacheView`` (the rank's read-ahead) to take
+    samples from next; what neither has, or not in time, is read directly."""
 
     def __init__(self, root: str, files: list[str]):
         self.root, self.files = root.rstrip("/"), list(files)
         self.counts = Counts()
         self.cache = None
-        self._base = (0, 0)  # the cache's totals when the counters were last set
+        self.copies = None  # a local_copies.LocalCopies: whole objects kept on node-local disk (--source-cache)
+        self._base = (0, 0)  # the shared totals when the counters were last set
 
     def _shared(self) -> tuple[int, int]:
-        return self.cache.totals() if self.cache is not None else (0, 0)
+        return _shared_totals(self.cache, self.copies)
 
     @property
     def requests(self) -> int:
@@ -361,15 +369,18 @@ class BucketTars(FileReader):
 
     def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
         """Each (file, offset, size, path)'s bytes; b"" for a sample whose object is gone or cut short."""
-        if self.cache is None:
-            return self._direct(wanted, self.counts)
-        out = self.cache.take(wanted)
-        missing = [i for i, data in enumerate(out) if data is None]
-        if missing:
-            counts = Counts()  # (a worker's direct reads: counted in the cache's shared totals)
-            got = self._direct([wanted[i] for i in missing], counts)
-            self.cache.count(counts.requests, counts.bytes_read)
-            for i, data in zip(missing, got, strict=True):
+        out: list[bytes | None] = self.copies.read(wanted) if self.copies is not None else [None] * len(wanted)
+        todo = [i for i, data in enumerate(out) if data is None]
+        if todo and self.cache is not None:
+            for i, data in zip(todo, self.cache.take([wanted[i] for i in todo]), strict=True):
+                out[i] = data
+            todo = [i for i in todo if out[i] is None]
+        if todo:
+            counts = Counts() if self.cache is not None else self.counts  # (a worker's: in the cache's totals)
+            got = self._direct([wanted[i] for i in todo], counts)
+            if self.cache is not None:
+                self.cache.count(counts.requests, counts.bytes_read)
+            for i, data in zip(todo, got, strict=True):
                 out[i] = data
         return out
 

@@ -405,12 +405,17 @@ class BucketParquet(FileReader):
         self.rows = ParquetRows(self.root, self.files, OPEN_FILES, opener=_RangeOpener(self.counts))
         self.rows.known = self._known
         self._sizes, self._order = None, None
+        self.copies = None  # a local_copies.LocalCopies (--source-cache): images read from whole local copies
 
     def __getstate__(self):
         return {**self.__dict__, "_order": None}
 
-    requests = property(lambda self: self.counts.requests)
-    bytes_read = property(lambda self: self.counts.bytes_read)
+    def _copied(self) -> tuple[int, int]:
+        return self.copies.totals() if self.copies is not None else (0, 0)
+
+    # everything asked of the store: this reader's requests, and the copies' (shared with the main process)
+    requests = property(lambda self: self.counts.requests + self._copied()[0])
+    bytes_read = property(lambda self: self.counts.bytes_read + self._copied()[1])
 
     def where(self, file: int, path: str) -> str:
         return f"{self.root}/{self.files[file]}"
@@ -451,6 +456,12 @@ class BucketParquet(FileReader):
                 out[i] = self.rows._image_by_group(file, row)
             elif 0 <= row < len(rows.offsets) and rows.sizes[row] >= 0:
                 direct.append((i, file, int(rows.offsets[row]), int(rows.sizes[row])))
+        if self.copies is not None:  # (the files are still mapped from the bucket: once per file per worker)
+            local = self.copies.read([d[1:] for d in direct])
+            for (i, *_), data in zip(direct, local, strict=True):
+                if data is not None:
+                    out[i] = data
+            direct = [d for d, data in zip(direct, local, strict=True) if data is None]
         got = RangeReads(lambda f: self.where(f, ""), self.counts).read([d[1:] for d in direct])
         self.rows.direct_reads += len(direct)
         for (i, *_), data in zip(direct, got, strict=True):
