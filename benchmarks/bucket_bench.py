@@ -16,6 +16,7 @@ bucket, and prints:
   (the prefetcher's requests plus its workers' direct reads); and the fewest single-range requests any
   reader could make for that epoch within 1.5 bytes read per byte used (the bound the data sets); and the
   loader with ``--source-cache`` (whole objects kept on local disk), epoch by epoch over ``--epochs``;
+- the loader's own CPU per image with no workers (process time: every thread of it), disk against bucket;
 - ``cli.py precompute`` (a random tiny teacher, 2 views at 32 px) with ``--data`` on the bucket and on disk.
 
 ``--parquet``: the same JPEGs as parquet files of ``--per-tar`` rows written by ``datasets`` (its default
@@ -61,12 +62,12 @@ def main():
         server = start_weed(Path(tmp) / "weed")
         try:
             os.environ.update(server.env())
-            run(args, tmp)
+            run(args, tmp, server.proc.pid)
         finally:
             server.stop()
 
 
-def run(args, tmp: str) -> None:
+def run(args, tmp: str, server_pid: int) -> None:
     from pipeline.sources import SampleReader, index_source, write_wds_shards
     from storage.bucket import as_path
     from student.data import LockstepLoader, open_train_data
@@ -174,18 +175,38 @@ def run(args, tmp: str) -> None:
                                     read_ahead=ahead, source_cache=cache)
                for name, src, ahead, cache in kinds}
     rates = {name: [] for name in loaders}
+    served = {name: [0.0, 0] for name in loaders}  # the server's CPU seconds and the images, timed epochs
     for epoch in range(args.rounds + 1):
         for name, loader in loaders.items():
-            t, n = time.perf_counter(), 0
+            t, n, c = time.perf_counter(), 0, cpu_seconds(server_pid)
             for b in loader.epoch(epoch):
                 n += len(b.rows)
             rates[name].append(n / (time.perf_counter() - t))
+            if epoch:
+                served[name] = [served[name][0] + cpu_seconds(server_pid) - c, served[name][1] + n]
     best = {k: max(v[1:]) for k, v in rates.items()}
     print(f"loader images/s: disk {best['disk']:.0f}, bucket with read-ahead {best['bucket']:.0f} "
           f"({best['bucket'] / best['disk']:.2f}x, target >= 0.8), bucket per-batch reads (old) "
           f"{best['bucket-old']:.0f} ({best['bucket-old'] / best['disk']:.2f}x), bucket with --source-cache "
           f"{best['bucket-copies']:.0f} ({best['bucket-copies'] / best['disk']:.2f}x; its first epoch, workers' "
           f"start included: {rates['bucket-copies'][0]:.0f} vs disk's {rates['disk'][0]:.0f})")
+    print("the server's CPU per image (it shares this machine's cores with the loader's workers): "
+          + ", ".join(f"{name} {1e3 * c / max(n, 1):.2f} ms" for name, (c, n) in served.items() if name != "disk"))
+    # the client's own CPU per image, steadier than wall time on a shared machine: no workers, so the process's
+    # CPU time (all its threads: the read-ahead's and the copier's too) is the loader's whole cost
+    loaders = {name: LockstepLoader(open_train_data(src, input_size=64), batch_size=args.batch, workers=0,
+                                    read_ahead=ahead, source_cache=cache and cache + "-cpu")
+               for name, src, ahead, cache in kinds}
+    cpu = {name: [] for name in loaders}
+    for epoch in range(args.rounds + 1):
+        for name, loader in loaders.items():
+            t, n = time.process_time(), 0
+            for b in loader.epoch(epoch):
+                n += len(b.rows)
+            cpu[name].append(n / (time.process_time() - t))
+    best = {k: max(v[1:]) for k, v in cpu.items()}
+    print("loader images per CPU second (0 workers): " + ", ".join(
+        f"{name} {best[name]:.0f} ({best[name] / best['disk']:.2f}x)" for name in loaders))
 
     if args.no_precompute:
         return
@@ -200,6 +221,13 @@ def run(args, tmp: str) -> None:
         took[name] = time.perf_counter() - t
     print(f"precompute (process start to end): disk {took['disk']:.1f} s, bucket {took['bucket']:.1f} s, "
           f"bucket/disk {took['bucket'] / took['disk']:.2f}x")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc: the server's threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def lower_bound(reader, batches, used: int) -> int:
