@@ -135,32 +135,34 @@ def run(args, tmp: str, server_pid: int) -> None:
                 if how != "offset index + sizes":
                     hp.footer = real
             print(f"mapping a file ({how}): {r.requests / nfiles:.1f} requests, {r.bytes_read / nfiles:.0f} bytes")
-    else:  # tars: the loader's rank-level read-ahead
-        # counts, new: one epoch of the training loader with the rank's read-ahead, its workers reading the cache;
-        # counted by the loader's reader: the read-ahead's requests plus any direct (fallback) reads of the workers
-        loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers)
-        rows = 0
-        for b in loader.epoch(0):
-            rows += len(b.rows)
-        fr, ra = loader.files.file_reader, loader.read_ahead
-        bound = lower_bound(reader, loader_batches(m, args.batch), used) / samples
-        print(f"bucket reads over one epoch, read-ahead: {fr.requests / samples:.3f} requests per sample "
-              f"(target <= 0.2), {fr.bytes_read / used:.3f} bytes read per byte used (target <= 1.5); "
-              f"{rows} views, cache peak {ra.peak_bytes / 2**20:.1f} MiB; the lower bound on requests for one "
-              f"epoch with bytes read <= 1.5 x used: {bound:.3f}")
-        ra.close()
+    # counts, new: one epoch of the training loader with the rank's read-ahead, its workers reading the cache;
+    # counted by the loader's reader: the read-ahead's requests plus any direct (fallback) reads of the workers
+    # (on parquet also each worker's mapping of the files it reads; the main process maps them all for the plan
+    # when the loader is made, before this count: a few requests per file, once per run)
+    loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers)
+    fr, ra = loader.files.file_reader, loader.read_ahead
+    before = (fr.requests, fr.bytes_read)
+    rows = sum(len(b.rows) for b in loader.epoch(0))
+    n, b = fr.requests - before[0], fr.bytes_read - before[1]
+    bound = "" if args.parquet else (f"; the lower bound on requests for one epoch with bytes read <= 1.5 x used: "
+                                     f"{lower_bound(reader, loader_batches(m, args.batch), used) / samples:.3f}")
+    print(f"bucket reads over one epoch, read-ahead: {n / samples:.3f} requests per sample (target <= 0.2), "
+          f"{b / used:.3f} bytes read per byte used (target <= 1.5); {rows} views, cache peak "
+          f"{ra.peak_bytes / 2**20:.1f} MiB{bound}")
+    ra.close()
     # counts with --source-cache (local_copies): epoch by epoch, and over the run so far (the copies are made
     # while the first epoch reads, and outlive it); the read-ahead still serves what is not copied yet
     loader = LockstepLoader(open_train_data(url, input_size=64), batch_size=args.batch, workers=args.workers,
                             source_cache=os.path.join(tmp, "copies-counts"))
     fr, total = loader.files.file_reader, [0, 0, 0, 0]  # requests, bytes read, samples, bytes used
+    sizes = fr.byte_addresses(loader.files.file_index, loader.files.offsets)[1] if args.parquet else None
     for epoch in range(args.epochs):
         before = (fr.requests, fr.bytes_read)
         for _ in loader.epoch(epoch):
             pass
         loader.copy_filler.join()  # (the copies are whole long before a real epoch ends)
         n, b = fr.requests - before[0], fr.bytes_read - before[1]
-        s_e, u_e = used_by_steps(loader, epoch)
+        s_e, u_e = used_by_steps(loader, epoch, sizes)
         total = [total[0] + n, total[1] + b, total[2] + s_e, total[3] + u_e]
         print(f"  --source-cache, epoch {epoch}: {n / s_e:.3f} requests per sample, {b / u_e:.3f} bytes read per "
               f"byte used; epochs 0-{epoch}: {total[0] / total[2]:.3f} requests per sample, "

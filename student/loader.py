@@ -303,12 +303,15 @@ class LockstepLoader:
                              f"is more than the {len(self.files)} samples of the source; use a smaller --batch-size")
         self._dl = self._channel = None
         self._started = 0  # epochs started: an EpochIter reads on only while its epoch is the last started
-        # Tars on a bucket: the main process reads ahead for all workers by the epoch's plan (bucket_cache);
+        # Tars and parquet on a bucket: the main process reads ahead for all workers by the epoch's plan (bucket_cache);
         # local files are read directly (a pread is already cheap).
         self.read_ahead = None
-        if read_ahead and isinstance(self.files.file_reader, BucketTars):
-            f = self.files
+        f = self.files
+        if read_ahead and isinstance(f.file_reader, BucketTars):
             self.read_ahead = ReadAhead(f.file_reader, f.file_index, f.offsets, f.nbytes, workers, shared=workers > 0)
+        elif read_ahead and isinstance(f.file_reader, BucketParquet):  # its rows' byte addresses: files mapped here
+            offsets, sizes = f.file_reader.byte_addresses(f.file_index, f.offsets)
+            self.read_ahead = ReadAhead(f.file_reader, f.file_index, offsets, sizes, workers, shared=workers > 0)
         # --source-cache: whole objects kept on node-local disk, read there from the first epoch they are whole
         self.copy_filler = None
         if source_cache is not None and isinstance(self.files.file_reader, BucketTars | BucketParquet):

@@ -127,13 +127,13 @@ def test_a_killed_copiers_part_file_and_claim_are_removed_and_the_object_copied(
 def test_a_parquet_sources_images_are_read_from_its_copies(pq_pair, tmp_path):
     local, url = pq_pair
     disk, bucket = loaders(local, url, tmp_path / "cache")
-    assert bucket.read_ahead is None  # (parquet has no read-ahead: the copies serve it from the next epoch)
     assert epoch_batches(bucket, 0) == epoch_batches(disk, 0)
     bucket.copy_filler.join(timeout=60)
     fr = bucket.files.file_reader
     before, reads = (fr.requests, fr.bytes_read), fr.rows.direct_reads
     assert epoch_batches(bucket, 1) == epoch_batches(disk, 1)
     assert (fr.requests, fr.bytes_read) == before and fr.rows.direct_reads == reads  # (files mapped in epoch 0)
+    bucket.read_ahead.close()
 
 
 def test_source_cache_with_a_local_source_is_one_line_exit_2(tmp_path):

@@ -248,10 +248,11 @@ class ReadAhead:
         self.stop()
         k = self._k_of_row[np.asarray(need_row, np.int64)]
         step = np.asarray(need_step, np.int64)
+        keep = self._ksizes[k] > 0  # (0: no address, e.g. a parquet file that cannot be mapped: read directly)
         copies = getattr(self.tars, "copies", None)
         if copies is not None:  # samples of a file kept whole on local disk are read there (local_copies)
-            keep = copies.ready.numpy()[self._kfiles[k]] == 0
-            k, step = k[keep], step[keep]
+            keep &= copies.ready.numpy()[self._kfiles[k]] == 0
+        k, step = k[keep], step[keep]
         uk, inv = np.unique(k, return_inverse=True)
         n = len(self._ksizes)
         used = int(self._ksizes[np.unique(step * n + k) % n].sum())  # each step's distinct samples

@@ -406,16 +406,38 @@ class BucketParquet(FileReader):
         self.rows.known = self._known
         self._sizes, self._order = None, None
         self.copies = None  # a local_copies.LocalCopies (--source-cache): images read from whole local copies
+        self.cache = None   # a bucket_cache.CacheView: the rank's read-ahead, keyed by (file, byte offset)
 
     def __getstate__(self):
         return {**self.__dict__, "_order": None}
 
-    def _copied(self) -> tuple[int, int]:
-        return self.copies.totals() if self.copies is not None else (0, 0)
+    def _shared(self) -> tuple[int, int]:
+        from .bucket_files import _shared_totals
 
-    # everything asked of the store: this reader's requests, and the copies' (shared with the main process)
-    requests = property(lambda self: self.counts.requests + self._copied()[0])
-    bytes_read = property(lambda self: self.counts.bytes_read + self._copied()[1])
+        return _shared_totals(self.cache, self.copies)
+
+    # everything asked of the store: this reader's requests, and those counted in shared memory (the
+    # read-ahead's, its consumers' direct reads, the copies')
+    requests = property(lambda self: self.counts.requests + self._shared()[0])
+    bytes_read = property(lambda self: self.counts.bytes_read + self._shared()[1])
+
+    def byte_addresses(self, file_index: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each manifest row's image as (byte offset, size) in its file, mapping every file here (the main
+        process, for a read-ahead's plan); size 0 where a file cannot be mapped (read by row group)."""
+        offsets, sizes = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+        for f in np.unique(file_index).tolist():
+            mine = np.flatnonzero(file_index == f)
+            try:
+                m = self.rows._map(f)
+            except (pa.ArrowException, OSError):
+                m = None
+            if m is None:
+                continue
+            r = np.asarray(rows[mine], np.int64)
+            ok = (r >= 0) & (r < len(m.offsets))
+            offsets[mine[ok]] = m.offsets[r[ok]]
+            sizes[mine[ok]] = np.maximum(m.sizes[r[ok]], 0)
+        return offsets, sizes
 
     def where(self, file: int, path: str) -> str:
         return f"{self.root}/{self.files[file]}"
@@ -441,7 +463,7 @@ class BucketParquet(FileReader):
         return self.read_many([(file, offset, size, path)])[0]
 
     def read_many(self, wanted: list[tuple[int, int, int, str]]) -> list[bytes]:
-        from .bucket_files import RangeReads
+        from .bucket_files import Counts, RangeReads
 
         out: list[bytes] = [b""] * len(wanted)
         direct = []  # (i, file, byte offset, size)
@@ -462,7 +484,16 @@ class BucketParquet(FileReader):
                 if data is not None:
                     out[i] = data
             direct = [d for d, data in zip(direct, local, strict=True) if data is None]
-        got = RangeReads(lambda f: self.where(f, ""), self.counts).read([d[1:] for d in direct])
+        if self.cache is not None and direct:  # the read-ahead's, then (not there in time) directly
+            cached = self.cache.take([(*d[1:], "") for d in direct])
+            for (i, *_), data in zip(direct, cached, strict=True):
+                if data is not None:
+                    out[i] = data
+            direct = [d for d, data in zip(direct, cached, strict=True) if data is None]
+        counts = self.counts if self.cache is None else Counts()  # (a consumer's: in the cache's shared totals)
+        got = RangeReads(lambda f: self.where(f, ""), counts).read([d[1:] for d in direct])
+        if self.cache is not None:
+            self.cache.count(counts.requests, counts.bytes_read)
         self.rows.direct_reads += len(direct)
         for (i, *_), data in zip(direct, got, strict=True):
             out[i] = data
