@@ -238,18 +238,19 @@ def _signed_request(method: str, url: str, key, body: bytes = b"") -> urllib.req
 class HeaderStrippingProxy:
     """An HTTP proxy in front of the real server that drops If-None-Match and If-Match from every request:
     the server behind it then acts as one that ignores conditional writes (some S3-compatible stores do).
-    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET."""
+    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET.
+    ``drop_response``: response headers it drops too (ETag, Last-Modified: a web server that sends none)."""
 
     DROP = {"if-none-match", "if-match"}
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, drop_response: frozenset = frozenset()):
         import http.client
         import http.server
         import threading
         from urllib.parse import urlsplit
 
         target = urlsplit(upstream)
-        drop = self.DROP
+        drop, drop_response = self.DROP, {h.lower() for h in drop_response}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -267,9 +268,11 @@ class HeaderStrippingProxy:
                     conn.close()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", *drop_response):
                         self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
+                # (a HEAD has no body: its length is the object's, as the server said)
+                self.send_header("content-length", resp.getheader("content-length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
