@@ -1,6 +1,7 @@
 """Sources on a web server (``--data http(s)://host/path/shard-{..}.tar``), beyond what test_bucket_sources shows:
 their stamps (the HEAD that names each file is its stamp: an unchanged source costs those HEADs and no byte,
-a changed file is re-indexed alone).
+a changed file is re-indexed alone) and real TLS (SeaweedFS's gateway over https with a certificate from a
+CA made for the session, trusted through SSL_CERT_FILE; untrusted, one line naming the URL and the fix).
 All against the real server of tests/s3_support.py; requests and bytes are counted, never timed."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import uuid
 
 import pytest
 
-from pipeline.sources import SampleReader, SourceChanged, index_source, stored_manifest, unchanged_source
+from pipeline.sources import SampleReader, SourceChanged, SourceError, index_source, stored_manifest, unchanged_source
 from pipeline.sources.bucket_files import COUNTS
 from storage import open_store
 from storage.bucket import as_path
@@ -34,7 +35,7 @@ def columns(m) -> dict:
 @pytest.fixture
 def web_copy(tmp_path, s3_env):
     """(local folder, the key prefix of its copy in the public-read bucket): any web server's files to
-    plain unsigned GETs with Range, over http at s3_env.endpoint."""
+    plain unsigned GETs with Range, over http at s3_env.endpoint and https at s3_env.https_endpoint."""
     from conftest import write_wds
     from s3_support import OPEN_BUCKET
 
@@ -155,3 +156,67 @@ def test_a_server_without_etag_or_last_modified_gives_no_stamps(web_copy, s3_env
         assert got.stamps is None and got.num_samples == 20  # nothing proves it unchanged: re-indexed at each start
     finally:
         proxy.close()
+
+
+# ---- real TLS --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tls(s3_env):
+    if s3_env.tls is None:
+        pytest.skip("no openssl CLI: the test server has no certificate, so no https")
+    return s3_env
+
+
+def test_an_https_source_over_real_tls_is_its_local_copy(web_copy, tls, monkeypatch):
+    local, key = web_copy
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.tls["ca"]))
+    url = f"{tls.https_endpoint}/{key}"
+    want = index_source(local, shards="as-is")
+    got = index_source(url + SHARDS, shards="as-is")
+    assert got.root == url and got.fingerprint == want.fingerprint and columns(got) == columns(want)
+    assert got.stamps is not None
+    batch = [(0, 1), (0, 2), (1, 0), (2, 3)]
+    assert SampleReader(got).read_many(batch) == SampleReader(want).read_many(batch)
+
+
+@pytest.mark.parametrize("trust", ["none", "another CA"])
+def test_an_untrusted_certificate_is_one_line_naming_the_url_and_ssl_cert_file(web_copy, tls, tmp_path,
+                                                                                tiny_teacher, monkeypatch, trust):
+    from test_faults import invoke, one_line_error, pconfig, pflags
+
+    _, key = web_copy
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    if trust == "none":
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    else:
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.tls["other_ca"]))
+    url = f"{tls.https_endpoint}/{key}"
+    code, lines, crashed, _ = invoke("precompute", *pflags(pconfig(url + SHARDS, tmp_path / "s", tiny_teacher)))
+    one_line_error(code, lines, crashed, 2, f"{url}/shard-00000", "TLS certificate is not trusted (UnknownIssuer",
+                   "SSL_CERT_FILE")
+    if trust != "none":
+        assert f"(UnknownIssuer by SSL_CERT_FILE={tls.tls['other_ca']})" in lines[-1]
+
+
+def test_an_s3_store_and_source_over_tls(tls, tmp_path, monkeypatch):
+    """AWS_ENDPOINT_URL=https://...: a bucket source indexes to its local copy's manifest and precompute
+    writes a label store there, all over TLS (the CA trusted through SSL_CERT_FILE)."""
+    from conftest import write_wds
+    from s3_support import BUCKET
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", tls.https_endpoint)
+    monkeypatch.delenv("AWS_ALLOW_HTTP", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.tls["ca"]))
+    local = write_wds(tmp_path / "wds", n=12, per_shard=6)
+    prefix = as_path(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}")
+    upload(local, prefix / "wds")
+    got = index_source(str(prefix / "wds"), shards="as-is")
+    assert got.fingerprint == index_source(local, shards="as-is").fingerprint and got.stamps is not None
+    from test_loader import make_store, make_teacher_weights
+
+    store = make_store(str(prefix / "wds"), str(prefix / "store"), make_teacher_weights(tmp_path / "t.pth"))
+    assert open_store(store).check() == []
+    assert unchanged_source(stored_manifest(open_store(store)), str(prefix / "wds")) is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.tls["other_ca"]))  # (a new client: its trust is in the cache key)
+    with pytest.raises(SourceError, match=rf"s3://{BUCKET}/\S+: the TLS certificate of {tls.https_endpoint} is not "
+                                          r"trusted \(UnknownIssuer by SSL_CERT_FILE="):
+        index_source(str(prefix / "wds"))
