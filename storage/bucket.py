@@ -12,11 +12,16 @@ The client is obstore (Rust's object_store): it signs, retries with backoff and 
 Where the S3 endpoint is comes the standard way: ``AWS_ENDPOINT_URL``, else the ``endpoint_url`` of the
 profile (``AWS_PROFILE``, default ``default``) in ``~/.aws/config``; the keys from ``AWS_ACCESS_KEY_ID``
 / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``), else the profile's in ``~/.aws/credentials``. So the
-same code works with AWS, MinIO, R2 and SeaweedFS (the tests). GCS is configured by obstore from its
+same code works with AWS, MinIO, R2 and SeaweedFS (the tests). Over https (an ``https://`` endpoint, a web
+source) the server's certificate is checked against the system's roots or, where ``SSL_CERT_FILE`` (or
+``SSL_CERT_DIR``) is set, against the CAs it names instead: the variable OpenSSL and curl read, which
+obstore's client (rustls with the platform's roots) reads too. That is how a private CA is trusted (the
+tests: SeaweedFS over TLS with a CA made for the session). GCS is configured by obstore from its
 environment (``GOOGLE_SERVICE_ACCOUNT``, application default credentials) and is untested here.
 
 Every failure a user can fix is one line naming the URL (BucketError, exit 2): no such bucket, no
-credentials, access denied, an endpoint that does not answer (after a bounded retry with backoff).
+credentials, access denied, an endpoint that does not answer (after a bounded retry with backoff), a
+certificate that is not trusted.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ WEB_SCHEMES = ("http", "https")
 # for at most this long, then reported: a fleet member must not hang on a dead endpoint.
 RETRY_SECONDS = 15.0
 RETRIES = 8
+TRUST_VARS = ("SSL_CERT_FILE", "SSL_CERT_DIR")  # the CAs a client trusts over https (module doc)
 
 
 class BucketError(UserError, OSError):
@@ -140,6 +146,8 @@ def _retry():
 def client(scheme: str, bucket: str, prefix: str | None = None):
     """An obstore store for the bucket (and key prefix), configured from the environment as it is now."""
     settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else ()
+    # a client reads its roots when it is made: one made before SSL_CERT_FILE changed trusts the old ones
+    settings += tuple((v, os.environ[v]) for v in TRUST_VARS if os.environ.get(v))
     # per process: a DataLoader worker forked from a process that used a client makes its own (the
     # parent's connection pool is no one's to share)
     return _client(scheme, bucket, prefix or None, settings, os.getpid())
@@ -173,7 +181,7 @@ def _client(scheme: str, bucket: str, prefix: str | None, settings: tuple, pid: 
             "allow_http": scheme == "http"})
     if scheme == "gs":
         return GCSStore(bucket, prefix=prefix, retry_config=_retry())
-    s = dict(settings)
+    s = {k: v for k, v in settings if k not in TRUST_VARS}
     if "access_key_id" not in s and "skip_signature" not in s and _truthy("AWS_EC2_METADATA_DISABLED") and not (
             os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") or os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
             or os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
@@ -201,6 +209,14 @@ def _explain(url: str, e: Exception) -> Exception:
             or "SignatureDoesNotMatch" in text:
         return BucketError(f"{url}: access denied ({_code(text)}); check the credentials "
                            "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's permissions")
+    untrusted = re.search(r"InvalidCertificate\(\s*(\w+)", text)
+    if untrusted or "invalid peer certificate" in text:
+        server = f"the TLS certificate of {s3_settings().get('endpoint')}" if url.startswith("s3:") else \
+            "the server's TLS certificate"
+        trusting = " and ".join(f"{v}={os.environ[v]}" for v in TRUST_VARS if os.environ.get(v))
+        return BucketError(f"{url}: {server} is not trusted ({untrusted.group(1) if untrusted else 'invalid'}"
+                           f"{' by ' + trusting if trusting else ''}); if your own CA signed it, set SSL_CERT_FILE "
+                           "to a PEM file holding that CA, and check that the URL's host is the one it names")
     if isinstance(e, ox.GenericError) and any(w in text for w in ("error sending request", "connect", "timed out",
                                                                    "dns", "Connection refused")):
         cause = " ".join(text.split())[-100:]

@@ -3,8 +3,10 @@
 `weed server -s3` starts a master, a volume server, a filer and the S3 gateway in one process. Each
 listens on an HTTP port and a gRPC port at HTTP + 10000, so a base port is picked for which all eight
 are free; the Lance and Iceberg listeners it would also open are turned off, and so is telemetry.
-Two identities are configured: ``writer`` may do everything, ``reader`` may only read and list (the
-"access denied" case); without a key nothing is allowed (the "no credentials" case).
+Its S3 gateway also serves https on HTTP + 4 (``Weed.https_endpoint``) with a certificate for 127.0.0.1
+signed by a CA made for the session (``make_tls``, by the openssl CLI; ``Weed.tls["ca"]``): the https tests
+trust it through SSL_CERT_FILE. Two identities are configured: ``writer`` may do everything, ``reader`` may
+only read and list (the "access denied" case); without a key nothing is allowed (the "no credentials" case).
 
 weed can outlive SIGTERM for minutes: ``stop`` sends SIGTERM to its process group, waits, then SIGKILL,
 and checks the group is gone. ``kill`` is the crash: SIGKILL at once, no shutdown of any kind; ``restart``
@@ -58,13 +60,38 @@ def _free(port: int) -> bool:
 
 
 def pick_base_port(start: int = 21000, stop: int = 31000, step: int = 7) -> int:
-    """A base port P with P..P+3 and their gRPC twins (+10000) all free."""
+    """A base port P with P..P+3 and their gRPC twins (+10000) all free, and P+4 (the gateway's https)."""
     offset = (os.getpid() * 13) % (stop - start)  # parallel sessions start at different places
     for i in range(0, stop - start, step):
         p = start + (offset + i) % (stop - start)
-        if all(_free(p + k) and _free(p + k + 10000) for k in range(4)):
+        if all(_free(p + k) and _free(p + k + 10000) for k in range(4)) and _free(p + 4):
             return p
     raise RuntimeError("no free ports for weed")
+
+
+def make_tls(folder: Path, host: str = "127.0.0.1") -> dict | None:
+    """A throwaway CA and a server certificate it signs for ``host`` (an IP SAN), made by the openssl CLI:
+    {"ca": CA PEM, "cert": server PEM, "key": its key, "other_ca": a CA that signed nothing here}, all
+    paths in ``folder``; None without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {k: folder / f"{k}.pem" for k in ("ca", "cert", "key", "other_ca")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other_ca"):
+        subprocess.run([openssl, "req", "-x509", *ec, "-keyout", folder / f"{ca}.key", "-out", out[ca], "-days", "3",
+                        "-subj", f"/CN=deit-lockstep test {ca}", "-addext", "basicConstraints=critical,CA:TRUE",
+                        "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)
+    subprocess.run([openssl, "req", *ec, "-keyout", out["key"], "-out", folder / "server.csr", "-subj", f"/CN={host}"],
+                   check=True, capture_output=True)
+    (folder / "ext.cnf").write_text(f"subjectAltName=IP:{host}\nbasicConstraints=CA:FALSE\n"
+                                    "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")
+    subprocess.run([openssl, "x509", "-req", "-in", folder / "server.csr", "-CA", out["ca"],
+                    "-CAkey", folder / "ca.key", "-CAcreateserial", "-out", out["cert"], "-days", "3",
+                    "-extfile", folder / "ext.cnf"],
+                   check=True, capture_output=True)
+    return out
 
 
 @dataclass
@@ -73,6 +100,8 @@ class Weed:
     endpoint: str
     workdir: Path
     args: list
+    https_endpoint: str | None = None  # the same gateway over TLS (None without openssl: no certificate)
+    tls: dict | None = None  # make_tls's files: "ca" signed the gateway's certificate
 
     def env(self, key=WRITER) -> dict:
         """The environment that points AWS clients (ours included) at this server."""
@@ -166,7 +195,11 @@ def start_weed(workdir: Path, timeout: float = 90.0) -> Weed:
             f"-s3.port.grpc={p + 10003}", "-s3.port.lance=0", "-s3.port.iceberg=0", "-master.telemetry=false",
             f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
             "-master.electionTimeout=1s"]  # one master: a restart on its old state elects itself in ~1 s, not 20
-    server = Weed(_spawn(args, workdir), f"http://127.0.0.1:{p + 3}", workdir, args)
+    tls = make_tls(workdir / "tls")
+    if tls is not None:
+        args += [f"-s3.cert.file={tls['cert']}", f"-s3.key.file={tls['key']}", f"-s3.port.https={p + 4}"]
+    server = Weed(_spawn(args, workdir), f"http://127.0.0.1:{p + 3}", workdir, args,
+                  f"https://127.0.0.1:{p + 4}" if tls else None, tls)
     try:
         _wait_and_make_bucket(server, timeout)
     except BaseException:
@@ -238,18 +271,19 @@ def _signed_request(method: str, url: str, key, body: bytes = b"") -> urllib.req
 class HeaderStrippingProxy:
     """An HTTP proxy in front of the real server that drops If-None-Match and If-Match from every request:
     the server behind it then acts as one that ignores conditional writes (some S3-compatible stores do).
-    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET."""
+    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET.
+    ``drop_response``: response headers it drops too (ETag, Last-Modified: a web server that sends none)."""
 
     DROP = {"if-none-match", "if-match"}
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, drop_response: frozenset = frozenset()):
         import http.client
         import http.server
         import threading
         from urllib.parse import urlsplit
 
         target = urlsplit(upstream)
-        drop = self.DROP
+        drop, drop_response = self.DROP, {h.lower() for h in drop_response}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -267,9 +301,11 @@ class HeaderStrippingProxy:
                     conn.close()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", *drop_response):
                         self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
+                # (a HEAD has no body: its length is the object's, as the server said)
+                self.send_header("content-length", resp.getheader("content-length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

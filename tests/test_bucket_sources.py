@@ -348,7 +348,7 @@ def test_precompute_and_train_from_a_parquet_bucket_give_the_bytes_of_the_local_
     assert weights_bytes(runs[0].out) == weights_bytes(runs[1].out)
 
 
-# ---- a web server's files (http:// here, https:// the same client with TLS) -----------------------------------
+# ---- a web server's files (http:// here; their stamps and https over real TLS: tests/test_web_sources.py) ------
 @pytest.fixture
 def web_wds(tmp_path, s3_env):
     """(local folder, the http:// URL prefix of its copy): the tars in SeaweedFS's public-read bucket, served
@@ -369,7 +369,7 @@ def test_an_http_source_by_brace_pattern_is_its_local_copy(web_wds):
     want = index_source(local, shards="as-is")
     got = index_source(web + "/shard-{000000..000002}.tar", shards="as-is")
     assert got.root == web and got.fingerprint == want.fingerprint and columns(got) == columns(want)
-    assert got.stamps is None  # a web server cannot list: no stamps (each start indexes names only)
+    assert got.stamps is not None  # from the HEAD naming each file (tests/test_web_sources.py)
     reader = SampleReader(got)
     batch = [(0, 1), (0, 2), (1, 0), (2, 3)]
     assert reader.read_many(batch) == SampleReader(want).read_many(batch)

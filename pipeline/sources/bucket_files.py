@@ -20,8 +20,11 @@ stores' (``storage.bucket``): one endpoint, one set of keys, one BucketError lin
   just made, when it made it), the bucket's stamps for ``check.unchanged_source``.
 
 A web server (``http://``, ``https://``: ``storage.bucket.source_path``) is read the same way, by range
-requests, but cannot list: a brace pattern names its files (each checked by one HEAD), and its objects
-have no stamps (a store made from it re-indexes the source at each start, names only).
+requests, but cannot list: a brace pattern names its files, each checked by one HEAD. Those HEADs' answers
+are its stamps (size and ETag, or Last-Modified where the server sends no ETag: ``web_stamp``), plus one
+HEAD of classes.txt; a server that sends neither gives no stamps (a store made from it then re-indexes the
+source at each start, names only). Over https the server's certificate is checked against the system's
+roots, or the CA file that ``SSL_CERT_FILE`` names (``storage.bucket``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from storage.errors import printable
 from ..source_errors import SourceError
 from .base import FileReader
 from .paths import expand_braces
+from .stamps import LAST_MODIFIED
 
 GAP = 64 * 1024            # neighbours at most this far apart are read in one request (the gap is read too)
 SPAN = 8 * 1024 * 1024     # ... as long as the request stays under this many bytes
@@ -84,6 +88,7 @@ RECENT_LISTING_S = 60.0  # a listing expand_url made is the stamps' listing if t
 
 
 _recent: dict[str, tuple[float, dict]] = {}  # prefix URL -> (when, listing): expand_url's, for object_stamps
+_heads: dict[str, tuple[float, dict]] = {}  # web object URL -> (when, its HEAD): _expand_web's, for object_stamps
 
 
 def _listing(prefix_url: str) -> dict[str, dict]:
@@ -108,10 +113,10 @@ def _listing(prefix_url: str) -> dict[str, dict]:
 def object_stamps(root: str, files: list[str]) -> dict | None:
     """The stamps of a bucket source's objects (all under ``root``) and of ``root``/classes.txt: each one's
     size and ETag, from one listing of ``root`` (the one expand_url just made, if it did: no HEAD per
-    object). {"files": [[name, size, etag], ...], "classes": [size, etag] or None, "at": ns}. None on a web
-    server (it cannot list) or where an object has no ETag (nothing then proves it unchanged)."""
+    object). {"files": [[name, size, etag], ...], "classes": [size, etag] or None, "at": ns}. None where an
+    object has no ETag (nothing then proves it unchanged). On a web server: ``_web_stamps``."""
     if is_web_url(root):
-        return None
+        return _web_stamps(root, files)
     at = time.time_ns()
     when, listing = _recent.pop(root.rstrip("/"), (0.0, None))
     if listing is None or time.monotonic() - when > RECENT_LISTING_S:
@@ -125,6 +130,42 @@ def object_stamps(root: str, files: list[str]) -> dict | None:
         out.append([posixpath.basename(f), meta["size"], meta["e_tag"]])
     classes = listing.get("classes.txt")
     return {"files": out, "classes": [classes["size"], classes["e_tag"]] if classes else None, "at": at}
+
+
+def web_stamp(meta: dict) -> str | None:
+    """A web object's version from its HEAD: the ETag, else its Last-Modified ("last-modified:" and epoch
+    seconds; ``stamps.racy_object`` distrusts one too close to its stamping), None with neither (obstore
+    gives epoch 0 for a missing Last-Modified)."""
+    if meta.get("e_tag"):
+        return str(meta["e_tag"])
+    seconds = int(meta["last_modified"].timestamp()) if meta.get("last_modified") else 0
+    return f"{LAST_MODIFIED}{seconds}" if seconds > 0 else None
+
+
+def _web_stamps(root: str, files: list[str]) -> dict | None:
+    """``object_stamps`` on a web server: each file's size and ``web_stamp`` from the HEAD ``_expand_web``
+    just made (a file without one is HEADed now), classes.txt's by one HEAD. None where one has no stamp."""
+    at = time.time_ns()
+    now = time.monotonic()
+    metas = []
+    for f in files:
+        when, meta = _heads.pop(f, (0.0, None))
+        metas.append(meta if meta is not None and now - when <= RECENT_LISTING_S else None)
+    missing = [i for i, m in enumerate(metas) if m is None]
+    if missing:
+        with ThreadPoolExecutor(min(16, len(missing))) as pool:
+            for i, meta in zip(missing, pool.map(_head, [files[i] for i in missing]), strict=True):
+                metas[i] = meta
+    out = []
+    for f, meta in zip(files, metas, strict=True):
+        stamp = web_stamp(meta)
+        if stamp is None:
+            return None
+        out.append([posixpath.basename(f), int(meta["size"]), stamp])
+    classes = _head(f"{root.rstrip('/')}/classes.txt", missing_ok=True)
+    if classes is not None and web_stamp(classes) is None:
+        return None
+    return {"files": out, "classes": [int(classes["size"]), web_stamp(classes)] if classes else None, "at": at}
 
 
 def _parent(url: str) -> str:
@@ -173,12 +214,17 @@ def _expand_web(src: str, name: str, exts: list[str]) -> list[str]:
                           "glob or a folder")
     urls = expand_braces(src) if "{" in src or "}" in src else [src]
     with ThreadPoolExecutor(min(16, len(urls))) as pool:  # (a thousand shards: not a thousand round trips)
-        list(pool.map(_head, urls))
+        metas = list(pool.map(_head, urls))
+    now = time.monotonic()
+    for u in [u for u, (when, _) in _heads.items() if now - when > RECENT_LISTING_S]:
+        del _heads[u]  # (taken for no stamps: kept no longer than object_stamps would use them)
+    _heads.update((u, (now, meta)) for u, meta in zip(urls, metas, strict=True))
     return urls
 
 
-def _head(url: str) -> dict:
-    """One HEAD: {size, e_tag, ...}; a missing object is a one-line SourceError."""
+def _head(url: str, missing_ok: bool = False) -> dict | None:
+    """One HEAD: {size, e_tag, last_modified, ...}; a missing object is a one-line SourceError (None with
+    ``missing_ok``)."""
     import obstore
 
     p = as_path(url)
@@ -187,6 +233,8 @@ def _head(url: str) -> dict:
         return obstore.head(p.store, p.key)
     except Exception as e:  # noqa: BLE001
         err = _source_error(e, url)
+        if isinstance(err, FileNotFoundError) and missing_ok:
+            return None
         if isinstance(err, FileNotFoundError):
             raise SourceError(f"{printable(url)}: no such object; check the pattern given to --data") from None
         raise err from None

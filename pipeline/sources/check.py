@@ -32,7 +32,7 @@ from storage.bucket import is_source_url
 
 from ..source_errors import SourceError
 from .registry import expand_files, format_of_kind
-from .stamps import classes_stamp, is_bucket_stamps, racy
+from .stamps import classes_stamp, is_bucket_stamps, racy, racy_object
 
 
 def unchanged_source(stored, data: str):
@@ -81,7 +81,9 @@ def unchanged_source(stored, data: str):
 
 def _unchanged_objects(stored, files: list[str]):
     """``unchanged_source`` on a bucket: each object's size and ETag, from one listing of the prefix (the one
-    ``expand_files`` just made), against its stamp; a changed object re-indexed alone, as a file on disk."""
+    ``expand_files`` just made), against its stamp; a changed object re-indexed alone, as a file on disk.
+    On a web server the same from the HEAD that ``expand_files`` made of each file (and one of classes.txt);
+    a stamp that is a Last-Modified too close to its stamping (``racy_object``) counts as changed."""
     from .bucket_files import object_stamps
 
     root = files[0].rsplit("/", 1)[0]
@@ -91,9 +93,11 @@ def _unchanged_objects(stored, files: list[str]):
         now = object_stamps(root, files)
     except SourceError:
         return None
-    if now is None or now["classes"] != stored.stamps["classes"]:
+    if now is None or now["classes"] != stored.stamps["classes"] or (
+            now["classes"] is not None and racy_object(now["classes"][1], stored.stamps)):
         return None  # no ETags, or classes.txt changed (or came or went): a full index says how
-    changed = [i for i, (a, b) in enumerate(zip(now["files"], stored.stamps["files"], strict=True)) if a != b]
+    changed = [i for i, (a, b) in enumerate(zip(now["files"], stored.stamps["files"], strict=True))
+               if a != b or racy_object(b[2], stored.stamps)]
     try:
         if any(not _same_rows(stored, i, files[i]) for i in changed):
             return None

@@ -3,7 +3,9 @@ check on reading one back: a leaf module (``sources`` records them, ``check`` co
 
 Objects on a bucket are stamped (name, size, ETag), all from one listing of their prefix
 (``bucket_files.object_stamps``): the ETag changes with every write of other bytes, so there is no
-"racy" case; a web server's files (no listing) get no stamps."""
+"racy" case. A web server's files (no listing) are stamped from the HEAD that names each: its ETag, or,
+from a server that sends none, its Last-Modified (``LAST_MODIFIED`` and epoch seconds). That one has the
+racy case of an mtime, a whole second coarse: ``racy_object``."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 CLASSES_FILE = "classes.txt"
 RACY_NS = 3 * 10**9  # the coarsest mtime tick we allow for (FAT: 2 s), and a margin
+LAST_MODIFIED = "last-modified:"  # a web object's stamp from its Last-Modified (no ETag): this and epoch seconds
 
 
 def stamps_of(root: str, files: list[str]) -> dict | None:
@@ -41,6 +44,19 @@ def racy(mtime_ns: int, stamps: dict) -> bool:
     same mtime tick (coarse file systems: 1-2 s) and keep its stamp: such a file proves nothing by its
     stamp (git's "racy clean"). A source written just before its store was made is re-indexed per file."""
     return mtime_ns >= stamps.get("at", 0) - RACY_NS
+
+
+def racy_object(stamp: str, stamps: dict) -> bool:
+    """Whether an object's stamp is a Last-Modified (HTTP dates: whole seconds) too close to when it was
+    stamped to prove anything (``racy``): a rewrite within that second keeps it. The server's clock
+    against this host's: a clock skewed by more than RACY_NS can make this miss."""
+    if not stamp.startswith(LAST_MODIFIED):
+        return False  # an ETag: another one with every write of other bytes
+    try:
+        seconds = int(stamp[len(LAST_MODIFIED):])
+    except ValueError:
+        return True
+    return racy(seconds * 10**9 + 10**9 - 1, stamps)  # (any instant of that second)
 
 
 def stamps_problem(stamps) -> str | None:
