@@ -149,3 +149,45 @@ def test_source_cache_with_a_local_source_is_one_line_exit_2(tmp_path):
                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_object_another_live_process_is_copying_is_waited_for_then_taken_over_when_it_dies(wds_pair, tmp_path):
+    """A claim of a live process (another rank of the node): the filler copies nothing of that object and reads it
+    once the other's copy appears; a claim whose process dies before its copy is whole: the filler copies it."""
+    import socket
+    import time
+
+    import obstore
+
+    from storage.bucket import source_path
+
+    local, url = wds_pair
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    urls = [f"{url}/{n}" for n in sorted(object_bytes(local))]
+    names = []
+    for u in urls[:2]:
+        meta = obstore.head(source_path(u).store, source_path(u).key)
+        names.append(copy_name(u, int(meta["size"]), meta["e_tag"]))
+    others = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        for name, other in zip(names, others, strict=True):
+            (cache / f"{name}.claim").write_text(f"{socket.gethostname()} {other.pid}\n")
+        filler = CopyFiller(str(cache), urls, shared=False)
+        filler.start([0, 1, 2])
+        deadline = time.monotonic() + 60
+        while not filler.copies.has(2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert filler.copies.has(2) and not filler.copies.has(0) and not filler.copies.has(1)
+        assert filler.copied == 1  # only the unclaimed one
+        # the other process finishes object 0's copy and releases its claim; the one holding object 1 dies
+        (cache / names[0]).write_bytes(open(os.path.join(local, sorted(object_bytes(local))[0]), "rb").read())
+        (cache / f"{names[0]}.claim").unlink()
+        others[1].kill()
+        others[1].wait()
+        filler.join(timeout=60)
+        assert filler.copies.has(0) and filler.copies.has(1) and filler.copied == 2  # object 1 taken over
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
