@@ -131,13 +131,15 @@ def check_process_arguments(batch_size: int, rank: int, world: int, workers: int
 
 def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0,
                   *, distillation: str | None = None, alpha: float = 0.5, tau: float = 1.0,
-                  kd_reduction: str = "batchmean", pin_memory: bool = False, **train_data) -> Lockstep:
+                  kd_reduction: str = "batchmean", pin_memory: bool = False, source_cache: str | None = None,
+                  source_cache_bytes: int | None = None, **train_data) -> Lockstep:
     """Open ``data`` (the source) with its label store ``labels`` for rank ``rank`` of ``world``.
 
     ``batch_size`` is per rank. ``distillation`` defaults to what ``cli.py train`` does: hard with a
     store (a top-k store's argmax), none without; "soft" needs a top-k store. ``train_data`` goes to
     ``student.data.open_train_data`` (e.g. ``recipe``, ``overrides``, ``seed``, ``input_size`` without
-    a store). Raises TrainError (one line: cause and fix) for bad arguments or a store that does not
+    a store). ``source_cache``: a node-local folder that keeps a bucket source's objects whole across
+    epochs (``cli.py train --source-cache``), at most ``source_cache_bytes``. Raises TrainError (one line: cause and fix) for bad arguments or a store that does not
     fit the source."""
     check_process_arguments(batch_size, rank, world, workers)
     opened = open_train_data(data, labels=labels, **train_data)
@@ -149,5 +151,5 @@ def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0,
     if distillation == "soft" and opened.reader.spec.mode == "hard":
         raise TrainError(f"the store {labels} holds hard labels only: use distillation='hard'")
     loader = LockstepLoader(opened, batch_size=batch_size, rank=rank, world=world, workers=workers,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, source_cache=source_cache, source_cache_bytes=source_cache_bytes)
     return Lockstep(opened, loader, distillation, alpha, tau, kd_reduction)
