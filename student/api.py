@@ -139,8 +139,8 @@ def open_lockstep(data: str, labels: str | None, batch_size: int, rank: int = 0,
     store (a top-k store's argmax), none without; "soft" needs a top-k store. ``train_data`` goes to
     ``student.data.open_train_data`` (e.g. ``recipe``, ``overrides``, ``seed``, ``input_size`` without
     a store). ``source_cache``: a node-local folder that keeps a bucket source's objects whole across
-    epochs (``cli.py train --source-cache``), at most ``source_cache_bytes``. Raises TrainError (one line: cause and fix) for bad arguments or a store that does not
-    fit the source."""
+    epochs (``cli.py train --source-cache``), at most ``source_cache_bytes``. Raises TrainError (one line:
+    cause and fix) for bad arguments or a store that does not fit the source."""
     check_process_arguments(batch_size, rank, world, workers)
     opened = open_train_data(data, labels=labels, **train_data)
     if distillation is None:
