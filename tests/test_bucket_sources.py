@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 from conftest import upload
@@ -141,6 +142,15 @@ def test_precompute_and_train_from_a_bucket_source_give_the_bytes_of_the_local_c
     with_workers = tconfig(url, stores["b"], tmp_path / "run-w", epochs=2, workers=2)
     train(with_workers)
     assert weights_bytes(with_workers.out) == weights_bytes(runs[1].out)
+    # --source-cache: the objects kept whole on local disk from the first epoch on; the same weights
+    cached = tconfig(url, stores["b"], tmp_path / "run-c", epochs=2, workers=2, source_cache=str(tmp_path / "copies"))
+    train(cached)
+    assert weights_bytes(cached.out) == weights_bytes(runs[1].out)
+    kept = lambda: len([n for n in os.listdir(tmp_path / "copies") if len(n) == 40])
+    deadline = time.monotonic() + 60  # (the copier may finish after a run this short: not a timing assertion)
+    while kept() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kept() == 3  # each object, whole
 
 
 def epoch_batches(loader, epoch=0):
