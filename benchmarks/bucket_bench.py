@@ -149,6 +149,9 @@ def run(args, tmp: str, server_pid: int) -> None:
     print(f"bucket reads over one epoch, read-ahead: {n / samples:.3f} requests per sample (target <= 0.2), "
           f"{b / used:.3f} bytes read per byte used (target <= 1.5); {rows} views, cache peak "
           f"{ra.peak_bytes / 2**20:.1f} MiB{bound}")
+    # a sample above is an image a batch reads (its repeats in that batch read it once); per view trained on, the
+    # same requests spread over R views each: what an epoch costs per sample of the dataset
+    print(f"  the same per view trained on: {n / rows:.3f} requests ({samples} images read for {rows} views)")
     ra.close()
     # counts with --source-cache (local_copies): epoch by epoch, and over the run so far (the copies are made
     # while the first epoch reads, and outlive it); the read-ahead still serves what is not copied yet
