@@ -191,3 +191,22 @@ def test_an_object_another_live_process_is_copying_is_waited_for_then_taken_over
         for p in others:
             p.kill()
             p.wait()
+
+
+def test_a_copy_cut_short_or_replaced_by_a_link_is_made_again_not_read(wds_pair, tmp_path):
+    local, url = wds_pair
+    cache = tmp_path / "cache"
+    urls = [f"{url}/{n}" for n in sorted(object_bytes(local))]
+    first = CopyFiller(str(cache), urls, shared=False)
+    first.start([0, 1, 2])
+    first.join(timeout=60)
+    whole = [open(first.copies.path(f), "rb").read() for f in range(3)]
+    with open(first.copies.path(0), "r+b") as f:
+        f.truncate(100)
+    os.unlink(first.copies.path(1))
+    os.symlink("/dev/zero", first.copies.path(1))
+    again = CopyFiller(str(cache), urls, shared=False)
+    again.start([0, 1, 2])
+    again.join(timeout=60)
+    assert again.copied == 2 and [open(again.copies.path(f), "rb").read() for f in range(3)] == whole
+    assert not os.path.islink(again.copies.path(1))

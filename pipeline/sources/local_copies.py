@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -94,7 +95,7 @@ class LocalCopies:
         fd = self._fds.pop(file, None)
         if fd is None:
             try:
-                fd = os.open(self.path(file), os.O_RDONLY)
+                fd = os.open(self.path(file), os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:  # removed by hand mid-run: read from the bucket from now on
                 self.ready[file] = 0
                 return None
@@ -157,7 +158,7 @@ class CopyFiller:
                 waiting[f] = name
         while waiting and not self._stop.wait(POLL_S):
             for f, name in list(waiting.items()):
-                if os.path.exists(os.path.join(self.folder, name)):
+                if _whole(os.path.join(self.folder, name), self._meta[f][0]):
                     self._publish(f, name)
                     del waiting[f]
                 elif not _claimed(os.path.join(self.folder, name + ".claim"), self._host):
@@ -181,9 +182,13 @@ class CopyFiller:
         if not etag:  # nothing proves a copy is of this version
             return None
         name = copy_name(self.urls[f], size, etag)
-        if os.path.exists(os.path.join(self.folder, name)):
+        final = os.path.join(self.folder, name)
+        if _whole(final, size):
             self._publish(f, name)
             return None
+        if os.path.lexists(final) and not _claimed(final + ".claim", self._host):  # cut short or replaced by hand
+            with _quiet():
+                os.unlink(final)
         if self.admitted_bytes + size > self.budget:
             return None
         self.admitted_bytes += size
@@ -229,6 +234,16 @@ class CopyFiller:
     def _publish(self, f: int, name: str) -> None:
         self.copies.names[f] = torch.frombuffer(bytearray(name.encode()), dtype=torch.uint8)
         self.copies.ready[f] = 1
+
+
+def _whole(path: str, size: int) -> bool:
+    """A copy that can be read: a regular file (not a link) of the object's size. Its bytes are trusted as the
+    local disk's are; a sample that does not decode is dropped as it is from a local source."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 def _take_claim(path: str, host: str) -> bool:
