@@ -124,6 +124,43 @@ def test_a_put_cut_mid_body_is_sent_again_whole_and_the_run_completes(cut, own_w
     verify_full(wds_source)
 
 
+CREATES = {"store.json": (r"/store\.json$", 1), "lease": (r"/leases/\d+_\d+\.json$", 3)}
+
+
+@pytest.mark.parametrize("what", sorted(CREATES))
+def test_a_conditional_create_cut_mid_body_is_one_line_and_the_rerun_completes(cut, own_weed, monkeypatch, tmp_path,
+                                                                               wds_source, tiny_teacher, what):
+    """store.json and a lease are conditional creates, which obstore does not send again (it cannot know whether
+    the first landed): the run ends in one line, exit 2, saying the connection was dropped and to run it again
+    (not that the endpoint "does not answer" after retries it never made). Nothing half made is there: with
+    store.json cut the prefix is no label store (inspect refuses it), with a lease cut the store is not
+    complete; the rerun completes it, equal to the disk store."""
+    match, nth = CREATES[what]
+    ref = tmp_path / "ref"
+    precompute(wds_source, ref, tiny_teacher, views=2)
+    proxy = cut(match=match, nth=nth, min_bytes=16)
+    code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
+    assert crashed is None
+    v = assert_mid_body(proxy)
+    assert len(proxy.puts_of(v.path)) == 1, "a create is not sent again"
+    key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
+    assert_one_line(code, "\n".join(lines), f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped",
+                    "run the command again")
+    straight(monkeypatch, own_weed)
+    assert as_path(f"s3://{BUCKET}/{key}").head() is None, "no half object"
+    assert_no_torn_object(OUT, finished=False)
+    if what == "store.json":
+        code, lines, crashed, _ = invoke("inspect", OUT)
+        assert crashed is None and code == 2, lines
+    else:
+        r = open_store(OUT)
+        assert r.completed_units() != r.spec.units() and r.check(full=True) == []
+    code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
+    assert (code, crashed) == (0, None), lines
+    assert_equals_disk(ref)
+    verify_full(wds_source)
+
+
 def _run_and_kill_mid_put(proxy: CutProxy, weed, argv: list) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI in its own process through the holding proxy; when the victim PUT is half sent, SIGKILL weed,
     then let the proxy reset the connections. Returns the finished process and seconds from the kill."""
