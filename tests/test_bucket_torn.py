@@ -182,20 +182,20 @@ def _run_and_kill_mid_put(proxy: CutProxy, weed, argv: list) -> tuple[subprocess
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), time.monotonic() - start
 
 
-@pytest.mark.parametrize("target", ["zarr-chunk", "marker"])
+@pytest.mark.parametrize("target", sorted(TARGETS))
 def test_the_server_killed_mid_put_then_restarted_rerun_completes_the_store(cut, own_weed, monkeypatch, tmp_path,
                                                                            wds_source, tiny_teacher, target):
-    """weed SIGKILLed while it holds half of a chunk's (or the last unit's marker's) body: obstore sends the
-    PUT again into a dead server until its bounded retry ends, then the run exits 2 in one line naming the
-    object. After the restart the half object is nowhere, the unit whose PUT was cut is not complete (for the
+    """weed SIGKILLed while it holds half of a chunk's, a unit tar's (or the last unit's marker's) body: obstore
+    sends the PUT again into a dead server until its bounded retry ends, then the run exits 2 in one line naming
+    the object. After the restart the half object is nowhere, the unit whose PUT was cut is not complete (for the
     marker: the store is not reported complete), and the rerun completes the store equal to the disk store."""
     backend, match, nth = TARGETS[target]
     if target == "marker":
         nth = 6  # the last unit's: every chunk of the store is there, only its marker is not
     ref = tmp_path / "ref"
-    precompute(wds_source, ref, tiny_teacher, views=2)
+    precompute(wds_source, ref, tiny_teacher, views=2, backend=backend)
     proxy = cut(match=match, nth=nth, min_bytes=16, hold=True)
-    argv = args(wds_source, tiny_teacher)
+    argv = args(wds_source, tiny_teacher, backend)
     done, seconds = _run_and_kill_mid_put(proxy, own_weed, argv)
     v = proxy.victim
     key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
@@ -215,5 +215,5 @@ def test_the_server_killed_mid_put_then_restarted_rerun_completes_the_store(cut,
     assert_no_torn_object(OUT, finished=False)
     code, lines, crashed, _ = invoke(*argv)
     assert (code, crashed) == (0, None), lines
-    assert_equals_disk(ref)
+    assert_equals_disk(ref, backend)
     verify_full(wds_source)
