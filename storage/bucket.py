@@ -209,13 +209,14 @@ def _explain(url: str, e: Exception) -> Exception:
                                f"...{cause}); check the URL and the network")
         endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
         if re.search(r"\bretries: 0\b", text) and any(w in text for w in _DROPPED):
-            # A connection dropped while a conditional write (store.json, a lease: If-None-Match / If-Match)
-            # was being sent. obstore sends such a request once only, since the first may have landed and a
-            # second would then be refused as if another writer held the key (tests/test_bucket_torn.py).
-            # The endpoint answered and was not retried, so "does not answer (retried ...)" named the wrong
-            # cause and the wrong fix.
-            return BucketError(f"{url}: the connection to {endpoint} was dropped while the request was sent (a "
-                               "conditional write, which is not sent twice); run the command again: it resumes")
+            # A connection dropped before the answer to a conditional write (store.json, a lease: If-None-Match
+            # / If-Match) came, its body half sent or whole. obstore sends such a request once only, since the
+            # first may have landed and a second would then be refused as if another writer held the key
+            # (tests/test_bucket_torn.py). The endpoint was there and nothing was retried, so "does not answer
+            # (retried for up to 15s); check AWS_ENDPOINT_URL" named the wrong cause and the wrong fix.
+            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered (a conditional "
+                               "write, never sent twice: it may or may not have landed); run the command again: it "
+                               "resumes")
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)

@@ -7,6 +7,9 @@ PUT whose path matches ``match`` and whose body is at least ``min_bytes`` long i
 ``cut_at`` of its body reaches the server, then both connections are dropped with a TCP RST (SO_LINGER 0),
 the server's first, so it sees a body that stops short and never the rest.
 
+``cut_at`` 1 (or more): the whole body reaches the server, and the connections are reset once the server
+has answered, its answer never forwarded: the request landed, the client cannot know it (a response lost).
+
 ``hold``: after the partial body the proxy waits (``reached`` is set) until the test sets ``go``, so the
 test can SIGKILL the server while it holds a half-sent body, at a known point and not by timing.
 
@@ -21,6 +24,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -32,6 +36,7 @@ class Request:
     length: int
     sent: int = 0  # body bytes forwarded to the server
     cut: bool = False
+    answered: str = ""  # (a victim with cut_at 1) the status line the server answered before the reset, to no one
     refused: bool = False  # the server was down: the client's connection reset before a byte went on
 
 
@@ -90,6 +95,7 @@ class CutProxy:
 
     def _serve(self, client: socket.socket) -> None:
         server, buf = None, b""
+        swallow, answered = threading.Event(), []  # (cut_at 1) the server's answer, dropped and kept here
         try:
             while True:
                 while b"\r\n\r\n" not in buf:
@@ -112,10 +118,14 @@ class CutProxy:
                         _reset(client)
                         return
                     server.settimeout(None)
-                    threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+                    threading.Thread(target=self._pump, args=(server, client, swallow, answered), daemon=True).start()
                 server.sendall(head + b"\r\n\r\n")
                 victim = self._is_victim(req)
-                limit = min(req.length - 1, max(1, int(req.length * self.cut_at))) if victim else req.length
+                whole = victim and self.cut_at >= 1
+                if whole:
+                    swallow.set()  # before its last byte goes: the answer to it must not reach the client
+                limit = min(req.length - 1, max(1, int(req.length * self.cut_at))) if victim and not whole \
+                    else req.length
                 while req.sent < limit:
                     if not buf:
                         buf = client.recv(65536)
@@ -126,6 +136,12 @@ class CutProxy:
                     req.sent += len(part)
                 if victim:
                     req.cut = True
+                    if whole:
+                        for _ in range(300):
+                            if answered:
+                                break
+                            time.sleep(0.1)
+                        req.answered = answered[0].split(b"\r\n")[0].decode() if answered else ""
                     self.reached.set()
                     if self.hold:  # the server holds a half body now: the test kills it, then lets us go
                         self.go.wait(120)
@@ -139,13 +155,17 @@ class CutProxy:
                 s.close()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        """The server's answers back to the client, unparsed; when either side goes, both do."""
+    def _pump(src: socket.socket, dst: socket.socket, swallow: threading.Event, answered: list) -> None:
+        """The server's answers back to the client, unparsed (once swallow is set: dropped, kept in answered);
+        when either side goes, both do."""
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if swallow.is_set():
+                    answered.append(data)
+                    continue
                 dst.sendall(data)
         except OSError:
             pass

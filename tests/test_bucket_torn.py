@@ -146,7 +146,8 @@ def test_a_conditional_create_cut_mid_body_is_one_line_and_the_rerun_completes(c
     v = assert_mid_body(proxy)
     assert len(proxy.puts_of(v.path)) == 1, "a create is not sent again"
     key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
-    assert_one_line(code, "\n".join(lines), f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped",
+    assert_one_line(code, "\n".join(lines),
+                    f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped before it answered",
                     "run the command again")
     straight(monkeypatch, own_weed)
     assert as_path(f"s3://{BUCKET}/{key}").head() is None, "no half object"
@@ -158,6 +159,40 @@ def test_a_conditional_create_cut_mid_body_is_one_line_and_the_rerun_completes(c
         r = open_store(OUT)
         assert r.completed_units() != r.spec.units() and r.check(full=True) == []
     code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
+    assert (code, crashed) == (0, None), lines
+    assert_equals_disk(ref)
+    verify_full(wds_source)
+
+
+@pytest.mark.parametrize("what", ["store.json", "lease"])
+def test_a_conditional_create_whose_answer_is_lost_is_one_line_and_the_rerun_takes_it_as_its_own(
+        cut, own_weed, monkeypatch, tmp_path, wds_source, tiny_teacher, what):
+    """The whole body of store.json (or a lease) reaches the server, which creates the object; the connections
+    are reset before its answer reaches the client. obstore does not send the create again (a second would be
+    refused, the key being taken, by the first): one line, exit 2. store.json is there whole, and the rerun takes
+    it as its own (a store of the same settings); the lease the failing run released itself (release_all: by
+    its worker id, whatever the claim's answer). The rerun completes the store, equal to the disk store."""
+    match, nth = CREATES[what]
+    ref = tmp_path / "ref"
+    precompute(wds_source, ref, tiny_teacher, views=2)
+    proxy = cut(match=match, nth=nth, min_bytes=16, cut_at=1.0)
+    env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    argv = args(wds_source, tiny_teacher)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # its own process: the lease's pid goes
+    v = proxy.victim
+    assert v is not None and v.sent == v.length and v.answered.startswith("HTTP/1.1 200"), v  # landed, unheard
+    assert len(proxy.puts_of(v.path)) == 1, "a create is not sent again"
+    key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
+    assert_one_line(done.returncode, done.stderr,
+                    f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped before it answered")
+    straight(monkeypatch, own_weed)
+    if what == "store.json":
+        assert as_path(f"s3://{BUCKET}/{key}").head()["size"] == v.length, "the create landed, whole"
+    else:  # the failing run released it: a lease of its worker, whatever the claim's answer said
+        assert as_path(f"s3://{BUCKET}/{key}").head() is None
+    assert_no_torn_object(OUT, finished=False)
+    code, lines, crashed, _ = invoke(*argv)
     assert (code, crashed) == (0, None), lines
     assert_equals_disk(ref)
     verify_full(wds_source)
