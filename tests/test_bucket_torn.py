@@ -1,12 +1,14 @@
 """A PUT cut in the middle of its body: the connection dropped, or the server SIGKILLed, with part of an
 object sent (tests/cut_proxy.py stands between the client and a real SeaweedFS, a weed of the test's own).
 
-What a cut does, as measured here: obstore sends a plain PUT (a chunk, a unit's tar, a marker) again at once
-and the run goes on; a conditional create (store.json, a lease) is not sent again, so the run ends in one
-line, exit 2. Either way no object is ever torn: every object listed reads whole, with the size its listing
-and HEAD give and, for chunks, the size and crc32c its marker recorded (assert_no_torn_object); a store whose
-store.json or last marker did not land is not reported complete; and rerunning the same precompute completes
-a store equal, object for file, to one process's on disk, which `verify --full` passes."""
+What a cut does, as measured here: obstore sends a plain PUT (a chunk, a unit's tar, a marker) again at once,
+whole, and the run goes on; with the server dead it sends it again until its bounded retry ends, then the run
+ends in one line, exit 2. A conditional create (store.json, an array's zarr.json, a lease) it never sends
+again, cut mid-body or with only its answer lost: one line, exit 2. Either way no object is ever torn:
+every object listed reads whole, with the size its listing and HEAD give and, for chunks, the size and
+crc32c its marker recorded (assert_no_torn_object); a store whose store.json or last marker did not land is
+not reported complete; and rerunning the same precompute completes a store equal, object for file, to one
+process's on disk, which `verify --full` passes."""
 
 from __future__ import annotations
 
