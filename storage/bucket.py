@@ -213,10 +213,11 @@ def _explain(url: str, e: Exception) -> Exception:
             # / If-Match) came, its body half sent or whole. obstore sends such a request once only, since the
             # first may have landed and a second would then be refused as if another writer held the key
             # (tests/test_bucket_torn.py). The endpoint was there and nothing was retried, so "does not answer
-            # (retried for up to 15s); check AWS_ENDPOINT_URL" named the wrong cause and the wrong fix.
-            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered (a conditional "
-                               "write, never sent twice: it may or may not have landed); run the command again: it "
-                               "resumes")
+            # (retried for up to 15s); check AWS_ENDPOINT_URL" named the wrong cause and the wrong fix. (A plain
+            # PUT gets here too if its first try alone outlasted RETRY_SECONDS: the line does not say which.)
+            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered, and the "
+                               "request was not sent again (it may or may not have landed); run the command "
+                               "again: it resumes")
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)
