@@ -14,7 +14,8 @@ has answered, its answer never forwarded: the request landed, the client cannot 
 test can SIGKILL the server while it holds a half-sent body, at a known point and not by timing.
 
 Every request is recorded in ``requests`` (method, path, Content-Length, body bytes forwarded, cut), so a
-test counts what the client did: how many times a cut PUT was sent again, and how far the cut one got.
+test counts what the client did: how many times a cut PUT was sent again, and how far the cut one got. A
+request that finds the server down is recorded too (``refused``: its connection reset, nothing forwarded).
 """
 
 from __future__ import annotations

@@ -221,6 +221,7 @@ def _run_and_kill_mid_put(proxy: CutProxy, weed, argv: list) -> tuple[subprocess
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), time.monotonic() - start
 
 
+@pytest.mark.slow  # as test_bucket's other kill-and-restart test: weed started twice, a CLI in its own process
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_the_server_killed_mid_put_then_restarted_rerun_completes_the_store(cut, own_weed, monkeypatch, tmp_path,
                                                                            wds_source, tiny_teacher, target):
