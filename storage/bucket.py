@@ -224,6 +224,16 @@ def _explain(url: str, e: Exception) -> Exception:
             return BucketError(f"{url}: the server does not answer (retried for up to {RETRY_SECONDS:.0f}s; "
                                f"...{cause}); check the URL and the network")
         endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
+        if re.search(r"\bretries: 0\b", text) and any(w in text for w in _DROPPED):
+            # A connection dropped before the answer to a conditional write (store.json, a lease: If-None-Match
+            # / If-Match) came, its body half sent or whole. obstore sends such a request once only, since the
+            # first may have landed and a second would then be refused as if another writer held the key
+            # (tests/test_bucket_torn.py). The endpoint was there and nothing was retried, so "does not answer
+            # (retried for up to 15s); check AWS_ENDPOINT_URL" named the wrong cause and the wrong fix. (A plain
+            # PUT gets here too if its first try alone outlasted RETRY_SECONDS: the line does not say which.)
+            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered, and the "
+                               "request was not sent again (it may or may not have landed); run the command "
+                               "again: it resumes")
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)
@@ -233,6 +243,11 @@ def _explain(url: str, e: Exception) -> Exception:
         return BucketError(f"{url}: the server kept failing ({status}) after retries for up to "
                            f"{RETRY_SECONDS:.0f}s; try again later, or check the service's status")
     return e
+
+
+# obstore's texts for a connection that went away mid-request (the endpoint answered, then dropped it)
+_DROPPED = ("ConnectionReset", "ConnectionAborted", "BrokenPipe", "connection closed before message completed",
+            "IncompleteMessage")
 
 
 def _code(text: str) -> str:

@@ -116,6 +116,20 @@ def s3_root(s3_env):
     return as_path(f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}")
 
 
+@pytest.fixture
+def own_weed(tmp_path, monkeypatch):
+    """A weed of this test's own (the session's serves every other test, so this one may not be killed),
+    the environment pointing at it; stopped at teardown, each of its process groups checked gone."""
+    from s3_support import point_env_at, start_weed
+
+    server = start_weed(tmp_path / "weed")
+    try:
+        point_env_at(server, monkeypatch)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=["disk", pytest.param("bucket", marks=pytest.mark.bucket)])
 def root(request, tmp_path):
     """Where a conformance test makes its stores: a local folder, or a prefix in an S3 bucket."""

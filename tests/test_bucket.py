@@ -303,20 +303,6 @@ def test_four_workers_one_frozen_finish_a_bucket_store_equal_to_one_workers(s3_e
 
 
 # ---- a worker killed, then the server itself killed and restarted mid-run ------------------------
-@pytest.fixture
-def own_weed(tmp_path, monkeypatch):
-    """A weed of this test's own (the session's serves every other test, so this one may not be killed),
-    the environment pointing at it; stopped at teardown, each of its process groups checked gone."""
-    from s3_support import point_env_at, start_weed
-
-    server = start_weed(tmp_path / "weed")
-    try:
-        point_env_at(server, monkeypatch)
-        yield server
-    finally:
-        server.stop()
-
-
 def assert_no_torn_object(root, finished: bool = True) -> dict:
     """Every object under root, listed, is whole: its GET returns the size the listing and a HEAD give,
     every JSON object (store.json, markers, leases, zarr.json) parses, and every chunk a marker names is
