@@ -35,6 +35,7 @@ import functools
 import os
 import posixpath
 import re
+import time
 import uuid
 
 from .errors import UserError
@@ -228,12 +229,12 @@ def _explain(url: str, e: Exception) -> Exception:
             # A connection dropped before the answer to a conditional write (store.json, a lease: If-None-Match
             # / If-Match) came, its body half sent or whole. obstore sends such a request once only, since the
             # first may have landed and a second would then be refused as if another writer held the key
-            # (tests/test_bucket_torn.py). The endpoint was there and nothing was retried, so "does not answer
-            # (retried for up to 15s); check AWS_ENDPOINT_URL" named the wrong cause and the wrong fix. (A plain
+            # (tests/test_bucket_torn.py); ObjPath.create retries creates itself and says how often. The endpoint
+            # was there, so "does not answer; check AWS_ENDPOINT_URL" would name the wrong cause and fix. (A plain
             # PUT gets here too if its first try alone outlasted RETRY_SECONDS: the line does not say which.)
-            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered, and the "
-                               "request was not sent again (it may or may not have landed); run the command "
-                               "again: it resumes")
+            return BucketError(f"{url}: the connection to {endpoint} was dropped before it answered (a "
+                               "conditional write: it may or may not have landed); run the command again: it "
+                               "resumes")
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
                            f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)
@@ -243,6 +244,15 @@ def _explain(url: str, e: Exception) -> Exception:
         return BucketError(f"{url}: the server kept failing ({status}) after retries for up to "
                            f"{RETRY_SECONDS:.0f}s; try again later, or check the service's status")
     return e
+
+
+def _transport_error(e: Exception) -> bool:
+    """No answer came: the connection was refused, timed out or dropped (not an answer the server gave)."""
+    from obstore import exceptions as ox
+
+    text = str(e)
+    return isinstance(e, ox.GenericError) and any(w in text for w in ("error sending request", "connect", "timed out",
+                                                                      "Connection refused", *_DROPPED))
 
 
 # obstore's texts for a connection that went away mid-request (the endpoint answered, then dropped it)
@@ -339,17 +349,35 @@ class ObjPath:
         self._call(obstore.put, self.key, data)
 
     def create(self, data: bytes) -> bool:
-        """A conditional PUT: True if this call created the object, False if it was there already."""
+        """A conditional PUT: True if this call created the object, False if it was there already.
+
+        obstore never sends a conditional write twice (the first may have landed, and a second would then be
+        refused as if another writer held the key), so a dropped connection or a refused connect is retried
+        here, with backoff, for up to RETRY_SECONDS as plain requests are. After a lost answer the retry may be
+        refused by our own first create: False, and every caller reads back what is there and knows its own
+        (a lease names its worker; store.json and the store's other files are compared by their bytes).
+        """
         import obstore
         from obstore import exceptions as ox
 
-        try:
-            obstore.put(self.store, self.key, data, mode="create")
-        except (ox.AlreadyExistsError, ox.PreconditionError):
-            return False
-        except Exception as e:  # noqa: BLE001
-            raise _explain(str(self), e) from None
-        return True
+        start, tries = time.monotonic(), 0
+        while True:
+            tries += 1
+            try:
+                obstore.put(self.store, self.key, data, mode="create")
+            except (ox.AlreadyExistsError, ox.PreconditionError):
+                return False
+            except Exception as e:  # noqa: BLE001
+                wait = min(0.1 * 2 ** tries, 2.0)
+                if _transport_error(e) and time.monotonic() - start + wait <= RETRY_SECONDS:
+                    time.sleep(wait)
+                    continue
+                err = _explain(str(self), e)
+                if tries > 1 and isinstance(err, BucketError):
+                    err = BucketError(f"{err} (this create was tried {tries} times over "
+                                      f"{time.monotonic() - start:.0f}s)")
+                raise err from None
+            return True
 
     def replace_if(self, data: bytes, e_tag: str) -> bool:
         """A PUT conditional on the object's ETag (``If-Match``): True if it replaced that very version,

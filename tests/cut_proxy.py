@@ -92,7 +92,7 @@ class CutProxy:
             return False
         with self.lock:
             self.seen += 1
-            return self.seen == self.nth
+            return self.seen == self.nth or self.nth == 0  # (0: every one)
 
     def _serve(self, client: socket.socket) -> None:
         server, buf = None, b""

@@ -3,8 +3,10 @@ object sent (tests/cut_proxy.py stands between the client and a real SeaweedFS, 
 
 What a cut does, as measured here: obstore sends a plain PUT (a chunk, a unit's tar, a marker) again at once,
 whole, and the run goes on; with the server dead it sends it again until its bounded retry ends, then the run
-ends in one line, exit 2. A conditional create (store.json, an array's zarr.json, a lease) it never sends
-again, cut mid-body or with only its answer lost: one line, exit 2. Either way no object is ever torn:
+ends in one line, exit 2. A conditional create (store.json, an array's zarr.json, a lease) obstore never sends
+again, so ObjPath.create does, with the same bound: cut mid-body, the run completes; with only its answer lost,
+the resend is refused by our own first create and the run knows it as its own; cut every time, one line, exit 2
+after the bounded retry. Either way no object is ever torn:
 every object listed reads whole, with the size its listing and HEAD give and, for chunks, the size and
 crc32c its marker recorded (assert_no_torn_object); a store whose store.json or last marker did not land is
 not reported complete; and rerunning the same precompute completes a store equal, object for file, to one
@@ -132,72 +134,63 @@ CREATES = {"store.json": (r"/store\.json$", 1), "zarr.json": (r"/labels\.zarr/[^
 
 
 @pytest.mark.parametrize("what", sorted(CREATES))
-def test_a_conditional_create_cut_mid_body_is_one_line_and_the_rerun_completes(cut, own_weed, monkeypatch, tmp_path,
+def test_a_conditional_create_cut_mid_body_is_sent_again_and_the_run_completes(cut, own_weed, monkeypatch, tmp_path,
                                                                                wds_source, tiny_teacher, what):
-    """store.json and a lease are conditional creates, which obstore does not send again (it cannot know whether
-    the first landed): the run ends in one line, exit 2, saying the connection was dropped and to run it again
-    (not that the endpoint "does not answer" after retries it never made). Nothing half made is there: with
-    store.json or an array's zarr.json cut the prefix is no label store (inspect refuses it; store.json is
-    created last), with a lease cut the store is not complete; the rerun completes it, equal to the disk store."""
+    """store.json, an array's zarr.json and a lease are conditional creates, which obstore never sends twice;
+    ObjPath.create sends one whose connection dropped again itself (counted at the proxy: the cut one, then one
+    whole), and the run completes, equal to the disk store, nothing torn."""
     match, nth = CREATES[what]
     ref = tmp_path / "ref"
     precompute(wds_source, ref, tiny_teacher, views=2)
     proxy = cut(match=match, nth=nth, min_bytes=16)
     code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
-    assert crashed is None
-    v = assert_mid_body(proxy)
-    assert len(proxy.puts_of(v.path)) == 1, "a create is not sent again"
-    key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
-    assert_one_line(code, "\n".join(lines),
-                    f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped before it answered",
-                    "run the command again")
-    straight(monkeypatch, own_weed)
-    assert as_path(f"s3://{BUCKET}/{key}").head() is None, "no half object"
-    assert_no_torn_object(OUT, finished=False)
-    if what != "lease":  # no store.json: the prefix is no label store
-        code, lines, crashed, _ = invoke("inspect", OUT)
-        assert crashed is None and code == 2, lines
-    else:
-        r = open_store(OUT)
-        assert r.completed_units() != r.spec.units() and r.check(full=True) == []
-    code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
     assert (code, crashed) == (0, None), lines
+    v = assert_mid_body(proxy)
+    assert [(r.cut, r.sent) for r in proxy.puts_of(v.path)] == [(True, v.sent), (False, v.length)]
+    straight(monkeypatch, own_weed)
     assert_equals_disk(ref)
     verify_full(wds_source)
 
 
 @pytest.mark.parametrize("what", ["store.json", "lease"])
-def test_a_conditional_create_whose_answer_is_lost_is_one_line_and_the_rerun_takes_it_as_its_own(
+def test_a_conditional_create_whose_answer_is_lost_is_refused_on_resend_and_taken_as_its_own(
         cut, own_weed, monkeypatch, tmp_path, wds_source, tiny_teacher, what):
     """The whole body of store.json (or a lease) reaches the server, which creates the object; the connections
-    are reset before its answer reaches the client. obstore does not send the create again (a second would be
-    refused, the key being taken, by the first): one line, exit 2. store.json is there whole, and the rerun takes
-    it as its own (a store of the same settings); the lease the failing run released itself (release_all: by
-    its worker id, whatever the claim's answer). The rerun completes the store, equal to the disk store."""
+    are reset before its answer reaches the client. The create sent again is refused (412: the first landed),
+    and the run reads back what is there and knows its own (store.json: a store of the same settings; the
+    lease: its worker's): it completes in one go, equal to the disk store."""
     match, nth = CREATES[what]
     ref = tmp_path / "ref"
     precompute(wds_source, ref, tiny_teacher, views=2)
     proxy = cut(match=match, nth=nth, min_bytes=16, cut_at=1.0)
     env = {**ENV, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
-    argv = args(wds_source, tiny_teacher)
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # its own process: the lease's pid goes
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *args(wds_source, tiny_teacher)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # its own process: the lease's pid
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     v = proxy.victim
     assert v is not None and v.sent == v.length and v.answered.startswith("HTTP/1.1 200"), v  # landed, unheard
-    assert len(proxy.puts_of(v.path)) == 1, "a create is not sent again"
-    key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
-    assert_one_line(done.returncode, done.stderr,
-                    f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped before it answered")
+    again = proxy.puts_of(v.path)
+    assert len(again) == 2 and not again[1].cut, again  # sent again once, and refused (the key is taken: ours)
     straight(monkeypatch, own_weed)
-    if what == "store.json":
-        assert as_path(f"s3://{BUCKET}/{key}").head()["size"] == v.length, "the create landed, whole"
-    else:  # the failing run released it: a lease of its worker, whatever the claim's answer said
-        assert as_path(f"s3://{BUCKET}/{key}").head() is None
-    assert_no_torn_object(OUT, finished=False)
-    code, lines, crashed, _ = invoke(*argv)
-    assert (code, crashed) == (0, None), lines
     assert_equals_disk(ref)
     verify_full(wds_source)
+
+
+def test_a_create_whose_connection_drops_every_time_is_one_line_after_a_bounded_retry(cut, tmp_path, wds_source,
+                                                                                      tiny_teacher):
+    """Every PUT of store.json cut mid-body: the create is tried again with backoff for up to RETRY_SECONDS,
+    then one line (exit 2) saying the connection dropped, how often it was tried, and to run the command again;
+    no store.json is there, half or whole."""
+    proxy = cut(match=CREATES["store.json"][0], nth=0, min_bytes=16)
+    code, lines, crashed, _ = invoke(*args(wds_source, tiny_teacher))
+    assert crashed is None
+    v = assert_mid_body(proxy)
+    tries = proxy.puts_of(v.path)
+    assert len(tries) > 2 and all(r.cut for r in tries), tries
+    key = v.path.split("?")[0].removeprefix(f"/{BUCKET}/")
+    assert_one_line(code, "\n".join(lines), f"s3://{BUCKET}/{key}: the connection to {proxy.endpoint} was dropped "
+                    "before it answered", f"tried {len(tries)} times", "run the command again")
+    assert as_path(f"s3://{BUCKET}/{key}").head() is None, "no half object"
 
 
 def _run_and_kill_mid_put(proxy: CutProxy, weed, argv: list) -> tuple[subprocess.CompletedProcess, float]:
