@@ -164,3 +164,20 @@ def pq_pair(tmp_path, s3_root):
     local = write_parquet(tmp_path / "pq", n=20, per_file=8,
                           image_of=lambda i: encode(make_image(i % 3, i, (128, 128))))
     return local, upload(local, s3_root / "pq")
+
+
+def relabelled_shard(tmp_path, name: str = "shard-000002.tar") -> bytes:
+    """write_wds's shard ``name`` (n=20, per_shard=8) with every label moved by one: the same names and images,
+    other labels (a source changed where the store's stamps must catch it)."""
+    import tarfile
+
+    from pipeline.sources import write_wds_shards
+
+    other = write_wds(tmp_path / "other", n=20, per_shard=8)
+    with tarfile.open(os.path.join(other, name)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    rows = [(n.split(".")[0], blob, "png", (int(members[n.split(".")[0] + ".cls"]) + 1) % 3)
+            for n, blob in members.items() if n.endswith(".png")]
+    (path,) = write_wds_shards(rows, str(tmp_path / "relabelled"), per_shard=len(rows))
+    with open(path, "rb") as f:
+        return f.read()

@@ -448,12 +448,10 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
     """Other labels under a tar's name: its ETag differs, it is re-indexed alone and refused, as on disk. The
     same names and labels with other image bytes: the start goes on (re-indexing that object only) and the
     first read of it is "changed since it was indexed"."""
-    import tarfile
-
     import pyarrow.compute as pc
-    from conftest import write_wds
+    from conftest import relabelled_shard
 
-    from pipeline.sources import stored_manifest, unchanged_source, write_wds_shards
+    from pipeline.sources import stored_manifest, unchanged_source
     from pipeline.sources.bucket_files import COUNTS
     from storage import open_store
     from student.data import open_train_data
@@ -473,13 +471,7 @@ def test_a_changed_bucket_object_is_caught_at_train_start_by_its_stamp(bucket_st
     with pytest.raises(SourceChanged, match=r"shard-000001\.tar changed since it was indexed"):
         SampleReader(m).read(1, 0)
     # other labels: refused at start
-    other = write_wds(tmp_path / "other", n=20, per_shard=8)
-    with tarfile.open(os.path.join(other, "shard-000002.tar")) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    rows = [(n.split(".")[0], blob, "png", (int(members[n.split(".")[0] + ".cls"]) + 1) % 3)
-            for n, blob in members.items() if n.endswith(".png")]
-    (path,) = write_wds_shards(rows, str(tmp_path / "relabelled"), per_shard=len(rows))
-    as_path(url + "/shard-000002.tar").put(open(path, "rb").read())
+    as_path(url + "/shard-000002.tar").put(relabelled_shard(tmp_path))
     assert unchanged_source(stored, url) is None
     with pytest.raises(TrainError, match="is not the source the store"):
         open_train_data(url, labels=store)

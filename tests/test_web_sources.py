@@ -80,12 +80,9 @@ def test_a_store_from_a_web_source_is_stamped_by_its_heads_and_an_unchanged_one_
 def test_a_changed_web_object_is_reindexed_alone_and_other_labels_are_refused(web_copy, s3_env, tmp_path):
     """The same members with one image byte changed: its ETag differs, that tar alone is re-indexed (its
     headers), the start goes on and its first read is "changed". Other labels under a tar's name: refused."""
-    import tarfile
-
     import pyarrow.compute as pc
-    from conftest import write_wds
+    from conftest import relabelled_shard
 
-    from pipeline.sources import write_wds_shards
     from student.data import open_train_data
     from student.errors import TrainError
 
@@ -104,13 +101,7 @@ def test_a_changed_web_object_is_reindexed_alone_and_other_labels_are_refused(we
     assert 3 + 1 + 2 <= requests <= 3 + 1 + 1 + 2 * 8 and 0 < nbytes <= len(blob)
     with pytest.raises(SourceChanged, match=r"shard-000001\.tar changed since it was indexed"):
         SampleReader(m).read(1, 0)
-    other = write_wds(tmp_path / "other", n=20, per_shard=8)
-    with tarfile.open(os.path.join(other, "shard-000002.tar")) as tar:
-        members = {t.name: tar.extractfile(t).read() for t in tar.getmembers()}
-    rows = [(n.split(".")[0], b, "png", (int(members[n.split(".")[0] + ".cls"]) + 1) % 3)
-            for n, b in members.items() if n.endswith(".png")]
-    (path,) = write_wds_shards(rows, str(tmp_path / "relabelled"), per_shard=len(rows))
-    as_path(f"s3://{key}/shard-000002.tar").put(open(path, "rb").read())
+    as_path(f"s3://{key}/shard-000002.tar").put(relabelled_shard(tmp_path))
     assert unchanged_source(stored, url + SHARDS) is None
     with pytest.raises(TrainError, match="is not the source the store"):
         open_train_data(url + SHARDS, labels=store)
