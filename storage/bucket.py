@@ -13,7 +13,8 @@ Where the S3 endpoint is comes the standard way: ``AWS_ENDPOINT_URL``, else the 
 profile (``AWS_PROFILE``, default ``default``) in ``~/.aws/config``; the keys from ``AWS_ACCESS_KEY_ID``
 / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``), else the profile's in ``~/.aws/credentials``. So the
 same code works with AWS, MinIO, R2 and SeaweedFS (the tests). GCS is configured by obstore from its
-environment (``GOOGLE_SERVICE_ACCOUNT``, application default credentials) and is untested here.
+environment (``GOOGLE_SERVICE_ACCOUNT``, application default credentials); another endpoint is the
+``gcs_base_url`` of the service-account file (tests/gcs_support.py points it at fake-gcs-server that way).
 
 Every failure a user can fix is one line naming the URL (BucketError, exit 2): no such bucket, no
 credentials, access denied, an endpoint that does not answer (after a bounded retry with backoff).
@@ -131,6 +132,30 @@ def s3_settings() -> dict:
     return {k: v for k, v in out.items() if v}
 
 
+def gcs_settings() -> tuple:
+    """The GOOGLE_* variables obstore reads for GCS (the service-account file, whose ``gcs_base_url`` may name
+    another endpoint, ADC, allow_http), as a client's cache key: a changed environment gets a new client."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("GOOGLE_")))
+
+
+def gcs_endpoint() -> str:
+    """Where GCS requests go: the ``gcs_base_url`` of the service-account file (object_store's way to name
+    another endpoint: an emulator), else Google's."""
+    import json
+    from pathlib import Path
+
+    env = os.environ.get
+    try:
+        if env("GOOGLE_SERVICE_ACCOUNT_KEY"):
+            account = json.loads(env("GOOGLE_SERVICE_ACCOUNT_KEY"))
+        else:
+            path = env("GOOGLE_SERVICE_ACCOUNT") or env("GOOGLE_SERVICE_ACCOUNT_PATH")
+            account = json.loads(Path(path).read_bytes()) if path else {}
+    except (OSError, ValueError):
+        account = {}
+    return (account.get("gcs_base_url") if isinstance(account, dict) else None) or "https://storage.googleapis.com"
+
+
 def _retry():
     return {"max_retries": RETRIES, "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
             "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
@@ -139,7 +164,7 @@ def _retry():
 
 def client(scheme: str, bucket: str, prefix: str | None = None):
     """An obstore store for the bucket (and key prefix), configured from the environment as it is now."""
-    settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else ()
+    settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else gcs_settings() if scheme == "gs" else ()
     # per process: a DataLoader worker forked from a process that used a client makes its own (the
     # parent's connection pool is no one's to share)
     return _client(scheme, bucket, prefix or None, settings, os.getpid())
@@ -192,24 +217,28 @@ def _explain(url: str, e: Exception) -> Exception:
     from obstore import exceptions as ox
 
     text = str(e)
-    bucket_url = "/".join(url.split("/")[:3])
     if "NoSuchBucket" in text:
-        return BucketError(f"{bucket_url}: no such bucket; create it, or check the name in {url}")
+        return _no_bucket(url)
     if isinstance(e, FileNotFoundError):
         return FileNotFoundError(errno.ENOENT, "no such object", url)
     if isinstance(e, ox.PermissionDeniedError | ox.UnauthenticatedError) or "InvalidAccessKeyId" in text \
             or "SignatureDoesNotMatch" in text:
-        return BucketError(f"{url}: access denied ({_code(text)}); check the credentials "
-                           "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's permissions")
+        where = "GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS" if url.startswith("gs:") else \
+            "AWS_ACCESS_KEY_ID / AWS_PROFILE"
+        return BucketError(f"{url}: access denied ({_code(text)}); check the credentials ({where}) and the "
+                           "bucket's permissions")
     if isinstance(e, ox.GenericError) and any(w in text for w in ("error sending request", "connect", "timed out",
                                                                    "dns", "Connection refused")):
         cause = " ".join(text.split())[-100:]
         if url.split("://", 1)[0] in WEB_SCHEMES:
             return BucketError(f"{url}: the server does not answer (retried for up to {RETRY_SECONDS:.0f}s; "
                                f"...{cause}); check the URL and the network")
-        endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
+        if url.startswith("s3:"):
+            endpoint, setting = s3_settings().get("endpoint", "the default endpoint"), "AWS_ENDPOINT_URL"
+        else:
+            endpoint, setting = gcs_endpoint(), "the gcs_base_url of GOOGLE_SERVICE_ACCOUNT's file"
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
-                           f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
+                           f"{RETRY_SECONDS:.0f}s; ...{cause}); check {setting} and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)
     if isinstance(e, ox.GenericError) and (failed or "SlowDown" in text):
         # a server error or throttling that outlasted the retries: the service's trouble, not the user's input
@@ -217,6 +246,13 @@ def _explain(url: str, e: Exception) -> Exception:
         return BucketError(f"{url}: the server kept failing ({status}) after retries for up to "
                            f"{RETRY_SECONDS:.0f}s; try again later, or check the service's status")
     return e
+
+
+def _no_bucket(url: str) -> BucketError:
+    """A PUT answered 404: no key is ever missing for a write, so the bucket is (GCS and some S3 servers say
+    only "Not Found" where AWS says NoSuchBucket)."""
+    bucket_url = "/".join(url.split("/")[:3])
+    return BucketError(f"{bucket_url}: no such bucket; create it, or check the name in {url}")
 
 
 def _code(text: str) -> str:
@@ -305,7 +341,10 @@ class ObjPath:
         """One PUT: the object is replaced whole (what write-then-rename gives on a disk)."""
         import obstore
 
-        self._call(obstore.put, self.key, data)
+        try:
+            self._call(obstore.put, self.key, data)
+        except FileNotFoundError:
+            raise _no_bucket(str(self)) from None
 
     def create(self, data: bytes) -> bool:
         """A conditional PUT: True if this call created the object, False if it was there already."""
@@ -316,20 +355,24 @@ class ObjPath:
             obstore.put(self.store, self.key, data, mode="create")
         except (ox.AlreadyExistsError, ox.PreconditionError):
             return False
+        except FileNotFoundError:
+            raise _no_bucket(str(self)) from None
         except Exception as e:  # noqa: BLE001
             raise _explain(str(self), e) from None
         return True
 
-    def replace_if(self, data: bytes, e_tag: str) -> bool:
-        """A PUT conditional on the object's ETag (``If-Match``): True if it replaced that very version,
-        False if the object changed or went since (then nothing is written)."""
+    def replace_if(self, data: bytes, e_tag: str, version: str = "") -> bool:
+        """A PUT conditional on the version read: its ETag on S3 (``If-Match``), its generation on GCS
+        (``x-goog-if-generation-match``; object_store refuses a GCS update without one). True if it replaced
+        that very version, False if the object changed or went since (then nothing is written)."""
         import obstore
         from obstore import exceptions as ox
 
-        if not e_tag:
+        if not (version if self.scheme == "gs" else e_tag):
             return False
         try:
-            obstore.put(self.store, self.key, data, mode={"e_tag": e_tag})
+            mode = {k: v for k, v in (("e_tag", e_tag), ("version", version)) if v}  # (obstore refuses None)
+            obstore.put(self.store, self.key, data, mode=mode)
         except (ox.PreconditionError, ox.AlreadyExistsError, FileNotFoundError):
             return False
         except Exception as e:  # noqa: BLE001
@@ -357,7 +400,11 @@ class ObjPath:
 
         if not missing_ok and self.head() is None:
             raise FileNotFoundError(errno.ENOENT, "no such object", str(self))
-        self._call(obstore.delete, self.key)  # S3 and GCS answer a delete of nothing with success
+        try:
+            self._call(obstore.delete, self.key)
+        except FileNotFoundError:  # S3 answers a delete of nothing with success, GCS with 404
+            if not missing_ok:
+                raise
 
     # -- "directories": key prefixes
     def listdir(self) -> list[str]:
