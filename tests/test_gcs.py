@@ -75,12 +75,16 @@ def test_a_claim_is_a_create_on_generation_0_that_the_server_refuses_for_an_exis
     assert gcs_server.front.puts == puts + 1 and lease.read() == before
 
 
-def test_a_lease_is_renewed_and_taken_over_by_generation_and_the_servers_clock(gcs_root):
+def test_a_lease_is_renewed_and_taken_over_by_generation_and_the_servers_clock(gcs_root, monkeypatch):
     import time
 
     unit, ttl = (0, 0), 2.0
     holder, taker = Leases(gcs_root / "s", "holder", ttl=ttl), Leases(gcs_root / "s", "taker", ttl=ttl)
-    assert holder.claim(unit) and not taker.claim(unit)
+    assert holder.claim(unit)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the taker's clock is an hour ahead
+    assert not taker.free(unit) and not taker.claim(unit), "a fresh lease is not stale by a skewed clock"
+    monkeypatch.setattr(time, "time", real)
     time.sleep(1.1)  # Last-Modified has whole seconds
     renewed = holder.read(unit).renewed
     assert holder.renew() == 1 and holder.read(unit).renewed > renewed
