@@ -1,8 +1,8 @@
 """gs:// against a real GCS emulator (fake-gcs-server, tests/gcs_support.py), never a mock of the API: label
-stores written to a bucket are the disk store byte for byte, a WebDataset source read from gs:// is its local
-copy (index and a batch by range requests), a fleet claim is a create conditional on generation 0 that the
-server refuses for an existing lease, a lease's age and its take-over go by the server's Last-Modified and
-generation, and a bucket that is not there is one line."""
+stores written to a bucket are the disk store byte for byte, WebDataset and parquet sources read from gs://
+are their local copies (index and a batch by range requests), a fleet claim is a create conditional on
+generation 0 that the server refuses for an existing lease, a lease's age and its take-over go by the
+server's Last-Modified and generation, and a bucket or endpoint that is not there is one line."""
 
 from __future__ import annotations
 
@@ -50,6 +50,26 @@ def test_a_gcs_tar_source_is_its_local_copy_by_range_requests(gcs_root, tmp_path
     got = bucket.read_many(batch)
     assert got == disk.read_many(batch) and all(got.values())
     assert bucket.file_reader.requests == 3, bucket.file_reader.requests  # one range request per tar
+
+
+def test_a_gcs_parquet_source_is_its_local_copy(gcs_root, tmp_path):
+    from conftest import encode, make_image
+    from test_parquet import write_parquet
+
+    from pipeline.sources.hf_parquet import BucketParquet
+
+    local = write_parquet(tmp_path / "pq", n=12, per_file=5, image_of=lambda i: encode(make_image(i % 3, i, (48, 48))))
+    url = upload(local, gcs_root / "pq")
+    want = index_source(local, shards="as-is")
+    for src in (url, url + "/*.parquet", url + "/train-{00000..00002}.parquet"):
+        got = index_source(src, shards="as-is")
+        assert (got.kind, got.root, got.shards) == ("parquet", url, want.shards), src
+        assert got.fingerprint == want.fingerprint and columns(got) == columns(want), src
+    disk, bucket = SampleReader(want), SampleReader(index_source(url, shards="as-is"))
+    assert isinstance(bucket.file_reader, BucketParquet)
+    batch = [(0, 4), (1, 0), (1, 3), (2, 1), (0, 0)]
+    got = bucket.read_many(batch)
+    assert got == disk.read_many(batch) and all(got.values())
 
 
 def test_a_claim_is_a_create_on_generation_0_that_the_server_refuses_for_an_existing_lease(gcs_root, gcs_server):
