@@ -17,7 +17,8 @@ source) the server's certificate is checked against the system's roots or, where
 ``SSL_CERT_DIR``) is set, against the CAs it names instead: the variable OpenSSL and curl read, which
 obstore's client (rustls with the platform's roots) reads too. That is how a private CA is trusted (the
 tests: SeaweedFS over TLS with a CA made for the session). GCS is configured by obstore from its
-environment (``GOOGLE_SERVICE_ACCOUNT``, application default credentials) and is untested here.
+environment (``GOOGLE_SERVICE_ACCOUNT``, application default credentials); another endpoint is the
+``gcs_base_url`` of the service-account file (tests/gcs_support.py points it at fake-gcs-server that way).
 
 Every failure a user can fix is one line naming the URL (BucketError, exit 2): no such bucket, no
 credentials, access denied, an endpoint that does not answer (after a bounded retry with backoff), a
@@ -138,6 +139,30 @@ def s3_settings() -> dict:
     return {k: v for k, v in out.items() if v}
 
 
+def gcs_settings() -> tuple:
+    """The GOOGLE_* variables obstore reads for GCS (the service-account file, whose ``gcs_base_url`` may name
+    another endpoint, ADC, allow_http), as a client's cache key: a changed environment gets a new client."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("GOOGLE_")))
+
+
+def gcs_endpoint() -> str:
+    """Where GCS requests go: the ``gcs_base_url`` of the service-account file (object_store's way to name
+    another endpoint: an emulator), else Google's."""
+    import json
+    from pathlib import Path
+
+    env = os.environ.get
+    try:
+        if env("GOOGLE_SERVICE_ACCOUNT_KEY"):
+            account = json.loads(env("GOOGLE_SERVICE_ACCOUNT_KEY"))
+        else:
+            path = env("GOOGLE_SERVICE_ACCOUNT") or env("GOOGLE_SERVICE_ACCOUNT_PATH")
+            account = json.loads(Path(path).read_bytes()) if path else {}
+    except (OSError, ValueError):
+        account = {}
+    return (account.get("gcs_base_url") if isinstance(account, dict) else None) or "https://storage.googleapis.com"
+
+
 def _retry():
     return {"max_retries": RETRIES, "retry_timeout": datetime.timedelta(seconds=RETRY_SECONDS),
             "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
@@ -146,7 +171,7 @@ def _retry():
 
 def client(scheme: str, bucket: str, prefix: str | None = None):
     """An obstore store for the bucket (and key prefix), configured from the environment as it is now."""
-    settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else ()
+    settings = tuple(sorted(s3_settings().items())) if scheme == "s3" else gcs_settings() if scheme == "gs" else ()
     # a client reads its roots when it is made: one made before SSL_CERT_FILE changed trusts the old ones
     settings += tuple((v, os.environ[v]) for v in TRUST_VARS if os.environ.get(v))
     # per process: a DataLoader worker forked from a process that used a client makes its own (the
@@ -201,15 +226,16 @@ def _explain(url: str, e: Exception) -> Exception:
     from obstore import exceptions as ox
 
     text = str(e)
-    bucket_url = "/".join(url.split("/")[:3])
     if "NoSuchBucket" in text:
-        return BucketError(f"{bucket_url}: no such bucket; create it, or check the name in {url}")
+        return _no_bucket(url)
     if isinstance(e, FileNotFoundError):
         return FileNotFoundError(errno.ENOENT, "no such object", url)
     if isinstance(e, ox.PermissionDeniedError | ox.UnauthenticatedError) or "InvalidAccessKeyId" in text \
             or "SignatureDoesNotMatch" in text:
-        return BucketError(f"{url}: access denied ({_code(text)}); check the credentials "
-                           "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket's permissions")
+        where = "GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS" if url.startswith("gs:") else \
+            "AWS_ACCESS_KEY_ID / AWS_PROFILE"
+        return BucketError(f"{url}: access denied ({_code(text)}); check the credentials ({where}) and the "
+                           "bucket's permissions")
     untrusted = re.search(r"InvalidCertificate\(\s*(\w+)", text)
     if untrusted or "invalid peer certificate" in text:
         server = f"the TLS certificate of {s3_settings().get('endpoint')}" if url.startswith("s3:") else \
@@ -224,7 +250,10 @@ def _explain(url: str, e: Exception) -> Exception:
         if url.split("://", 1)[0] in WEB_SCHEMES:
             return BucketError(f"{url}: the server does not answer (retried for up to {RETRY_SECONDS:.0f}s; "
                                f"...{cause}); check the URL and the network")
-        endpoint = s3_settings().get("endpoint", "the default endpoint") if url.startswith("s3:") else "GCS"
+        if url.startswith("s3:"):
+            endpoint, setting = s3_settings().get("endpoint", "the default endpoint"), "AWS_ENDPOINT_URL"
+        else:
+            endpoint, setting = gcs_endpoint(), "the gcs_base_url of GOOGLE_SERVICE_ACCOUNT's file"
         if re.search(r"\bretries: 0\b", text) and any(w in text for w in _DROPPED):
             # A connection dropped before the answer to a conditional write (store.json, a lease: If-None-Match
             # / If-Match) came, its body half sent or whole. obstore sends such a request once only, since the
@@ -236,7 +265,7 @@ def _explain(url: str, e: Exception) -> Exception:
                                "conditional write: it may or may not have landed); run the command again: it "
                                "resumes")
         return BucketError(f"{url}: the endpoint {endpoint} does not answer (retried for up to "
-                           f"{RETRY_SECONDS:.0f}s; ...{cause}); check AWS_ENDPOINT_URL and the network")
+                           f"{RETRY_SECONDS:.0f}s; ...{cause}); check {setting} and the network")
     failed = re.search(r"status code: (5\d\d[^:<]*)", text)
     if isinstance(e, ox.GenericError) and (failed or "SlowDown" in text):
         # a server error or throttling that outlasted the retries: the service's trouble, not the user's input
@@ -258,6 +287,13 @@ def _transport_error(e: Exception) -> bool:
 # obstore's texts for a connection that went away mid-request (the endpoint answered, then dropped it)
 _DROPPED = ("ConnectionReset", "ConnectionAborted", "BrokenPipe", "connection closed before message completed",
             "IncompleteMessage")
+
+
+def _no_bucket(url: str) -> BucketError:
+    """A PUT answered 404: no key is ever missing for a write, so the bucket is (GCS and some S3 servers say
+    only "Not Found" where AWS says NoSuchBucket)."""
+    bucket_url = "/".join(url.split("/")[:3])
+    return BucketError(f"{bucket_url}: no such bucket; create it, or check the name in {url}")
 
 
 def _code(text: str) -> str:
@@ -346,7 +382,10 @@ class ObjPath:
         """One PUT: the object is replaced whole (what write-then-rename gives on a disk)."""
         import obstore
 
-        self._call(obstore.put, self.key, data)
+        try:
+            self._call(obstore.put, self.key, data)
+        except FileNotFoundError:
+            raise _no_bucket(str(self)) from None
 
     def create(self, data: bytes) -> bool:
         """A conditional PUT: True if this call created the object, False if it was there already.
@@ -367,6 +406,8 @@ class ObjPath:
                 obstore.put(self.store, self.key, data, mode="create")
             except (ox.AlreadyExistsError, ox.PreconditionError):
                 return False
+            except FileNotFoundError:
+                raise _no_bucket(str(self)) from None
             except Exception as e:  # noqa: BLE001
                 wait = min(0.1 * 2 ** tries, 2.0)
                 if _transport_error(e) and time.monotonic() - start + wait <= RETRY_SECONDS:
@@ -379,16 +420,18 @@ class ObjPath:
                 raise err from None
             return True
 
-    def replace_if(self, data: bytes, e_tag: str) -> bool:
-        """A PUT conditional on the object's ETag (``If-Match``): True if it replaced that very version,
-        False if the object changed or went since (then nothing is written)."""
+    def replace_if(self, data: bytes, e_tag: str, version: str = "") -> bool:
+        """A PUT conditional on the version read: its ETag on S3 (``If-Match``), its generation on GCS
+        (``x-goog-if-generation-match``; object_store refuses a GCS update without one). True if it replaced
+        that very version, False if the object changed or went since (then nothing is written)."""
         import obstore
         from obstore import exceptions as ox
 
-        if not e_tag:
+        if not (version if self.scheme == "gs" else e_tag):
             return False
         try:
-            obstore.put(self.store, self.key, data, mode={"e_tag": e_tag})
+            mode = {k: v for k, v in (("e_tag", e_tag), ("version", version)) if v}  # (obstore refuses None)
+            obstore.put(self.store, self.key, data, mode=mode)
         except (ox.PreconditionError, ox.AlreadyExistsError, FileNotFoundError):
             return False
         except Exception as e:  # noqa: BLE001
@@ -416,7 +459,11 @@ class ObjPath:
 
         if not missing_ok and self.head() is None:
             raise FileNotFoundError(errno.ENOENT, "no such object", str(self))
-        self._call(obstore.delete, self.key)  # S3 and GCS answer a delete of nothing with success
+        try:
+            self._call(obstore.delete, self.key)
+        except FileNotFoundError:  # S3 answers a delete of nothing with success, GCS with 404
+            if not missing_ok:
+                raise
 
     # -- "directories": key prefixes
     def listdir(self) -> list[str]:

@@ -85,6 +85,7 @@ class Lease:
     ttl: float | None = None  # the holder's ttl (what `inspect` judges it by; a taker uses its own)
     malformed: str = ""  # why its body failed its check (then it is stale at once), else ""
     tag: str = ""  # on a bucket: the ETag of the lease object read (a take-over or renewal is conditional on it)
+    version: str = ""  # ... and its generation on GCS, which conditions a replace on that, not on the ETag
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last renewal."""
@@ -149,9 +150,9 @@ def _read_object(path: ObjPath, unit) -> Lease | None:
     meta = result.meta
     if meta["size"] > LEASE_LIMIT:
         return Lease(unit, "", "", 0, 0.0, meta["last_modified"].timestamp(), malformed="larger than a lease",
-                     tag=meta.get("e_tag") or "")
+                     tag=meta.get("e_tag") or "", version=meta.get("version") or "")
     lease = _parse(bytes(result.bytes()), unit, meta["last_modified"].timestamp())
-    return dataclasses.replace(lease, tag=meta.get("e_tag") or "")
+    return dataclasses.replace(lease, tag=meta.get("e_tag") or "", version=meta.get("version") or "")
 
 
 def _parse(data: bytes, unit, mtime: float) -> Lease:
@@ -306,7 +307,7 @@ class Leases:
             return True
         if not self.stale(lease):
             return False
-        return path.replace_if(self._body(), lease.tag)  # of racing takers, one matches the ETag
+        return path.replace_if(self._body(), lease.tag, lease.version)  # of racing takers, one matches it
 
     def _body(self) -> bytes:
         return (json.dumps({"worker": self.worker, "host": self.host, "pid": self.pid, "since": time.time(),
@@ -349,7 +350,7 @@ class Leases:
                 if lease.worker == self.worker and self.path(lease.unit).replace_if(
                         (json.dumps({"worker": lease.worker, "host": lease.host, "pid": lease.pid,
                                      "since": lease.since, "ttl": lease.ttl}, sort_keys=True) + "\n").encode(),
-                        lease.tag):
+                        lease.tag, lease.version):
                     n += 1
             return n
         for unit in self.held():

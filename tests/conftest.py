@@ -181,3 +181,27 @@ def relabelled_shard(tmp_path, name: str = "shard-000002.tar") -> bytes:
     (path,) = write_wds_shards(rows, str(tmp_path / "relabelled"), per_shard=len(rows))
     with open(path, "rb") as f:
         return f.read()
+
+
+# --- A real GCS emulator (fake-gcs-server) for the gs:// tests: started once per session, on first use.
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    from gcs_support import start_fake_gcs
+
+    server = start_fake_gcs(tmp_path_factory.mktemp("gcs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_root(gcs_server, monkeypatch):
+    """A fresh prefix in the emulator's bucket, as an ObjPath, with the environment pointing at it."""
+    import uuid
+
+    from gcs_support import BUCKET, point_env_at
+
+    from storage.bucket import as_path
+
+    point_env_at(gcs_server, monkeypatch)
+    return as_path(f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}")
