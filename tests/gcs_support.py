@@ -27,10 +27,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
-from s3_support import _spawn, stop_group
+from s3_support import HttpFront, _spawn, stop_group
 
 BUCKET = "tests"
 
@@ -60,87 +62,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class XmlPutFront:
+class XmlPutFront(HttpFront):
     """An HTTP front of the emulator: every request passed through, but an XML PUT of an object becomes the
     JSON API's multipart upload (module doc). ``puts`` counts those."""
 
     def __init__(self, upstream_port: int):
-        import http.client
-        import http.server
-        import threading
-        import uuid
-        from urllib.parse import quote, unquote, urlsplit
-
-        host = f"127.0.0.1:{upstream_port}"
-        front = self
+        super().__init__(f"http://127.0.0.1:{upstream_port}")
         self.puts = 0
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def exchange(self, method: str, path: str, headers: dict, body: bytes | None):
+        url = urlsplit(path)
+        bucket, _, key = url.path.lstrip("/").partition("/")
+        if method == "PUT" and key and not url.query:
+            return self._put_object(bucket, unquote(key), body or b"", headers)
+        return self.upstream(method, path, {**_without_host(headers), "Host": f"{self.host}:{self.port}"}, body)
 
-            def _upstream(self, method, path, body, headers):
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                try:
-                    conn.request(method, path, body=body, headers={**headers, "Host": host})
-                    resp = conn.getresponse()
-                    return resp, resp.read()
-                finally:
-                    conn.close()
+    def _put_object(self, bucket: str, name: str, body: bytes, headers: dict):
+        boundary = uuid.uuid4().hex
+        lower = {k.lower(): v for k, v in headers.items()}
+        kind = lower.get("content-type", "application/octet-stream")
+        multipart = (f"--{boundary}\r\ncontent-type: application/json\r\n\r\n{json.dumps({'name': name})}"
+                     f"\r\n--{boundary}\r\ncontent-type: {kind}\r\n\r\n").encode() + body + \
+            f"\r\n--{boundary}--\r\n".encode()
+        query = f"uploadType=multipart&name={quote(name, safe='')}"
+        match = lower.get("x-goog-if-generation-match")
+        if match is not None:
+            query += f"&ifGenerationMatch={match}"
+        self.puts += 1
+        status, reason, got, data = self.upstream(
+            "POST", f"/upload/storage/v1/b/{bucket}/o?{query}", multipart,
+            {"content-type": f"multipart/related; boundary={boundary}", "Host": f"{self.host}:{self.port}"})
+        if status == 200:
+            obj = json.loads(data)
+            got = got + [("ETag", f'"{obj["etag"]}"'), ("x-goog-generation", str(obj["generation"]))]
+        return status, reason, got, data
 
-            def _put_object(self, bucket: str, name: str, body: bytes):
-                boundary = uuid.uuid4().hex
-                kind = self.headers.get("content-type", "application/octet-stream")
-                multipart = (f"--{boundary}\r\ncontent-type: application/json\r\n\r\n{json.dumps({'name': name})}"
-                             f"\r\n--{boundary}\r\ncontent-type: {kind}\r\n\r\n").encode() + body + \
-                    f"\r\n--{boundary}--\r\n".encode()
-                query = f"uploadType=multipart&name={quote(name, safe='')}"
-                match = self.headers.get("x-goog-if-generation-match")
-                if match is not None:
-                    query += f"&ifGenerationMatch={match}"
-                front.puts += 1
-                resp, data = self._upstream("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", multipart,
-                                            {"content-type": f"multipart/related; boundary={boundary}"})
-                extra = []
-                if resp.status == 200:
-                    obj = json.loads(data)
-                    extra = [("ETag", f'"{obj["etag"]}"'), ("x-goog-generation", str(obj["generation"]))]
-                return resp, data, extra
 
-            def _forward(self):
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
-                url = urlsplit(self.path)
-                bucket, _, key = url.path.lstrip("/").partition("/")
-                if self.command == "PUT" and key and not url.query:
-                    resp, data, extra = self._put_object(bucket, unquote(key), body)
-                else:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    resp, data = self._upstream(self.command, self.path, body or None, headers)
-                    extra = []
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders() + extra:
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
-                        self.send_header(k, v)
-                # a HEAD's Content-Length is the object's size (the body is empty)
-                size = resp.getheader("content-length") if self.command == "HEAD" else None
-                self.send_header("content-length", size or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def _without_host(headers: dict) -> dict:
+    return {k: v for k, v in headers.items() if k.lower() != "host"}
 
 
 @dataclass

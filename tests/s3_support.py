@@ -268,22 +268,21 @@ def _signed_request(method: str, url: str, key, body: bytes = b"") -> urllib.req
                                   headers=headers)
 
 
-class HeaderStrippingProxy:
-    """An HTTP proxy in front of the real server that drops If-None-Match and If-Match from every request:
-    the server behind it then acts as one that ignores conditional writes (some S3-compatible stores do).
-    Requests through it must be unsigned (the signature covers those headers): the OPEN_BUCKET.
-    ``drop_response``: response headers it drops too (ETag, Last-Modified: a web server that sends none)."""
+class HttpFront:
+    """An HTTP proxy on 127.0.0.1 in front of a real server: each request goes through ``exchange`` (by default
+    passed on with the ``drop_request`` headers left out) and its answer back, less the ``drop_response`` headers.
+    A subclass changes what ``exchange`` sends (gcs_support.XmlPutFront)."""
 
-    DROP = {"if-none-match", "if-match"}
+    drop_request: frozenset = frozenset()
 
     def __init__(self, upstream: str, drop_response: frozenset = frozenset()):
-        import http.client
         import http.server
         import threading
         from urllib.parse import urlsplit
 
         target = urlsplit(upstream)
-        drop, drop_response = self.DROP, {h.lower() for h in drop_response}
+        self.host, self.port = target.hostname, target.port
+        front, drop_response = self, {h.lower() for h in drop_response}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -291,21 +290,16 @@ class HeaderStrippingProxy:
             def _forward(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", *drop_response):
+                status, reason, headers, data = front.exchange(self.command, self.path, dict(self.headers.items()),
+                                                               body)
+                self.send_response(status, reason)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server",
+                                         *drop_response):
                         self.send_header(k, v)
                 # (a HEAD has no body: its length is the object's, as the server said)
-                self.send_header("content-length", resp.getheader("content-length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
+                size = dict((k.lower(), v) for k, v in headers).get("content-length", "0")
+                self.send_header("content-length", size if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -320,9 +314,34 @@ class HeaderStrippingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def upstream(self, method: str, path: str, headers: dict, body: bytes | None):
+        """One request to the server: (status, reason, headers, body)."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.reason, resp.getheaders(), resp.read()
+        finally:
+            conn.close()
+
+    def exchange(self, method: str, path: str, headers: dict, body: bytes | None):
+        return self.upstream(method, path, {k: v for k, v in headers.items() if k.lower() not in self.drop_request},
+                             body)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class HeaderStrippingProxy(HttpFront):
+    """A proxy that drops If-None-Match and If-Match from every request: the server behind it then acts as one
+    that ignores conditional writes (some S3-compatible stores do). Requests through it must be unsigned (the
+    signature covers those headers): the OPEN_BUCKET. ``drop_response``: response headers it drops too (ETag,
+    Last-Modified: a web server that sends none)."""
+
+    drop_request = frozenset({"if-none-match", "if-match"})
 
 
 def point_env_at(server: Weed, monkeypatch) -> None:

@@ -25,16 +25,18 @@ from storage.leases import Leases
 pytestmark = pytest.mark.bucket
 
 
+@pytest.mark.parametrize("where", ["s3_root", "gcs_root"])  # SeaweedFS; fake-gcs-server (tests/gcs_support.py)
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
-def test_a_bucket_store_holds_the_bytes_of_the_disk_store(s3_root, tmp_path, backend):
+def test_a_bucket_store_holds_the_bytes_of_the_disk_store(request, tmp_path, backend, where):
+    root = request.getfixturevalue(where)
     spec = tiny_spec()
-    for where in (tmp_path / "s", s3_root / "s"):
-        write_all(create_store(where, spec, backend=backend, manifest=b"PAR1 manifest", meta={"who": "t"}))
-    disk, bucket = snapshot(tmp_path / "s"), snapshot(s3_root / "s")
+    for place in (tmp_path / "s", root / "s"):
+        write_all(create_store(place, spec, backend=backend, manifest=b"PAR1 manifest", meta={"who": "t"}))
+    disk, bucket = snapshot(tmp_path / "s"), snapshot(root / "s")
     assert sorted(disk) == sorted(bucket)  # no temporaries, no extra keys
     assert {k: v for k, v in bucket.items() if k != "store.json"} == {k: v for k, v in disk.items()
                                                                       if k != "store.json"}
-    r = open_store(str(s3_root / "s"), expect=spec)  # a URL string, as the CLI passes it
+    r = open_store(str(root / "s"), expect=spec)  # a URL string, as the CLI passes it
     assert r.check() == [] and r.completed_units() == spec.units()
     assert r.nbytes() == sum(len(v) for v in bucket.values())
 
