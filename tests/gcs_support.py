@@ -90,8 +90,8 @@ class XmlPutFront(HttpFront):
             query += f"&ifGenerationMatch={match}"
         self.puts += 1
         status, reason, got, data = self.upstream(
-            "POST", f"/upload/storage/v1/b/{bucket}/o?{query}", multipart,
-            {"content-type": f"multipart/related; boundary={boundary}", "Host": f"{self.host}:{self.port}"})
+            "POST", f"/upload/storage/v1/b/{bucket}/o?{query}",
+            {"content-type": f"multipart/related; boundary={boundary}", "Host": f"{self.host}:{self.port}"}, multipart)
         if status == 200:
             obj = json.loads(data)
             got = got + [("ETag", f'"{obj["etag"]}"'), ("x-goog-generation", str(obj["generation"]))]
