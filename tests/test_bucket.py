@@ -78,9 +78,9 @@ def test_an_object_larger_than_its_file_can_be_is_refused_unread(s3_root):
 
 
 # ---- leases --------------------------------------------------------------------------------------
-def test_a_claim_is_a_conditional_create_one_of_racing_claimers_wins(s3_root):
-    unit = (2, 1)
-    books = [Leases(s3_root / "s", f"w{i}", ttl=60) for i in range(6)]
+def race_for_a_claim(root, unit, n: int):
+    """``n`` books (workers w0..) claim ``unit`` of the store at ``root`` at once: (the books, the winners)."""
+    books = [Leases(root, f"w{i}", ttl=60) for i in range(n)]
     wins, barrier = [], threading.Barrier(len(books))
 
     def claim(book):
@@ -92,7 +92,12 @@ def test_a_claim_is_a_conditional_create_one_of_racing_claimers_wins(s3_root):
         t.start()
     for t in threads:
         t.join()
-    winners = [w for w, won in wins if won]
+    return books, [w for w, won in wins if won]
+
+
+def test_a_claim_is_a_conditional_create_one_of_racing_claimers_wins(s3_root):
+    unit = (2, 1)
+    books, winners = race_for_a_claim(s3_root / "s", unit, 6)
     assert len(winners) == 1 and books[0].read(unit).worker == winners[0]
     # the server refuses a second create of the lease object (412), whoever asks
     assert not (s3_root / "s" / "leases" / "000002_0001.json").create(b"{}")

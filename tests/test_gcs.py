@@ -7,10 +7,9 @@ is not there is one line."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from conftest import upload
+from test_bucket import race_for_a_claim
 from test_bucket_sources import columns
 from test_storage_support import tiny_spec
 
@@ -62,19 +61,7 @@ def test_a_gcs_parquet_source_is_its_local_copy(gcs_root, tmp_path):
 
 def test_a_claim_is_a_create_on_generation_0_that_the_server_refuses_for_an_existing_lease(gcs_root, gcs_server):
     unit = (2, 1)
-    books = [Leases(gcs_root / "s", f"w{i}", ttl=60) for i in range(4)]
-    wins, barrier = [], threading.Barrier(len(books))
-
-    def claim(book):
-        barrier.wait()
-        wins.append((book.worker, book.claim(unit)))
-
-    threads = [threading.Thread(target=claim, args=(b,)) for b in books]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [w for w, won in wins if won]
+    books, winners = race_for_a_claim(gcs_root / "s", unit, 4)
     assert len(winners) == 1 and books[0].read(unit).worker == winners[0]
     lease = gcs_root / "s" / "leases" / "000002_0001.json"
     before = lease.read()
