@@ -113,7 +113,7 @@ def test_without_etags_last_modified_stamps_and_a_just_written_file_is_reindexed
     stamped later costs the HEADs only, and a file of another size is re-indexed."""
     from s3_support import HeaderStrippingProxy
 
-    from pipeline.sources.stamps import LAST_MODIFIED
+    from pipeline.sources.bucket_files import LAST_MODIFIED
 
     _, key = web_copy
     as_path(f"s3://{key}/classes.txt").unlink()  # (names "0".."2": only the tars' stamps are at stake)

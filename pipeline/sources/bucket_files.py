@@ -42,8 +42,8 @@ from storage.errors import printable
 from ..source_errors import SourceError
 from .base import FileReader
 from .paths import expand_braces
-from .stamps import LAST_MODIFIED
 
+LAST_MODIFIED = "last-modified:"  # a web object's stamp from its Last-Modified (no ETag): this and epoch seconds
 GAP = 64 * 1024            # neighbours at most this far apart are read in one request (the gap is read too)
 SPAN = 8 * 1024 * 1024     # ... as long as the request stays under this many bytes
 READ_AHEAD = 4             # range requests of one batch in flight at once

@@ -4,7 +4,7 @@ check on reading one back: a leaf module (``sources`` records them, ``check`` co
 Objects on a bucket are stamped (name, size, ETag), all from one listing of their prefix
 (``bucket_files.object_stamps``): the ETag changes with every write of other bytes, so there is no
 "racy" case. A web server's files (no listing) are stamped from the HEAD that names each: its ETag, or,
-from a server that sends none, its Last-Modified (``LAST_MODIFIED`` and epoch seconds). That one has the
+from a server that sends none, its Last-Modified (``bucket_files.LAST_MODIFIED`` and epoch seconds). That one has the
 racy case of an mtime, a whole second coarse: ``racy_object``."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 
 CLASSES_FILE = "classes.txt"
 RACY_NS = 3 * 10**9  # the coarsest mtime tick we allow for (FAT: 2 s), and a margin
-LAST_MODIFIED = "last-modified:"  # a web object's stamp from its Last-Modified (no ETag): this and epoch seconds
 
 
 def stamps_of(root: str, files: list[str]) -> dict | None:
@@ -50,6 +49,8 @@ def racy_object(stamp: str, stamps: dict) -> bool:
     """Whether an object's stamp is a Last-Modified (HTTP dates: whole seconds) too close to when it was
     stamped to prove anything (``racy``): a rewrite within that second keeps it. The server's clock
     against this host's: a clock skewed by more than RACY_NS can make this miss."""
+    from .bucket_files import LAST_MODIFIED  # (the one direction between the two: stamps_of's URL branch too)
+
     if not stamp.startswith(LAST_MODIFIED):
         return False  # an ETag: another one with every write of other bytes
     try:
