@@ -314,9 +314,9 @@ class LockstepLoader:
             self.read_ahead = ReadAhead(f.file_reader, f.file_index, offsets, sizes, workers, shared=workers > 0)
         # --source-cache: whole objects kept on node-local disk, read there from the first epoch they are whole
         self.copy_filler = None
-        if source_cache is not None and isinstance(self.files.file_reader, BucketTars | BucketParquet):
-            r = self.files.file_reader
-            self.copy_filler = CopyFiller(source_cache, [r.where(f, "") for f in range(len(r.files))],
+        if source_cache is not None and isinstance(f.file_reader, BucketTars | BucketParquet):
+            r = f.file_reader
+            self.copy_filler = CopyFiller(source_cache, [r.where(i, "") for i in range(len(r.files))],
                                           source_cache_bytes, shared=workers > 0)
             r.copies = self.copy_filler.copies
 

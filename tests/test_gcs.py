@@ -1,9 +1,9 @@
 """gs:// against a real GCS emulator (fake-gcs-server, tests/gcs_support.py), never a mock of the API. Label
-stores on gs:// are the disk store byte for byte (test_bucket's store test runs on both servers); here,
-WebDataset and parquet sources read from gs:// are their local copies (index and a batch by range requests),
-a fleet claim is a create conditional on generation 0 that the server refuses for an existing lease, a
-lease's age and its take-over go by the server's Last-Modified and generation, and a bucket or endpoint that
-is not there is one line."""
+stores on gs:// are the disk store byte for byte, and a lease's age and take-over go by the server's clock
+and generation (test_bucket's store and lease tests run on both servers); here, WebDataset and parquet
+sources read from gs:// are their local copies (index and a batch by range requests), a fleet claim is a
+create conditional on generation 0 that the server refuses for an existing lease, and a bucket or endpoint
+that is not there is one line."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from test_storage_support import tiny_spec
 from pipeline.sources import SampleReader, index_source
 from pipeline.sources.bucket_files import BucketTars
 from storage import create_store
-from storage.leases import Leases
 
 pytestmark = pytest.mark.bucket
 
@@ -68,28 +67,6 @@ def test_a_claim_is_a_create_on_generation_0_that_the_server_refuses_for_an_exis
     puts = gcs_server.front.puts
     assert not lease.create(b"{}")  # the server refused it (412): one PUT, the lease unchanged
     assert gcs_server.front.puts == puts + 1 and lease.read() == before
-
-
-def test_a_lease_is_renewed_and_taken_over_by_generation_and_the_servers_clock(gcs_root, monkeypatch):
-    import time
-
-    unit, ttl = (0, 0), 2.0
-    holder, taker = Leases(gcs_root / "s", "holder", ttl=ttl), Leases(gcs_root / "s", "taker", ttl=ttl)
-    assert holder.claim(unit)
-    real = time.time
-    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the taker's clock is an hour ahead
-    assert not taker.free(unit) and not taker.claim(unit), "a fresh lease is not stale by a skewed clock"
-    monkeypatch.setattr(time, "time", real)
-    time.sleep(1.1)  # Last-Modified has whole seconds
-    renewed = holder.read(unit).renewed
-    assert holder.renew() == 1 and holder.read(unit).renewed > renewed
-    deadline = time.monotonic() + 20
-    while not taker.claim(unit):  # not renewed for ttl by the server's clock: taken over
-        assert time.monotonic() < deadline, "an expired lease was never taken over"
-        time.sleep(0.5)
-    assert taker.read(unit).worker == "taker" and holder.held() == []
-    assert holder.renew() == 0, "the old holder's heartbeat cannot overwrite the taker's lease (its generation)"
-    assert taker.read(unit).worker == "taker"
 
 
 def test_a_missing_gcs_bucket_is_one_line(gcs_root, tmp_path, tiny_teacher):
